@@ -1,0 +1,244 @@
+"""The event envelope: CloudEvents 1.0 plus Tidings' tracing extensions.
+
+An `Event` is an immutable value. On the wire it travels in CloudEvents *binary
+content mode*: every attribute is a ``ce-<name>`` header, ``content-type`` carries
+``datacontenttype`` and the body is the data alone. Structured mode
+(``content-type: application/cloudevents+json``) is accepted from foreign producers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+import orjson
+import uuid_utils
+
+from tidings.errors import MalformedEvent
+
+SPECVERSION = "1.0"
+JSON = "application/json"
+STRUCTURED = "application/cloudevents"
+
+# One token of an event type: what NATS subjects and Kafka topic names both allow.
+_TOKEN = r"[A-Za-z0-9_-]+"
+_TYPE_RE = re.compile(rf"^{_TOKEN}(\.{_TOKEN})*$")
+_PATTERN_RE = re.compile(rf"^({_TOKEN}|\*)(\.({_TOKEN}|\*))*(\.>)?$|^>$")
+
+# Attributes in the order they are written to headers.
+ATTRIBUTES = (
+    "id",
+    "source",
+    "type",
+    "specversion",
+    "time",
+    "subject",
+    "dataschema",
+    "correlationid",
+    "causationid",
+    "traceparent",
+    "tenant",
+    "user",
+)
+_REQUIRED = ("id", "source", "type", "specversion")
+
+
+def new_id() -> str:
+    """A time-sortable unique id (UUIDv7), so ids order like the events were made."""
+    return str(uuid_utils.uuid7())
+
+
+def now() -> str:
+    """The current time as an RFC 3339 UTC timestamp."""
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def check_type(event_type: str) -> str:
+    """Return `event_type` if it is dot-separated tokens, else raise ValueError."""
+    if not _TYPE_RE.match(event_type):
+        raise ValueError(
+            f"invalid event type {event_type!r}: use dot-separated tokens of letters, digits,"
+            " '_' or '-', e.g. 'payment.transaction.created'"
+        )
+    return event_type
+
+
+def check_pattern(pattern: str) -> str:
+    """Return `pattern` if it is a valid subscription pattern, else raise ValueError.
+
+    '*' matches exactly one token, a final '>' matches one or more tokens.
+    """
+    if not _PATTERN_RE.match(pattern):
+        raise ValueError(
+            f"invalid type pattern {pattern!r}: use tokens, '*' for one token and a final"
+            " '>' for the rest, e.g. 'payment.*.created' or 'fraud.>'"
+        )
+    return pattern
+
+
+@lru_cache(maxsize=4096)
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    parts = []
+    for token in pattern.split("."):
+        if token == "*":
+            parts.append(_TOKEN)
+        elif token == ">":
+            parts.append(rf"{_TOKEN}(\.{_TOKEN})*")
+        else:
+            parts.append(re.escape(token))
+    return re.compile("^" + r"\.".join(parts) + "$")
+
+
+def matches(pattern: str, event_type: str) -> bool:
+    """Whether `event_type` matches a subscription `pattern`."""
+    return _pattern_regex(pattern).match(event_type) is not None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
+    """A CloudEvents 1.0 event with correlation, causation, trace, tenant and user.
+
+    Build one with `Event.create`; it fills the id, time and defaults.
+    """
+
+    id: str
+    source: str
+    type: str
+    data: Any = None
+    specversion: str = SPECVERSION
+    time: str | None = None
+    subject: str | None = None
+    datacontenttype: str | None = JSON
+    dataschema: str | None = None
+    correlationid: str | None = None
+    causationid: str | None = None
+    traceparent: str | None = None
+    tenant: str | None = None
+    user: str | None = None
+
+    @classmethod
+    def create(
+        cls,
+        type: str,
+        data: Any = None,
+        *,
+        source: str = "tidings",
+        id: str | None = None,
+        **attributes: Any,
+    ) -> Event:
+        """A new event of `type`; the id is a fresh UUIDv7 unless given.
+
+        A new event starts its own correlation unless `correlationid` is given.
+        """
+        event_id = id or new_id()
+        attributes.setdefault("time", now())
+        attributes.setdefault("correlationid", event_id)
+        if hasattr(data, "model_dump"):  # a pydantic model stands for the payload
+            data = data.model_dump(mode="json")
+        return cls(id=event_id, source=source, type=check_type(type), data=data, **attributes)
+
+    def replace(self, **changes: Any) -> Event:
+        """A copy with some attributes changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The structured-mode JSON form (CloudEvents JSON format), without empty attributes."""
+        out = {
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(self)
+            if getattr(self, field.name) is not None
+        }
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Event:
+        """Parse the CloudEvents JSON format; raise MalformedEvent if it is not an event."""
+        if not isinstance(raw, Mapping):
+            raise MalformedEvent(f"expected a JSON object, got {type(raw).__name__}")
+        _require(raw)
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known}
+        if "data_base64" in raw and "data" not in raw:
+            values["data"] = raw["data_base64"]
+        for name in ATTRIBUTES:
+            value = values.get(name)
+            if value is not None and not isinstance(value, str):
+                raise MalformedEvent(f"attribute {name!r} must be a string")
+        return cls(**values)
+
+    def data_as(self, model: type[Any]) -> Any:
+        """Validate `data` into a pydantic model (for typed payloads)."""
+        return model.model_validate(self.data)
+
+
+def _require(attrs: Mapping[str, Any]) -> None:
+    missing = [name for name in _REQUIRED if not attrs.get(name)]
+    if missing:
+        raise MalformedEvent(f"not a CloudEvent: missing {', '.join(missing)}")
+    if attrs["specversion"] != SPECVERSION:
+        raise MalformedEvent(f"unsupported specversion {attrs['specversion']!r}; expected 1.0")
+    if not isinstance(attrs["type"], str) or not _TYPE_RE.match(attrs["type"]):
+        raise MalformedEvent(f"invalid event type {attrs['type']!r}")
+
+
+def encode(event: Event) -> tuple[dict[str, str], bytes]:
+    """Binary content mode: attributes as ``ce-`` headers, the data as the body."""
+    headers = {
+        "ce-" + name: value for name in ATTRIBUTES if (value := getattr(event, name)) is not None
+    }
+    content_type = event.datacontenttype or JSON
+    headers["content-type"] = content_type
+    data = event.data
+    if data is None:
+        body = b""
+    elif isinstance(data, bytes):
+        body = data
+    elif content_type.endswith("json"):
+        body = orjson.dumps(data)
+    else:
+        body = str(data).encode()
+    return headers, body
+
+
+def decode(headers: Mapping[str, str] | None, body: bytes) -> Event:
+    """Decode a message in binary or structured mode; raise MalformedEvent if invalid."""
+    headers = headers or {}
+    content_type = headers.get("content-type") or headers.get("Content-Type") or ""
+    if content_type.startswith(STRUCTURED) or "ce-id" not in headers:
+        # Structured mode (or a foreign producer that put the whole event in the body).
+        try:
+            raw = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise MalformedEvent(f"body is not JSON and no ce- headers are set: {e}") from e
+        return Event.from_dict(raw)
+    attrs = {name: headers.get("ce-" + name) for name in ATTRIBUTES}
+    _require(attrs)
+    if not body:
+        data: Any = None
+    elif content_type == "" or content_type.endswith("json"):
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise MalformedEvent(f"data is declared JSON but does not parse: {e}") from e
+    else:
+        data = body
+    return Event(data=data, datacontenttype=content_type or JSON, **attrs)  # type: ignore[arg-type]
+
+
+def lookup(event: Event, path: str) -> Any:
+    """Resolve a dotted path such as ``data.customer_id`` or ``subject`` on an event."""
+    head, _, rest = path.partition(".")
+    value: Any = getattr(event, head, None) if head in _FIELD_NAMES else None
+    for part in rest.split(".") if rest else ():
+        if isinstance(value, Mapping):
+            value = value.get(part)
+        else:
+            return None
+    return value
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(Event))

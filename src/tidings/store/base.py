@@ -1,0 +1,125 @@
+"""The store seam: what every backend (SQLite, PostgreSQL) must guarantee.
+
+A backend is chosen by URL scheme (`tidings.store.open_store`). Its guarantees, checked
+by the contract suite in ``tests/contract/test_store.py`` against real databases:
+
+1. **Migrations** are versioned and applied on `open()`; opening an up-to-date store
+   twice, or from two processes at once, is harmless.
+2. **Atomic commit.** `commit()` writes the processed marker, the state, the decision
+   record and the outbox in one transaction: all of it or none of it.
+3. **Exactly-once marker.** (agent, event id) is unique: committing it a second time
+   raises `AlreadyProcessed` and changes nothing.
+4. **Optimistic state.** A commit whose `expected_version` is not the stored version of
+   (agent, key) raises `StateConflict` and changes nothing; a successful state write
+   bumps the version by one.
+5. **Outbox.** Emitted events stay listed by `unpublished()` until `mark_published()`.
+6. **Dead letters and decisions** are kept until dropped or pruned, newest first in lists.
+7. **Retention.** `prune(before)` deletes processed markers, published outbox rows and
+   decisions older than `before`, never unpublished outbox rows or dead letters.
+8. **Publish ledger.** After `record_publish(id)`, `was_published(id)` is true, so a client
+   can make explicit-id publishes idempotent beyond the broker's dedupe window (check,
+   publish, record: a crash in between re-publishes inside the window, which dedupes).
+"""
+
+from __future__ import annotations
+
+import abc
+from datetime import datetime
+
+from tidings.store.records import Commit, Decision, DeadLetter, OutboxEvent, StateSnapshot
+
+
+class Store(abc.ABC):
+    """Durable agent memory, idempotency inbox, outbox, decision ledger and dead letters."""
+
+    url: str
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and apply pending migrations (guarantee 1)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections."""
+
+    @abc.abstractmethod
+    async def schema_version(self) -> int:
+        """The number of the last applied migration."""
+
+    # -- the exactly-once path ------------------------------------------------------
+
+    @abc.abstractmethod
+    async def load_state(self, agent: str, key: str) -> StateSnapshot:
+        """The memory of (agent, key) and its version; empty with version 0 if unwritten."""
+
+    @abc.abstractmethod
+    async def is_processed(self, agent: str, event_id: str) -> bool:
+        """Whether (agent, event id) was committed."""
+
+    @abc.abstractmethod
+    async def commit(self, commit: Commit) -> None:
+        """Write all effects of one handled event atomically (guarantees 2-4)."""
+
+    @abc.abstractmethod
+    async def unpublished(self, agent: str, event_id: str) -> list[OutboxEvent]:
+        """Events emitted while handling (agent, event id) that are not yet published."""
+
+    @abc.abstractmethod
+    async def mark_published(self, event_ids: list[str]) -> None:
+        """Record that these emitted events are on the bus."""
+
+    # -- records for operators ------------------------------------------------------
+
+    @abc.abstractmethod
+    async def add_dead_letter(self, dead_letter: DeadLetter) -> None:
+        """Keep a message an agent gave up on."""
+
+    @abc.abstractmethod
+    async def list_dead_letters(self, agent: str | None = None, limit: int = 50) -> list[DeadLetter]:
+        """Dead letters, newest first, optionally for one agent."""
+
+    @abc.abstractmethod
+    async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        """One dead letter by id (a unique prefix of at least 6 characters also matches)."""
+
+    @abc.abstractmethod
+    async def delete_dead_letter(self, dead_letter_id: str) -> bool:
+        """Drop a dead letter; False if there was none with that id."""
+
+    @abc.abstractmethod
+    async def add_decision(self, decision: Decision) -> None:
+        """Record a decision outside a commit (e.g. a dead-lettered attempt)."""
+
+    @abc.abstractmethod
+    async def list_decisions(
+        self,
+        agent: str | None = None,
+        limit: int = 50,
+        *,
+        event_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> list[Decision]:
+        """Decisions, newest first, filtered by agent, triggering event or correlation."""
+
+    @abc.abstractmethod
+    async def get_decision(self, decision_id: str) -> Decision | None:
+        """One decision by id (a unique prefix of at least 6 characters also matches)."""
+
+    @abc.abstractmethod
+    async def was_published(self, event_id: str) -> bool:
+        """Whether an explicit-id publish of `event_id` was recorded (guarantee 8)."""
+
+    @abc.abstractmethod
+    async def record_publish(self, event_id: str) -> None:
+        """Record an explicit-id publish after it succeeded; idempotent."""
+
+    @abc.abstractmethod
+    async def prune(self, before: datetime) -> dict[str, int]:
+        """Delete rows older than `before` per guarantee 7; return counts per table."""
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
