@@ -170,10 +170,6 @@ class Event:
                 raise MalformedEvent(f"attribute {name!r} must be a string")
         return cls(**values)
 
-    def data_as(self, model: type[Any]) -> Any:
-        """Validate `data` into a pydantic model (for typed payloads)."""
-        return model.model_validate(self.data)
-
 
 def _require(attrs: Mapping[str, Any]) -> None:
     missing = [name for name in _REQUIRED if not attrs.get(name)]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import abc
 from datetime import datetime
 
-from tidings.store.records import Commit, Decision, DeadLetter, OutboxEvent, StateSnapshot
+from tidings.store.records import Commit, DeadLetter, Decision, OutboxEvent, StateSnapshot
 
 
 class Store(abc.ABC):
@@ -75,7 +75,9 @@ class Store(abc.ABC):
         """Keep a message an agent gave up on."""
 
     @abc.abstractmethod
-    async def list_dead_letters(self, agent: str | None = None, limit: int = 50) -> list[DeadLetter]:
+    async def list_dead_letters(
+        self, agent: str | None = None, limit: int = 50
+    ) -> list[DeadLetter]:
         """Dead letters, newest first, optionally for one agent."""
 
     @abc.abstractmethod

@@ -1,0 +1,104 @@
+"""Publishing from anywhere: scripts, web apps, triggers, tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tidings.bus.base import Bus
+from tidings.config import Settings
+from tidings.events import Event
+from tidings.store import open_store
+from tidings.store.base import Store
+
+
+class Client:
+    """Publishes events onto the bus of an app; use as ``async with``.
+
+    With no TIDINGS_BUS set it finds the embedded server of a running `tidings run`.
+    A publish with an explicit `id` is idempotent: the same id twice is one event, also
+    after the broker's dedupe window has passed (the store keeps a publish ledger).
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        source: str = "/tidings/client",
+        bus: Bus | None = None,
+        store: Store | None = None,
+    ) -> None:
+        self.settings = settings or Settings.load()
+        self.source = source
+        self._bus = bus
+        self._store = store
+        self._owns_bus = bus is None
+        self._owns_store = store is None
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Connect to the configured or discovered bus (idempotent)."""
+        if self._bus is None:
+            from tidings.runtime.worker import connect_bus
+
+            self._bus = await connect_bus(self.settings)
+
+    async def close(self) -> None:
+        """Disconnect what this client opened itself."""
+        if self._owns_bus and self._bus is not None:
+            await self._bus.close()
+            self._bus = None
+        if self._owns_store and self._store is not None:
+            await self._store.close()
+            self._store = None
+
+    @property
+    def bus(self) -> Bus:
+        """The connected bus."""
+        if self._bus is None:
+            raise RuntimeError("the client is not connected: use `async with app.client() as c`")
+        return self._bus
+
+    async def _ledger(self) -> Store:
+        if self._store is None:
+            self._store = open_store(self.settings.store_url)
+            await self._store.open()
+        return self._store
+
+    async def publish(
+        self,
+        type: str,
+        data: Any = None,
+        *,
+        id: str | None = None,
+        subject: str | None = None,
+        source: str | None = None,
+        **attributes: Any,
+    ) -> Event:
+        """Publish a new event of `type` with `data` (a dict or a pydantic model)."""
+        event = Event.create(
+            type, data, source=source or self.source, id=id, subject=subject, **attributes
+        )
+        await self.publish_event(event, explicit_id=id is not None)
+        return event
+
+    async def publish_event(self, event: Event, *, explicit_id: bool = True) -> None:
+        """Publish a ready-made event; an explicit id is checked against the ledger."""
+        if not explicit_id:
+            await self.bus.publish(event)
+            return
+        ledger = await self._ledger()
+        if await ledger.was_published(event.id):
+            return
+        await self.bus.publish(event)
+        await ledger.record_publish(event.id)
+
+
+def connect(url: str | None = None, **settings: Any) -> Client:
+    """A client for the bus at `url` (default: TIDINGS_BUS or the embedded server)."""
+    return Client(Settings.load(bus=url, **settings))

@@ -1,0 +1,1 @@
+"""Running agents: filters, the pipeline, outcomes and the worker."""

@@ -1,0 +1,136 @@
+"""What a handler sees besides its event: memory, emitting, and who it is."""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import structlog
+
+from tidings.errors import PolicyViolation
+from tidings.events import Event, check_type, encode, matches
+from tidings.store.base import Store
+from tidings.store.records import OutboxEvent
+
+if TYPE_CHECKING:
+    from tidings.app import AgentSpec
+
+_MISSING = object()
+
+
+class State:
+    """The agent's memory for the current key, read lazily and written at commit.
+
+    Changes are buffered here and written in the same transaction as the processed
+    marker, so a crash or a retry never half-applies them.
+    """
+
+    def __init__(self, store: Store, agent: str, key: str) -> None:
+        self._store = store
+        self._agent = agent
+        self._key = key
+        self._values: dict[str, Any] | None = None
+        self._before: dict[str, Any] = {}
+        self.version = 0
+        self.dirty = False
+
+    async def _load(self) -> dict[str, Any]:
+        if self._values is None:
+            snapshot = await self._store.load_state(self._agent, self._key)
+            self._before = snapshot.values
+            self._values = copy.deepcopy(snapshot.values)
+            self.version = snapshot.version
+        return self._values
+
+    async def get(self, name: str, default: Any = None) -> Any:
+        """The stored value of `name`, or `default`."""
+        values = await self._load()
+        return copy.deepcopy(values.get(name, default))
+
+    async def set(self, name: str, value: Any) -> None:
+        """Remember `value` (anything JSON can hold) under `name`."""
+        try:
+            orjson.dumps(value)
+        except TypeError as e:
+            raise TypeError(f"state value for {name!r} must be JSON-serialisable: {e}") from e
+        values = await self._load()
+        values[name] = copy.deepcopy(value)
+        self.dirty = True
+
+    async def delete(self, name: str) -> None:
+        """Forget `name`."""
+        values = await self._load()
+        if values.pop(name, _MISSING) is not _MISSING:
+            self.dirty = True
+
+    async def all(self) -> dict[str, Any]:
+        """A copy of every stored value."""
+        return copy.deepcopy(await self._load())
+
+    @property
+    def before(self) -> dict[str, Any]:
+        """The values as they were read (for the decision record)."""
+        return self._before
+
+    @property
+    def after(self) -> dict[str, Any]:
+        """The values as they will be written."""
+        return self._values if self._values is not None else self._before
+
+
+class Context:
+    """Handed to every handler call: `ctx.state`, `ctx.emit(...)`, `ctx.log`, ids."""
+
+    def __init__(
+        self, spec: AgentSpec, event: Event, key: str, attempt: int, store: Store, app_name: str
+    ) -> None:
+        self.agent = spec.name
+        self.event = event
+        self.key = key
+        self.attempt = attempt
+        self.state = State(store, spec.name, key)
+        self.emitted: list[Event] = []
+        self.outbox: list[OutboxEvent] = []
+        self.log = structlog.get_logger("tidings.agent").bind(
+            agent=spec.name, event_id=event.id, correlation_id=event.correlationid
+        )
+        self._spec = spec
+        self._source = f"/{app_name}/{spec.name}"
+
+    async def emit(
+        self,
+        type: str,
+        data: Any = None,
+        *,
+        subject: str | None = None,
+        id: str | None = None,
+        **attributes: Any,
+    ) -> Event:
+        """Emit an event caused by the current one; it is published only after commit.
+
+        The new event carries the correlation id, tenant, user and trace context forward
+        and names the current event as its cause.
+        """
+        check_type(type)
+        declared = self._spec.emits
+        if declared is not None and not any(matches(p, type) for p in declared):
+            raise PolicyViolation(
+                f"agent {self.agent!r} emitted {type!r} but declares emits={list(declared)};"
+                " add it to emits= or emit a declared type"
+            )
+        cause = self.event
+        attributes.setdefault("correlationid", cause.correlationid or cause.id)
+        attributes.setdefault("causationid", cause.id)
+        for inherited in ("tenant", "user", "traceparent"):
+            attributes.setdefault(inherited, getattr(cause, inherited))
+        event = Event.create(
+            type, data, source=self._source, id=id, subject=subject, **attributes
+        )
+        try:
+            headers, body = encode(event)
+        except TypeError as e:
+            raise TypeError(f"data of emitted {type!r} must be JSON-serialisable: {e}") from e
+        self.emitted.append(event)
+        self.outbox.append(OutboxEvent(event.id, type, headers, body))
+        return event

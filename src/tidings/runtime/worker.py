@@ -1,0 +1,251 @@
+"""A worker: one process running every agent of an app against one bus and one store.
+
+Per-key ordering: each screened event joins the *lane* of its entity key; a lane runs
+its events one after another, different lanes run in parallel, and at most
+`concurrency` handlers of an agent run at once. An agent without a key gives every
+event its own lane. A retried event goes back to the bus with a delay (`nak`) instead of
+blocking its lane, so later events of the same key may overtake it, as with retry topics.
+
+Shutdown never acks unfinished work: new deliveries stop, running handlers get a grace
+period, and whatever has not finished is handed back to the bus (`nak`) for another
+worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections import deque
+from collections.abc import Awaitable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+
+from tidings.app import AgentSpec, App
+from tidings.bus import open_bus
+from tidings.bus.base import Bus, ConsumerSpec, Delivery, Subscription
+from tidings.client import Client
+from tidings.config import Settings
+from tidings.events import Event
+from tidings.runtime.outcomes import Ack, outcome_for
+from tidings.runtime.pipeline import Pipeline
+from tidings.store import open_store
+from tidings.store.base import Store
+
+log = structlog.get_logger("tidings.worker")
+
+
+class AgentRunner:
+    """Feeds one agent's deliveries through its pipeline, lane by lane."""
+
+    def __init__(self, spec: AgentSpec, pipeline: Pipeline, settings: Settings) -> None:
+        self.spec = spec
+        self.pipeline = pipeline
+        self.settings = settings
+        self.lanes: dict[str, deque[tuple[Delivery, Event]]] = {}
+        self.in_flight: set[Delivery] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.slots = asyncio.Semaphore(spec.concurrency)
+        self.stopping = False
+        self.subscription: Subscription | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    async def start(self, bus: Bus) -> None:
+        """Join the agent's durable consumer and start extending ack deadlines."""
+        consumer = ConsumerSpec(
+            name=self.spec.name,
+            patterns=self.spec.patterns,
+            max_in_flight=self.settings.max_in_flight,
+            ack_wait=self.settings.ack_wait,
+        )
+        self.subscription = await bus.subscribe(consumer, self.on_delivery)
+        self._heartbeat = asyncio.create_task(self._extend_deadlines())
+
+    async def on_delivery(self, delivery: Delivery) -> None:
+        """Steps 1-2 inline (cheap), then queue the event on its key's lane."""
+        if self.stopping:
+            await delivery.nak(0)  # hand it back at once rather than after the ack wait
+            return
+        screened = self.pipeline.screen(delivery)
+        if isinstance(screened, Ack):  # the hot path: filtered out, acked inline
+            await delivery.ack()
+            return
+        if not isinstance(screened, Event):  # malformed: dead-letter it off the hot path
+            self._spawn(self.pipeline.settle(delivery, None, screened))
+            return
+        lane_id = self.spec.key_of(screened) if self.spec.key is not None else screened.id
+        lane = self.lanes.get(lane_id)
+        if lane is None:
+            self.lanes[lane_id] = deque([(delivery, screened)])
+            self._spawn(self._drain(lane_id))
+        else:
+            lane.append((delivery, screened))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _drain(self, lane_id: str) -> None:
+        lane = self.lanes[lane_id]
+        try:
+            while lane:
+                delivery, event = lane[0]
+                async with self.slots:
+                    if self.stopping:
+                        break
+                    await self._run_one(delivery, event)
+                lane.popleft()
+        finally:
+            del self.lanes[lane_id]
+            # Handed back, not acked: another worker (or this one after restart) gets them.
+            for delivery, _ in lane:
+                if delivery not in self.in_flight:
+                    with contextlib.suppress(Exception):
+                        await delivery.nak(0)
+
+    async def _run_one(self, delivery: Delivery, event: Event) -> None:
+        self.in_flight.add(delivery)
+        try:
+            try:
+                outcome = await self.pipeline.process(delivery, event)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await delivery.nak(0)
+                raise
+            except Exception as exc:
+                outcome = outcome_for(
+                    exc, delivery.attempt, self.spec.max_attempts, self.spec.backoff
+                )
+            await self.pipeline.settle(delivery, event, outcome)
+        finally:
+            self.in_flight.discard(delivery)
+
+    async def _extend_deadlines(self) -> None:
+        """A slow handler keeps its delivery: tell the bus every third of the ack wait."""
+        period = max(self.settings.ack_wait / 3, 0.2)
+        while True:
+            await asyncio.sleep(period)
+            for delivery in list(self.in_flight):
+                with contextlib.suppress(Exception):
+                    await delivery.in_progress()
+
+    async def stop(self, grace: float) -> None:
+        """Stop taking deliveries; give running handlers `grace` seconds, hand back the rest."""
+        if self.subscription is not None:
+            await self.subscription.stop()
+        self.stopping = True
+        if self.tasks:
+            _, pending = await asyncio.wait(set(self.tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+
+
+class Worker:
+    """Runs all agents of `app`: connects the bus (or the embedded one) and the store."""
+
+    def __init__(self, app: App, settings: Settings | None = None) -> None:
+        self.app = app
+        self.settings = settings or app.settings
+        self.runners: dict[str, AgentRunner] = {}
+        self.bus: Bus | None = None
+        self.store: Store | None = None
+        self.embedded: Any = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Connect, migrate, subscribe every agent, then start the app's startup hooks."""
+        self.bus = await connect_bus(self.settings, start_embedded=True, worker=self)
+        self.store = open_store(self.settings.store_url)
+        await self.store.open()
+        for spec in self.app.agents.values():
+            runner = AgentRunner(
+                spec, Pipeline(spec, self.bus, self.store, self.app.name), self.settings
+            )
+            await runner.start(self.bus)
+            self.runners[spec.name] = runner
+        client = Client(
+            settings=self.settings, source=f"/{self.app.name}", bus=self.bus, store=self.store
+        )
+        for hook in self.app.startup_hooks:
+            self._background.add(asyncio.create_task(hook(client)))
+        self._background.add(asyncio.create_task(self._prune_periodically()))
+        log.info("worker started", app=self.app.name, agents=list(self.runners))
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Finish or hand back in-flight work, then disconnect."""
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*(runner.stop(grace) for runner in self.runners.values()))
+        if self.bus is not None:
+            await self.bus.close()  # flushes the acks of finished work
+        if self.store is not None:
+            await self.store.close()
+        if self.embedded is not None:
+            self.embedded.stop()
+        log.info("worker stopped", app=self.app.name)
+
+    async def _prune_periodically(self) -> None:
+        assert self.store is not None
+        while True:
+            before = datetime.now(UTC) - timedelta(days=self.settings.retention_days)
+            try:
+                removed = await self.store.prune(before)
+                if any(removed.values()):
+                    log.info("pruned old records", **removed)
+            except Exception as e:
+                log.warning("pruning failed", error=str(e))
+            await asyncio.sleep(3600)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters per agent, for the terminal display and metrics."""
+        return {name: runner.pipeline.stats for name, runner in self.runners.items()}
+
+    async def run_until_signalled(self, grace: float = 10.0) -> None:
+        """Start, wait for SIGINT/SIGTERM, then stop gracefully."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await self.stop(grace)
+
+
+async def connect_bus(
+    settings: Settings, *, start_embedded: bool = False, worker: Worker | None = None
+) -> Bus:
+    """Connect to TIDINGS_BUS, else to the embedded server (started if `start_embedded`)."""
+    from tidings.bus.embedded import EmbeddedNats, discover_url
+    from tidings.errors import BusUnavailable
+
+    url = settings.bus
+    if url is None:
+        if start_embedded:
+            embedded = EmbeddedNats(settings.home_path)
+            url = await embedded.ensure()
+            if worker is not None:
+                worker.embedded = embedded
+        else:
+            url = discover_url(settings.home_path)
+            if url is None:
+                raise BusUnavailable(
+                    f"no bus is running (nothing under {settings.home_path}); start one with"
+                    " `tidings run MODULE:APP` or set TIDINGS_BUS=nats://host:4222"
+                )
+    bus = open_bus(url, settings)
+    await bus.connect()
+    return bus
