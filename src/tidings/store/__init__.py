@@ -28,9 +28,7 @@ def open_store(url: str) -> Store:
         try:
             from tidings.store.postgres import PostgresStore
         except ImportError as e:  # asyncpg is an optional extra
-            raise ConfigError(
-                'PostgreSQL needs asyncpg: pip install "tidings[postgres]"'
-            ) from e
+            raise ConfigError('PostgreSQL needs asyncpg: pip install "tidings[postgres]"') from e
         return PostgresStore(url)
     raise ConfigError(
         f"unsupported store URL {url!r}: TIDINGS_STORE takes sqlite:///path.db or"

@@ -1,0 +1,149 @@
+"""Migration bookkeeping and row codecs shared by the SQL backends.
+
+Each backend keeps its own DDL (the dialects differ) as a numbered list of `Migration`s;
+what is shared is the rule for which ones are pending, how the whole `Decision` record
+becomes JSON and back, the one timestamp format SQLite compares as text, and the id-prefix
+lookup range. The applied versions live in the table ``tidings_migrations(version,
+applied_at)`` in both backends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from tidings.errors import StoreError
+from tidings.store.records import Decision
+
+MIGRATIONS_TABLE = "tidings_migrations"
+MIN_PREFIX = 6  # shorter id prefixes are too likely to be ambiguous to be worth a lookup
+
+DEAD_LETTER_COLUMNS = (
+    "id, agent, event_id, event_type, subject, headers, body, error, traceback, attempts,"
+    " created_at"
+)
+# What prune() deletes: result key, table, and the time column compared with `before`.
+# The outbox compares published_at, which is NULL (never older than anything) until the
+# row is published, so pending events survive any prune. The publish ledger is pruned
+# too: it only has to outlive the broker's dedupe window, and would otherwise grow forever.
+PRUNED = (
+    ("processed", "tidings_inbox", "processed_at"),
+    ("outbox", "tidings_outbox", "published_at"),
+    ("decisions", "tidings_decisions", "created_at"),
+    ("publishes", "tidings_publishes", "recorded_at"),
+)
+
+_DECISION_FIELDS = frozenset(f.name for f in dataclasses.fields(Decision))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Migration:
+    """One schema step: applied in order, once, inside the migration transaction."""
+
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+def pending(migrations: Sequence[Migration], applied: int, backend: str) -> list[Migration]:
+    """The migrations after version `applied`, refusing a database newer than this code.
+
+    A newer schema means another process runs a newer Tidings; writing to it with old
+    assumptions could corrupt it, so we stop with the fix rather than guess.
+    """
+    versions = [m.version for m in migrations]
+    if versions != list(range(1, len(migrations) + 1)):
+        raise AssertionError(f"{backend} migrations must be numbered 1..n, got {versions}")
+    latest = len(migrations)
+    if applied > latest:
+        raise StoreError(
+            f"the {backend} store is at schema version {applied} but this Tidings knows only"
+            f" {latest}: upgrade Tidings in this process (pip install -U tidings) or point"
+            " TIDINGS_STORE at a store made by this version"
+        )
+    return list(migrations[applied:])
+
+
+# -- row codecs -------------------------------------------------------------------------
+
+
+def dumps(value: Any, what: str) -> str:
+    """`value` as compact JSON text, or a StoreError naming `what` could not be stored."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError as e:  # orjson.JSONEncodeError is a TypeError
+        raise StoreError(
+            f"{what} cannot be stored as JSON ({e}): keep handler results and state to"
+            " JSON types (dict with str keys, list, str, int, float, bool, None)"
+        ) from e
+
+
+def loads(text: str | bytes) -> Any:
+    """Parse JSON text written by `dumps`."""
+    return orjson.loads(text)
+
+
+def decision_to_json(decision: Decision) -> str:
+    """The whole decision record as JSON (orjson serializes dataclasses natively)."""
+    return dumps(decision, f"decision {decision.id} of agent {decision.agent}")
+
+
+def decision_from_json(text: str | bytes) -> Decision:
+    """Rebuild a `Decision`, tolerating additive changes to the record.
+
+    Unknown keys (from a newer writer) are ignored and missing optional ones take their
+    defaults, so old rows stay readable.
+    """
+    data = loads(text)
+    return Decision(**{k: v for k, v in data.items() if k in _DECISION_FIELDS})
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware in UTC."""
+    return datetime.now(UTC)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """`moment` in UTC; naive datetimes are refused because their zone is a guess."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(
+            f"{moment!r} has no timezone: pass an aware datetime, e.g. datetime.now(UTC)"
+        )
+    return moment.astimezone(UTC)
+
+
+def format_ts(moment: datetime) -> str:
+    """Fixed-width RFC 3339 UTC text, so string order is time order (SQLite compares text).
+
+    Same shape as `tidings.events.now()`, so a record's timestamp reads back unchanged.
+    """
+    return as_utc(moment).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_ts(text: str) -> datetime:
+    """Parse an RFC 3339 timestamp from a record; a naive one is taken as UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as e:
+        raise StoreError(f"timestamp {text!r} is not RFC 3339, e.g. 2024-05-01T12:00:00Z") from e
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def prefix_range(prefix: str) -> tuple[str, str]:
+    """Bounds [low, high) of every string starting with `prefix`, for an index range scan.
+
+    Incrementing the last code point works because both backends compare ids by code
+    point (SQLite BINARY, PostgreSQL ``COLLATE "C"``), where that order is UTF-8 byte order.
+    The range may be wider than the prefix in odd edge cases, so callers re-check matches.
+    """
+    head, last = prefix, 0x10FFFF
+    while head and last == 0x10FFFF:  # cannot increment: widen to the shorter prefix
+        head, last = head[:-1], ord(head[-1])
+    if last == 0x10FFFF:
+        return prefix, chr(0x10FFFF) * 2
+    following = last + 1 if last + 1 not in range(0xD800, 0xE000) else 0xE000
+    return prefix, head + chr(following)

@@ -1,0 +1,495 @@
+"""The PostgreSQL store: asyncpg with a connection pool, for many workers on many hosts.
+
+``?schema=NAME`` in the URL puts every table in that schema (created if missing), so
+deployments and test runs can share one database without seeing each other. Races
+between processes are settled by the database: concurrent commits on one (agent, key)
+serialize on the row (READ COMMITTED re-checks ``version`` after the first one commits),
+and migrations run under a transaction-scoped advisory lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import TYPE_CHECKING, TypeAlias
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+from tidings.errors import AlreadyProcessed, ConfigError, StateConflict, StoreError
+from tidings.store.base import Store
+from tidings.store.migrations import (
+    DEAD_LETTER_COLUMNS,
+    MIGRATIONS_TABLE,
+    MIN_PREFIX,
+    PRUNED,
+    Migration,
+    as_utc,
+    decision_from_json,
+    decision_to_json,
+    dumps,
+    format_ts,
+    loads,
+    parse_ts,
+    pending,
+    prefix_range,
+    utc_now,
+)
+from tidings.store.records import Commit, DeadLetter, Decision, OutboxEvent, StateSnapshot
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+POOL_MAX = 10  # connections per store object; a worker rarely has more commits in flight
+CONNECT_TIMEOUT_S = 10.0
+
+# Ids are compared byte-wise (COLLATE "C") so a prefix lookup is an index range scan.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "state, inbox, outbox, decisions, dead letters, publish ledger",
+        (
+            # json, not jsonb: keeps key order and any string content exactly as written.
+            """CREATE TABLE tidings_state (
+                agent text NOT NULL, key text NOT NULL, data json NOT NULL,
+                version bigint NOT NULL, updated_at timestamptz NOT NULL,
+                PRIMARY KEY (agent, key))""",
+            """CREATE TABLE tidings_inbox (
+                agent text NOT NULL, event_id text NOT NULL, processed_at timestamptz NOT NULL,
+                PRIMARY KEY (agent, event_id))""",
+            "CREATE INDEX tidings_inbox_processed_at ON tidings_inbox (processed_at)",
+            """CREATE TABLE tidings_outbox (
+                event_id text COLLATE "C" PRIMARY KEY, agent text NOT NULL,
+                source_event_id text NOT NULL, position integer NOT NULL,
+                event_type text NOT NULL, headers json NOT NULL, body bytea NOT NULL,
+                created_at timestamptz NOT NULL, published_at timestamptz)""",
+            "CREATE INDEX tidings_outbox_source ON tidings_outbox (agent, source_event_id)",
+            "CREATE INDEX tidings_outbox_published_at ON tidings_outbox (published_at)",
+            """CREATE TABLE tidings_decisions (
+                id text COLLATE "C" PRIMARY KEY, agent text NOT NULL, event_id text NOT NULL,
+                correlation_id text, created_at timestamptz NOT NULL, record json NOT NULL)""",
+            "CREATE INDEX tidings_decisions_agent ON tidings_decisions (agent, created_at, id)",
+            "CREATE INDEX tidings_decisions_created ON tidings_decisions (created_at, id)",
+            "CREATE INDEX tidings_decisions_event ON tidings_decisions (event_id)",
+            "CREATE INDEX tidings_decisions_correlation ON tidings_decisions (correlation_id)",
+            """CREATE TABLE tidings_dead_letters (
+                id text COLLATE "C" PRIMARY KEY, agent text NOT NULL, event_id text,
+                event_type text, subject text NOT NULL, headers json NOT NULL,
+                body bytea NOT NULL, error text NOT NULL, traceback text,
+                attempts integer NOT NULL, created_at timestamptz NOT NULL)""",
+            "CREATE INDEX tidings_dead_letters_agent ON tidings_dead_letters"
+            " (agent, created_at, id)",
+            "CREATE INDEX tidings_dead_letters_created ON tidings_dead_letters (created_at, id)",
+            """CREATE TABLE tidings_publishes (
+                event_id text PRIMARY KEY, recorded_at timestamptz NOT NULL)""",
+            "CREATE INDEX tidings_publishes_recorded_at ON tidings_publishes (recorded_at)",
+        ),
+    ),
+)
+
+_SCHEMA_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+if TYPE_CHECKING:  # the stubs' generics do not exist at runtime
+    # What pool.acquire() hands out; helpers also take a plain connection.
+    _Connection: TypeAlias = (
+        asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+    )
+_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+def split_url(url: str) -> tuple[str, str | None]:
+    """The DSN for asyncpg and the schema named by ``?schema=`` (None: server default)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    schemas = [value for name, value in query if name == "schema"]
+    rest = [(name, value) for name, value in query if name != "schema"]
+    schema = schemas[-1] if schemas else None
+    if schema is not None and not _SCHEMA_RE.match(schema):
+        raise ConfigError(
+            f"invalid schema {schema!r} in TIDINGS_STORE: use letters, digits and '_',"
+            " starting with a letter or '_', at most 63 characters"
+        )
+    return urlunsplit(parts._replace(query=urlencode(rest))), schema
+
+
+def redact(url: str) -> str:
+    """`url` without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class PostgresStore(Store):
+    """A `Store` in PostgreSQL, optionally confined to one schema."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._dsn, self.schema = split_url(url)
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._open_lock = asyncio.Lock()
+
+    # -- connection and transactions ------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect the pool and apply pending migrations under an advisory lock."""
+        async with self._open_lock:  # two open() calls on one object make one pool
+            if self._pool is None:
+                self._pool = await self._connect_and_migrate()
+
+    async def _connect_and_migrate(self) -> asyncpg.Pool[asyncpg.Record]:
+        settings = {"search_path": _quote(self.schema)} if self.schema else {}
+        try:
+            pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=1,
+                max_size=POOL_MAX,
+                timeout=CONNECT_TIMEOUT_S,
+                server_settings=settings,
+            )
+        except (*_DRIVER_ERRORS, ValueError) as e:
+            raise StoreError(
+                f"cannot connect to PostgreSQL at {redact(self.url)}: {e}. Check TIDINGS_STORE"
+                " (postgresql://user@host:port/database) and that PostgreSQL is running and"
+                " accepts connections from this host"
+            ) from e
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await self._migrate(conn)
+        except BaseException as e:
+            await pool.close()
+            if not isinstance(e, _DRIVER_ERRORS):
+                raise
+            hint = ""
+            if isinstance(e, asyncpg.InsufficientPrivilegeError):
+                hint = (
+                    "; the user needs CREATE on the database (or the schema) the first time"
+                    " and after upgrades that add migrations"
+                )
+            raise StoreError(
+                f"cannot migrate the PostgreSQL store {redact(self.url)}: {e}{hint}"
+            ) from e
+        return pool
+
+    async def _migrate(self, conn: _Connection) -> None:
+        # Transaction-scoped, so it is released however the transaction ends.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1))",
+            f"{MIGRATIONS_TABLE}:{self.schema or ''}",
+        )
+        if self.schema is not None:
+            # Look before creating: CREATE ... IF NOT EXISTS still demands CREATE privilege.
+            exists = await conn.fetchval(
+                "SELECT 1 FROM pg_namespace WHERE nspname = $1", self.schema
+            )
+            if not exists:
+                await conn.execute(f"CREATE SCHEMA {_quote(self.schema)}")
+            await conn.execute(f"SET LOCAL search_path TO {_quote(self.schema)}")
+        if await conn.fetchval("SELECT to_regclass($1)", MIGRATIONS_TABLE) is None:
+            await conn.execute(
+                f"CREATE TABLE {MIGRATIONS_TABLE}"
+                " (version integer PRIMARY KEY, applied_at timestamptz NOT NULL)"
+            )
+        applied = await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {MIGRATIONS_TABLE}")
+        for migration in pending(MIGRATIONS, int(applied), "PostgreSQL"):
+            for statement in migration.statements:
+                await conn.execute(statement)
+            await conn.execute(
+                f"INSERT INTO {MIGRATIONS_TABLE} (version, applied_at) VALUES ($1, $2)",
+                migration.version,
+                utc_now(),
+            )
+
+    async def close(self) -> None:
+        """Close the pool, waiting for borrowed connections; closing twice is harmless."""
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    @asynccontextmanager
+    async def _conn(self, action: str, transaction: bool = False) -> AsyncIterator[_Connection]:
+        """A pooled connection, optionally in a transaction, with driver errors translated."""
+        if self._pool is None:
+            raise StoreError(
+                f"the PostgreSQL store {redact(self.url)} is not open: call open() first"
+            )
+        try:
+            async with self._pool.acquire() as conn:
+                if not transaction:
+                    yield conn
+                    return
+                async with conn.transaction():
+                    yield conn
+        except asyncpg.TransactionRollbackError as e:
+            # Deadlock or serialization failure: nothing was written, a retry can succeed.
+            raise StateConflict(f"PostgreSQL {action} lost a race and was rolled back: {e}") from e
+        except _DRIVER_ERRORS as e:
+            raise StoreError(f"PostgreSQL store {redact(self.url)}: {action} failed: {e}") from e
+
+    async def schema_version(self) -> int:
+        """The number of the last applied migration."""
+        async with self._conn("schema_version") as conn:
+            value = await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {MIGRATIONS_TABLE}")
+        return int(value)
+
+    # -- the exactly-once path ----------------------------------------------------------
+
+    async def load_state(self, agent: str, key: str) -> StateSnapshot:
+        """The memory of (agent, key) and its version; empty with version 0 if unwritten."""
+        async with self._conn("load_state") as conn:
+            row = await conn.fetchrow(
+                "SELECT data, version FROM tidings_state WHERE agent = $1 AND key = $2", agent, key
+            )
+        return StateSnapshot({}, 0) if row is None else StateSnapshot(loads(row[0]), int(row[1]))
+
+    async def is_processed(self, agent: str, event_id: str) -> bool:
+        """Whether (agent, event id) was committed."""
+        async with self._conn("is_processed") as conn:
+            found = await conn.fetchval(
+                "SELECT 1 FROM tidings_inbox WHERE agent = $1 AND event_id = $2", agent, event_id
+            )
+        return found is not None
+
+    async def commit(self, commit: Commit) -> None:
+        """Marker, state, decision and outbox in one transaction."""
+        # Encode first: a value that cannot be stored fails before anything is written.
+        decision_json = decision_to_json(commit.decision)
+        state_json = None
+        if commit.state is not None:
+            state_json = dumps(commit.state, f"state of agent {commit.agent!r} key {commit.key!r}")
+        now = utc_now()
+        outbox = [
+            (e.event_id, commit.agent, commit.event_id, position, e.event_type,
+             dumps(e.headers, f"headers of event {e.event_id}"), e.body, now)
+            for position, e in enumerate(commit.outbox)
+        ]  # fmt: skip
+        async with self._conn("commit", transaction=True) as conn:
+            marked = await conn.execute(
+                "INSERT INTO tidings_inbox (agent, event_id, processed_at) VALUES ($1, $2, $3)"
+                " ON CONFLICT DO NOTHING",
+                commit.agent,
+                commit.event_id,
+                now,
+            )
+            if _rowcount(marked) == 0:
+                raise AlreadyProcessed(
+                    f"agent {commit.agent!r} already committed event {commit.event_id}"
+                )
+            if state_json is not None:
+                if commit.expected_version == 0:
+                    status = await conn.execute(
+                        "INSERT INTO tidings_state (agent, key, data, version, updated_at)"
+                        " VALUES ($1, $2, $3, 1, $4) ON CONFLICT DO NOTHING",
+                        commit.agent,
+                        commit.key,
+                        state_json,
+                        now,
+                    )
+                else:
+                    status = await conn.execute(
+                        "UPDATE tidings_state SET data = $1, version = version + 1,"
+                        " updated_at = $2 WHERE agent = $3 AND key = $4 AND version = $5",
+                        state_json,
+                        now,
+                        commit.agent,
+                        commit.key,
+                        commit.expected_version,
+                    )
+                if _rowcount(status) == 0:
+                    raise StateConflict(
+                        f"state of agent {commit.agent!r} key {commit.key!r} changed since it"
+                        f" was read at version {commit.expected_version}; the event is retried"
+                    )
+            await _insert_decision(conn, commit.decision, decision_json, now)
+            if outbox:
+                await conn.executemany(
+                    "INSERT INTO tidings_outbox (event_id, agent, source_event_id, position,"
+                    " event_type, headers, body, created_at)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    outbox,
+                )
+
+    async def unpublished(self, agent: str, event_id: str) -> list[OutboxEvent]:
+        """Events emitted while handling (agent, event id), in emit order, not yet published."""
+        async with self._conn("unpublished") as conn:
+            rows = await conn.fetch(
+                "SELECT event_id, event_type, headers, body FROM tidings_outbox"
+                " WHERE agent = $1 AND source_event_id = $2 AND published_at IS NULL"
+                " ORDER BY position",
+                agent,
+                event_id,
+            )
+        return [OutboxEvent(r[0], r[1], loads(r[2]), bytes(r[3])) for r in rows]
+
+    async def mark_published(self, event_ids: list[str]) -> None:
+        """Stamp these outbox rows published; unknown or already published ids are ignored."""
+        if not event_ids:
+            return
+        async with self._conn("mark_published") as conn:
+            await conn.execute(
+                "UPDATE tidings_outbox SET published_at = $1"
+                " WHERE event_id = ANY($2::text[]) AND published_at IS NULL",
+                utc_now(),
+                list(event_ids),
+            )
+
+    # -- records for operators ----------------------------------------------------------
+
+    async def add_dead_letter(self, dead_letter: DeadLetter) -> None:
+        """Keep a message an agent gave up on."""
+        d = dead_letter
+        headers = dumps(d.headers, f"headers of dead letter {d.id}")
+        async with self._conn("add_dead_letter") as conn:
+            await conn.execute(
+                f"INSERT INTO tidings_dead_letters ({DEAD_LETTER_COLUMNS})"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                d.id, d.agent, d.event_id, d.event_type, d.subject, headers, d.body, d.error,
+                d.traceback, d.attempts, parse_ts(d.created_at),
+            )  # fmt: skip
+
+    async def list_dead_letters(
+        self, agent: str | None = None, limit: int = 50
+    ) -> list[DeadLetter]:
+        """Dead letters, newest first, optionally for one agent."""
+        # Two statements rather than "$1 IS NULL OR agent = $1", which defeats the index
+        # once the prepared statement switches to a generic plan.
+        where, params = ("WHERE agent = $1", [agent]) if agent is not None else ("", [])
+        async with self._conn("list_dead_letters") as conn:
+            rows = await conn.fetch(
+                f"SELECT {DEAD_LETTER_COLUMNS} FROM tidings_dead_letters {where}"
+                f" ORDER BY created_at DESC, id DESC LIMIT ${len(params) + 1}",
+                *params,
+                max(limit, 0),
+            )
+        return [_dead_letter(r) for r in rows]
+
+    async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        """One dead letter by id or by a unique prefix of at least 6 characters."""
+        async with self._conn("get_dead_letter") as conn:
+            row = await _by_id_or_prefix(
+                conn, f"SELECT {DEAD_LETTER_COLUMNS} FROM tidings_dead_letters", dead_letter_id
+            )
+        return _dead_letter(row) if row is not None else None
+
+    async def delete_dead_letter(self, dead_letter_id: str) -> bool:
+        """Drop a dead letter by its full id; False if there was none."""
+        async with self._conn("delete_dead_letter") as conn:
+            status = await conn.execute(
+                "DELETE FROM tidings_dead_letters WHERE id = $1", dead_letter_id
+            )
+        return _rowcount(status) > 0
+
+    async def add_decision(self, decision: Decision) -> None:
+        """Record a decision outside a commit (e.g. a dead-lettered attempt)."""
+        record = decision_to_json(decision)
+        async with self._conn("add_decision") as conn:
+            await _insert_decision(conn, decision, record, utc_now())
+
+    async def list_decisions(
+        self,
+        agent: str | None = None,
+        limit: int = 50,
+        *,
+        event_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> list[Decision]:
+        """Decisions, newest first, filtered by agent, triggering event or correlation."""
+        filters = {"agent": agent, "event_id": event_id, "correlation_id": correlation_id}
+        used = {column: value for column, value in filters.items() if value is not None}
+        where = " AND ".join(f"{column} = ${n}" for n, column in enumerate(used, start=1))
+        async with self._conn("list_decisions") as conn:
+            rows = await conn.fetch(
+                f"SELECT record FROM tidings_decisions {'WHERE ' + where if where else ''}"
+                f" ORDER BY created_at DESC, id DESC LIMIT ${len(used) + 1}",
+                *used.values(),
+                max(limit, 0),
+            )
+        return [decision_from_json(r[0]) for r in rows]
+
+    async def get_decision(self, decision_id: str) -> Decision | None:
+        """One decision by id or by a unique prefix of at least 6 characters."""
+        async with self._conn("get_decision") as conn:
+            row = await _by_id_or_prefix(
+                conn, "SELECT id, record FROM tidings_decisions", decision_id
+            )
+        return decision_from_json(row[1]) if row is not None else None
+
+    async def was_published(self, event_id: str) -> bool:
+        """Whether an explicit-id publish of `event_id` was recorded (guarantee 8)."""
+        async with self._conn("was_published") as conn:
+            found = await conn.fetchval(
+                "SELECT 1 FROM tidings_publishes WHERE event_id = $1", event_id
+            )
+        return found is not None
+
+    async def record_publish(self, event_id: str) -> None:
+        """Record an explicit-id publish after it succeeded; idempotent."""
+        async with self._conn("record_publish") as conn:
+            await conn.execute(
+                "INSERT INTO tidings_publishes (event_id, recorded_at) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING",
+                event_id,
+                utc_now(),
+            )
+
+    async def prune(self, before: datetime) -> dict[str, int]:
+        """Delete rows older than `before` (aware) per guarantee 7, plus old publish records.
+
+        One transaction of row-level deletes: writers are not held up meanwhile.
+        """
+        cutoff = as_utc(before)
+        counts: dict[str, int] = {}
+        async with self._conn("prune", transaction=True) as conn:
+            for name, table, column in PRUNED:
+                status = await conn.execute(f"DELETE FROM {table} WHERE {column} < $1", cutoff)
+                counts[name] = _rowcount(status)
+        return counts
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _rowcount(status: str) -> int:
+    """Rows affected, from a command tag such as ``INSERT 0 1`` or ``UPDATE 3``."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def _insert_decision(
+    conn: _Connection, decision: Decision, record: str, created_at: datetime
+) -> None:
+    await conn.execute(
+        "INSERT INTO tidings_decisions (id, agent, event_id, correlation_id, created_at, record)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        decision.id,
+        decision.agent,
+        decision.event_id,
+        decision.correlation_id,
+        created_at,
+        record,
+    )
+
+
+async def _by_id_or_prefix(conn: _Connection, select: str, id_: str) -> asyncpg.Record | None:
+    """The row whose id is `id_`, else the only one it is a long-enough prefix of."""
+    row = await conn.fetchrow(f"{select} WHERE id = $1", id_)
+    if row is not None or len(id_) < MIN_PREFIX:
+        return row
+    low, high = prefix_range(id_)
+    rows = await conn.fetch(f"{select} WHERE id >= $1 AND id < $2 ORDER BY id LIMIT 2", low, high)
+    matches = [r for r in rows if str(r[0]).startswith(id_)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _dead_letter(row: asyncpg.Record) -> DeadLetter:
+    return DeadLetter(
+        id=row[0], agent=row[1], event_id=row[2], event_type=row[3], subject=row[4],
+        headers=loads(row[5]), body=bytes(row[6]), error=row[7], traceback=row[8],
+        attempts=int(row[9]), created_at=format_ts(row[10]),
+    )  # fmt: skip
