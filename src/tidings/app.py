@@ -114,6 +114,7 @@ class App:
                 raise ConfigError(f"agent {name!r}: {e}") from e
         if max_attempts < 1 or concurrency < 1:
             raise ConfigError(f"agent {name!r}: max_attempts and concurrency must be >= 1")
+        predicate = compile_filter(where)
 
         def register(handler: Handler) -> Handler:
             if not inspect.iscoroutinefunction(handler):
@@ -123,7 +124,7 @@ class App:
                 handler=handler,
                 patterns=patterns,
                 where=where,
-                predicate=compile_filter(where),
+                predicate=predicate,
                 key=key,
                 emits=None if emits is None else tuple(emits),
                 max_attempts=max_attempts,

@@ -124,9 +124,7 @@ class Context:
         attributes.setdefault("causationid", cause.id)
         for inherited in ("tenant", "user", "traceparent"):
             attributes.setdefault(inherited, getattr(cause, inherited))
-        event = Event.create(
-            type, data, source=self._source, id=id, subject=subject, **attributes
-        )
+        event = Event.create(type, data, source=self._source, id=id, subject=subject, **attributes)
         try:
             headers, body = encode(event)
         except TypeError as e:

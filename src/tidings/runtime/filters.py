@@ -45,9 +45,7 @@ class CelFilter:
 
     def __call__(self, event: Event) -> bool:
         """Whether `event` passes; FilterMiss if the expression errors on it."""
-        attributes = (
-            {name: getattr(event, name) for name in ATTRIBUTES} if self.uses_event else {}
-        )
+        attributes = {name: getattr(event, name) for name in ATTRIBUTES} if self.uses_event else {}
         value = self.program.eval(data={"data": event.data, "event": attributes}).plain_value()
         if value is True or value is False:
             return value

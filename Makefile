@@ -1,0 +1,41 @@
+# One task runner for people and CI. `make help` lists the targets.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.DEFAULT_GOAL := help
+.PHONY: help demo install dev test lint typecheck pytest bench clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(BIN)/tidings:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+
+install: $(BIN)/tidings  ## Create .venv and install Tidings
+
+demo: install  ## Install and run the fraud-detection example on the embedded bus (Ctrl-C stops)
+	$(BIN)/tidings run examples.fraud:app
+
+dev: install  ## Install the test and lint tools (and the PostgreSQL driver)
+	$(BIN)/pip install --quiet -e '.[dev]'
+
+lint: dev  ## ruff (lint + format check)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: dev  ## mypy --strict on the package
+	$(BIN)/mypy
+
+pytest: dev  ## The test suite (needs PostgreSQL at 127.0.0.1:5432; starts its own nats-server)
+	$(BIN)/pytest
+
+test: lint typecheck pytest  ## Install everything, then lint, type-check and run every test
+
+bench: dev  ## Throughput and latency against the raw nats-py client
+	$(BIN)/python benchmarks/throughput.py
+
+clean:  ## Remove the virtualenv and local data
+	rm -rf $(VENV) .tidings .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,168 @@
+"""Break things: kill -9 workers mid-stream, SIGTERM under load, restart the broker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import NatsServer
+from tests.helpers import eventually, running, settings_for, subject_counts
+from tidings import App, Client, Context, Event, Settings
+from tidings.bus import open_bus
+from tidings.store import open_store
+
+pytestmark = [pytest.mark.nats, pytest.mark.chaos, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+KEYS = 25
+
+
+def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "TIDINGS_BUS": settings.bus or "",
+        "TIDINGS_STORE": settings.store_url,
+        "TIDINGS_NAMESPACE": settings.namespace,
+        "TIDINGS_HOME": settings.home,
+        "TIDINGS_ACK_WAIT": str(settings.ack_wait),
+    }
+    code = (
+        "import asyncio\n"
+        "from tidings.runtime.worker import Worker\n"
+        "from tests.chaos.chaos_app import app\n"
+        "asyncio.run(Worker(app).run_until_signalled(grace=5))\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
+
+
+async def publish_ticks(settings: Settings, count: int) -> None:
+    async with Client(settings) as client:
+        for n in range(count):
+            await client.publish("chaos.tick", {"key": f"k{n % KEYS}", "n": n})
+
+
+async def backlog(settings: Settings) -> tuple[int, int]:
+    """(pending, in flight) of the tally consumer."""
+    assert settings.bus
+    bus = open_bus(settings.bus, settings)
+    await bus.connect()
+    try:
+        (info,) = [c for c in await bus.consumers() if c.name == "tally"]
+        return info.pending, info.in_flight
+    finally:
+        await bus.close()
+
+
+async def committed_total(settings: Settings) -> int:
+    store = open_store(settings.store_url)
+    await store.open()
+    try:
+        return sum(
+            (await store.load_state("tally", f"k{k}")).values.get("count", 0) for k in range(KEYS)
+        )
+    finally:
+        await store.close()
+
+
+async def assert_exactly_once(settings: Settings, total: int) -> None:
+    assert await committed_total(settings) == total
+    assert settings.bus
+    outputs = await subject_counts(
+        settings.bus, settings.namespace, f"{settings.namespace}.events.chaos.tallied"
+    )
+    assert sum(outputs.values()) == total
+
+
+async def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    total = 3000
+    settings = settings_for(nats_url, namespace, tmp_path, ack_wait=2.0)
+    rng = random.Random(os.environ.get("CHAOS_SEED", "7"))
+    worker = start_worker(settings)
+    publisher = asyncio.create_task(publish_ticks(settings, total))
+    kills = 0
+    try:
+        for _ in range(4):
+            await asyncio.sleep(rng.uniform(0.5, 2.0))
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(10)
+            kills += 1
+            worker = start_worker(settings)
+        await publisher
+
+        async def drained() -> bool:
+            return await backlog(settings) == (0, 0) and await committed_total(settings) >= total
+
+        await eventually(drained, timeout=120, interval=0.5, message="backlog drained")
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    assert kills == 4
+    await assert_exactly_once(settings, total)
+
+
+async def test_sigterm_under_load_acks_nothing_unfinished(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    total = 1500
+    settings = settings_for(nats_url, namespace, tmp_path, ack_wait=30.0)
+    await publish_ticks(settings, total)
+    worker = start_worker(settings)
+
+    async def some_done() -> bool:
+        return await committed_total(settings) > 100
+
+    await eventually(some_done, timeout=60, message="work under way")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    committed = await committed_total(settings)
+    pending, in_flight = await backlog(settings)
+    acked = total - pending - in_flight
+    assert acked <= committed, f"{acked} acked but only {committed} committed"
+    assert committed < total, "the worker should have been stopped mid-stream"
+
+    worker = start_worker(settings)
+    try:
+
+        async def finished() -> bool:
+            return await committed_total(settings) >= total
+
+        # Deliveries handed back with nak(0) come back at once, not after the 30 s ack wait.
+        await eventually(finished, timeout=60, interval=0.5, message="all committed")
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    await assert_exactly_once(settings, total)
+
+
+async def test_broker_restart_mid_stream_loses_nothing(
+    nats_server: NatsServer, namespace: str, tmp_path: Path
+) -> None:
+    app = App("test")
+    seen: list[int] = []
+
+    @app.agent("survivor", on="survive.>", key="data.n")
+    async def survivor(event: Event, ctx: Context) -> None:
+        await ctx.state.set("done", True)
+        seen.append(event.data["n"])
+
+    settings = settings_for(nats_server.url, namespace, tmp_path)
+    async with running(app, settings):
+        async with Client(settings) as client:
+            for n in range(200):
+                await client.publish("survive.before", {"n": n})
+        await asyncio.to_thread(nats_server.restart)
+        async with Client(settings) as client:
+            for n in range(200, 400):
+                await client.publish("survive.after", {"n": n})
+        await eventually(lambda: len(set(seen)) == 400, timeout=60, message="all 400 handled")
+    assert sorted(set(seen)) == list(range(400))
+    assert len(seen) == len(set(seen)), "an event was handled twice"
