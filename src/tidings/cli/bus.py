@@ -1,0 +1,255 @@
+"""Commands that talk to the bus: `publish`, `tail` and `agents`.
+
+They connect with `connect_bus(settings)` and never start a server, so a second terminal
+finds the embedded bus of a running `tidings run` through TIDINGS_HOME.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.text import Text
+
+from tidings.bus.base import ConsumerInfo, RawMessage
+from tidings.cli.common import (
+    compact,
+    console,
+    dumps,
+    execute,
+    fail,
+    guarded,
+    list_table,
+    load_app,
+    print_json,
+)
+from tidings.cli.display import describe_key, describe_where
+from tidings.client import Client
+from tidings.config import Settings
+from tidings.errors import MalformedEvent
+from tidings.events import Event, check_pattern, check_type, decode
+from tidings.runtime.worker import connect_bus
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def publish(
+    ctx: typer.Context,
+    event_type: Annotated[
+        str, typer.Argument(metavar="TYPE", help="Event type, e.g. payment.transaction.created.")
+    ],
+    data: Annotated[
+        str, typer.Argument(metavar="[JSON]", help="The event data as JSON (default: {}).")
+    ] = "{}",
+    event_id: Annotated[
+        str | None,
+        typer.Option("--id", help="Event id; publishing the same id again is a no-op."),
+    ] = None,
+    subject: Annotated[
+        str | None, typer.Option(help="CloudEvents subject (e.g. the entity it is about).")
+    ] = None,
+    source: Annotated[str, typer.Option(help="CloudEvents source.")] = "/tidings/cli",
+) -> None:
+    """Publish one event and print its id."""
+    try:
+        check_type(event_type)
+    except ValueError as e:
+        fail(str(e))
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        fail(
+            f"the data is not valid JSON ({e}); quote it for the shell, e.g."
+            f" tidings publish {event_type} '{{\"amount\": 5000}}'"
+        )
+
+    async def work(settings: Settings) -> Event:
+        async with Client(settings, source=source) as client:
+            return await client.publish(event_type, payload, id=event_id, subject=subject)
+
+    event = execute(ctx, work)
+    typer.echo(event.id)
+
+
+def tail(
+    ctx: typer.Context,
+    patterns: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[PATTERN]...",
+            help="Event type patterns ('*' one token, '>' the rest); default: everything.",
+        ),
+    ] = None,
+    last: Annotated[
+        int, typer.Option(min=0, help="Start with the last N stored events, then follow.")
+    ] = 0,
+    count: Annotated[
+        int | None, typer.Option(min=1, help="Exit after N events (for scripts and tests).")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print each event as one line of CloudEvents JSON.")
+    ] = False,
+) -> None:
+    """Print events as they arrive, until Ctrl-C (or --count events)."""
+    chosen = patterns or [">"]
+    for pattern in chosen:
+        try:
+            check_pattern(pattern)
+        except ValueError as e:
+            fail(str(e))
+
+    async def work(settings: Settings) -> None:
+        bus = await connect_bus(settings)
+        messages = bus.tail(chosen, last=last)
+        try:
+            seen = 0
+            async for message in messages:
+                _print_message(message, as_json)
+                seen += 1
+                if count is not None and seen >= count:
+                    break
+        finally:
+            close = getattr(messages, "aclose", None)
+            if close is not None:
+                await close()
+            await bus.close()
+
+    execute(ctx, work, interrupt_code=0)  # Ctrl-C is how a tail normally ends
+
+
+def _print_message(message: RawMessage, as_json: bool) -> None:
+    try:
+        event = decode(message.headers, message.body)
+    except MalformedEvent as e:
+        if as_json:
+            typer.echo(dumps({"malformed": str(e), "subject": message.subject}))
+        else:
+            console.print(
+                Text.assemble(("malformed ", "bold red"), f"{message.subject}: {e}"),
+                soft_wrap=True,
+            )
+        return
+    if as_json:
+        typer.echo(dumps(event.to_dict()))
+        return
+    line = Text()
+    line.append(_clock(event.time or message.time), style="dim")
+    line.append("  ")
+    line.append(event.type, style="bold cyan")
+    if event.subject:
+        line.append(f"  {event.subject}", style="magenta")
+    line.append(f"  {event.id}", style="dim")
+    if event.correlationid and event.correlationid != event.id:
+        line.append(f"  corr={event.correlationid}", style="yellow")
+    line.append(f"  {compact(event.data)}")
+    console.print(line, soft_wrap=True)
+
+
+def _clock(stamp: str | None) -> str:
+    """HH:MM:SS.mmm in local time from an RFC 3339 timestamp."""
+    if not stamp:
+        return "--:--:--.---"
+    try:
+        moment = datetime.fromisoformat(stamp)
+    except ValueError:
+        return stamp
+    return moment.astimezone().strftime("%H:%M:%S.%f")[:-3]
+
+
+def agents(
+    ctx: typer.Context,
+    target: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[MODULE:APP]",
+            help="Also show what this app declares, and which agents have no consumer yet.",
+        ),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The agents' consumers on the bus: patterns, backlog, in flight, redelivered."""
+    app = None
+    if target is not None:
+        with guarded():
+            app = load_app(target)
+
+    async def work(settings: Settings) -> list[ConsumerInfo]:
+        bus = await connect_bus(settings)
+        try:
+            return await bus.consumers()
+        finally:
+            await bus.close()
+
+    consumers = {info.name: info for info in execute(ctx, work)}
+    declared = app.agents if app is not None else {}
+    rows: list[dict[str, Any]] = []
+    for name in sorted(set(consumers) | set(declared)):
+        info, spec = consumers.get(name), declared.get(name)
+        row: dict[str, Any] = {"name": name, "consumer": info is not None}
+        if info is not None:
+            row.update(
+                patterns=list(info.patterns),
+                pending=info.pending,
+                in_flight=info.in_flight,
+                redelivered=info.redelivered,
+            )
+        if spec is not None:
+            row.setdefault("patterns", list(spec.patterns))
+            row.update(
+                declared=True,
+                where=describe_where(spec),
+                key=describe_key(spec),
+                emits=None if spec.emits is None else list(spec.emits),
+                max_attempts=spec.max_attempts,
+                concurrency=spec.concurrency,
+            )
+        elif app is not None:
+            row["declared"] = False
+        rows.append(row)
+    if as_json:
+        print_json(rows)
+        return
+    _agents_table(rows, target=target)
+
+
+def _agents_table(rows: Sequence[dict[str, Any]], *, target: str | None) -> None:
+    """The bus's view, then (with MODULE:APP) the declarations: two narrow tables."""
+    if not rows:
+        console.print("No agent consumers on this bus yet: start one with `tidings run`.")
+        return
+    bus = list_table("agents on the bus")
+    bus.add_column("agent", style="cyan", no_wrap=True)
+    bus.add_column("on", overflow="fold")
+    for title in ("pending", "in flight", "redelivered"):
+        bus.add_column(title, justify="right")
+    for row in rows:
+        patterns = Text(", ".join(row.get("patterns", [])))
+        if row["consumer"]:
+            counts = [str(row["pending"]), str(row["in_flight"]), str(row["redelivered"])]
+            bus.add_row(row["name"], patterns, *counts)
+        else:
+            bus.add_row(row["name"], patterns, Text("no consumer yet", style="yellow"), "", "")
+    console.print(bus)
+    if target is None:
+        return
+    declared = list_table(f"declared in {target}")
+    declared.add_column("agent", style="cyan", no_wrap=True)
+    for title in ("where", "key", "emits", "attempts", "concurrency"):
+        declared.add_column(title, overflow="fold")
+    for row in rows:
+        if not row.get("declared"):
+            declared.add_row(row["name"], Text("not declared in this app", style="dim"))
+            continue
+        emits = row["emits"]
+        declared.add_row(
+            row["name"],
+            Text(row["where"]),
+            Text(row["key"]),
+            Text("any" if emits is None else ", ".join(emits) or "-"),
+            str(row["max_attempts"]),
+            str(row["concurrency"]),
+        )
+    console.print(declared)

