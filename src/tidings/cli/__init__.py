@@ -17,6 +17,7 @@ from tidings.cli.common import GlobalOptions
 from tidings.cli.doctor import doctor
 from tidings.cli.records import decisions, dlq
 from tidings.cli.run import run
+from tidings.logs import configure_logging
 
 __all__ = ["cli", "main"]
 
@@ -76,4 +77,5 @@ cli.add_typer(decisions, name="decisions")
 
 def main() -> None:
     """Entry point of the `tidings` script."""
+    configure_logging()
     cli()

@@ -19,7 +19,7 @@ import signal
 from collections import deque
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -33,6 +33,9 @@ from tidings.runtime.outcomes import Ack, outcome_for
 from tidings.runtime.pipeline import Pipeline
 from tidings.store import open_store
 from tidings.store.base import Store
+
+if TYPE_CHECKING:
+    from tidings.bus.embedded import EmbeddedNats
 
 log = structlog.get_logger("tidings.worker")
 
@@ -158,7 +161,7 @@ class Worker:
         self.runners: dict[str, AgentRunner] = {}
         self.bus: Bus | None = None
         self.store: Store | None = None
-        self.embedded: Any = None
+        self.embedded: EmbeddedNats | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
