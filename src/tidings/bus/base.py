@@ -15,7 +15,9 @@ contract suite in ``tests/contract/test_bus.py`` checks against a real server:
 5. **Delayed retry**: `nak(delay)` redelivers no sooner than `delay` seconds later without
    blocking other messages; `in_progress()` extends the ack deadline of a slow handler.
 6. **Bounded in flight**: at most `ConsumerSpec.max_in_flight` unacked deliveries per
-   consumer reach the handler, which is the runtime's backpressure.
+   consumer reach the handler, which is the runtime's backpressure. The handler is awaited
+   once per delivery, in delivery order, one at a time per subscription: it must return
+   quickly (hand slow work to a task) and may settle the delivery later.
 7. **Dead letters** go to a separate place that agents never consume.
 8. **Targeted retry**: `retry(agent, event)` delivers an event to one agent only, even if
    its id was published before (it bypasses the dedupe window on purpose).

