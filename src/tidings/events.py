@@ -45,6 +45,7 @@ ATTRIBUTES = (
     "user",
 )
 _REQUIRED = ("id", "source", "type", "specversion")
+_HEADERS = tuple((name, "ce-" + name) for name in ATTRIBUTES)
 
 
 def new_id() -> str:
@@ -171,13 +172,19 @@ class Event:
         return cls(**values)
 
 
+@lru_cache(maxsize=4096)
+def _valid_type(event_type: str) -> bool:
+    # Cached: a stream carries few distinct types, and this runs for every delivery.
+    return _TYPE_RE.match(event_type) is not None
+
+
 def _require(attrs: Mapping[str, Any]) -> None:
     missing = [name for name in _REQUIRED if not attrs.get(name)]
     if missing:
         raise MalformedEvent(f"not a CloudEvent: missing {', '.join(missing)}")
     if attrs["specversion"] != SPECVERSION:
         raise MalformedEvent(f"unsupported specversion {attrs['specversion']!r}; expected 1.0")
-    if not isinstance(attrs["type"], str) or not _TYPE_RE.match(attrs["type"]):
+    if not isinstance(attrs["type"], str) or not _valid_type(attrs["type"]):
         raise MalformedEvent(f"invalid event type {attrs['type']!r}")
 
 
@@ -211,7 +218,8 @@ def decode(headers: Mapping[str, str] | None, body: bytes) -> Event:
         except orjson.JSONDecodeError as e:
             raise MalformedEvent(f"body is not JSON and no ce- headers are set: {e}") from e
         return Event.from_dict(raw)
-    attrs = {name: headers.get("ce-" + name) for name in ATTRIBUTES}
+    get = headers.get
+    attrs = {name: get(header) for name, header in _HEADERS}
     _require(attrs)
     if not body:
         data: Any = None
