@@ -29,7 +29,7 @@ async def open_test_store(url: str) -> Store:
 def counting_app(calls: Counter[str]) -> App:
     app = App("test")
 
-    @app.agent("counter", on="order.*", key="data.customer", emits=["order.counted"])
+    @app.agent("counter", on="order.placed", key="data.customer", emits=["order.counted"])
     async def count(event: Event, ctx: Context) -> dict[str, int]:
         calls[event.id] += 1
         seen = await ctx.state.get("seen", 0) + 1
