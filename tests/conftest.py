@@ -10,9 +10,11 @@ import sys
 import sysconfig
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import suppress
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 POSTGRES_URL = os.environ.get("TIDINGS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
@@ -103,3 +105,36 @@ def namespace() -> str:
 @pytest.fixture
 def postgres_url() -> str:
     return POSTGRES_URL
+
+
+STORE_BACKENDS = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+]
+
+
+def with_schema(url: str, schema: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}schema={schema}"
+
+
+async def drop_schema(postgres_url: str, schema: str) -> None:
+    # The test already failed if PostgreSQL is down; do not bury that under a second error.
+    with suppress(OSError, asyncpg.PostgresError):
+        conn = await asyncpg.connect(postgres_url, timeout=5)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+async def store_url(
+    request: pytest.FixtureRequest, tmp_path: Path, postgres_url: str
+) -> AsyncIterator[str]:
+    """A URL to an empty store of each backend (a fresh schema for PostgreSQL)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store' / 'tidings.db'}"
+        return
+    schema = "t" + uuid.uuid4().hex[:12]
+    yield with_schema(postgres_url, schema)
+    await drop_schema(postgres_url, schema)

@@ -34,12 +34,14 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
-def settings_for(nats_url: str, namespace: str, tmp_path: Path, **overrides: Any) -> Settings:
+def settings_for(
+    nats_url: str, namespace: str, tmp_path: Path, store_url: str | None = None, **overrides: Any
+) -> Settings:
     values: dict[str, Any] = {
         "bus": nats_url,
         "namespace": namespace,
         "home": str(tmp_path / "home"),
-        "store": f"sqlite:///{tmp_path / 'store.db'}",
+        "store": store_url or f"sqlite:///{tmp_path / 'store.db'}",
         "ack_wait": 5.0,
     }
     values.update(overrides)

@@ -82,10 +82,10 @@ async def assert_exactly_once(settings: Settings, total: int) -> None:
 
 
 async def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
-    nats_url: str, namespace: str, tmp_path: Path
+    nats_url: str, namespace: str, tmp_path: Path, store_url: str
 ) -> None:
     total = 3000
-    settings = settings_for(nats_url, namespace, tmp_path, ack_wait=2.0)
+    settings = settings_for(nats_url, namespace, tmp_path, store_url, ack_wait=2.0)
     rng = random.Random(os.environ.get("CHAOS_SEED", "7"))
     worker = start_worker(settings)
     publisher = asyncio.create_task(publish_ticks(settings, total))
@@ -112,10 +112,10 @@ async def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
 
 
 async def test_sigterm_under_load_acks_nothing_unfinished(
-    nats_url: str, namespace: str, tmp_path: Path
+    nats_url: str, namespace: str, tmp_path: Path, store_url: str
 ) -> None:
     total = 1500
-    settings = settings_for(nats_url, namespace, tmp_path, ack_wait=30.0)
+    settings = settings_for(nats_url, namespace, tmp_path, store_url, ack_wait=30.0)
     await publish_ticks(settings, total)
     worker = start_worker(settings)
 
@@ -146,7 +146,7 @@ async def test_sigterm_under_load_acks_nothing_unfinished(
 
 
 async def test_broker_restart_mid_stream_loses_nothing(
-    nats_server: NatsServer, namespace: str, tmp_path: Path
+    nats_server: NatsServer, namespace: str, tmp_path: Path, store_url: str
 ) -> None:
     app = App("test")
     seen: list[int] = []
@@ -156,7 +156,7 @@ async def test_broker_restart_mid_stream_loses_nothing(
         await ctx.state.set("done", True)
         seen.append(event.data["n"])
 
-    settings = settings_for(nats_server.url, namespace, tmp_path)
+    settings = settings_for(nats_server.url, namespace, tmp_path, store_url)
     async with running(app, settings):
         async with Client(settings) as client:
             for n in range(200):

@@ -41,11 +41,11 @@ def counting_app(calls: Counter[str]) -> App:
 
 
 async def test_duplicates_and_redeliveries_have_one_effect(
-    nats_url: str, namespace: str, tmp_path: Path
+    nats_url: str, namespace: str, tmp_path: Path, store_url: str
 ) -> None:
     calls: Counter[str] = Counter()
     app = counting_app(calls)
-    settings = settings_for(nats_url, namespace, tmp_path)
+    settings = settings_for(nats_url, namespace, tmp_path, store_url)
     app.settings = settings
     async with running(app, settings) as worker, Client(settings) as client:
         first = await client.publish("order.placed", {"customer": "c1"}, id="order-1")
@@ -69,9 +69,9 @@ async def test_duplicates_and_redeliveries_have_one_effect(
 
 
 async def test_explicit_id_publish_is_idempotent_after_the_dedupe_window(
-    nats_url: str, namespace: str, tmp_path: Path
+    nats_url: str, namespace: str, tmp_path: Path, store_url: str
 ) -> None:
-    settings = settings_for(nats_url, namespace, tmp_path, dedupe_window=1.0)
+    settings = settings_for(nats_url, namespace, tmp_path, store_url, dedupe_window=1.0)
     async with Client(settings) as client:
         await client.publish("order.placed", {"customer": "c1"}, id="late-dup")
         await asyncio.sleep(1.5)  # let the broker forget the id
@@ -81,7 +81,7 @@ async def test_explicit_id_publish_is_idempotent_after_the_dedupe_window(
 
 
 async def test_per_key_order_with_parallel_keys(
-    nats_url: str, namespace: str, tmp_path: Path
+    nats_url: str, namespace: str, tmp_path: Path, store_url: str
 ) -> None:
     app = App("test")
     running_now = 0
@@ -97,7 +97,7 @@ async def test_per_key_order_with_parallel_keys(
         order.setdefault(event.data["key"], []).append(event.data["n"])
         running_now -= 1
 
-    settings = settings_for(nats_url, namespace, tmp_path)
+    settings = settings_for(nats_url, namespace, tmp_path, store_url)
     async with running(app, settings), Client(settings) as client:
         for n in range(40):
             for key in ("a", "b", "c", "d"):
@@ -123,7 +123,7 @@ class CountingStore:
 
 
 async def test_filtered_events_touch_no_store(
-    nats_url: str, namespace: str, tmp_path: Path
+    nats_url: str, namespace: str, tmp_path: Path, store_url: str
 ) -> None:
     app = App("test")
     handled: list[float] = []
@@ -132,7 +132,7 @@ async def test_filtered_events_touch_no_store(
     async def big(event: Event, ctx: Context) -> None:
         handled.append(event.data["amount"])
 
-    settings = settings_for(nats_url, namespace, tmp_path)
+    settings = settings_for(nats_url, namespace, tmp_path, store_url)
     async with running(app, settings) as worker, Client(settings) as client:
         pipeline = worker.runners["big"].pipeline
         spy = CountingStore(pipeline.store)
@@ -152,7 +152,7 @@ async def test_filtered_events_touch_no_store(
 
 
 async def test_poison_input_is_dead_lettered_and_the_stream_keeps_flowing(
-    nats_url: str, namespace: str, tmp_path: Path
+    nats_url: str, namespace: str, tmp_path: Path, store_url: str
 ) -> None:
     app = App("test")
     attempts: Counter[str] = Counter()
@@ -165,7 +165,7 @@ async def test_poison_input_is_dead_lettered_and_the_stream_keeps_flowing(
             raise RuntimeError("this job always fails")
         good.append(event.id)
 
-    settings = settings_for(nats_url, namespace, tmp_path)
+    settings = settings_for(nats_url, namespace, tmp_path, store_url)
     subject = f"{namespace}.events.job.run"
     async with running(app, settings) as worker, Client(settings) as client:
         await publish_raw(nats_url, subject, b"\x00\x01 not json", {})
@@ -200,7 +200,7 @@ async def test_poison_input_is_dead_lettered_and_the_stream_keeps_flowing(
 
 
 async def test_policy_violations_and_schema_errors_are_not_retried(
-    nats_url: str, namespace: str, tmp_path: Path
+    nats_url: str, namespace: str, tmp_path: Path, store_url: str
 ) -> None:
     class Payment(BaseModel):
         customer_id: str
@@ -220,7 +220,7 @@ async def test_policy_violations_and_schema_errors_are_not_retried(
         calls[event.id] += 1
         typed.append(event.data)
 
-    settings = settings_for(nats_url, namespace, tmp_path)
+    settings = settings_for(nats_url, namespace, tmp_path, store_url)
     async with running(app, settings) as worker, Client(settings) as client:
         rogue_event = await client.publish("x.happened", {})
         bad = await client.publish("payment.made", {"customer_id": "c1", "amount": "lots"})
@@ -249,7 +249,7 @@ async def test_policy_violations_and_schema_errors_are_not_retried(
 
 
 async def test_a_slow_handler_keeps_its_delivery(
-    nats_url: str, namespace: str, tmp_path: Path
+    nats_url: str, namespace: str, tmp_path: Path, store_url: str
 ) -> None:
     app = App("test")
     calls: Counter[str] = Counter()
@@ -259,14 +259,16 @@ async def test_a_slow_handler_keeps_its_delivery(
         calls[event.id] += 1
         await asyncio.sleep(3.5)  # well past the 1 s ack wait
 
-    settings = settings_for(nats_url, namespace, tmp_path, ack_wait=1.0)
+    settings = settings_for(nats_url, namespace, tmp_path, store_url, ack_wait=1.0)
     async with running(app, settings) as worker, Client(settings) as client:
         event = await client.publish("slow.job", {})
         await eventually(lambda: worker.stats()["slow"].handled == 1, message="slow job")
     assert calls[event.id] == 1
 
 
-async def test_dead_letter_retry_reprocesses(nats_url: str, namespace: str, tmp_path: Path) -> None:
+async def test_dead_letter_retry_reprocesses(
+    nats_url: str, namespace: str, tmp_path: Path, store_url: str
+) -> None:
     app = App("test")
     healthy = False
     done: list[str] = []
@@ -281,7 +283,7 @@ async def test_dead_letter_retry_reprocesses(nats_url: str, namespace: str, tmp_
     async def bystander(event: Event, ctx: Context) -> None:
         done.append("bystander:" + event.id)
 
-    settings = settings_for(nats_url, namespace, tmp_path)
+    settings = settings_for(nats_url, namespace, tmp_path, store_url)
     async with running(app, settings) as worker, Client(settings) as client:
         event = await client.publish("job.run", {})
         await eventually(lambda: worker.stats()["flaky"].dead_lettered == 1, message="dead")
