@@ -15,12 +15,9 @@ import asyncio
 import os
 import random
 
-from rich.console import Console
-
 from tidings import App, Client, Context, Event
 
 app = App("shop")
-console = Console()
 
 COUNTRIES = ["DE", "FR", "NL", "ES", "IT"]
 
@@ -70,10 +67,10 @@ async def notify(event: Event, ctx: Context) -> dict[str, object]:
     flag = event.data
     alerts = await ctx.state.get("alerts", 0) + 1
     await ctx.state.set("alerts", alerts)
-    console.print(
-        f"[bold red]FRAUD[/] customer [bold]{flag['customer_id']}[/] "
-        f"amount {flag['amount']:>8.2f}  score {flag['score']:.2f}  "
-        f"({'; '.join(flag['reasons'])})  alert #{alerts} for this customer"
+    # Plain print: `tidings run` routes stdout around its live table.
+    print(
+        f"FRAUD customer {flag['customer_id']} amount {flag['amount']:>8.2f} "
+        f"score {flag['score']:.2f} ({'; '.join(flag['reasons'])}), alert #{alerts} for them"
     )
     return {"notified": "console", "alerts": alerts}
 

@@ -22,6 +22,23 @@ def configure_logging(level: str | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(name, logging.INFO)
         ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=_StderrLogger,
         cache_logger_on_first_use=True,
     )
+
+
+class _StderrLogger:
+    """Writes each line to whatever `sys.stderr` is *now*.
+
+    A live terminal display swaps `sys.stderr` for a proxy that keeps its redraws
+    intact; a logger bound to the original stream at start-up would scribble over them.
+    """
+
+    def __init__(self, *args: object) -> None:
+        pass
+
+    def msg(self, message: str) -> None:
+        """Write one rendered log line."""
+        print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg

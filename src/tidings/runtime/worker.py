@@ -214,16 +214,17 @@ class Worker:
         return {name: runner.pipeline.stats for name, runner in self.runners.items()}
 
     async def run_until_signalled(self, grace: float = 10.0) -> None:
-        """Start, wait for SIGINT/SIGTERM, then stop gracefully."""
+        """Start, wait for SIGINT/SIGTERM (or SIGHUP: the terminal went away), then stop."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        for sig in signals:
             loop.add_signal_handler(sig, stop.set)
         try:
             await self.start()
             await stop.wait()
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in signals:
                 loop.remove_signal_handler(sig)
             await self.stop(grace)
 
