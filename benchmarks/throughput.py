@@ -134,8 +134,9 @@ async def runtime_consumer(url: str, namespace: str, store: str, total: int) -> 
     """Events/s of a Tidings agent with the same filter and a trivial handler."""
     app = App("bench")
     handled = 0
+    name = "bench-" + uuid.uuid4().hex[:6]  # a fresh durable consumer reads from the start
 
-    @app.agent("bench", on="payment.>", where="data.amount > 1000")
+    @app.agent(name, on="payment.>", where="data.amount > 1000")
     async def bench(event: Event, ctx: Context) -> None:
         nonlocal handled
         handled += 1
@@ -144,7 +145,7 @@ async def runtime_consumer(url: str, namespace: str, store: str, total: int) -> 
     worker = Worker(app, settings)
     started = time.perf_counter()
     await worker.start()
-    stats = worker.stats()["bench"]
+    stats = worker.stats()[name]
     while stats.received < total or stats.handled + stats.duplicates < total // 10:
         await asyncio.sleep(0.01)
     elapsed = time.perf_counter() - started

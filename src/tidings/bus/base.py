@@ -28,7 +28,7 @@ contract suite in ``tests/contract/test_bus.py`` checks against a real server:
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,8 +136,11 @@ class Bus(abc.ABC):
         """Keep a copy of a failed message in the dead-letter place (guarantee 7)."""
 
     @abc.abstractmethod
-    def tail(self, patterns: Sequence[str], *, last: int = 0) -> AsyncIterator[RawMessage]:
-        """Follow new events matching `patterns`, starting with the `last` stored ones."""
+    def tail(self, patterns: Sequence[str], *, last: int = 0) -> AsyncGenerator[RawMessage, None]:
+        """Follow new events matching `patterns`, starting with the `last` stored ones.
+
+        Close it with `aclose()` so the backend can drop its temporary consumer.
+        """
 
     @abc.abstractmethod
     async def consumers(self) -> list[ConsumerInfo]:

@@ -22,7 +22,7 @@ import re
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -511,7 +511,7 @@ class NatsBus(Bus):
             with contextlib.suppress(Exception):
                 await delivery.nak(1.0)
 
-    def tail(self, patterns: Sequence[str], *, last: int = 0) -> AsyncIterator[RawMessage]:
+    def tail(self, patterns: Sequence[str], *, last: int = 0) -> AsyncGenerator[RawMessage, None]:
         """Follow matching events via an ordered ephemeral consumer; close it when done."""
         return _Tail(self, patterns, last).run()
 
@@ -596,7 +596,7 @@ class _Tail:
         self._next_cseq = 1
         self._next_sseq = 0
 
-    async def run(self) -> AsyncIterator[RawMessage]:
+    async def run(self) -> AsyncGenerator[RawMessage, None]:
         js = self._bus._js()
         try:
             state = (await js.stream_info(self._bus.events_stream)).state

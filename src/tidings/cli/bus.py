@@ -112,9 +112,7 @@ def tail(
                 if count is not None and seen >= count:
                     break
         finally:
-            close = getattr(messages, "aclose", None)
-            if close is not None:
-                await close()
+            await messages.aclose()
             await bus.close()
 
     execute(ctx, work, interrupt_code=0)  # Ctrl-C is how a tail normally ends
