@@ -433,6 +433,188 @@ async def test_racing_duplicates_of_one_event_commit_once(
     assert len(await store.list_decisions(event_id="e1")) == 1
 
 
+# -- group commit: concurrent commits share transactions --------------------------------
+
+
+def spy_commit_batches(store: Store) -> list[int]:
+    """Record how many commits each group-commit batch carried (backend internals).
+
+    Without this the batching tests would also pass on a store that commits one by one.
+    """
+    sizes: list[int] = []
+    batcher: Any = getattr(store, "_batcher" if isinstance(store, SqliteStore) else "_commits")
+    handle = batcher._handle
+
+    async def spy(items: list[Any]) -> Any:
+        sizes.append(sum(1 for i in items if getattr(i, "action", "commit") == "commit"))
+        return await handle(items)
+
+    batcher._handle = spy
+    return sizes
+
+
+async def assert_committed(store: Store, commit: Commit) -> None:
+    assert await store.is_processed(commit.agent, commit.event_id)
+    assert await store.get_decision(commit.decision.id) == commit.decision
+    assert await store.unpublished(commit.agent, commit.event_id) == commit.outbox
+
+
+async def test_concurrent_commits_each_get_their_own_outcome(
+    store: Store, make_store: StoreFactory
+) -> None:
+    """~200 commits at once: duplicates and stale versions fail alone, the rest is durable."""
+    done_before = [make_commit(f"old-{i}") for i in range(20)]
+    for i in range(20):
+        done_before.append(make_commit(f"old-s{i}", key=f"stale-{i}", state={"v": 1}))
+        done_before.append(make_commit(f"old-ok{i}", key=f"ok-{i}", state={"v": 1}))
+    for commit in done_before:
+        await store.commit(commit)
+
+    ok = [make_commit(f"new-{i}", outbox=[outbox_event()] * (i % 3 > 0)) for i in range(80)]
+    ok += [
+        make_commit(f"upd-{i}", key=f"ok-{i}", state={"v": 2}, expected_version=1)
+        for i in range(20)
+    ]
+    ok += [make_commit(f"ins-{i}", key=f"fresh-{i}", state={"v": 1}) for i in range(20)]
+    duplicates = [make_commit(f"old-{i}", outbox=[outbox_event()]) for i in range(20)]
+    stale = [
+        make_commit(f"stale-{i}", key=f"stale-{i}", state={"v": 9},
+                    expected_version=(0, 2)[i % 2], outbox=[outbox_event()])
+        for i in range(20)
+    ]  # fmt: skip
+    # Pairs inside the same burst: one event twice, or one state version raced twice.
+    twin_events = [
+        (make_commit(f"twin-{i}"), make_commit(f"twin-{i}", key=f"other-{i}", state={"v": 1}))
+        for i in range(10)
+    ]
+    twin_states = [
+        (make_commit(f"race-a{i}", key=f"race-{i}", state={"by": "a"}),
+         make_commit(f"race-b{i}", key=f"race-{i}", state={"by": "b"}))
+        for i in range(10)
+    ]  # fmt: skip
+    twins = [c for pair in twin_events + twin_states for c in pair]
+    everything = ok + duplicates + stale + twins
+    sizes = spy_commit_batches(store)
+
+    results = await asyncio.gather(*(store.commit(c) for c in everything), return_exceptions=True)
+
+    assert max(sizes) > 1, sizes  # they were batched...
+    assert sum(sizes) >= len(everything)  # ...and every commit went out
+    outcome = dict(zip((id(c) for c in everything), results, strict=True))
+    assert all(outcome[id(c)] is None for c in ok), [outcome[id(c)] for c in ok]
+    assert all(isinstance(outcome[id(c)], AlreadyProcessed) for c in duplicates)
+    assert all(isinstance(outcome[id(c)], StateConflict) for c in stale)
+    twin_winners = []
+    for first, second in twin_events:
+        kinds = sorted(type(outcome[id(c)]).__name__ for c in (first, second))
+        assert kinds == ["AlreadyProcessed", "NoneType"], kinds
+        twin_winners.append(first if outcome[id(first)] is None else second)
+    for first, second in twin_states:
+        kinds = sorted(type(outcome[id(c)]).__name__ for c in (first, second))
+        assert kinds == ["NoneType", "StateConflict"], kinds
+        twin_winners.append(first if outcome[id(first)] is None else second)
+
+    # Durable: check from a fresh connection after the committing store is closed.
+    await store.close()
+    other = await make_store()
+    for commit in ok + twin_winners:
+        await assert_committed(other, commit)
+    for commit in stale:
+        await assert_nothing_written(other, commit)
+    for commit in duplicates:
+        assert await other.get_decision(commit.decision.id) is None
+        assert await other.unpublished(AGENT, commit.event_id) == []
+    for commit in twins:
+        if commit not in twin_winners:
+            assert await other.get_decision(commit.decision.id) is None
+    for i in range(20):
+        for key, values, version in [
+            (f"ok-{i}", {"v": 2}, 2), (f"stale-{i}", {"v": 1}, 1), (f"fresh-{i}", {"v": 1}, 1),
+        ]:  # fmt: skip
+            snapshot = await other.load_state(AGENT, key)
+            assert (snapshot.values, snapshot.version) == (values, version), key
+    for i, (_, second) in enumerate(twin_events):
+        written = (await other.load_state(AGENT, f"other-{i}")).version
+        assert written == (1 if second in twin_winners else 0)
+    for i in range(10):
+        snapshot = await other.load_state(AGENT, f"race-{i}")
+        winner = twin_winners[len(twin_events) + i]
+        assert (snapshot.values, snapshot.version) == (winner.state, 1)
+
+
+async def test_a_broken_commit_rolls_back_alone_in_its_batch(
+    store: Store, make_store: StoreFactory
+) -> None:
+    """Failures other than duplicates and stale versions still cost only their own commit."""
+    await store.commit(make_commit("e0", key="k", state={"n": 1}, outbox=[taken := outbox_event()]))
+    reused = make_commit("reused", key="k-reused", state={"n": 1})
+    await store.add_decision(reused.decision)
+    duplicate_event = outbox_event()
+    broken = [
+        make_commit("outbox-taken", key="k-taken", state={"n": 1}, outbox=[taken]),
+        make_commit("outbox-twice", key="k-twice", state={"n": 1},
+                    outbox=[duplicate_event, duplicate_event]),
+        reused,
+    ]  # fmt: skip
+    ok = [make_commit(f"ok-{i}", key=f"k{i}", state={"n": i}, outbox=[outbox_event()])
+          for i in range(30)]  # fmt: skip
+    ok.append(make_commit("upd", key="k", state={"n": 2}, expected_version=1))
+    duplicate = make_commit("e0", key="k-dup", state={"n": 1})
+    stale = make_commit("stale", key="k", state={"n": 3}, expected_version=7)
+    everything = [*ok[:10], *broken, *ok[10:20], duplicate, stale, *ok[20:]]
+    sizes = spy_commit_batches(store)
+
+    results = await asyncio.gather(*(store.commit(c) for c in everything), return_exceptions=True)
+
+    assert max(sizes) > 1, sizes
+    outcome = dict(zip((id(c) for c in everything), results, strict=True))
+    for commit in broken:
+        error = outcome[id(commit)]
+        assert isinstance(error, StoreError), error
+        assert not isinstance(error, (AlreadyProcessed, StateConflict)), error
+    assert isinstance(outcome[id(duplicate)], AlreadyProcessed)
+    assert isinstance(outcome[id(stale)], StateConflict)
+    assert [outcome[id(c)] for c in ok] == [None] * len(ok)
+
+    other = await make_store()
+    for commit in ok:
+        await assert_committed(other, commit)
+    for commit in [*broken[:2], stale]:
+        await assert_nothing_written(other, commit)
+    assert not await other.is_processed(AGENT, "reused")
+    for key in ("k-taken", "k-twice", "k-reused", "k-dup"):
+        assert (await other.load_state(AGENT, key)).version == 0, key
+    snapshot = await other.load_state(AGENT, "k")
+    assert (snapshot.values, snapshot.version) == ({"n": 2}, 2)
+    # the store is still usable afterwards
+    await store.commit(make_commit("after", key="k", state={"n": 3}, expected_version=2))
+    assert (await other.load_state(AGENT, "k")).version == 3
+
+
+async def test_concurrent_lookups_each_get_their_own_answer(store: Store) -> None:
+    for i in range(0, 100, 2):
+        await store.commit(make_commit(f"e{i}", key=f"k{i}", state={"i": i}))
+    processed = await asyncio.gather(*(store.is_processed(AGENT, f"e{i}") for i in range(100)))
+    assert processed == [i % 2 == 0 for i in range(100)]
+    snapshots = await asyncio.gather(*(store.load_state(AGENT, f"k{i}") for i in range(100)))
+    assert [(s.values, s.version) for s in snapshots] == [
+        ({"i": i}, 1) if i % 2 == 0 else ({}, 0) for i in range(100)
+    ]
+
+
+async def test_close_finishes_queued_commits(store: Store, make_store: StoreFactory) -> None:
+    commits = [make_commit(f"e{i}", key=f"k{i}", state={"i": i}) for i in range(50)]
+    pending = [asyncio.create_task(store.commit(c)) for c in commits]
+    await asyncio.sleep(0)  # all of them are queued now
+    await store.close()
+    assert await asyncio.gather(*pending) == [None] * len(commits)
+    with pytest.raises(StoreError, match="open"):
+        await store.commit(make_commit("late"))
+    other = await make_store()
+    for commit in commits:
+        await assert_committed(other, commit)
+
+
 # -- 5. outbox ----------------------------------------------------------------------------
 
 

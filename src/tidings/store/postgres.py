@@ -5,6 +5,12 @@ deployments and test runs can share one database without seeing each other. Race
 between processes are settled by the database: concurrent commits on one (agent, key)
 serialize on the row (READ COMMITTED re-checks ``version`` after the first one commits),
 and migrations run under a transaction-scoped advisory lock.
+
+The hot path is batched (`Batcher`): concurrent `commit()` calls of one store object go
+out together as ONE statement, which PostgreSQL runs as one transaction with one WAL
+flush (group commit, see `_COMMIT_BATCH`; a lone commit uses plain statements), and
+concurrent `is_processed()` and `load_state()` calls each share one query. Each caller
+still gets its own outcome.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, TypeAlias
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -26,6 +33,7 @@ from tidings.store.migrations import (
     MIGRATIONS_TABLE,
     MIN_PREFIX,
     PRUNED,
+    Batcher,
     Migration,
     as_utc,
     decision_from_json,
@@ -45,6 +53,13 @@ if TYPE_CHECKING:
 
 POOL_MAX = 10  # connections per store object; a worker rarely has more commits in flight
 CONNECT_TIMEOUT_S = 10.0
+# Group commit: commits per statement, and statements in flight at once. One: commits that
+# arrive while a batch is being written wait and go together in the next one, which is
+# what makes batches grow with load (a second flusher would mostly send lone commits).
+COMMIT_BATCH_MAX = 256
+COMMITS_IN_FLIGHT = 1
+READ_BATCH_MAX = 512  # lookups per is_processed / load_state query
+READS_IN_FLIGHT = 2  # per kind of lookup; reads are one cheap round trip either way
 
 # Ids are compared byte-wise (COLLATE "C") so a prefix lookup is an index range scan.
 MIGRATIONS: tuple[Migration, ...] = (
@@ -131,6 +146,19 @@ class PostgresStore(Store):
         self._dsn, self.schema = split_url(url)
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._open_lock = asyncio.Lock()
+        self._closing = False
+        self._commits: Batcher[_CommitRows, None] = Batcher(
+            self._commit_batch,
+            max_batch=COMMIT_BATCH_MAX,
+            max_in_flight=COMMITS_IN_FLIGHT,
+            claims=_CommitRows.claims,
+        )
+        self._processed: Batcher[tuple[str, str], bool] = Batcher(
+            self._is_processed_batch, max_batch=READ_BATCH_MAX, max_in_flight=READS_IN_FLIGHT
+        )
+        self._states: Batcher[tuple[str, str], StateSnapshot] = Batcher(
+            self._load_state_batch, max_batch=READ_BATCH_MAX, max_in_flight=READS_IN_FLIGHT
+        )
 
     # -- connection and transactions ------------------------------------------------
 
@@ -149,6 +177,7 @@ class PostgresStore(Store):
                 max_size=POOL_MAX,
                 timeout=CONNECT_TIMEOUT_S,
                 server_settings=settings,
+                reset=_keep_session,
             )
         except (*_DRIVER_ERRORS, ValueError) as e:
             raise StoreError(
@@ -204,20 +233,31 @@ class PostgresStore(Store):
             )
 
     async def close(self) -> None:
-        """Close the pool, waiting for borrowed connections; closing twice is harmless."""
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            await pool.close()
+        """Finish queued requests, then close the pool; closing twice is harmless."""
+        async with self._open_lock:
+            if self._pool is not None:
+                pool, self._closing = self._pool, True  # refuse new requests
+                try:
+                    for batcher in (self._commits, self._processed, self._states):
+                        await batcher.wait_idle()
+                finally:
+                    self._pool, self._closing = None, False
+                    await pool.close()
+
+    def _require(self, *, accepting: bool = False) -> asyncpg.Pool[asyncpg.Record]:
+        """The pool; with `accepting`, refuse also while close() drains the batchers."""
+        if self._pool is None or (accepting and self._closing):
+            raise StoreError(
+                f"the PostgreSQL store {redact(self.url)} is not open: call open() first"
+            )
+        return self._pool
 
     @asynccontextmanager
     async def _conn(self, action: str, transaction: bool = False) -> AsyncIterator[_Connection]:
         """A pooled connection, optionally in a transaction, with driver errors translated."""
-        if self._pool is None:
-            raise StoreError(
-                f"the PostgreSQL store {redact(self.url)} is not open: call open() first"
-            )
+        pool = self._require()
         try:
-            async with self._pool.acquire() as conn:
+            async with pool.acquire() as conn:
                 if not transaction:
                     yield conn
                     return
@@ -239,78 +279,138 @@ class PostgresStore(Store):
 
     async def load_state(self, agent: str, key: str) -> StateSnapshot:
         """The memory of (agent, key) and its version; empty with version 0 if unwritten."""
+        self._require(accepting=True)
+        return await self._states.submit((agent, key))
+
+    async def _load_state_batch(self, lookups: list[tuple[str, str]]) -> list[StateSnapshot]:
         async with self._conn("load_state") as conn:
-            row = await conn.fetchrow(
-                "SELECT data, version FROM tidings_state WHERE agent = $1 AND key = $2", agent, key
+            if len(lookups) == 1:  # see _LONE_LOOKUP
+                row = await conn.fetchrow(
+                    "SELECT data, version FROM tidings_state WHERE agent = $1 AND key = $2",
+                    *lookups[0],
+                )
+                return [StateSnapshot({}, 0) if row is None else _snapshot(row[0], row[1])]
+            rows = await conn.fetch(
+                "SELECT q.n, s.data, s.version"
+                " FROM unnest($1::int[], $2::text[], $3::text[]) AS q(n, agent, key)"
+                " JOIN tidings_state s ON s.agent = q.agent AND s.key = q.key",
+                list(range(len(lookups))),
+                [agent for agent, _ in lookups],
+                [key for _, key in lookups],
             )
-        return StateSnapshot({}, 0) if row is None else StateSnapshot(loads(row[0]), int(row[1]))
+        found = {int(r[0]): _snapshot(r[1], r[2]) for r in rows}
+        return [found.get(n, StateSnapshot({}, 0)) for n in range(len(lookups))]
 
     async def is_processed(self, agent: str, event_id: str) -> bool:
         """Whether (agent, event id) was committed."""
+        self._require(accepting=True)
+        return await self._processed.submit((agent, event_id))
+
+    async def _is_processed_batch(self, lookups: list[tuple[str, str]]) -> list[bool]:
         async with self._conn("is_processed") as conn:
-            found = await conn.fetchval(
-                "SELECT 1 FROM tidings_inbox WHERE agent = $1 AND event_id = $2", agent, event_id
+            if len(lookups) == 1:  # see _LONE_LOOKUP
+                found = await conn.fetchval(
+                    "SELECT 1 FROM tidings_inbox WHERE agent = $1 AND event_id = $2", *lookups[0]
+                )
+                return [found is not None]
+            rows = await conn.fetch(
+                "SELECT q.n FROM unnest($1::int[], $2::text[], $3::text[]) AS q(n, agent, event_id)"
+                " WHERE EXISTS (SELECT 1 FROM tidings_inbox i"
+                " WHERE i.agent = q.agent AND i.event_id = q.event_id)",
+                list(range(len(lookups))),
+                [agent for agent, _ in lookups],
+                [event_id for _, event_id in lookups],
             )
-        return found is not None
+        processed = {int(r[0]) for r in rows}
+        return [n in processed for n in range(len(lookups))]
 
     async def commit(self, commit: Commit) -> None:
-        """Marker, state, decision and outbox in one transaction."""
+        """Marker, state, decision and outbox in one transaction, shared with other commits."""
+        self._require(accepting=True)
         # Encode first: a value that cannot be stored fails before anything is written.
-        decision_json = decision_to_json(commit.decision)
-        state_json = None
+        state = None
         if commit.state is not None:
-            state_json = dumps(commit.state, f"state of agent {commit.agent!r} key {commit.key!r}")
+            state = dumps(commit.state, f"state of agent {commit.agent!r} key {commit.key!r}")
+        rows = _CommitRows(
+            commit=commit,
+            state=state,
+            decision=decision_to_json(commit.decision),
+            headers=[dumps(e.headers, f"headers of event {e.event_id}") for e in commit.outbox],
+        )
+        await self._commits.submit(rows)
+
+    async def _commit_batch(self, batch: list[_CommitRows]) -> list[BaseException | None]:
+        """Write a batch of commits: one statement, else one savepoint per commit.
+
+        The fast path is `_COMMIT_BATCH`, one autocommitted statement: one round trip and
+        one WAL flush for the whole batch. It fails as a whole only on what it cannot sort
+        out per commit (an id used twice, a duplicate committed by another worker while it
+        ran); then the batch is redone in one transaction with each commit in its own
+        savepoint (`_commit_one`), so only the culprit fails. A lone commit skips the
+        statement: its executor start-up costs more than the few round trips of plain
+        statements.
+        """
+        pool = self._require()
         now = utc_now()
-        outbox = [
-            (e.event_id, commit.agent, commit.event_id, position, e.event_type,
-             dumps(e.headers, f"headers of event {e.event_id}"), e.body, now)
-            for position, e in enumerate(commit.outbox)
-        ]  # fmt: skip
-        async with self._conn("commit", transaction=True) as conn:
-            marked = await conn.execute(
-                "INSERT INTO tidings_inbox (agent, event_id, processed_at) VALUES ($1, $2, $3)"
-                " ON CONFLICT DO NOTHING",
-                commit.agent,
-                commit.event_id,
-                now,
-            )
-            if _rowcount(marked) == 0:
-                raise AlreadyProcessed(
-                    f"agent {commit.agent!r} already committed event {commit.event_id}"
-                )
-            if state_json is not None:
-                if commit.expected_version == 0:
-                    status = await conn.execute(
-                        "INSERT INTO tidings_state (agent, key, data, version, updated_at)"
-                        " VALUES ($1, $2, $3, 1, $4) ON CONFLICT DO NOTHING",
-                        commit.agent,
-                        commit.key,
-                        state_json,
-                        now,
-                    )
-                else:
-                    status = await conn.execute(
-                        "UPDATE tidings_state SET data = $1, version = version + 1,"
-                        " updated_at = $2 WHERE agent = $3 AND key = $4 AND version = $5",
-                        state_json,
-                        now,
-                        commit.agent,
-                        commit.key,
-                        commit.expected_version,
-                    )
-                if _rowcount(status) == 0:
-                    raise StateConflict(
-                        f"state of agent {commit.agent!r} key {commit.key!r} changed since it"
-                        f" was read at version {commit.expected_version}; the event is retried"
-                    )
-            await _insert_decision(conn, commit.decision, decision_json, now)
-            if outbox:
-                await conn.executemany(
-                    "INSERT INTO tidings_outbox (event_id, agent, source_event_id, position,"
-                    " event_type, headers, body, created_at)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                    outbox,
-                )
+        results: list[BaseException | None] = [None] * len(batch)
+        if len(batch) > 1:
+            try:
+                async with pool.acquire() as conn:
+                    fresh, done = await _commit_batch_statement(conn, batch, now)
+            except asyncpg.PostgresConnectionError as e:
+                return self._batch_failed(batch, e)
+            except asyncpg.PostgresError:
+                pass  # nothing was written: isolate the culprit below
+            except (asyncpg.InterfaceError, OSError, TimeoutError) as e:
+                return self._batch_failed(batch, e)
+            else:
+                for n, rows in enumerate(batch):
+                    if n not in fresh:
+                        results[n] = _already_processed(rows.commit)
+                    elif n not in done:
+                        results[n] = _state_conflict(rows.commit)
+                return results
+        try:
+            async with pool.acquire() as conn:
+                if len(batch) == 1:
+                    return [await self._commit_one(conn, batch[0], now)]
+                async with conn.transaction():
+                    for n in _lock_order(batch):
+                        results[n] = await self._commit_one(conn, batch[n], now)
+        except _DRIVER_ERRORS as e:
+            return self._batch_failed(batch, e)
+        return results
+
+    async def _commit_one(
+        self, conn: _Connection, rows: _CommitRows, now: datetime
+    ) -> BaseException | None:
+        """One commit in its own transaction, or its own savepoint inside the caller's."""
+        try:
+            async with conn.transaction():
+                await _write_commit(conn, rows, now)
+        except (AlreadyProcessed, StateConflict) as e:
+            return e
+        except asyncpg.TransactionRollbackError as e:
+            # Deadlock or serialization failure: nothing was written, a retry can succeed.
+            error = StateConflict(f"PostgreSQL commit lost a race and was rolled back: {e}")
+            error.__cause__ = e
+            return error
+        except asyncpg.PostgresError as e:
+            if isinstance(e, asyncpg.PostgresConnectionError):
+                raise  # the whole batch is lost
+            return self._failed("commit", e)
+        return None
+
+    def _failed(self, action: str, e: BaseException) -> StoreError:
+        error = StoreError(f"PostgreSQL store {redact(self.url)}: {action} failed: {e}")
+        error.__cause__ = e
+        return error
+
+    def _batch_failed(
+        self, batch: list[_CommitRows], e: BaseException
+    ) -> list[BaseException | None]:
+        # One exception object per caller: each is raised, and so changed, separately.
+        return [self._failed("commit", e) for _ in batch]
 
     async def unpublished(self, agent: str, event_id: str) -> list[OutboxEvent]:
         """Events emitted while handling (agent, event id), in emit order, not yet published."""
@@ -452,6 +552,15 @@ class PostgresStore(Store):
 # -- helpers ------------------------------------------------------------------------------
 
 
+# _LONE_LOOKUP: a batch of one lookup uses the plain query. PostgreSQL plans the unnest
+# form anew for every execution (its cached generic plan looks dearer than a plan for the
+# actual array), which costs more than the lookup itself when there is nothing to share.
+
+
+def _snapshot(data: str, version: int) -> StateSnapshot:
+    return StateSnapshot(loads(data), int(version))
+
+
 def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
@@ -459,6 +568,214 @@ def _quote(identifier: str) -> str:
 def _rowcount(status: str) -> int:
     """Rows affected, from a command tag such as ``INSERT 0 1`` or ``UPDATE 3``."""
     return int(status.rsplit(" ", 1)[-1])
+
+
+async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """Pool reset hook that sends nothing: the store never changes session state.
+
+    asyncpg's default runs ``RESET ALL``, ``UNLISTEN *`` and more on every release, a round
+    trip per operation; open transactions are still rolled back by asyncpg itself.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class _CommitRows:
+    """A `Commit` with its JSON encoded in the caller, so bad values fail before writing."""
+
+    commit: Commit
+    state: str | None
+    decision: str
+    headers: list[str]  # per outbox event
+
+    def claims(self) -> tuple[tuple[str, str, str], ...]:
+        """What no other commit in the same statement may touch (see `Batcher`).
+
+        One statement cannot tell which of two commits on one marker or one state row won,
+        so the second goes in a later statement, where the database settles it as it
+        settles commits from two workers.
+        """
+        c = self.commit
+        marker = ("marker", c.agent, c.event_id)
+        return (marker, ("state", c.agent, c.key)) if self.state is not None else (marker,)
+
+
+# Group commit in one statement. Data-modifying CTEs cannot see each other's rows, so the
+# order is explicit: `fresh` drops events already processed (AlreadyProcessed), `written`
+# applies the optimistic state writes, `done` is every commit whose state write worked or
+# that had none, and only those get their marker, decision and outbox rows. A commit left
+# out of `done` wrote nothing at all (StateConflict). The marker is inserted without ON
+# CONFLICT: should a duplicate be committed by another worker while this statement runs,
+# the statement fails as a whole and the batch is redone per commit.
+#
+# `written` is one upsert so that every state row is locked in one pass, in the order the
+# rows come (sorted by key): a first write (expected version 0) inserts version 1, any
+# other write lands on the existing row and updates it only if its version is the one
+# expected, i.e. the new version minus one (existing rows only: a missing row is stale).
+_COMMIT_BATCH = """
+WITH batch AS (
+    SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $6::bigint[])
+        AS b(n, agent, event_id, key, state, expected)
+), fresh AS (
+    SELECT * FROM batch b WHERE NOT EXISTS (
+        SELECT 1 FROM tidings_inbox i WHERE i.agent = b.agent AND i.event_id = b.event_id)
+), written AS (
+    INSERT INTO tidings_state AS s (agent, key, data, version, updated_at)
+    SELECT agent, key, state::json, expected + 1, $18 FROM fresh f
+    WHERE state IS NOT NULL AND (expected = 0 OR EXISTS (
+        SELECT 1 FROM tidings_state x WHERE x.agent = f.agent AND x.key = f.key))
+    ON CONFLICT (agent, key) DO UPDATE
+    SET data = excluded.data, version = excluded.version, updated_at = excluded.updated_at
+    WHERE s.version = excluded.version - 1
+    RETURNING agent, key
+), done AS (
+    SELECT n FROM fresh WHERE state IS NULL
+    UNION ALL SELECT f.n FROM written w JOIN fresh f ON f.agent = w.agent AND f.key = w.key
+        WHERE f.state IS NOT NULL
+), marked AS (
+    INSERT INTO tidings_inbox (agent, event_id, processed_at)
+    SELECT agent, event_id, $18 FROM fresh WHERE n IN (SELECT n FROM done)
+), decided AS (
+    INSERT INTO tidings_decisions (id, agent, event_id, correlation_id, created_at, record)
+    SELECT id, agent, event_id, correlation_id, $18, record::json
+    FROM unnest($1::int[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])
+        AS d(n, id, agent, event_id, correlation_id, record)
+    WHERE n IN (SELECT n FROM done)
+), emitted AS (
+    INSERT INTO tidings_outbox (event_id, agent, source_event_id, position, event_type,
+                                headers, body, created_at)
+    SELECT o.event_id, b.agent, b.event_id, o.position, o.event_type, o.headers::json,
+           o.body, $18
+    FROM unnest($12::int[], $13::text[], $14::int[], $15::text[], $16::text[],
+                $17::bytea[]) AS o(n, event_id, position, event_type, headers, body)
+    JOIN batch b ON b.n = o.n
+    WHERE o.n IN (SELECT n FROM done)
+)
+SELECT (SELECT array_agg(n) FROM fresh), (SELECT array_agg(n) FROM done)
+"""
+
+
+def _lock_order(batch: list[_CommitRows]) -> list[int]:
+    """Positions in `batch` sorted by state row, then event.
+
+    Every batch of every worker locks rows in this one order, so concurrent batches wait
+    for each other but do not deadlock.
+    """
+    return sorted(
+        range(len(batch)),
+        key=lambda n: (batch[n].commit.agent, batch[n].commit.key, batch[n].commit.event_id),
+    )
+
+
+async def _commit_batch_statement(
+    conn: _Connection, batch: list[_CommitRows], now: datetime
+) -> tuple[set[int], set[int]]:
+    """Run `_COMMIT_BATCH`: which commits were not yet processed, and which were written.
+
+    Rows go in `_lock_order`; `n` keeps each row's place in `batch`.
+    """
+    order = _lock_order(batch)
+    commits = [batch[n].commit for n in order]
+    decisions = [c.decision for c in commits]
+    outbox = [
+        (n, event, position, headers)
+        for n in order
+        for position, (event, headers) in enumerate(
+            zip(batch[n].commit.outbox, batch[n].headers, strict=True)
+        )
+    ]
+    row = await conn.fetchrow(
+        _COMMIT_BATCH,
+        order,
+        [c.agent for c in commits],
+        [c.event_id for c in commits],
+        [c.key for c in commits],
+        [batch[n].state for n in order],
+        [c.expected_version for c in commits],
+        [d.id for d in decisions],
+        [d.agent for d in decisions],
+        [d.event_id for d in decisions],
+        [d.correlation_id for d in decisions],
+        [batch[n].decision for n in order],
+        [n for n, _, _, _ in outbox],
+        [event.event_id for _, event, _, _ in outbox],
+        [position for _, _, position, _ in outbox],
+        [event.event_type for _, event, _, _ in outbox],
+        [headers for _, _, _, headers in outbox],
+        [event.body for _, event, _, _ in outbox],
+        now,
+    )
+    assert row is not None
+    return set(row[0] or ()), set(row[1] or ())
+
+
+async def _write_commit(conn: _Connection, rows: _CommitRows, now: datetime) -> None:
+    """One commit, statement by statement, in the caller's transaction or savepoint.
+
+    Rows are locked in the order `_COMMIT_BATCH` locks them, the state row before the
+    marker, so that a lone commit and a batch from another worker cannot deadlock; the
+    look at the marker first still reports a duplicate before a stale version.
+    """
+    commit = rows.commit
+    if rows.state is not None:
+        if await conn.fetchval(
+            "SELECT 1 FROM tidings_inbox WHERE agent = $1 AND event_id = $2",
+            commit.agent,
+            commit.event_id,
+        ):
+            raise _already_processed(commit)
+        if commit.expected_version == 0:
+            status = await conn.execute(
+                "INSERT INTO tidings_state (agent, key, data, version, updated_at)"
+                " VALUES ($1, $2, $3, 1, $4) ON CONFLICT DO NOTHING",
+                commit.agent,
+                commit.key,
+                rows.state,
+                now,
+            )
+        else:
+            status = await conn.execute(
+                "UPDATE tidings_state SET data = $1, version = version + 1,"
+                " updated_at = $2 WHERE agent = $3 AND key = $4 AND version = $5",
+                rows.state,
+                now,
+                commit.agent,
+                commit.key,
+                commit.expected_version,
+            )
+        if _rowcount(status) == 0:
+            raise _state_conflict(commit)
+    marked = await conn.execute(
+        "INSERT INTO tidings_inbox (agent, event_id, processed_at) VALUES ($1, $2, $3)"
+        " ON CONFLICT DO NOTHING",
+        commit.agent,
+        commit.event_id,
+        now,
+    )
+    if _rowcount(marked) == 0:  # committed by another worker meanwhile
+        raise _already_processed(commit)
+    await _insert_decision(conn, commit.decision, rows.decision, now)
+    outbox = [
+        (e.event_id, commit.agent, commit.event_id, position, e.event_type, headers, e.body, now)
+        for position, (e, headers) in enumerate(zip(commit.outbox, rows.headers, strict=True))
+    ]
+    if outbox:
+        await conn.executemany(
+            "INSERT INTO tidings_outbox (event_id, agent, source_event_id, position,"
+            " event_type, headers, body, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            outbox,
+        )
+
+
+def _already_processed(commit: Commit) -> AlreadyProcessed:
+    return AlreadyProcessed(f"agent {commit.agent!r} already committed event {commit.event_id}")
+
+
+def _state_conflict(commit: Commit) -> StateConflict:
+    return StateConflict(
+        f"state of agent {commit.agent!r} key {commit.key!r} changed since it"
+        f" was read at version {commit.expected_version}; the event is retried"
+    )
 
 
 async def _insert_decision(

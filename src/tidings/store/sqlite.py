@@ -3,22 +3,29 @@
 Concurrency model: WAL lets readers run beside one writer; every write takes the file's
 write lock up front with ``BEGIN IMMEDIATE`` (a deferred transaction that later upgrades
 can fail with SQLITE_BUSY without waiting), and ``busy_timeout`` makes a process wait for
-the lock that another process holds instead of failing. Inside a process one connection is
-shared, so an asyncio lock serializes all use of it: without it a read could see the
-uncommitted half of a commit running on the same connection.
+the lock that another process holds instead of failing.
+
+Inside a process one `sqlite3` connection is owned by one dedicated thread, and every
+operation runs there whole, as plain blocking code: one thread hop per operation instead
+of one per statement, and no reader can ever see the uncommitted half of a write because
+nothing else runs on that thread meanwhile. On top of that, requests that arrive while the
+thread is busy are batched (`Batcher`): the next hop serves all of them, and all their
+writes share one transaction (group commit, see `SqliteStore._write_group`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, suppress
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
-from typing import Any
-
-import aiosqlite
+from typing import Any, TypeVar, cast
 
 from tidings.errors import AlreadyProcessed, ConfigError, StateConflict, StoreError
 from tidings.store.base import Store
@@ -27,6 +34,7 @@ from tidings.store.migrations import (
     MIGRATIONS_TABLE,
     MIN_PREFIX,
     PRUNED,
+    Batcher,
     Migration,
     decision_from_json,
     decision_to_json,
@@ -43,6 +51,10 @@ from tidings.store.records import Commit, DeadLetter, Decision, OutboxEvent, Sta
 BUSY_TIMEOUT_S = 30.0  # how long a writer waits for another process's write lock
 PRUNE_BATCH = 5000  # rows per prune transaction, so workers never wait long for the lock
 _IN_CHUNK = 500  # ids per IN (...) list, well under SQLite's bound-parameter limit
+# Requests per thread hop: bounds how long one write transaction holds the file's lock.
+MAX_BATCH = 512
+
+_T = TypeVar("_T")
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -97,216 +109,267 @@ def database_path(url: str) -> str:
     return url[len(prefix) :].split("?", 1)[0]
 
 
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """One store operation as blocking code, to run on the store's thread."""
+
+    action: str  # for error messages
+    run: Callable[[sqlite3.Connection], Any]
+    write: bool  # shares the batch's write transaction; else a read, run outside it
+
+
+@dataclass(frozen=True, slots=True)
+class _CommitRows:
+    """A `Commit` encoded to rows in the caller, so bad values fail before any write."""
+
+    agent: str
+    event_id: str
+    key: str
+    expected_version: int
+    state: str | None
+    decision: tuple[str, str, str, str | None, str, str]
+    outbox: list[tuple[str, str, str, int, str, str, bytes, str]]
+    now: str
+
+
 class SqliteStore(Store):
     """A `Store` in one SQLite file; several processes may open the same file."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.path = database_path(url)
-        self._db: aiosqlite.Connection | None = None
-        self._lock = asyncio.Lock()
+        self._db: sqlite3.Connection | None = None  # used on the store thread only
+        self._thread: ThreadPoolExecutor | None = None
+        self._closing = False
+        self._lock = asyncio.Lock()  # serializes open() and close()
+        self._batcher: Batcher[_Job, Any] = Batcher(self._run_batch, max_batch=MAX_BATCH)
 
-    # -- connection and transactions ------------------------------------------------
+    # -- the store thread -------------------------------------------------------------
 
     async def open(self) -> None:
         """Open the file (creating it and its folder) and apply pending migrations."""
         async with self._lock:
-            if self._db is not None:
+            if self._thread is not None:
                 return
+            thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidings-sqlite")
             try:
-                if self.path != ":memory:":
-                    Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-                # isolation_level=None: we issue BEGIN/COMMIT ourselves, sqlite3 must not.
-                db = await aiosqlite.connect(
-                    self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None
-                )
-            except (OSError, sqlite3.Error) as e:
-                raise StoreError(
-                    f"cannot open the SQLite store {self.path}: {e}; check TIDINGS_STORE and"
-                    " that its folder is writable"
-                ) from e
-            try:
-                await db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-                await _enable_wal(db)
-                # NORMAL in WAL mode fsyncs at checkpoints, not at every commit: a crash of
-                # the process loses nothing and the file never corrupts; only a power cut or
-                # OS crash can drop the last commits. Syncing each commit would cap the whole
-                # host at the disk's flush rate; deployments that need power-loss durability
-                # should use PostgreSQL.
-                await db.execute("PRAGMA synchronous = NORMAL")
-                await self._migrate(db)
-            except BaseException as e:
-                await db.close()
-                if isinstance(e, sqlite3.Error):
-                    raise _error("open", self.path, e) from e
+                # The connection is made on the thread that will use it, and only there.
+                self._db = await asyncio.get_running_loop().run_in_executor(thread, self._open_sync)
+            except BaseException:
+                thread.shutdown(wait=False)
                 raise
-            self._db = db
+            self._thread, self._closing = thread, False
 
-    async def _migrate(self, db: aiosqlite.Connection) -> None:
-        # BEGIN IMMEDIATE: processes opening a fresh file at once check and migrate one
-        # after another, so each migration runs exactly once.
-        await db.execute("BEGIN IMMEDIATE")
+    def _open_sync(self) -> sqlite3.Connection:
         try:
-            await db.execute(
-                f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE}"
-                " (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
-            )
-            applied = await _scalar(db, f"SELECT coalesce(max(version), 0) FROM {MIGRATIONS_TABLE}")
-            for migration in pending(MIGRATIONS, int(applied), "SQLite"):
-                for statement in migration.statements:
-                    await db.execute(statement)
-                await db.execute(
-                    f"INSERT INTO {MIGRATIONS_TABLE} (version, applied_at) VALUES (?, ?)",
-                    (migration.version, format_ts(utc_now())),
-                )
-            await db.execute("COMMIT")
-        except BaseException:
-            with suppress(sqlite3.Error):
-                await db.execute("ROLLBACK")
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, sqlite3 must not.
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(
+                f"cannot open the SQLite store {self.path}: {e}; check TIDINGS_STORE and"
+                " that its folder is writable"
+            ) from e
+        try:
+            db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            _enable_wal(db)
+            # NORMAL in WAL mode fsyncs at checkpoints, not at every commit: a crash of
+            # the process loses nothing and the file never corrupts; only a power cut or
+            # OS crash can drop the last commits. Syncing each commit would cap the whole
+            # host at the disk's flush rate; deployments that need power-loss durability
+            # should use PostgreSQL.
+            db.execute("PRAGMA synchronous = NORMAL")
+            _migrate(db)
+        except BaseException as e:
+            db.close()
+            if isinstance(e, sqlite3.Error):
+                raise _error("open", self.path, e) from e
             raise
+        return db
 
     async def close(self) -> None:
-        """Close the connection; closing twice is harmless."""
+        """Finish queued requests, then close the connection; closing twice is harmless."""
         async with self._lock:
-            if self._db is not None:
-                db, self._db = self._db, None
-                await db.close()
+            thread = self._thread
+            if thread is None:
+                return
+            self._closing = True  # refuse new requests; those already queued still run
+            try:
+                await self._batcher.wait_idle()
+                await asyncio.get_running_loop().run_in_executor(thread, self._close_sync)
+            finally:
+                self._thread = None
+                thread.shutdown(wait=False)
 
-    def _require(self) -> aiosqlite.Connection:
-        if self._db is None:
+    def _close_sync(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+    async def _call(
+        self, action: str, run: Callable[[sqlite3.Connection], _T], *, write: bool = False
+    ) -> _T:
+        """Run `run(db)` on the store thread, batched with whatever else is queued."""
+        if self._thread is None or self._closing:
             raise StoreError(f"the SQLite store {self.path} is not open: call open() first")
-        return self._db
+        return cast(_T, await self._batcher.submit(_Job(action, run, write)))
 
-    @asynccontextmanager
-    async def _read(self, action: str) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
-            try:
-                yield self._require()
-            except sqlite3.Error as e:
-                raise _error(action, self.path, e) from e
+    async def _run_batch(self, jobs: list[_Job]) -> list[Any]:
+        assert self._thread is not None  # close() waits for the batcher before dropping it
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._run_jobs, jobs)
 
-    @asynccontextmanager
-    async def _write(self, action: str) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction holding the file's write lock from its first statement."""
-        async with self._lock:
-            db = self._require()
-            try:
-                if db.in_transaction:  # left open by a cancelled rollback: start clean
-                    await db.execute("ROLLBACK")
-                await db.execute("BEGIN IMMEDIATE")
+    def _run_jobs(self, jobs: list[_Job]) -> list[Any]:
+        """One hop's work on the store thread: the reads, then every write in one transaction.
+
+        All these requests were pending together, none had returned, so any order between
+        them is one their callers could have seen.
+        """
+        db = self._db
+        if db is None:
+            return [StoreError(f"the SQLite store {self.path} is closed") for _ in jobs]
+        if db.in_transaction:  # left open by a failed rollback: never read inside it
+            with suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        results: list[Any] = [None] * len(jobs)
+        writes = [n for n, job in enumerate(jobs) if job.write]
+        for n, job in enumerate(jobs):
+            if not job.write:
                 try:
-                    yield db
-                except BaseException:
-                    with suppress(sqlite3.Error):
-                        await db.execute("ROLLBACK")
-                    raise
-                await db.execute("COMMIT")
-            except sqlite3.Error as e:
-                raise _error(action, self.path, e) from e
+                    results[n] = job.run(db)
+                except Exception as e:
+                    results[n] = self._failure(job.action, e)
+        if writes:
+            done = self._write_group(db, [jobs[n] for n in writes])
+            for n, result in zip(writes, done, strict=True):
+                results[n] = result
+        return results
+
+    def _write_group(self, db: sqlite3.Connection, jobs: list[_Job]) -> list[Any]:
+        """Group commit: every write of the batch in one ``BEGIN IMMEDIATE ... COMMIT``.
+
+        The write lock, the journal work and the commit are paid once per batch instead of
+        once per caller, and callers are answered only after COMMIT, so a write that
+        returned is as durable as before. A failed job must cost only its own changes:
+        the expected failures (a duplicate event, a stale state version) leave no trace
+        by construction (`_write_commit`), so the first attempt runs without savepoints,
+        which cost about a quarter of a commit. Any other error (a constraint, I/O) rolls
+        the whole transaction back, and the batch runs again with each job in its own
+        SAVEPOINT: then only the failing job is rolled back and only its caller gets the
+        error; the rest of the batch commits.
+        """
+        results = self._write_transaction(db, jobs, isolate=False)
+        if results is None:
+            results = self._write_transaction(db, jobs, isolate=True)
+        assert results is not None  # with savepoints, no job can abort the batch
+        return results
+
+    def _write_transaction(
+        self, db: sqlite3.Connection, jobs: list[_Job], *, isolate: bool
+    ) -> list[Any] | None:
+        """Run `jobs` in one transaction: None if one failed uncleanly while not `isolate`."""
+        results: list[Any] = []
+        try:
+            if db.in_transaction:  # left open by a failed rollback: start clean
+                db.execute("ROLLBACK")
+            db.execute("BEGIN IMMEDIATE")
+            for job in jobs:
+                if isolate:
+                    db.execute("SAVEPOINT job")
+                try:
+                    results.append(job.run(db))
+                except (AlreadyProcessed, StateConflict) as e:  # nothing of it was written
+                    results.append(e)
+                except Exception as e:
+                    if not isolate:
+                        if db.in_transaction:
+                            db.execute("ROLLBACK")
+                        return None
+                    # Raises in turn if the error already ended the whole transaction
+                    # (I/O error, disk full): then the batch fails below.
+                    db.execute("ROLLBACK TO job")
+                    results.append(self._failure(job.action, e))
+                if isolate:
+                    db.execute("RELEASE job")
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            with suppress(sqlite3.Error):
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            # Nothing of the batch was kept: a job that had failed on its own keeps its
+            # error, every other one gets the batch's.
+            results += [None] * (len(jobs) - len(results))
+            return [
+                result if isinstance(result, Exception) else _error(job.action, self.path, e)
+                for job, result in zip(jobs, results, strict=True)
+            ]
+        return results
+
+    def _failure(self, action: str, e: Exception) -> Exception:
+        return _error(action, self.path, e) if isinstance(e, sqlite3.Error) else e
 
     async def schema_version(self) -> int:
         """The number of the last applied migration."""
-        async with self._read("schema_version") as db:
-            return int(
-                await _scalar(db, f"SELECT coalesce(max(version), 0) FROM {MIGRATIONS_TABLE}")
-            )
+        return int(await self._call("schema_version", _schema_version))
 
     # -- the exactly-once path ----------------------------------------------------------
 
     async def load_state(self, agent: str, key: str) -> StateSnapshot:
         """The memory of (agent, key) and its version; empty with version 0 if unwritten."""
-        async with self._read("load_state") as db:
-            rows = await db.execute_fetchall(
-                "SELECT data, version FROM tidings_state WHERE agent = ? AND key = ?",
-                (agent, key),
-            )
-        for data, version in rows:
-            return StateSnapshot(loads(data), int(version))
-        return StateSnapshot({}, 0)
+        return await self._call("load_state", partial(_load_state, agent, key))
 
     async def is_processed(self, agent: str, event_id: str) -> bool:
         """Whether (agent, event id) was committed."""
-        async with self._read("is_processed") as db:
-            rows = await db.execute_fetchall(
-                "SELECT 1 FROM tidings_inbox WHERE agent = ? AND event_id = ?", (agent, event_id)
-            )
-        return bool(list(rows))
+        return await self._call("is_processed", partial(_is_processed, agent, event_id))
 
     async def commit(self, commit: Commit) -> None:
-        """Marker, state, decision and outbox in one ``BEGIN IMMEDIATE`` transaction."""
+        """Marker, state, decision and outbox together, in the batch's write transaction."""
         # Encode first: a value that cannot be stored fails before anything is written.
-        decision_json = decision_to_json(commit.decision)
-        state_json = None
+        d = commit.decision
+        state = None
         if commit.state is not None:
-            state_json = dumps(commit.state, f"state of agent {commit.agent!r} key {commit.key!r}")
+            state = dumps(commit.state, f"state of agent {commit.agent!r} key {commit.key!r}")
         now = format_ts(utc_now())
         outbox = [
             (e.event_id, commit.agent, commit.event_id, position, e.event_type,
              dumps(e.headers, f"headers of event {e.event_id}"), e.body, now)
             for position, e in enumerate(commit.outbox)
         ]  # fmt: skip
-        async with self._write("commit") as db:
-            marked = await _rowcount(
-                db,
-                "INSERT INTO tidings_inbox (agent, event_id, processed_at) VALUES (?, ?, ?)"
-                " ON CONFLICT DO NOTHING",
-                (commit.agent, commit.event_id, now),
-            )
-            if not marked:
-                raise AlreadyProcessed(
-                    f"agent {commit.agent!r} already committed event {commit.event_id}"
-                )
-            if state_json is not None:
-                if commit.expected_version == 0:
-                    written = await _rowcount(
-                        db,
-                        "INSERT INTO tidings_state (agent, key, data, version, updated_at)"
-                        " VALUES (?, ?, ?, 1, ?) ON CONFLICT DO NOTHING",
-                        (commit.agent, commit.key, state_json, now),
-                    )
-                else:
-                    written = await _rowcount(
-                        db,
-                        "UPDATE tidings_state SET data = ?, version = version + 1,"
-                        " updated_at = ? WHERE agent = ? AND key = ? AND version = ?",
-                        (state_json, now, commit.agent, commit.key, commit.expected_version),
-                    )
-                if not written:
-                    raise StateConflict(
-                        f"state of agent {commit.agent!r} key {commit.key!r} changed since it"
-                        f" was read at version {commit.expected_version}; the event is retried"
-                    )
-            await _insert_decision(db, commit.decision, decision_json, now)
-            await db.executemany(
-                "INSERT INTO tidings_outbox (event_id, agent, source_event_id, position,"
-                " event_type, headers, body, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                outbox,
-            )
+        rows = _CommitRows(
+            agent=commit.agent,
+            event_id=commit.event_id,
+            key=commit.key,
+            expected_version=commit.expected_version,
+            state=state,
+            decision=(d.id, d.agent, d.event_id, d.correlation_id, now, decision_to_json(d)),
+            outbox=outbox,
+            now=now,
+        )
+        await self._call("commit", partial(_write_commit, rows), write=True)
 
     async def unpublished(self, agent: str, event_id: str) -> list[OutboxEvent]:
         """Events emitted while handling (agent, event id), in emit order, not yet published."""
-        async with self._read("unpublished") as db:
-            rows = await db.execute_fetchall(
+        rows = await self._call(
+            "unpublished",
+            partial(
+                _fetchall,
                 "SELECT event_id, event_type, headers, body FROM tidings_outbox"
                 " WHERE agent = ? AND source_event_id = ? AND published_at IS NULL"
                 " ORDER BY position",
                 (agent, event_id),
-            )
+            ),
+        )
         return [OutboxEvent(r[0], r[1], loads(r[2]), bytes(r[3])) for r in rows]
 
     async def mark_published(self, event_ids: list[str]) -> None:
         """Stamp these outbox rows published; unknown or already published ids are ignored."""
-        if not event_ids:
-            return
-        now = format_ts(utc_now())
-        async with self._write("mark_published") as db:
-            for start in range(0, len(event_ids), _IN_CHUNK):
-                chunk = event_ids[start : start + _IN_CHUNK]
-                await db.execute(
-                    f"UPDATE tidings_outbox SET published_at = ? WHERE published_at IS NULL"
-                    f" AND event_id IN ({', '.join('?' * len(chunk))})",
-                    (now, *chunk),
-                )
+        if event_ids:
+            await self._call(
+                "mark_published",
+                partial(_mark_published, list(event_ids), format_ts(utc_now())),
+                write=True,
+            )
 
     # -- records for operators ----------------------------------------------------------
 
@@ -318,47 +381,60 @@ class SqliteStore(Store):
             dumps(d.headers, f"headers of dead letter {d.id}"), d.body, d.error, d.traceback,
             d.attempts, format_ts(parse_ts(d.created_at)),
         )  # fmt: skip
-        async with self._write("add_dead_letter") as db:
-            await db.execute(
+        await self._call(
+            "add_dead_letter",
+            partial(
+                _execute,
                 f"INSERT INTO tidings_dead_letters ({DEAD_LETTER_COLUMNS})"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
-            )
+            ),
+            write=True,
+        )
 
     async def list_dead_letters(
         self, agent: str | None = None, limit: int = 50
     ) -> list[DeadLetter]:
         """Dead letters, newest first, optionally for one agent."""
         where, params = ("WHERE agent = ?", [agent]) if agent is not None else ("", [])
-        async with self._read("list_dead_letters") as db:
-            rows = await db.execute_fetchall(
+        rows = await self._call(
+            "list_dead_letters",
+            partial(
+                _fetchall,
                 f"SELECT {DEAD_LETTER_COLUMNS} FROM tidings_dead_letters {where}"
                 " ORDER BY created_at DESC, id DESC LIMIT ?",
                 (*params, max(limit, 0)),
-            )
+            ),
+        )
         return [_dead_letter(r) for r in rows]
 
     async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
         """One dead letter by id or by a unique prefix of at least 6 characters."""
-        async with self._read("get_dead_letter") as db:
-            row = await _by_id_or_prefix(
-                db, f"SELECT {DEAD_LETTER_COLUMNS} FROM tidings_dead_letters", dead_letter_id
-            )
+        row = await self._call(
+            "get_dead_letter",
+            partial(
+                _by_id_or_prefix,
+                f"SELECT {DEAD_LETTER_COLUMNS} FROM tidings_dead_letters",
+                dead_letter_id,
+            ),
+        )
         return _dead_letter(row) if row is not None else None
 
     async def delete_dead_letter(self, dead_letter_id: str) -> bool:
         """Drop a dead letter by its full id; False if there was none."""
-        async with self._write("delete_dead_letter") as db:
-            deleted = await _rowcount(
-                db, "DELETE FROM tidings_dead_letters WHERE id = ?", (dead_letter_id,)
-            )
+        deleted = await self._call(
+            "delete_dead_letter",
+            partial(_execute, "DELETE FROM tidings_dead_letters WHERE id = ?", (dead_letter_id,)),
+            write=True,
+        )
         return deleted > 0
 
     async def add_decision(self, decision: Decision) -> None:
         """Record a decision outside a commit (e.g. a dead-lettered attempt)."""
-        record = decision_to_json(decision)
-        async with self._write("add_decision") as db:
-            await _insert_decision(db, decision, record, format_ts(utc_now()))
+        d = decision
+        row = (d.id, d.agent, d.event_id, d.correlation_id, format_ts(utc_now()),
+               decision_to_json(d))  # fmt: skip
+        await self._call("add_decision", partial(_execute, _INSERT_DECISION, row), write=True)
 
     async def list_decisions(
         self,
@@ -372,63 +448,78 @@ class SqliteStore(Store):
         filters = {"agent": agent, "event_id": event_id, "correlation_id": correlation_id}
         used = {column: value for column, value in filters.items() if value is not None}
         where = " AND ".join(f"{column} = ?" for column in used)
-        async with self._read("list_decisions") as db:
-            rows = await db.execute_fetchall(
+        rows = await self._call(
+            "list_decisions",
+            partial(
+                _fetchall,
                 f"SELECT record FROM tidings_decisions {'WHERE ' + where if where else ''}"
                 " ORDER BY created_at DESC, id DESC LIMIT ?",
                 (*used.values(), max(limit, 0)),
-            )
+            ),
+        )
         return [decision_from_json(r[0]) for r in rows]
 
     async def get_decision(self, decision_id: str) -> Decision | None:
         """One decision by id or by a unique prefix of at least 6 characters."""
-        async with self._read("get_decision") as db:
-            row = await _by_id_or_prefix(
-                db, "SELECT id, record FROM tidings_decisions", decision_id
-            )
+        row = await self._call(
+            "get_decision",
+            partial(_by_id_or_prefix, "SELECT id, record FROM tidings_decisions", decision_id),
+        )
         return decision_from_json(row[1]) if row is not None else None
 
     async def was_published(self, event_id: str) -> bool:
         """Whether an explicit-id publish of `event_id` was recorded (guarantee 8)."""
-        async with self._read("was_published") as db:
-            rows = await db.execute_fetchall(
-                "SELECT 1 FROM tidings_publishes WHERE event_id = ?", (event_id,)
-            )
-        return bool(list(rows))
+        rows = await self._call(
+            "was_published",
+            partial(_fetchall, "SELECT 1 FROM tidings_publishes WHERE event_id = ?", (event_id,)),
+        )
+        return bool(rows)
 
     async def record_publish(self, event_id: str) -> None:
         """Record an explicit-id publish after it succeeded; idempotent."""
-        async with self._write("record_publish") as db:
-            await db.execute(
+        await self._call(
+            "record_publish",
+            partial(
+                _execute,
                 "INSERT INTO tidings_publishes (event_id, recorded_at) VALUES (?, ?)"
                 " ON CONFLICT DO NOTHING",
                 (event_id, format_ts(utc_now())),
-            )
+            ),
+            write=True,
+        )
 
     async def prune(self, before: datetime) -> dict[str, int]:
         """Delete rows older than `before` (aware) per guarantee 7, plus old publish records.
 
-        Deletes in batches, each its own transaction, so other processes keep writing.
+        Deletes in chunks, each committed before the next, so other processes keep writing.
         """
         cutoff = format_ts(before)
         counts: dict[str, int] = {}
         for name, table, column in PRUNED:
             counts[name] = 0
             while True:
-                async with self._write("prune") as db:
-                    deleted = await _rowcount(
-                        db,
+                deleted = await self._call(
+                    "prune",
+                    partial(
+                        _execute,
                         f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table}"
                         f" WHERE {column} < ? LIMIT {PRUNE_BATCH})",
                         (cutoff,),
-                    )
+                    ),
+                    write=True,
+                )
                 counts[name] += deleted
                 if deleted < PRUNE_BATCH:
                     break
         return counts
 
 
-# -- helpers ------------------------------------------------------------------------------
+# -- blocking helpers, run on the store thread --------------------------------------------
+
+_INSERT_DECISION = (
+    "INSERT INTO tidings_decisions (id, agent, event_id, correlation_id, created_at, record)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
 
 
 def _error(action: str, path: str, e: sqlite3.Error) -> StoreError:
@@ -438,25 +529,26 @@ def _error(action: str, path: str, e: sqlite3.Error) -> StoreError:
             f"; another process held the write lock for over {BUSY_TIMEOUT_S:.0f} s: look for a"
             " stuck process using this file, or use PostgreSQL for heavier write loads"
         )
-    return StoreError(f"SQLite store {path}: {action} failed: {e}{hint}")
+    error = StoreError(f"SQLite store {path}: {action} failed: {e}{hint}")
+    error.__cause__ = e  # as `raise ... from e` would: the error crosses threads as a value
+    return error
 
 
-async def _enable_wal(db: aiosqlite.Connection) -> None:
+def _enable_wal(db: sqlite3.Connection) -> None:
     """Switch the file to WAL (persistent: a no-op once any process did it).
 
     On a fresh file several processes may try at once; the switch needs an exclusive lock
     and SQLite reports "locked" at once instead of calling the busy handler, so retry.
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + BUSY_TIMEOUT_S
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
     delay = 0.005
     while True:
         try:
-            mode = await _scalar(db, "PRAGMA journal_mode = WAL")
+            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         except sqlite3.OperationalError:
-            if loop.time() > deadline:
+            if time.monotonic() > deadline:
                 raise
-            await asyncio.sleep(delay)
+            time.sleep(delay)
             delay = min(delay * 2, 0.2)
             continue
         if str(mode).lower() not in ("wal", "memory"):
@@ -464,36 +556,117 @@ async def _enable_wal(db: aiosqlite.Connection) -> None:
         return
 
 
-async def _scalar(db: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
-    rows = list(await db.execute_fetchall(sql, params))
-    return rows[0][0]
+def _migrate(db: sqlite3.Connection) -> None:
+    # BEGIN IMMEDIATE: processes opening a fresh file at once check and migrate one
+    # after another, so each migration runs exactly once.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(
+            f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE}"
+            " (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        for migration in pending(MIGRATIONS, _schema_version(db), "SQLite"):
+            for statement in migration.statements:
+                db.execute(statement)
+            db.execute(
+                f"INSERT INTO {MIGRATIONS_TABLE} (version, applied_at) VALUES (?, ?)",
+                (migration.version, format_ts(utc_now())),
+            )
+        db.execute("COMMIT")
+    except BaseException:
+        with suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
 
 
-async def _rowcount(db: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> int:
-    async with db.execute(sql, params) as cursor:
-        return int(cursor.rowcount)
-
-
-async def _insert_decision(
-    db: aiosqlite.Connection, decision: Decision, record: str, created_at: str
-) -> None:
-    await db.execute(
-        "INSERT INTO tidings_decisions (id, agent, event_id, correlation_id, created_at, record)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        (decision.id, decision.agent, decision.event_id, decision.correlation_id, created_at,
-         record),
-    )  # fmt: skip
-
-
-async def _by_id_or_prefix(db: aiosqlite.Connection, select: str, id_: str) -> Any:
-    """The row whose id is `id_`, else the only one it is a long-enough prefix of."""
-    exact = list(await db.execute_fetchall(f"{select} WHERE id = ?", (id_,)))
-    if exact or len(id_) < MIN_PREFIX:
-        return exact[0] if exact else None
-    low, high = prefix_range(id_)
-    rows = await db.execute_fetchall(
-        f"{select} WHERE id >= ? AND id < ? ORDER BY id LIMIT 2", (low, high)
+def _schema_version(db: sqlite3.Connection) -> int:
+    return int(
+        db.execute(f"SELECT coalesce(max(version), 0) FROM {MIGRATIONS_TABLE}").fetchone()[0]
     )
+
+
+def _fetchall(sql: str, params: tuple[Any, ...], db: sqlite3.Connection) -> list[Any]:
+    return db.execute(sql, params).fetchall()
+
+
+def _execute(sql: str, params: tuple[Any, ...], db: sqlite3.Connection) -> int:
+    """Run one statement; the number of rows it changed."""
+    return db.execute(sql, params).rowcount
+
+
+def _load_state(agent: str, key: str, db: sqlite3.Connection) -> StateSnapshot:
+    row = db.execute(
+        "SELECT data, version FROM tidings_state WHERE agent = ? AND key = ?", (agent, key)
+    ).fetchone()
+    return StateSnapshot({}, 0) if row is None else StateSnapshot(loads(row[0]), int(row[1]))
+
+
+def _is_processed(agent: str, event_id: str, db: sqlite3.Connection) -> bool:
+    row = db.execute(
+        "SELECT 1 FROM tidings_inbox WHERE agent = ? AND event_id = ?", (agent, event_id)
+    ).fetchone()
+    return row is not None
+
+
+def _write_commit(c: _CommitRows, db: sqlite3.Connection) -> None:
+    """The statements of one commit; AlreadyProcessed or StateConflict leave no trace."""
+    marked = db.execute(
+        "INSERT INTO tidings_inbox (agent, event_id, processed_at) VALUES (?, ?, ?)"
+        " ON CONFLICT DO NOTHING",
+        (c.agent, c.event_id, c.now),
+    ).rowcount
+    if not marked:
+        raise AlreadyProcessed(f"agent {c.agent!r} already committed event {c.event_id}")
+    if c.state is not None:
+        if c.expected_version == 0:
+            written = db.execute(
+                "INSERT INTO tidings_state (agent, key, data, version, updated_at)"
+                " VALUES (?, ?, ?, 1, ?) ON CONFLICT DO NOTHING",
+                (c.agent, c.key, c.state, c.now),
+            ).rowcount
+        else:
+            written = db.execute(
+                "UPDATE tidings_state SET data = ?, version = version + 1,"
+                " updated_at = ? WHERE agent = ? AND key = ? AND version = ?",
+                (c.state, c.now, c.agent, c.key, c.expected_version),
+            ).rowcount
+        if not written:
+            # Undo the marker ourselves, so the batch need not roll anything back.
+            db.execute(
+                "DELETE FROM tidings_inbox WHERE agent = ? AND event_id = ?", (c.agent, c.event_id)
+            )
+            raise StateConflict(
+                f"state of agent {c.agent!r} key {c.key!r} changed since it"
+                f" was read at version {c.expected_version}; the event is retried"
+            )
+    db.execute(_INSERT_DECISION, c.decision)
+    if c.outbox:
+        db.executemany(
+            "INSERT INTO tidings_outbox (event_id, agent, source_event_id, position,"
+            " event_type, headers, body, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            c.outbox,
+        )
+
+
+def _mark_published(event_ids: list[str], now: str, db: sqlite3.Connection) -> None:
+    for start in range(0, len(event_ids), _IN_CHUNK):
+        chunk = event_ids[start : start + _IN_CHUNK]
+        db.execute(
+            f"UPDATE tidings_outbox SET published_at = ? WHERE published_at IS NULL"
+            f" AND event_id IN ({', '.join('?' * len(chunk))})",
+            (now, *chunk),
+        )
+
+
+def _by_id_or_prefix(select: str, id_: str, db: sqlite3.Connection) -> Any:
+    """The row whose id is `id_`, else the only one it is a long-enough prefix of."""
+    exact = db.execute(f"{select} WHERE id = ?", (id_,)).fetchone()
+    if exact is not None or len(id_) < MIN_PREFIX:
+        return exact
+    low, high = prefix_range(id_)
+    rows = db.execute(
+        f"{select} WHERE id >= ? AND id < ? ORDER BY id LIMIT 2", (low, high)
+    ).fetchall()
     matches = [r for r in rows if str(r[0]).startswith(id_)]
     return matches[0] if len(matches) == 1 else None
 
