@@ -237,8 +237,8 @@ async def main() -> None:
         console.print(f"filling {args.events:,} events into a fresh stream ...")
         await fill(url, namespace, workload(args.events))
         stores = {"sqlite": f"sqlite:///{tmp / 'bench.db'}"}
+        schema = "bench" + uuid.uuid4().hex[:6]
         if not args.skip_postgres:
-            schema = "bench" + uuid.uuid4().hex[:6]
             stores["postgres"] = f"{POSTGRES}?schema={schema}"
 
         raw = max([await raw_consumer_fresh(url, namespace, args.events) for _ in range(2)])
@@ -284,6 +284,18 @@ async def main() -> None:
         server.terminate()
         server.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+        if not args.skip_postgres:
+            await drop_schema(schema)
+
+
+async def drop_schema(schema: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(POSTGRES)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
 
 
 async def raw_consumer_fresh(url: str, namespace: str, total: int) -> float:

@@ -14,7 +14,7 @@ import sqlite3
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import closing, suppress
+from contextlib import closing
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,6 +24,7 @@ import asyncpg
 import pytest
 
 import tidings
+from tests.conftest import drop_schema, with_schema
 from tidings.errors import AlreadyProcessed, ConfigError, StateConflict, StoreError
 from tidings.events import new_id, now
 from tidings.store import (
@@ -39,27 +40,9 @@ from tidings.store import sqlite as sqlite_backend
 from tidings.store.postgres import PostgresStore, split_url
 from tidings.store.sqlite import SqliteStore, database_path
 
-BACKENDS = [
-    pytest.param("sqlite", id="sqlite"),
-    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
-]
 AGENT = "billing"
 
 StoreFactory = Callable[[], Awaitable[Store]]
-
-
-def with_schema(url: str, schema: str) -> str:
-    return f"{url}{'&' if '?' in url else '?'}schema={schema}"
-
-
-async def drop_schema(postgres_url: str, schema: str) -> None:
-    # The test already failed if PostgreSQL is down; do not bury that under a second error.
-    with suppress(OSError, asyncpg.PostgresError):
-        conn = await asyncpg.connect(postgres_url, timeout=5)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
 
 
 async def raw_execute(url: str, sql: str) -> None:
@@ -75,19 +58,6 @@ async def raw_execute(url: str, sql: str) -> None:
         await conn.execute(sql)
     finally:
         await conn.close()
-
-
-@pytest.fixture(params=BACKENDS)
-async def store_url(
-    request: pytest.FixtureRequest, tmp_path: Path, postgres_url: str
-) -> AsyncIterator[str]:
-    """A URL to an empty store of each backend (a fresh schema for PostgreSQL)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store' / 'tidings.db'}"
-        return
-    schema = "t" + uuid.uuid4().hex[:12]
-    yield with_schema(postgres_url, schema)
-    await drop_schema(postgres_url, schema)
 
 
 @pytest.fixture
