@@ -148,6 +148,22 @@ class Pipeline:
             orjson.dumps(result)
         except TypeError as e:
             raise TypeError(f"the handler's return value must be JSON-serialisable: {e}") from e
+        return self._record(
+            event,
+            key,
+            status="ok",
+            result=result,
+            state_before=ctx.state.before,
+            state_after=ctx.state.after if ctx.state.dirty else ctx.state.before,
+            emitted=[{"id": e.id, "type": e.type} for e in ctx.emitted],
+            attempts=ctx.attempt,
+            started_at=started_at,
+            duration_ms=round(elapsed * 1000, 3),
+        )
+
+    def _record(self, event: Event, key: str, **outcome: Any) -> Decision:
+        """A decision about `event` by this agent; `outcome` holds what differs per status."""
+        outcome.setdefault("steps", [])
         return Decision(
             id=new_id(),
             agent=self.spec.name,
@@ -156,15 +172,7 @@ class Pipeline:
             event_type=event.type,
             correlation_id=event.correlationid,
             key=key or None,
-            status="ok",
-            result=result,
-            state_before=ctx.state.before,
-            state_after=ctx.state.after if ctx.state.dirty else ctx.state.before,
-            emitted=[{"id": e.id, "type": e.type} for e in ctx.emitted],
-            steps=[],
-            attempts=ctx.attempt,
-            started_at=started_at,
-            duration_ms=round(elapsed * 1000, 3),
+            **outcome,
         )
 
     # -- acknowledgement --------------------------------------------------------------
@@ -213,20 +221,14 @@ class Pipeline:
         await self.store.add_dead_letter(record)
         if event is not None:
             await self.store.add_decision(
-                Decision(
-                    id=new_id(),
-                    agent=self.spec.name,
-                    agent_version=self.spec.version,
-                    event_id=event.id,
-                    event_type=event.type,
-                    correlation_id=event.correlationid,
-                    key=self.spec.key_of(event) or None,
+                self._record(
+                    event,
+                    self.spec.key_of(event),
                     status="dead_lettered",
                     result=None,
                     state_before={},
                     state_after={},
                     emitted=[],
-                    steps=[],
                     attempts=delivery.attempt,
                     started_at=record.created_at,
                     duration_ms=0.0,
