@@ -92,11 +92,18 @@ class Context:
         self.state = State(store, spec.name, key)
         self.emitted: list[Event] = []
         self.outbox: list[OutboxEvent] = []
-        self.log = structlog.get_logger("tidings.agent").bind(
-            agent=spec.name, event_id=event.id, correlation_id=event.correlationid
-        )
+        self._log: Any = None
         self._spec = spec
         self._source = f"/{app_name}/{spec.name}"
+
+    @property
+    def log(self) -> Any:
+        """A structlog logger bound to this agent, event and correlation id."""
+        if self._log is None:  # built on first use: binding costs more than most handlers
+            self._log = structlog.get_logger("tidings.agent").bind(
+                agent=self.agent, event_id=self.event.id, correlation_id=self.event.correlationid
+            )
+        return self._log
 
     async def emit(
         self,
