@@ -38,20 +38,20 @@ COUNTERS: tuple[tuple[str, str], ...] = (
 
 def describe_where(spec: AgentSpec) -> str:
     """The agent's filter as text: the CEL source, or the callable's name."""
-    if spec.where is None:
-        return "-"
-    if isinstance(spec.where, str):
-        return spec.where
-    return f"{getattr(spec.where, '__qualname__', type(spec.where).__name__)}()"
+    return _describe(spec.where)
 
 
 def describe_key(spec: AgentSpec) -> str:
-    """The agent's entity key as text."""
-    if spec.key is None:
+    """The agent's entity key as text: the dotted path, or the callable's name."""
+    return _describe(spec.key)
+
+
+def _describe(declared: object) -> str:
+    if declared is None:
         return "-"
-    if isinstance(spec.key, str):
-        return spec.key
-    return f"{getattr(spec.key, '__qualname__', type(spec.key).__name__)}()"
+    if isinstance(declared, str):
+        return declared
+    return f"{getattr(declared, '__qualname__', type(declared).__name__)}()"
 
 
 def startup_panel(app: App, bus: str, store: str, workers: int = 1) -> Panel:
