@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -304,7 +305,7 @@ async def test_same_id_twice_is_stored_and_delivered_once(bus: Bus) -> None:
         with pytest.raises(TimeoutError):
             await next_message(stored, timeout=0.5)
     finally:
-        await stored.aclose()  # type: ignore[attr-defined]
+        await stored.aclose()
 
 
 # -- 3. one durable consumer per agent, shared, filtered --------------------------------
@@ -552,7 +553,7 @@ async def test_subscription_survives_a_broker_restart(backend: Backend, bus: Bus
         message = await next_message(messages, timeout=30)
         assert message.headers["ce-id"] == after.id
     finally:
-        await messages.aclose()  # type: ignore[attr-defined]
+        await messages.aclose()
     await eventually(lambda: seen.count(after) == 1, timeout=30, message="delivery after restart")
     await eventually(lambda: seen.count(held) == 2, timeout=30, message="unacked redelivered")
 
@@ -594,8 +595,26 @@ async def test_tail_yields_the_last_n_then_new_events(backend: Backend, bus: Bus
         assert json.loads(message.body)["i"] == 100
         assert message.subject.endswith("tl.a") and message.sequence > 0 and message.time
     finally:
-        await messages.aclose()  # type: ignore[attr-defined]
+        await messages.aclose()
     assert await backend.stray_consumers() == 0
+
+
+async def test_tail_since_starts_with_the_events_stored_from_that_time(bus: Bus) -> None:
+    for i in range(3):
+        await bus.publish(ev("ts.x", i=i))
+    await asyncio.sleep(0.05)  # broker clocks stamp to the millisecond at best
+    cut = datetime.now(UTC)
+    await asyncio.sleep(0.05)
+    for i in range(3, 6):
+        await bus.publish(ev("ts.x", i=i))
+    messages = bus.tail(["ts.>"], since=cut)
+    try:
+        got = [json.loads((await next_message(messages)).body)["i"] for _ in range(3)]
+        assert got == [3, 4, 5]
+        await bus.publish(ev("ts.x", i=6))
+        assert json.loads((await next_message(messages)).body)["i"] == 6
+    finally:
+        await messages.aclose()
 
 
 async def test_tail_without_last_yields_only_new_events(backend: Backend, bus: Bus) -> None:
@@ -614,7 +633,7 @@ async def test_tail_without_last_yields_only_new_events(backend: Backend, bus: B
     finally:
         if not pending.done():
             pending.cancel()
-        await messages.aclose()  # type: ignore[attr-defined]
+        await messages.aclose()
     assert await backend.stray_consumers() == 0
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from tidings.events import Event
@@ -136,10 +137,14 @@ class Bus(abc.ABC):
         """Keep a copy of a failed message in the dead-letter place (guarantee 7)."""
 
     @abc.abstractmethod
-    def tail(self, patterns: Sequence[str], *, last: int = 0) -> AsyncGenerator[RawMessage, None]:
+    def tail(
+        self, patterns: Sequence[str], *, last: int = 0, since: datetime | None = None
+    ) -> AsyncGenerator[RawMessage, None]:
         """Follow new events matching `patterns`, starting with the `last` stored ones.
 
-        Close it with `aclose()` so the backend can drop its temporary consumer.
+        With `since`, start instead with the first stored event the broker received at or
+        after that time (history by time: replay, resuming a live stream). Close it with
+        `aclose()` so the backend can drop its temporary consumer.
         """
 
     @abc.abstractmethod

@@ -511,9 +511,11 @@ class NatsBus(Bus):
             with contextlib.suppress(Exception):
                 await delivery.nak(1.0)
 
-    def tail(self, patterns: Sequence[str], *, last: int = 0) -> AsyncGenerator[RawMessage, None]:
+    def tail(
+        self, patterns: Sequence[str], *, last: int = 0, since: datetime | None = None
+    ) -> AsyncGenerator[RawMessage, None]:
         """Follow matching events via an ordered ephemeral consumer; close it when done."""
-        return _Tail(self, patterns, last).run()
+        return _Tail(self, patterns, last, since).run()
 
     async def consumers(self) -> list[ConsumerInfo]:
         """Each durable consumer of the events stream, with its backlog."""
@@ -585,8 +587,11 @@ class NatsBus(Bus):
 class _Tail:
     """An ordered consumer: gaps, stalls or a vanished consumer restart it after the last seen."""
 
-    def __init__(self, bus: NatsBus, patterns: Sequence[str], last: int) -> None:
+    def __init__(
+        self, bus: NatsBus, patterns: Sequence[str], last: int, since: datetime | None = None
+    ) -> None:
         self._bus = bus
+        self._since = since  # until the first message: start by time, then by sequence
         ns = bus.namespace
         self._subjects = [f"{ns}.events.{p}" for p in normalize_patterns(patterns)]
         self._last = last
@@ -601,7 +606,9 @@ class _Tail:
         try:
             state = (await js.stream_info(self._bus.events_stream)).state
             start = state.last_seq + 1
-            if self._last > 0:
+            if self._since is not None:
+                start = 0
+            elif self._last > 0:
                 start = await self._start_of_last(state.first_seq, state.last_seq)
             await self._restart(start)
             beat = self._bus.heartbeat
@@ -630,6 +637,7 @@ class _Tail:
                     continue
                 self._next_cseq += 1
                 self._next_sseq = int(meta[3]) + 1
+                self._since = None
                 stamp = datetime.fromtimestamp(int(meta[5]) / 1e9, UTC)
                 yield RawMessage(
                     subject=msg.subject,
@@ -696,12 +704,21 @@ class _Tail:
         self._sub = await nc.subscribe(inbox, cb=put)
         self._next_cseq = 1
         self._next_sseq = start
+        if self._since is not None:
+            where = {
+                "deliver_policy": api.DeliverPolicy.BY_START_TIME,
+                "opt_start_time": self._since,
+            }
+        else:
+            where = {
+                "deliver_policy": api.DeliverPolicy.BY_START_SEQUENCE,
+                "opt_start_seq": max(start, 1),
+            }
         try:
             ci = await self._bus._js().add_consumer(
                 self._bus.events_stream,
                 api.ConsumerConfig(
-                    deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                    opt_start_seq=max(start, 1),
+                    **where,  # type: ignore[arg-type]
                     ack_policy=api.AckPolicy.NONE,
                     filter_subjects=self._subjects,
                     deliver_subject=inbox,
