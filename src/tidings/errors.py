@@ -11,7 +11,17 @@ TidingsError
 │   └── AlreadyProcessed     (agent, event id) is already committed: a duplicate
 ├── MalformedEvent           bytes that are not a CloudEvent; dead-lettered at once
 ├── FilterError              a `where=` expression does not compile
-└── PolicyViolation          an agent emitted a type it did not declare; not retried
+├── PolicyViolation          an agent emitted a type it did not declare; not retried
+├── DeterminismError         a re-run handler took a different step than the journal says
+├── ToolError                a `ctx.tool(...)` call did not produce a result
+│   ├── ToolNotServed        no tool service has registered that name
+│   ├── ToolTimeout          no result before the call's timeout
+│   └── ToolFailed           the tool raised; `.error` holds its message
+├── ApprovalTimeout          nobody answered a `ctx.ask(...)` before its timeout
+└── LLMError                 a model provider call failed
+    ├── ProviderUnavailable  5xx, timeout, connection refused: retried with backoff
+    ├── RateLimited          429 or a local limit: retried after `retry_after`
+    └── ProviderRejected     4xx (bad request, auth, unknown model): not retried
 ```
 
 Driver errors are translated at the boundary with ``raise ... from e``.
@@ -62,3 +72,69 @@ class FilterError(TidingsError):
 
 class PolicyViolation(TidingsError):
     """An agent did something its declaration forbids (e.g. emitted an undeclared type)."""
+
+
+class DeterminismError(TidingsError):
+    """A re-run handler's steps differ from its journal; not retried (fix the code).
+
+    Between journaled steps a handler must take the same path on every run: branch only
+    on the event, state read from `ctx.state` and the results of earlier steps.
+    """
+
+
+class ToolError(TidingsError):
+    """A tool call did not produce a result; the agent may catch it and carry on."""
+
+    def __init__(self, tool: str, message: str) -> None:
+        super().__init__(message)
+        self.tool = tool
+
+
+class ToolNotServed(ToolError):
+    """No running tool service has registered this tool name."""
+
+
+class ToolTimeout(ToolError):
+    """The tool did not answer before the call's timeout."""
+
+
+class ToolFailed(ToolError):
+    """The tool raised; `error` is its `Type: message`."""
+
+    def __init__(self, tool: str, error: str) -> None:
+        super().__init__(tool, f"tool {tool!r} failed: {error}")
+        self.error = error
+
+
+class ApprovalTimeout(TidingsError):
+    """Nobody answered a question or approval before its timeout."""
+
+
+class LLMError(TidingsError):
+    """A model provider call failed."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ProviderUnavailable(LLMError):
+    """The provider is down, overloaded or unreachable: worth retrying later."""
+
+    retryable = True
+
+
+class RateLimited(LLMError):
+    """A provider (429) or a local limit refused the call for now."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, status: int | None = None):
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class ProviderRejected(LLMError):
+    """The provider refused the request itself (bad input, auth, unknown model)."""

@@ -32,6 +32,9 @@ from tidings.store import (
     DeadLetter,
     Decision,
     OutboxEvent,
+    Parked,
+    Reply,
+    Step,
     Store,
     open_store,
 )
@@ -834,3 +837,110 @@ async def test_postgres_schemas_isolate_deployments(postgres_url: str) -> None:
         for s, schema in zip(stores, schemas, strict=True):
             await s.close()
             await drop_schema(postgres_url, schema)
+
+
+# -- 9-12. step journal, replies, parked events, tool registry ---------------------------
+
+
+def step(event_id: str, seq: int, status: str = "done", **changes: Any) -> Step:
+    base = Step(
+        agent=AGENT, event_id=event_id, seq=seq, kind="llm", name="gpt", args_hash="h" * 16,
+        status=status, result={"text": "hi", "n": [1, 2]}, detail={"tokens_in": 3},
+    )  # fmt: skip
+    return replace(base, **changes)
+
+
+async def test_journal_keeps_steps_in_order_and_upserts(
+    store: Store, make_store: StoreFactory
+) -> None:
+    event_id = new_id()
+    await store.save_step(step(event_id, 1, kind="tool", name="search"))
+    await store.save_step(step(event_id, 0))
+    await store.save_step(step(event_id, 1, "pending", kind="tool", name="search", result=None))
+    await store.save_step(step(new_id(), 0))  # another event's journal stays apart
+    other = await make_store()  # another worker sees what this one journaled
+    journal = await other.load_journal(AGENT, event_id)
+    assert [(s.seq, s.status) for s in journal] == [(0, "done"), (1, "pending")]
+    assert journal[0] == step(event_id, 0)
+    await store.save_step(step(event_id, 1, kind="tool", name="search", result=[{"a": 1}]))
+    assert (await other.load_journal(AGENT, event_id))[1].result == [{"a": 1}]
+    assert await store.load_journal("someone-else", event_id) == []
+
+
+async def test_step_results_that_are_not_json_fail_before_writing(store: Store) -> None:
+    event_id = new_id()
+    with pytest.raises(StoreError, match="result of step 0"):
+        await store.save_step(step(event_id, 0, result={"x": object()}))
+    assert await store.load_journal(AGENT, event_id) == []
+
+
+async def test_first_reply_wins(store: Store, make_store: StoreFactory) -> None:
+    call = new_id()
+    assert await store.get_reply(call) is None
+    other = await make_store()
+    results = await asyncio.gather(
+        store.save_reply(Reply(call, "ok", {"hits": 1})),
+        other.save_reply(Reply(call, "error", "late")),
+    )
+    assert sorted(results) == [False, True]
+    first = await store.get_reply(call)
+    assert first is not None and (first.status, first.value) in (
+        ("ok", {"hits": 1}),
+        ("error", "late"),
+    )
+    assert not await store.save_reply(Reply(call, "ok", None))
+    assert await other.get_reply(call) == first
+
+
+def parked(deadline: float | None = None, agent: str = AGENT) -> Parked:
+    return Parked(
+        id=new_id(), agent=agent, event_id=new_id(), question={"q": "ship it?"},
+        headers={"ce-id": "e1"}, body=b"\x00{}", deadline=deadline,
+    )  # fmt: skip
+
+
+async def test_parked_events_are_answered_exactly_once(
+    store: Store, make_store: StoreFactory
+) -> None:
+    entry = parked()
+    await store.park(entry)
+    await store.park(replace(entry, question="changed"))  # idempotent: first park stands
+    got = await store.get_parked(entry.id[:-4])
+    assert got is not None and got.question == {"q": "ship it?"} and got.body == entry.body
+    assert got.status == "waiting" and got.created_at
+    assert [p.id for p in await store.list_parked()] == [entry.id]
+    other = await make_store()
+    answers = await asyncio.gather(
+        store.answer_parked(entry.id, {"ok": True}, by="ann"),
+        other.answer_parked(entry.id, {"ok": False}, by="bob"),
+    )
+    winners = [a for a in answers if a is not None]
+    assert len(winners) == 1 and winners[0].status == "answered"
+    stored = await store.get_parked(entry.id)
+    assert stored is not None and stored.answer == winners[0].answer
+    assert await store.list_parked() == []
+    assert [p.id for p in await store.list_parked(status="answered")] == [entry.id]
+    assert await store.answer_parked(new_id(), 1) is None
+
+
+async def test_sweep_lists_overdue_and_unresumed_entries(store: Store) -> None:
+    overdue, later, forever, answered = parked(100.0), parked(10_000.0), parked(), parked()
+    for entry in (overdue, later, forever, answered):
+        await store.park(entry)
+    await store.answer_parked(answered.id, "yes")
+    assert {p.id for p in await store.parked_to_sweep(500.0)} == {overdue.id, answered.id}
+    timed_out = await store.answer_parked(overdue.id, None, status="timed_out")
+    assert timed_out is not None and timed_out.status == "timed_out"
+    await store.mark_resumed(answered.id)
+    assert {p.id for p in await store.parked_to_sweep(500.0)} == {overdue.id}
+    await store.mark_resumed(overdue.id)
+    assert await store.parked_to_sweep(500.0) == []
+    resumed = await store.get_parked(overdue.id)
+    assert resumed is not None and resumed.resumed_at is not None
+
+
+async def test_tool_registry_is_idempotent(store: Store) -> None:
+    await store.register_tool("search.docs", "research")
+    await store.register_tool("search.docs", "research")
+    await store.register_tool("risk.score", "shop")
+    assert await store.served_tools() == ["risk.score", "search.docs"]

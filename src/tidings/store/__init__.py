@@ -4,14 +4,26 @@ from __future__ import annotations
 
 from tidings.errors import ConfigError
 from tidings.store.base import Store
-from tidings.store.records import Commit, DeadLetter, Decision, OutboxEvent, StateSnapshot
+from tidings.store.records import (
+    Commit,
+    DeadLetter,
+    Decision,
+    OutboxEvent,
+    Parked,
+    Reply,
+    StateSnapshot,
+    Step,
+)
 
 __all__ = [
     "Commit",
     "DeadLetter",
     "Decision",
     "OutboxEvent",
+    "Parked",
+    "Reply",
     "StateSnapshot",
+    "Step",
     "Store",
     "open_store",
 ]

@@ -19,6 +19,15 @@ by the contract suite in ``tests/contract/test_store.py`` against real databases
 8. **Publish ledger.** After `record_publish(id)`, `was_published(id)` is true, so a client
    can make explicit-id publishes idempotent beyond the broker's dedupe window (check,
    publish, record: a crash in between re-publishes inside the window, which dedupes).
+9. **Step journal.** `save_step()` upserts one step per (agent, event id, seq) and is
+   durable when it returns; `load_journal()` returns the steps of one event by seq.
+10. **First reply wins.** `save_reply()` keeps the first reply of a call id and returns
+    whether it was the one stored; later replies change nothing.
+11. **Parking.** `park()` is idempotent per id; `answer_parked()` moves a waiting entry
+    to answered or timed out exactly once (a second answer returns None and changes
+    nothing); `parked_to_sweep(now)` lists waiting entries past their deadline and
+    answered ones not yet `mark_resumed()`.
+12. **Tool registry.** `register_tool()` is idempotent; `served_tools()` lists names.
 """
 
 from __future__ import annotations
@@ -26,7 +35,16 @@ from __future__ import annotations
 import abc
 from datetime import datetime
 
-from tidings.store.records import Commit, DeadLetter, Decision, OutboxEvent, StateSnapshot
+from tidings.store.records import (
+    Commit,
+    DeadLetter,
+    Decision,
+    OutboxEvent,
+    Parked,
+    Reply,
+    StateSnapshot,
+    Step,
+)
 
 
 class Store(abc.ABC):
@@ -118,6 +136,60 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def prune(self, before: datetime) -> dict[str, int]:
         """Delete rows older than `before` per guarantee 7; return counts per table."""
+
+    # -- durable steps, tool replies, parked events (guarantees 9-12) -------------------
+
+    @abc.abstractmethod
+    async def load_journal(self, agent: str, event_id: str) -> list[Step]:
+        """The journaled steps of (agent, event id), by seq."""
+
+    @abc.abstractmethod
+    async def save_step(self, step: Step) -> None:
+        """Insert or replace the step at (agent, event id, seq) (guarantee 9)."""
+
+    @abc.abstractmethod
+    async def save_reply(self, reply: Reply) -> bool:
+        """Keep the first reply per id; True if this one was stored (guarantee 10)."""
+
+    @abc.abstractmethod
+    async def get_reply(self, reply_id: str) -> Reply | None:
+        """The reply stored for a call id, if any."""
+
+    @abc.abstractmethod
+    async def park(self, parked: Parked) -> None:
+        """Keep an event parked on a question; a second park of the same id is a no-op."""
+
+    @abc.abstractmethod
+    async def get_parked(self, parked_id: str) -> Parked | None:
+        """One parked entry by id (a unique prefix of at least 6 characters also matches)."""
+
+    @abc.abstractmethod
+    async def list_parked(
+        self, agent: str | None = None, status: str | None = "waiting", limit: int = 50
+    ) -> list[Parked]:
+        """Parked entries, oldest first, by agent and status (None: any status)."""
+
+    @abc.abstractmethod
+    async def answer_parked(
+        self, parked_id: str, answer: object, *, status: str = "answered", by: str | None = None
+    ) -> Parked | None:
+        """Answer a waiting entry once (guarantee 11); None if it was not waiting."""
+
+    @abc.abstractmethod
+    async def mark_resumed(self, parked_id: str) -> None:
+        """Record that the parked event was handed back to its agent."""
+
+    @abc.abstractmethod
+    async def parked_to_sweep(self, now: float) -> list[Parked]:
+        """Waiting entries past their deadline, and answered ones not yet resumed."""
+
+    @abc.abstractmethod
+    async def register_tool(self, name: str, app: str) -> None:
+        """Record that `app` serves tool `name` (guarantee 12)."""
+
+    @abc.abstractmethod
+    async def served_tools(self) -> list[str]:
+        """Names of every registered tool."""
 
     async def __aenter__(self) -> Store:
         await self.open()

@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 import orjson
 
 from tidings.errors import StoreError
-from tidings.store.records import Decision
+from tidings.store.records import Decision, Parked, Step
 
 MIGRATIONS_TABLE = "tidings_migrations"
 MIN_PREFIX = 6  # shorter id prefixes are too likely to be ambiguous to be worth a lookup
@@ -256,3 +256,40 @@ class Batcher(Generic[_Item, _Result]):
             raise
         finally:
             self._running -= 1
+
+
+# -- journal and parked rows (the same columns in both backends) ------------------------
+
+JOURNAL_COLUMNS = "agent, event_id, seq, kind, name, args_hash, status, result, detail"
+PARKED_COLUMNS = (
+    "id, agent, event_id, question, headers, body, deadline, status, answer, answered_by,"
+    " created_at, answered_at, resumed_at"
+)
+
+
+def step_to_row(step: Step) -> tuple[Any, ...]:
+    """A `Step` as the values of JOURNAL_COLUMNS (JSON as text)."""
+    what = f"step {step.seq} ({step.kind} {step.name!r}) of agent {step.agent!r}"
+    return (
+        step.agent, step.event_id, step.seq, step.kind, step.name, step.args_hash, step.status,
+        dumps(step.result, f"the result of {what}"), dumps(step.detail, f"the detail of {what}"),
+    )  # fmt: skip
+
+
+def step_from_row(row: Sequence[Any]) -> Step:
+    """A row of JOURNAL_COLUMNS back into a `Step`."""
+    return Step(
+        agent=row[0], event_id=row[1], seq=int(row[2]), kind=row[3], name=row[4],
+        args_hash=row[5], status=row[6], result=loads(row[7]), detail=loads(row[8]),
+    )  # fmt: skip
+
+
+def parked_from_row(row: Sequence[Any]) -> Parked:
+    """A row of PARKED_COLUMNS back into a `Parked` (timestamps as stored text)."""
+    return Parked(
+        id=row[0], agent=row[1], event_id=row[2], question=loads(row[3]), headers=loads(row[4]),
+        body=bytes(row[5]), deadline=None if row[6] is None else float(row[6]), status=row[7],
+        answer=loads(row[8]), answered_by=row[9], created_at=str(row[10]),
+        answered_at=None if row[11] is None else str(row[11]),
+        resumed_at=None if row[12] is None else str(row[12]),
+    )  # fmt: skip

@@ -33,6 +33,8 @@ from tidings.store.migrations import (
     MIGRATIONS_TABLE,
     MIN_PREFIX,
     PRUNED,
+    JOURNAL_COLUMNS,
+    PARKED_COLUMNS,
     Batcher,
     Migration,
     as_utc,
@@ -42,11 +44,23 @@ from tidings.store.migrations import (
     format_ts,
     loads,
     parse_ts,
+    parked_from_row,
     pending,
     prefix_range,
+    step_from_row,
+    step_to_row,
     utc_now,
 )
-from tidings.store.records import Commit, DeadLetter, Decision, OutboxEvent, StateSnapshot
+from tidings.store.records import (
+    Commit,
+    DeadLetter,
+    Decision,
+    OutboxEvent,
+    Parked,
+    Reply,
+    StateSnapshot,
+    Step,
+)
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -101,6 +115,31 @@ MIGRATIONS: tuple[Migration, ...] = (
             """CREATE TABLE tidings_publishes (
                 event_id text PRIMARY KEY, recorded_at timestamptz NOT NULL)""",
             "CREATE INDEX tidings_publishes_recorded_at ON tidings_publishes (recorded_at)",
+        ),
+    ),
+    Migration(
+        2,
+        "step journal, tool replies, parked events, tool registry",
+        (
+            # JSON kept as text here: the same row codecs serve both backends.
+            """CREATE TABLE tidings_journal (
+                agent text NOT NULL, event_id text NOT NULL, seq integer NOT NULL,
+                kind text NOT NULL, name text NOT NULL, args_hash text NOT NULL,
+                status text NOT NULL, result text NOT NULL, detail text NOT NULL,
+                updated_at text NOT NULL, PRIMARY KEY (agent, event_id, seq))""",
+            """CREATE TABLE tidings_replies (
+                id text PRIMARY KEY, status text NOT NULL, value text NOT NULL,
+                created_at text NOT NULL)""",
+            """CREATE TABLE tidings_parked (
+                id text COLLATE "C" PRIMARY KEY, agent text NOT NULL, event_id text NOT NULL,
+                question text NOT NULL, headers text NOT NULL, body bytea NOT NULL,
+                deadline double precision, status text NOT NULL, answer text NOT NULL,
+                answered_by text, created_at text NOT NULL, answered_at text,
+                resumed_at text)""",
+            "CREATE INDEX tidings_parked_status ON tidings_parked (status, deadline)",
+            "CREATE INDEX tidings_parked_agent ON tidings_parked (agent, created_at)",
+            """CREATE TABLE tidings_tools (
+                name text PRIMARY KEY, app text NOT NULL, registered_at text NOT NULL)""",
         ),
     ),
 )
@@ -547,6 +586,147 @@ class PostgresStore(Store):
                 status = await conn.execute(f"DELETE FROM {table} WHERE {column} < $1", cutoff)
                 counts[name] = _rowcount(status)
         return counts
+
+    # -- durable steps, tool replies, parked events -------------------------------------
+
+    async def load_journal(self, agent: str, event_id: str) -> list[Step]:
+        """The journaled steps of (agent, event id), by seq."""
+        async with self._conn("load_journal") as conn:
+            rows = await conn.fetch(
+                f"SELECT {JOURNAL_COLUMNS} FROM tidings_journal"
+                " WHERE agent = $1 AND event_id = $2 ORDER BY seq",
+                agent,
+                event_id,
+            )
+        return [step_from_row(r) for r in rows]
+
+    async def save_step(self, step: Step) -> None:
+        """Insert or replace the step at (agent, event id, seq)."""
+        row = step_to_row(step)
+        async with self._conn("save_step") as conn:
+            await conn.execute(
+                f"INSERT INTO tidings_journal ({JOURNAL_COLUMNS}, updated_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                " ON CONFLICT (agent, event_id, seq) DO UPDATE SET kind = excluded.kind,"
+                " name = excluded.name, args_hash = excluded.args_hash,"
+                " status = excluded.status, result = excluded.result,"
+                " detail = excluded.detail, updated_at = excluded.updated_at",
+                *row,
+                format_ts(utc_now()),
+            )
+
+    async def save_reply(self, reply: Reply) -> bool:
+        """Keep the first reply per id; True if this one was stored."""
+        value = dumps(reply.value, f"reply {reply.id}")
+        async with self._conn("save_reply") as conn:
+            status = await conn.execute(
+                "INSERT INTO tidings_replies (id, status, value, created_at)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                reply.id,
+                reply.status,
+                value,
+                format_ts(utc_now()),
+            )
+        return _rowcount(status) > 0
+
+    async def get_reply(self, reply_id: str) -> Reply | None:
+        """The reply stored for a call id, if any."""
+        async with self._conn("get_reply") as conn:
+            row = await conn.fetchrow(
+                "SELECT id, status, value, created_at FROM tidings_replies WHERE id = $1",
+                reply_id,
+            )
+        return None if row is None else Reply(row[0], row[1], loads(row[2]), row[3])
+
+    async def park(self, parked: Parked) -> None:
+        """Keep an event parked on a question; a second park of the same id is a no-op."""
+        p = parked
+        async with self._conn("park") as conn:
+            await conn.execute(
+                f"INSERT INTO tidings_parked ({PARKED_COLUMNS}) VALUES ($1, $2, $3, $4, $5,"
+                " $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT DO NOTHING",
+                p.id, p.agent, p.event_id, dumps(p.question, f"question {p.id}"),
+                dumps(p.headers, f"headers of parked {p.id}"), p.body, p.deadline, "waiting",
+                "null", None, format_ts(utc_now()), None, None,
+            )  # fmt: skip
+
+    async def get_parked(self, parked_id: str) -> Parked | None:
+        """One parked entry by id or by a unique prefix of at least 6 characters."""
+        async with self._conn("get_parked") as conn:
+            row = await _by_id_or_prefix(
+                conn, f"SELECT {PARKED_COLUMNS} FROM tidings_parked", parked_id
+            )
+        return parked_from_row(row) if row is not None else None
+
+    async def list_parked(
+        self, agent: str | None = None, status: str | None = "waiting", limit: int = 50
+    ) -> list[Parked]:
+        """Parked entries, oldest first, by agent and status (None: any status)."""
+        used = {c: v for c, v in (("agent", agent), ("status", status)) if v is not None}
+        where = " AND ".join(f"{column} = ${n}" for n, column in enumerate(used, start=1))
+        async with self._conn("list_parked") as conn:
+            rows = await conn.fetch(
+                f"SELECT {PARKED_COLUMNS} FROM tidings_parked {'WHERE ' + where if where else ''}"
+                f" ORDER BY created_at, id LIMIT ${len(used) + 1}",
+                *used.values(),
+                max(limit, 0),
+            )
+        return [parked_from_row(r) for r in rows]
+
+    async def answer_parked(
+        self, parked_id: str, answer: object, *, status: str = "answered", by: str | None = None
+    ) -> Parked | None:
+        """Answer a waiting entry once; None if it was not waiting."""
+        value = dumps(answer, f"answer to {parked_id}")
+        async with self._conn("answer_parked") as conn:
+            row = await conn.fetchrow(
+                "UPDATE tidings_parked SET status = $1, answer = $2, answered_by = $3,"
+                f" answered_at = $4 WHERE id = $5 AND status = 'waiting' RETURNING {PARKED_COLUMNS}",
+                status,
+                value,
+                by,
+                format_ts(utc_now()),
+                parked_id,
+            )
+        return None if row is None else parked_from_row(row)
+
+    async def mark_resumed(self, parked_id: str) -> None:
+        """Record that the parked event was handed back to its agent."""
+        async with self._conn("mark_resumed") as conn:
+            await conn.execute(
+                "UPDATE tidings_parked SET resumed_at = $1 WHERE id = $2",
+                format_ts(utc_now()),
+                parked_id,
+            )
+
+    async def parked_to_sweep(self, now: float) -> list[Parked]:
+        """Waiting entries past their deadline, and answered ones not yet resumed."""
+        async with self._conn("parked_to_sweep") as conn:
+            rows = await conn.fetch(
+                f"SELECT {PARKED_COLUMNS} FROM tidings_parked WHERE (status = 'waiting'"
+                " AND deadline IS NOT NULL AND deadline <= $1)"
+                " OR (status <> 'waiting' AND resumed_at IS NULL) ORDER BY created_at LIMIT 500",
+                now,
+            )
+        return [parked_from_row(r) for r in rows]
+
+    async def register_tool(self, name: str, app: str) -> None:
+        """Record that `app` serves tool `name`."""
+        async with self._conn("register_tool") as conn:
+            await conn.execute(
+                "INSERT INTO tidings_tools (name, app, registered_at) VALUES ($1, $2, $3)"
+                " ON CONFLICT (name) DO UPDATE SET app = excluded.app,"
+                " registered_at = excluded.registered_at",
+                name,
+                app,
+                format_ts(utc_now()),
+            )
+
+    async def served_tools(self) -> list[str]:
+        """Names of every registered tool."""
+        async with self._conn("served_tools") as conn:
+            rows = await conn.fetch("SELECT name FROM tidings_tools ORDER BY name")
+        return [r[0] for r in rows]
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -83,3 +83,57 @@ class DeadLetter:
     traceback: str | None
     attempts: int
     created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One journaled step of a handler run: an LLM call, a tool call, `ctx.step` or an ask.
+
+    Keyed by (agent, event id, seq): seq counts the steps of one handler run from 0, so a
+    re-run that takes the same path meets the same steps in the same order. `status` is
+    "done" (result recorded), "failed" (the error is recorded; replays raise it again) or
+    "pending" (a tool call sent or a question asked, no answer yet).
+    """
+
+    agent: str
+    event_id: str
+    seq: int
+    kind: str  # "llm" | "tool" | "step" | "ask"
+    name: str
+    args_hash: str
+    status: str
+    result: Any = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The answer to a tool call, keyed by the call's (deterministic) id."""
+
+    id: str
+    status: str  # "ok" | "error"
+    value: Any
+    created_at: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Parked:
+    """An event parked on a question until someone answers it or its deadline passes.
+
+    `status` goes "waiting" -> "answered" | "timed_out", once; `resumed_at` is set after
+    the event was handed back to its agent (`Bus.retry`).
+    """
+
+    id: str
+    agent: str
+    event_id: str
+    question: Any
+    headers: dict[str, str]
+    body: bytes
+    deadline: float | None  # epoch seconds; None waits forever
+    status: str = "waiting"
+    answer: Any = None
+    answered_by: str | None = None
+    created_at: str = ""
+    answered_at: str | None = None
+    resumed_at: str | None = None

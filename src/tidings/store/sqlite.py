@@ -34,6 +34,8 @@ from tidings.store.migrations import (
     MIGRATIONS_TABLE,
     MIN_PREFIX,
     PRUNED,
+    JOURNAL_COLUMNS,
+    PARKED_COLUMNS,
     Batcher,
     Migration,
     decision_from_json,
@@ -42,11 +44,23 @@ from tidings.store.migrations import (
     format_ts,
     loads,
     parse_ts,
+    parked_from_row,
     pending,
     prefix_range,
+    step_from_row,
+    step_to_row,
     utc_now,
 )
-from tidings.store.records import Commit, DeadLetter, Decision, OutboxEvent, StateSnapshot
+from tidings.store.records import (
+    Commit,
+    DeadLetter,
+    Decision,
+    OutboxEvent,
+    Parked,
+    Reply,
+    StateSnapshot,
+    Step,
+)
 
 BUSY_TIMEOUT_S = 30.0  # how long a writer waits for another process's write lock
 PRUNE_BATCH = 5000  # rows per prune transaction, so workers never wait long for the lock
@@ -93,6 +107,29 @@ MIGRATIONS: tuple[Migration, ...] = (
             """CREATE TABLE tidings_publishes (
                 event_id TEXT PRIMARY KEY, recorded_at TEXT NOT NULL)""",
             "CREATE INDEX tidings_publishes_recorded_at ON tidings_publishes (recorded_at)",
+        ),
+    ),
+    Migration(
+        2,
+        "step journal, tool replies, parked events, tool registry",
+        (
+            """CREATE TABLE tidings_journal (
+                agent TEXT NOT NULL, event_id TEXT NOT NULL, seq INTEGER NOT NULL,
+                kind TEXT NOT NULL, name TEXT NOT NULL, args_hash TEXT NOT NULL,
+                status TEXT NOT NULL, result TEXT NOT NULL, detail TEXT NOT NULL,
+                updated_at TEXT NOT NULL, PRIMARY KEY (agent, event_id, seq)) WITHOUT ROWID""",
+            """CREATE TABLE tidings_replies (
+                id TEXT PRIMARY KEY, status TEXT NOT NULL, value TEXT NOT NULL,
+                created_at TEXT NOT NULL)""",
+            """CREATE TABLE tidings_parked (
+                id TEXT PRIMARY KEY, agent TEXT NOT NULL, event_id TEXT NOT NULL,
+                question TEXT NOT NULL, headers TEXT NOT NULL, body BLOB NOT NULL,
+                deadline REAL, status TEXT NOT NULL, answer TEXT NOT NULL, answered_by TEXT,
+                created_at TEXT NOT NULL, answered_at TEXT, resumed_at TEXT)""",
+            "CREATE INDEX tidings_parked_status ON tidings_parked (status, deadline)",
+            "CREATE INDEX tidings_parked_agent ON tidings_parked (agent, created_at)",
+            """CREATE TABLE tidings_tools (
+                name TEXT PRIMARY KEY, app TEXT NOT NULL, registered_at TEXT NOT NULL)""",
         ),
     ),
 )
@@ -512,6 +549,174 @@ class SqliteStore(Store):
                 if deleted < PRUNE_BATCH:
                     break
         return counts
+
+    # -- durable steps, tool replies, parked events -------------------------------------
+
+    async def load_journal(self, agent: str, event_id: str) -> list[Step]:
+        """The journaled steps of (agent, event id), by seq."""
+        rows = await self._call(
+            "load_journal",
+            partial(
+                _fetchall,
+                f"SELECT {JOURNAL_COLUMNS} FROM tidings_journal"
+                " WHERE agent = ? AND event_id = ? ORDER BY seq",
+                (agent, event_id),
+            ),
+        )
+        return [step_from_row(r) for r in rows]
+
+    async def save_step(self, step: Step) -> None:
+        """Insert or replace the step at (agent, event id, seq)."""
+        row = (*step_to_row(step), format_ts(utc_now()))
+        await self._call(
+            "save_step",
+            partial(
+                _execute,
+                f"INSERT INTO tidings_journal ({JOURNAL_COLUMNS}, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (agent, event_id, seq)"
+                " DO UPDATE SET kind = excluded.kind, name = excluded.name,"
+                " args_hash = excluded.args_hash, status = excluded.status,"
+                " result = excluded.result, detail = excluded.detail,"
+                " updated_at = excluded.updated_at",
+                row,
+            ),
+            write=True,
+        )
+
+    async def save_reply(self, reply: Reply) -> bool:
+        """Keep the first reply per id; True if this one was stored."""
+        value = dumps(reply.value, f"reply {reply.id}")
+        stored = await self._call(
+            "save_reply",
+            partial(
+                _execute,
+                "INSERT INTO tidings_replies (id, status, value, created_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                (reply.id, reply.status, value, format_ts(utc_now())),
+            ),
+            write=True,
+        )
+        return bool(stored)
+
+    async def get_reply(self, reply_id: str) -> Reply | None:
+        """The reply stored for a call id, if any."""
+        rows = await self._call(
+            "get_reply",
+            partial(
+                _fetchall,
+                "SELECT id, status, value, created_at FROM tidings_replies WHERE id = ?",
+                (reply_id,),
+            ),
+        )
+        return Reply(rows[0][0], rows[0][1], loads(rows[0][2]), rows[0][3]) if rows else None
+
+    async def park(self, parked: Parked) -> None:
+        """Keep an event parked on a question; a second park of the same id is a no-op."""
+        p = parked
+        row = (
+            p.id, p.agent, p.event_id, dumps(p.question, f"question {p.id}"),
+            dumps(p.headers, f"headers of parked {p.id}"), p.body, p.deadline, "waiting",
+            "null", None, format_ts(utc_now()), None, None,
+        )  # fmt: skip
+        await self._call(
+            "park",
+            partial(
+                _execute,
+                f"INSERT INTO tidings_parked ({PARKED_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                row,
+            ),
+            write=True,
+        )
+
+    async def get_parked(self, parked_id: str) -> Parked | None:
+        """One parked entry by id or by a unique prefix of at least 6 characters."""
+        row = await self._call(
+            "get_parked",
+            partial(_by_id_or_prefix, f"SELECT {PARKED_COLUMNS} FROM tidings_parked", parked_id),
+        )
+        return parked_from_row(row) if row is not None else None
+
+    async def list_parked(
+        self, agent: str | None = None, status: str | None = "waiting", limit: int = 50
+    ) -> list[Parked]:
+        """Parked entries, oldest first, by agent and status (None: any status)."""
+        used = {c: v for c, v in (("agent", agent), ("status", status)) if v is not None}
+        where = " AND ".join(f"{column} = ?" for column in used)
+        rows = await self._call(
+            "list_parked",
+            partial(
+                _fetchall,
+                f"SELECT {PARKED_COLUMNS} FROM tidings_parked {'WHERE ' + where if where else ''}"
+                " ORDER BY created_at, id LIMIT ?",
+                (*used.values(), max(limit, 0)),
+            ),
+        )
+        return [parked_from_row(r) for r in rows]
+
+    async def answer_parked(
+        self, parked_id: str, answer: object, *, status: str = "answered", by: str | None = None
+    ) -> Parked | None:
+        """Answer a waiting entry once; None if it was not waiting."""
+        value = dumps(answer, f"answer to {parked_id}")
+        changed = await self._call(
+            "answer_parked",
+            partial(
+                _execute,
+                "UPDATE tidings_parked SET status = ?, answer = ?, answered_by = ?,"
+                " answered_at = ? WHERE id = ? AND status = 'waiting'",
+                (status, value, by, format_ts(utc_now()), parked_id),
+            ),
+            write=True,
+        )
+        return await self.get_parked(parked_id) if changed else None
+
+    async def mark_resumed(self, parked_id: str) -> None:
+        """Record that the parked event was handed back to its agent."""
+        await self._call(
+            "mark_resumed",
+            partial(
+                _execute,
+                "UPDATE tidings_parked SET resumed_at = ? WHERE id = ?",
+                (format_ts(utc_now()), parked_id),
+            ),
+            write=True,
+        )
+
+    async def parked_to_sweep(self, now: float) -> list[Parked]:
+        """Waiting entries past their deadline, and answered ones not yet resumed."""
+        rows = await self._call(
+            "parked_to_sweep",
+            partial(
+                _fetchall,
+                f"SELECT {PARKED_COLUMNS} FROM tidings_parked WHERE (status = 'waiting'"
+                " AND deadline IS NOT NULL AND deadline <= ?)"
+                " OR (status <> 'waiting' AND resumed_at IS NULL) ORDER BY created_at LIMIT 500",
+                (now,),
+            ),
+        )
+        return [parked_from_row(r) for r in rows]
+
+    async def register_tool(self, name: str, app: str) -> None:
+        """Record that `app` serves tool `name`."""
+        await self._call(
+            "register_tool",
+            partial(
+                _execute,
+                "INSERT INTO tidings_tools (name, app, registered_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET app = excluded.app,"
+                " registered_at = excluded.registered_at",
+                (name, app, format_ts(utc_now())),
+            ),
+            write=True,
+        )
+
+    async def served_tools(self) -> list[str]:
+        """Names of every registered tool."""
+        rows = await self._call(
+            "served_tools", partial(_fetchall, "SELECT name FROM tidings_tools ORDER BY name", ())
+        )
+        return [r[0] for r in rows]
 
 
 # -- blocking helpers, run on the store thread --------------------------------------------
