@@ -17,7 +17,10 @@ from tidings.runtime.outcomes import Backoff
 
 if TYPE_CHECKING:
     from tidings.client import Client
+    from tidings.llm import Models
+    from tidings.mcp import McpServer
     from tidings.runtime.context import Context
+    from tidings.tools import ToolSpec
 
 Handler = Callable[[Event, "Context"], Awaitable[Any]]
 StartupHook = Callable[["Client"], Coroutine[Any, Any, None]]
@@ -65,6 +68,63 @@ class App:
         self._settings = settings
         self.agents: dict[str, AgentSpec] = {}
         self.startup_hooks: list[StartupHook] = []
+        self.tools: dict[str, ToolSpec] = {}
+        self.mcp_servers: list[McpServer] = []
+        self._llm: Models | None = None
+
+    @property
+    def llm(self) -> Models:
+        """The models agents may call (``app.llm.add(model, limits=...)``)."""
+        if self._llm is None:
+            from tidings.llm import Models
+
+            self._llm = Models()
+        return self._llm
+
+    def tool(
+        self, name: str, *, description: str | None = None, concurrency: int = 32
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Declare a tool service: agents call it with ``await ctx.tool(name, args)``.
+
+        The input schema comes from the function's parameters (or its one pydantic /
+        TypedDict / dict parameter), the output schema from its return hint. Every
+        worker running this app serves it; calls are load-balanced between them.
+        """
+        from tidings.tools import tool_spec
+
+        try:
+            check_pattern(name)
+        except ValueError as e:
+            raise ConfigError(f"tool {name!r}: {e}") from e
+        if "*" in name or ">" in name:
+            raise ConfigError(f"tool {name!r}: a tool name cannot hold wildcards")
+
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            if name in self.tools:
+                raise ConfigError(f"tool {name!r} is declared twice in app {self.name!r}")
+            self.tools[name] = tool_spec(
+                name, fn, description=description, concurrency=concurrency
+            )
+            return fn
+
+        return register
+
+    def mcp(
+        self,
+        prefix: str,
+        *,
+        command: Sequence[str] | None = None,
+        url: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """Serve the tools of an MCP server on the bus as ``<prefix>.<tool>``.
+
+        `command` starts a stdio server; `url` reaches a streamable HTTP one. The tools
+        are discovered when a worker starts (needs ``pip install "tidings[mcp]"``).
+        """
+        from tidings.mcp import McpServer
+
+        self.mcp_servers.append(McpServer(prefix, command=command, url=url, env=env))
 
     @property
     def settings(self) -> Settings:

@@ -1,8 +1,10 @@
-"""What a handler sees besides its event: memory, emitting, and who it is."""
+"""What a handler sees besides its event: memory, emitting, durable steps, and who it is."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -10,11 +12,27 @@ import structlog
 
 from tidings.errors import PolicyViolation
 from tidings.events import Event, check_type, encode, matches
+from tidings.runtime.steps import Journal
 from tidings.store.base import Store
 from tidings.store.records import OutboxEvent
 
 if TYPE_CHECKING:
     from tidings.app import AgentSpec
+    from tidings.bus.base import Bus
+    from tidings.llm import Completion, Message, Models
+    from tidings.tools import ReplyHub, ToolSpec
+
+
+@dataclass(slots=True)
+class Services:
+    """What durable steps need beyond the store: the bus, replies, models and tools."""
+
+    bus: Bus
+    store: Store
+    replies: ReplyHub
+    models: Models | None = None
+    tools: Mapping[str, ToolSpec] = field(default_factory=dict)
+    served: set[str] = field(default_factory=set)  # tool names known to be served
 
 _MISSING = object()
 
@@ -83,7 +101,14 @@ class Context:
     """Handed to every handler call: `ctx.state`, `ctx.emit(...)`, `ctx.log`, ids."""
 
     def __init__(
-        self, spec: AgentSpec, event: Event, key: str, attempt: int, store: Store, app_name: str
+        self,
+        spec: AgentSpec,
+        event: Event,
+        key: str,
+        attempt: int,
+        store: Store,
+        app_name: str,
+        services: Services | None = None,
     ) -> None:
         self.agent = spec.name
         self.event = event
@@ -95,6 +120,69 @@ class Context:
         self._log: Any = None
         self._spec = spec
         self._source = f"/{app_name}/{spec.name}"
+        self.journal = Journal(store, spec.name, event.id)
+        self.parked: str | None = None  # the id of the question this run parked on
+        self._services = services
+        self._llm: LLM | None = None
+        self._progress = 0
+
+    @property
+    def services(self) -> Services:
+        """The bus, replies and models (set by the pipeline that runs this handler)."""
+        if self._services is None:
+            raise RuntimeError(
+                "this Context has no bus: ctx.tool, ctx.llm, ctx.ask and ctx.progress need"
+                " a handler run by a worker (or a Pipeline given services=)"
+            )
+        return self._services
+
+    @property
+    def llm(self) -> LLM:
+        """Journaled model calls: ``await ctx.llm.complete(messages, model=...)``."""
+        if self._llm is None:
+            self._llm = LLM(self)
+        return self._llm
+
+    async def step(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run `fn(*args, **kwargs)` once per event: a re-run returns the recorded result.
+
+        `fn` may be sync or async; its result must be JSON-serialisable.
+        """
+        from tidings.runtime.durable import run_step
+
+        return await run_step(self, name, fn, args, kwargs)
+
+    async def tool(self, name: str, args: Any = None, *, timeout: float = 60.0) -> Any:
+        """Call a tool over the bus and wait for its result (journaled).
+
+        Raises `ToolNotServed`, `ToolTimeout` or `ToolFailed`, which the handler may catch.
+        """
+        from tidings.runtime.durable import call_tool
+
+        return await call_tool(self, name, args, timeout)
+
+    async def ask(self, question: Any, *, timeout: float | None = None) -> Any:
+        """Park this event until someone answers `question`; return the answer.
+
+        The event is acked and parked in the store (no worker slot or unacked message
+        is held); the answer (`tidings approvals answer`, or an ``approval.answered``
+        event) re-delivers it and this call returns the answer. Past `timeout` seconds
+        it raises `ApprovalTimeout` instead.
+        """
+        from tidings.runtime.durable import ask
+
+        return await ask(self, question, timeout)
+
+    async def progress(self, fraction: float, message: str = "") -> Event:
+        """Publish an ``agent.task.progress`` event now (not at commit), for UIs.
+
+        Its id is derived from the event and the call's order, so a re-run handler does
+        not publish it twice.
+        """
+        from tidings.runtime.durable import progress
+
+        self._progress += 1
+        return await progress(self, fraction, message, self._progress)
 
     @property
     def log(self) -> Any:
@@ -139,3 +227,31 @@ class Context:
         self.emitted.append(event)
         self.outbox.append(OutboxEvent(event.id, type, headers, body))
         return event
+
+
+class LLM:
+    """`ctx.llm`: model calls journaled as steps."""
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+
+    async def complete(
+        self,
+        messages: list[Message],
+        *,
+        model: str | None = None,
+        tools: list[str | dict[str, Any]] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        **options: Any,
+    ) -> Completion:
+        """Ask a model; a re-run of this event returns the recorded answer, unbilled.
+
+        `tools` are names of the app's tools or tool definitions; the model's requests to
+        call them are in `Completion.tool_calls`.
+        """
+        from tidings.runtime.durable import complete
+
+        return await complete(
+            self._ctx, messages, model, tools, max_tokens, temperature, options
+        )

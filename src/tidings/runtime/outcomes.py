@@ -14,11 +14,16 @@ from pydantic import ValidationError
 
 from tidings.errors import (
     AlreadyProcessed,
+    ApprovalTimeout,
     BusError,
+    DeterminismError,
     MalformedEvent,
     PolicyViolation,
+    ProviderRejected,
+    RateLimited,
     StateConflict,
     StoreError,
+    ToolError,
 )
 
 
@@ -73,6 +78,13 @@ def outcome_for(exc: Exception, attempt: int, max_attempts: int, backoff: Backof
     if isinstance(exc, MalformedEvent | PolicyViolation | ValidationError):
         # Retrying cannot fix bad input or a forbidden action.
         return DeadLetter(error, traceback.format_exc())
+    if isinstance(exc, DeterminismError | ToolError | ApprovalTimeout | ProviderRejected):
+        # A journaled failure replays on every retry, a diverging handler needs new code,
+        # and a provider that refused the request refuses it again.
+        return DeadLetter(error, traceback.format_exc())
+    if isinstance(exc, RateLimited):
+        # Held back, not failed: wait as long as the limit says, without using up attempts.
+        return Retry(max(exc.retry_after, backoff.delay(1)), error)
     if isinstance(exc, AlreadyProcessed):
         return Ack("duplicate")
     if isinstance(exc, StateConflict):

@@ -27,7 +27,8 @@ from tidings.app import AgentSpec
 from tidings.bus.base import Bus, Delivery
 from tidings.errors import AlreadyProcessed, MalformedEvent
 from tidings.events import Event, decode, new_id, now
-from tidings.runtime.context import Context
+from tidings.runtime.context import Context, Services
+from tidings.runtime.durable import AgentParked
 from tidings.runtime.filters import FilterMiss
 from tidings.runtime.outcomes import Ack, DeadLetter, Outcome, Retry, describe
 from tidings.store.base import Store
@@ -48,6 +49,7 @@ class AgentStats:
     duplicates: int = 0
     retried: int = 0
     dead_lettered: int = 0
+    parked: int = 0
     handler_seconds: float = 0.0
     last_error: str | None = field(default=None)
 
@@ -55,12 +57,24 @@ class AgentStats:
 class Pipeline:
     """Runs the six steps for one agent against one bus and one store."""
 
-    def __init__(self, spec: AgentSpec, bus: Bus, store: Store, app_name: str) -> None:
+    def __init__(
+        self,
+        spec: AgentSpec,
+        bus: Bus,
+        store: Store,
+        app_name: str,
+        services: Services | None = None,
+    ) -> None:
         self.spec = spec
         self.bus = bus
         self.store = store
         self.app_name = app_name
         self.stats = AgentStats()
+        if services is None:
+            from tidings.tools import ReplyHub
+
+            services = Services(bus, store, ReplyHub(store))
+        self.services = services
 
     # -- steps 1 and 2: no I/O ------------------------------------------------------
 
@@ -94,14 +108,24 @@ class Pipeline:
             return Ack("duplicate")
 
         key = spec.key_of(event)  # 4
-        ctx = Context(spec, event, key, delivery.attempt, store, self.app_name)
+        ctx = Context(spec, event, key, delivery.attempt, store, self.app_name, self.services)
         seen = event
         if spec.data_model is not None:
             seen = event.replace(data=spec.data_model.model_validate(event.data))
         started_at, started = now(), time.perf_counter()
-        result = await spec.handler(seen, ctx)
+        try:
+            result = await spec.handler(seen, ctx)
+        except AgentParked:
+            result = None
         elapsed = time.perf_counter() - started
         self.stats.handler_seconds += elapsed
+        if ctx.parked is not None:  # waiting on an answer: acked, not processed
+            await store.add_decision(
+                self._decision(event, key, ctx, None, started_at, elapsed, status="parked")
+            )
+            self.stats.parked += 1
+            return Ack("parked")
+        ctx.journal.check_complete()
 
         decision = self._decision(event, key, ctx, result, started_at, elapsed)  # 5
         try:
@@ -141,6 +165,7 @@ class Pipeline:
         result: Any,
         started_at: str,
         elapsed: float,
+        status: str = "ok",
     ) -> Decision:
         if hasattr(result, "model_dump"):
             result = result.model_dump(mode="json")
@@ -148,11 +173,17 @@ class Pipeline:
             orjson.dumps(result)
         except TypeError as e:
             raise TypeError(f"the handler's return value must be JSON-serialisable: {e}") from e
+        model, tokens_in, tokens_out, cost = ctx.journal.usage()
         return self._record(
             event,
             key,
-            status="ok",
+            status=status,
             result=result,
+            steps=ctx.journal.records,
+            model=model,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            cost=cost,
             state_before=ctx.state.before,
             state_after=ctx.state.after if ctx.state.dirty else ctx.state.before,
             emitted=[{"id": e.id, "type": e.type} for e in ctx.emitted],

@@ -29,6 +29,8 @@ from tidings.bus.base import Bus, ConsumerSpec, Delivery, Subscription
 from tidings.client import Client
 from tidings.config import Settings
 from tidings.events import Event
+from tidings.runtime.approvals import Approvals
+from tidings.runtime.context import Services
 from tidings.runtime.outcomes import Ack, outcome_for
 from tidings.runtime.pipeline import Pipeline
 from tidings.store import open_store
@@ -36,6 +38,8 @@ from tidings.store.base import Store
 
 if TYPE_CHECKING:
     from tidings.bus.embedded import EmbeddedNats
+    from tidings.mcp import McpBridge
+    from tidings.tools import ReplyHub, ToolRunner
 
 log = structlog.get_logger("tidings.worker")
 
@@ -163,32 +167,72 @@ class Worker:
         self.store: Store | None = None
         self.embedded: EmbeddedNats | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self.tool_runners: dict[str, ToolRunner] = {}
+        self.replies: ReplyHub | None = None
+        self.approvals: Approvals | None = None
+        self.mcp: list[McpBridge] = []
 
     async def start(self) -> None:
-        """Connect, migrate, subscribe every agent, then start the app's startup hooks."""
+        """Connect, migrate, serve tools, subscribe every agent, then run startup hooks."""
+        from tidings.tools import ReplyHub, ToolRunner
+
         self.bus = await connect_bus(self.settings, start_embedded=True, worker=self)
         self.store = open_store(self.settings.store_url)
         await self.store.open()
+        tools = dict(self.app.tools)
+        if self.app.mcp_servers:
+            from tidings.mcp import McpBridge
+
+            for server in self.app.mcp_servers:
+                bridge = McpBridge(server)
+                tools.update(await bridge.start())
+                self.mcp.append(bridge)
+            self.app.tools.update(tools)  # discovered tools become part of the app
+        for tool in tools.values():  # served before agents start, so calls find them
+            tool_runner = ToolRunner(tool, self.bus, self.store, self.app.name)
+            await tool_runner.start(self.settings.ack_wait, self.settings.max_in_flight)
+            self.tool_runners[tool.name] = tool_runner
+        self.replies = ReplyHub(self.store)
+        services = Services(
+            self.bus, self.store, self.replies, self.app.llm, self.app.tools
+        )
         for spec in self.app.agents.values():
+            await self.replies.subscribe(self.bus, spec.name, self.settings.ack_wait)
             runner = AgentRunner(
-                spec, Pipeline(spec, self.bus, self.store, self.app.name), self.settings
+                spec, Pipeline(spec, self.bus, self.store, self.app.name, services), self.settings
             )
             await runner.start(self.bus)
             self.runners[spec.name] = runner
+        if self.app.agents:
+            self.approvals = Approvals(self.store, self.bus, self.app.name, self.app.agents)
+            await self.approvals.start(self.settings.ack_wait)
         client = Client(
             settings=self.settings, source=f"/{self.app.name}", bus=self.bus, store=self.store
         )
         for hook in self.app.startup_hooks:
             self._background.add(asyncio.create_task(hook(client)))
         self._background.add(asyncio.create_task(self._prune_periodically()))
-        log.info("worker started", app=self.app.name, agents=list(self.runners))
+        log.info(
+            "worker started", app=self.app.name, agents=list(self.runners),
+            tools=list(self.tool_runners),
+        )  # fmt: skip
 
     async def stop(self, grace: float = 10.0) -> None:
         """Finish or hand back in-flight work, then disconnect."""
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        await asyncio.gather(*(runner.stop(grace) for runner in self.runners.values()))
+        if self.approvals is not None:
+            await self.approvals.stop()
+        await asyncio.gather(
+            *(runner.stop(grace) for runner in self.runners.values()),
+            *(runner.stop(grace) for runner in self.tool_runners.values()),
+        )
+        if self.replies is not None:
+            await self.replies.stop()
+        for bridge in self.mcp:
+            await bridge.stop()
+        await self.app.llm.aclose()
         if self.bus is not None:
             await self.bus.close()  # flushes the acks of finished work
         if self.store is not None:
