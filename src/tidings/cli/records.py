@@ -310,6 +310,8 @@ def decisions_show(
         ("cost", record.cost),
     )
     parts: list[RenderableType] = [facts]
+    if record.steps:
+        parts.append(steps_table(record.steps))
     if record.error:
         parts.append(Panel(Text(record.error, style="red"), title="error", title_align="left"))
     for title, value in (
@@ -324,6 +326,30 @@ def decisions_show(
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def steps_table(steps: list[dict[str, Any]]) -> Table:
+    """The journaled steps of a decision, one line each (details in the JSON below)."""
+    table = list_table(f"steps ({len(steps)})")
+    for title in ("#", "kind", "name", "status", "replayed", "ms", "tokens", "cost", "result"):
+        justify: JustifyMethod = "right" if title in ("#", "ms", "cost") else "left"
+        table.add_column(title, overflow="ellipsis", justify=justify)
+    for step in steps:
+        tokens = f"{step.get('tokens_in', 0)}/{step.get('tokens_out', 0)}"
+        failed = step.get("status") == "failed"
+        outcome = step.get("error") if failed else step.get("result")
+        table.add_row(
+            str(step.get("seq", "")),
+            str(step.get("kind", "")),
+            Text(str(step.get("name", ""))),
+            Text(str(step.get("status", "")), style="red" if failed else ""),
+            "yes" if step.get("replayed") else "no",
+            f"{float(step.get('ms', 0.0)):.1f}",
+            tokens if step.get("kind") == "llm" else "-",
+            f"{float(step.get('cost', 0.0)):.6f}" if step.get("kind") == "llm" else "-",
+            Text(compact(outcome, limit=50), no_wrap=True, overflow="ellipsis"),
+        )
+    return table
 
 
 def _facts(*rows: tuple[str, Any]) -> Table:
