@@ -161,7 +161,7 @@ async def test_tool_errors_reach_the_agent_as_exceptions(
     @app.agent("caller", on="call.me")
     async def caller(event: Event, ctx: Context) -> dict[str, str]:
         outcomes: dict[str, str] = {}
-        for name, args, timeout in (("flaky", {"n": 3}, 10.0), ("missing", {}, 10.0),
+        for name, args, timeout in (("flaky", {"n": 3}, 10.0), ("missing", {}, 0.2),
                                     ("slow", {}, 0.5), ("flaky", {"n": "x"}, 10.0)):  # fmt: skip
             try:
                 await ctx.tool(name, args, timeout=timeout)
@@ -192,7 +192,7 @@ async def test_uncaught_tool_error_dead_letters_without_retries(
     @app.agent("caller", on="call.me", backoff=FAST)
     async def caller(event: Event, ctx: Context) -> None:
         runs["n"] += 1
-        await ctx.tool("nobody.serves.this", {})
+        await ctx.tool("nobody.serves.this", {}, timeout=0.2)
 
     async with running(app, settings) as worker, Client(settings) as client:
         await client.publish("call.me", {})

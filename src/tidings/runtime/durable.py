@@ -11,6 +11,7 @@ Each follows one shape (see `tidings.runtime.steps` for the journal and its rule
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 from typing import TYPE_CHECKING, Any
@@ -33,9 +34,12 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from tidings.llm import Completion, Message
-    from tidings.runtime.context import Context
+    from tidings.runtime.context import Context, Services
 
 PROGRESS = "agent.task.progress"
+# How long a call waits for an unknown tool to be registered before `ToolNotServed`:
+# workers start in any order, and a tool service may come up just after its caller.
+NOT_SERVED_GRACE_S = 5.0
 APPROVAL_ANSWERED = "approval.answered"
 
 
@@ -96,7 +100,7 @@ async def call_tool(ctx: Context, name: str, args: Any, timeout: float) -> Any:
     try:
         if recorded is None:
             if name not in services.served:
-                services.served.update(await services.store.served_tools())
+                await _await_registration(services, name, min(timeout, NOT_SERVED_GRACE_S))
             if name not in services.served:
                 raise ToolNotServed(
                     name,
@@ -130,6 +134,17 @@ async def call_tool(ctx: Context, name: str, args: Any, timeout: float) -> Any:
     await ctx.journal.save(step)
     ctx.journal.note(step, started, replayed=replayed, args=args)
     return reply.value
+
+
+async def _await_registration(services: Services, name: str, grace: float) -> None:
+    deadline = time.monotonic() + grace
+    delay = 0.05
+    while True:
+        services.served.update(await services.store.served_tools())
+        if name in services.served or time.monotonic() >= deadline:
+            return
+        await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0)))
+        delay = min(delay * 2, 0.5)
 
 
 def _invoke_event(
