@@ -174,9 +174,17 @@ class Worker:
 
     async def start(self) -> None:
         """Connect, migrate, serve tools, subscribe every agent, then run startup hooks."""
+        self.bus = await connect_bus(self.settings, start_embedded=True, worker=self)
+        try:
+            await self._start_serving()
+        except BaseException:
+            await self.stop(grace=0)  # leave no connection or subprocess behind
+            raise
+
+    async def _start_serving(self) -> None:
         from tidings.tools import ReplyHub, ToolRunner
 
-        self.bus = await connect_bus(self.settings, start_embedded=True, worker=self)
+        assert self.bus is not None
         self.store = open_store(self.settings.store_url)
         await self.store.open()
         tools = dict(self.app.tools)
