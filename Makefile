@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help demo install dev test lint typecheck pytest bench clean
+.PHONY: help demo install dev test lint typecheck pytest bench clean research bench-steps
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -18,6 +18,9 @@ install: $(BIN)/tidings  ## Create .venv and install Tidings
 
 demo: install  ## Install and run the fraud-detection example on the embedded bus (Ctrl-C stops)
 	$(BIN)/tidings run examples.fraud:app
+
+research: install  ## Run the research-assistant example (tools, journaled LLM steps, progress)
+	$(BIN)/tidings run examples.research:app
 
 dev: install  ## Install the test and lint tools (and the PostgreSQL driver)
 	$(BIN)/pip install --quiet -e '.[dev]'
@@ -36,6 +39,9 @@ test: lint typecheck pytest  ## Install everything, then lint, type-check and ru
 
 bench: dev  ## Throughput and latency against the raw nats-py client
 	$(BIN)/python benchmarks/throughput.py
+
+bench-steps: dev  ## Overhead of a journaled step and a bus tool call against a direct call
+	$(BIN)/python benchmarks/steps.py
 
 clean:  ## Remove the virtualenv and local data
 	rm -rf $(VENV) .tidings .mypy_cache .ruff_cache .pytest_cache

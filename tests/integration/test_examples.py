@@ -36,3 +36,38 @@ async def test_fraud_example_flags_and_notifies(
         detector = stats["fraud-detector"]
         assert detector.filtered > detector.handled > 0  # most payments are small
         assert detector.dead_lettered == 0 and stats["notifier"].dead_lettered == 0
+
+
+async def test_research_example_answers_with_progress_and_journaled_steps(
+    nats_url: str, namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from examples.research import QUESTIONS, app
+
+    settings = settings_for(nats_url, namespace, tmp_path)
+    async with running(app, settings) as worker:
+        store = worker.store
+        assert store is not None
+
+        async def answered() -> bool:
+            decisions = await store.list_decisions("researcher")
+            return len([d for d in decisions if d.status == "ok"]) == len(QUESTIONS)
+
+        await eventually(answered, timeout=60, message="the sample questions")
+        stats = worker.stats()
+        await eventually(lambda: stats["reporter"].handled >= 4 * len(QUESTIONS), timeout=30,
+                         message="the reporter")  # fmt: skip
+        decisions = {d.result["question"]: d for d in await store.list_decisions("researcher")}
+
+    tides = decisions[QUESTIONS[0]]
+    assert tides.result["sources"][0] == "tides"
+    assert "gravitational pull of the Moon" in tides.result["answer"]
+    assert [(s["kind"], s["name"]) for s in tides.steps] == [
+        ("tool", "corpus.search"),
+        ("llm", "scripted"),
+    ]
+    assert tides.model == "scripted" and tides.tokens_in > 0
+    for kind in ("completed", "progress"):
+        counts = await subject_counts(nats_url, namespace, f"{namespace}.events.agent.task.{kind}")
+        assert sum(counts.values()) == len(QUESTIONS) * (1 if kind == "completed" else 3)
+    out = capsys.readouterr().out
+    assert "100% done" in out and "Q: How do estuaries change with the tide?" in out
