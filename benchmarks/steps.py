@@ -138,7 +138,9 @@ async def main() -> None:
         for store_name, store_url in stores:
             results = await measure(url, store_url, folder / "home", args.calls)
             direct = statistics.median(results["direct call"])
-            table = Table(title=f"Durable steps, {args.calls:,} sequential calls each, {store_name}")
+            table = Table(
+                title=f"Durable steps, {args.calls:,} sequential calls each, {store_name}"
+            )
             for column in ("operation", "median µs", "p99 µs", "× direct (median)"):
                 table.add_column(column, justify="left" if column == "operation" else "right")
             for name, samples in results.items():

@@ -50,7 +50,7 @@ _COMMON = {"what", "when", "which", "they", "does", "with", "that", "this", "fro
 async def search(query: str, limit: int = 2) -> list[dict[str, Any]]:
     """Find the corpus documents that share the most words with the query."""
     wanted = {w for w in _WORD.findall(query.lower()) if len(w) > 3 and w not in _COMMON}
-    scored = []
+    scored: list[dict[str, Any]] = []
     for name, text in DOCUMENTS.items():
         words = _WORD.findall(text.lower())
         score = sum(words.count(w) for w in wanted)

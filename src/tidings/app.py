@@ -102,9 +102,7 @@ class App:
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
             if name in self.tools:
                 raise ConfigError(f"tool {name!r} is declared twice in app {self.name!r}")
-            self.tools[name] = tool_spec(
-                name, fn, description=description, concurrency=concurrency
-            )
+            self.tools[name] = tool_spec(name, fn, description=description, concurrency=concurrency)
             return fn
 
         return register

@@ -51,9 +51,7 @@ def _import_sdk() -> Any:
     try:
         import mcp
     except ImportError as e:
-        raise ConfigError(
-            'MCP tools need the official MCP SDK: pip install "tidings[mcp]"'
-        ) from e
+        raise ConfigError('MCP tools need the official MCP SDK: pip install "tidings[mcp]"') from e
     return mcp
 
 

@@ -397,7 +397,9 @@ def tool_definitions(
     for item in wanted:
         if isinstance(item, str):
             if item not in tools:
-                raise ConfigError(f"tools=[{item!r}]: no such tool in the app; known: {list(tools)}")
+                raise ConfigError(
+                    f"tools=[{item!r}]: no such tool in the app; known: {list(tools)}"
+                )
             out.append(tools[item].definition())
         else:
             out.append(dict(item))

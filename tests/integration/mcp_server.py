@@ -1,7 +1,7 @@
 """A small MCP server the tests start: stdio by default, streamable HTTP with a port.
 
-    python tests/integration/mcp_server.py              # stdio
-    python tests/integration/mcp_server.py http PORT    # streamable HTTP on 127.0.0.1:PORT/mcp
+python tests/integration/mcp_server.py              # stdio
+python tests/integration/mcp_server.py http PORT    # streamable HTTP on 127.0.0.1:PORT/mcp
 """
 
 from __future__ import annotations

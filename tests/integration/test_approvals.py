@@ -112,9 +112,7 @@ async def test_many_agents_wait_at_once_without_holding_slots(
     assert len(app.llm._models["fake"][0].requests) == 5  # type: ignore[attr-defined]
 
 
-async def test_unanswered_question_times_out(
-    nats_url: str, namespace: str, tmp_path: Path
-) -> None:
+async def test_unanswered_question_times_out(nats_url: str, namespace: str, tmp_path: Path) -> None:
     calls: Counter[str] = Counter()
     app = approval_app(calls)
     settings = settings_for(nats_url, namespace, tmp_path)

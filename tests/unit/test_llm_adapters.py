@@ -109,7 +109,11 @@ async def test_openai_tool_round_trip_matches_the_recording(cassette: Cassette) 
         first = await model.complete(Request(messages, TOOLS, max_tokens=200, temperature=0.0))
         assert first.finish_reason == "tool_calls" and first.text == ""
         (call,) = first.tool_calls
-        assert (call.id, call.name, call.arguments) == ("call_k1", "docs.search", {"query": "tides"})
+        assert (call.id, call.name, call.arguments) == (
+            "call_k1",
+            "docs.search",
+            {"query": "tides"},
+        )
         assert (first.tokens_in, first.tokens_out) == (82, 17)
         assert first.cost == pytest.approx((82 * 0.15 + 17 * 0.60) / 1e6)  # list price
         messages += [

@@ -16,11 +16,11 @@ Script = Callable[[Request], "str | Completion | Awaitable[str | Completion]"]
 
 
 class FakeModel(Model):
-    """Answers from a script: a list of replies (used in turn, the last one repeats) or a
-    function of the request.
+    """Answers from a script: a list of replies, or a function of the request.
 
-    With `record_to`, each call appends one JSON line (model, messages) to that file, so a
-    test can count calls made by any process, including one it killed.
+    Listed replies are used in turn and the last one repeats. With `record_to`, each call
+    appends one JSON line (model, messages) to that file, so a test can count calls made
+    by any process, including one it killed.
     """
 
     provider = "fake"

@@ -16,7 +16,9 @@ from tidings.llm.base import Price
 try:
     import httpx
 except ImportError as e:  # pragma: no cover - depends on the installed extras
-    raise ConfigError('the OpenAI and Anthropic adapters need httpx: pip install "tidings[llm]"') from e
+    raise ConfigError(
+        'the OpenAI and Anthropic adapters need httpx: pip install "tidings[llm]"'
+    ) from e
 
 # List prices in USD per million tokens (input, output) when this was written; pass
 # price= to an adapter for your contract's prices or a model not listed here.

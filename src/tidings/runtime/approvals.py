@@ -43,8 +43,11 @@ async def answer(
 
 
 async def resume(store: Store, bus: Bus, entry: Parked) -> None:
-    """Hand a parked event back to its agent; a crash before `mark_resumed` re-sends it,
-    which the agent's inbox and journal make harmless."""
+    """Hand a parked event back to its agent.
+
+    A crash before `mark_resumed` makes the sweep send it again, which the agent's inbox
+    and journal make harmless.
+    """
     await bus.retry(entry.agent, decode(entry.headers, entry.body))
     await store.mark_resumed(entry.id)
 

@@ -34,6 +34,7 @@ class Services:
     tools: Mapping[str, ToolSpec] = field(default_factory=dict)
     served: set[str] = field(default_factory=set)  # tool names known to be served
 
+
 _MISSING = object()
 
 
@@ -152,7 +153,14 @@ class Context:
 
         return await run_step(self, name, fn, args, kwargs)
 
-    async def tool(self, name: str, args: Any = None, *, timeout: float = 60.0) -> Any:
+    # The timeouts below are durable deadlines (journaled, stored), not await timeouts.
+    async def tool(
+        self,
+        name: str,
+        args: Any = None,
+        *,
+        timeout: float = 60.0,  # noqa: ASYNC109
+    ) -> Any:
         """Call a tool over the bus and wait for its result (journaled).
 
         Raises `ToolNotServed`, `ToolTimeout` or `ToolFailed`, which the handler may catch.
@@ -161,7 +169,12 @@ class Context:
 
         return await call_tool(self, name, args, timeout)
 
-    async def ask(self, question: Any, *, timeout: float | None = None) -> Any:
+    async def ask(
+        self,
+        question: Any,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Any:
         """Park this event until someone answers `question`; return the answer.
 
         The event is acked and parked in the store (no worker slot or unacked message
@@ -252,6 +265,4 @@ class LLM:
         """
         from tidings.runtime.durable import complete
 
-        return await complete(
-            self._ctx, messages, model, tools, max_tokens, temperature, options
-        )
+        return await complete(self._ctx, messages, model, tools, max_tokens, temperature, options)

@@ -43,7 +43,7 @@ NOT_SERVED_GRACE_S = 5.0
 APPROVAL_ANSWERED = "approval.answered"
 
 
-class AgentParked(Exception):  # noqa: N818 - a signal, not an error
+class AgentParked(Exception):
     """Raised by `ctx.ask` to end the run: the event waits in the store for an answer."""
 
     def __init__(self, parked_id: str) -> None:
@@ -82,7 +82,7 @@ async def run_step(
     return result
 
 
-async def call_tool(ctx: Context, name: str, args: Any, timeout: float) -> Any:
+async def call_tool(ctx: Context, name: str, args: Any, timeout: float) -> Any:  # noqa: ASYNC109
     """`ctx.tool`: send `tool.invoke` once, wait for the reply, record it."""
     from tidings.tools import invoke_type
 
@@ -198,7 +198,7 @@ async def complete(
     return completion
 
 
-async def ask(ctx: Context, question: Any, timeout: float | None) -> Any:
+async def ask(ctx: Context, question: Any, timeout: float | None) -> Any:  # noqa: ASYNC109
     """`ctx.ask`: park the event on a question, or return the answer it got."""
     store = ctx.services.store
     digest = args_hash(question)

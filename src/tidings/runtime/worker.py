@@ -201,9 +201,7 @@ class Worker:
             await tool_runner.start(self.settings.ack_wait, self.settings.max_in_flight)
             self.tool_runners[tool.name] = tool_runner
         self.replies = ReplyHub(self.store)
-        services = Services(
-            self.bus, self.store, self.replies, self.app.llm, self.app.tools
-        )
+        services = Services(self.bus, self.store, self.replies, self.app.llm, self.app.tools)
         for spec in self.app.agents.values():
             await self.replies.subscribe(self.bus, spec.name, self.settings.ack_wait)
             runner = AgentRunner(

@@ -276,7 +276,7 @@ def step_to_row(step: Step) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
-def step_from_row(row: Sequence[Any]) -> Step:
+def step_from_row(row: Any) -> Step:
     """A row of JOURNAL_COLUMNS back into a `Step`."""
     return Step(
         agent=row[0], event_id=row[1], seq=int(row[2]), kind=row[3], name=row[4],
@@ -284,7 +284,7 @@ def step_from_row(row: Sequence[Any]) -> Step:
     )  # fmt: skip
 
 
-def parked_from_row(row: Sequence[Any]) -> Parked:
+def parked_from_row(row: Any) -> Parked:
     """A row of PARKED_COLUMNS back into a `Parked` (timestamps as stored text)."""
     return Parked(
         id=row[0], agent=row[1], event_id=row[2], question=loads(row[3]), headers=loads(row[4]),

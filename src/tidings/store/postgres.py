@@ -30,11 +30,11 @@ from tidings.errors import AlreadyProcessed, ConfigError, StateConflict, StoreEr
 from tidings.store.base import Store
 from tidings.store.migrations import (
     DEAD_LETTER_COLUMNS,
+    JOURNAL_COLUMNS,
     MIGRATIONS_TABLE,
     MIN_PREFIX,
-    PRUNED,
-    JOURNAL_COLUMNS,
     PARKED_COLUMNS,
+    PRUNED,
     Batcher,
     Migration,
     as_utc,
@@ -43,8 +43,8 @@ from tidings.store.migrations import (
     dumps,
     format_ts,
     loads,
-    parse_ts,
     parked_from_row,
+    parse_ts,
     pending,
     prefix_range,
     step_from_row,
@@ -681,7 +681,8 @@ class PostgresStore(Store):
         async with self._conn("answer_parked") as conn:
             row = await conn.fetchrow(
                 "UPDATE tidings_parked SET status = $1, answer = $2, answered_by = $3,"
-                f" answered_at = $4 WHERE id = $5 AND status = 'waiting' RETURNING {PARKED_COLUMNS}",
+                " answered_at = $4 WHERE id = $5 AND status = 'waiting'"
+                f" RETURNING {PARKED_COLUMNS}",
                 status,
                 value,
                 by,

@@ -31,11 +31,11 @@ from tidings.errors import AlreadyProcessed, ConfigError, StateConflict, StoreEr
 from tidings.store.base import Store
 from tidings.store.migrations import (
     DEAD_LETTER_COLUMNS,
+    JOURNAL_COLUMNS,
     MIGRATIONS_TABLE,
     MIN_PREFIX,
-    PRUNED,
-    JOURNAL_COLUMNS,
     PARKED_COLUMNS,
+    PRUNED,
     Batcher,
     Migration,
     decision_from_json,
@@ -43,8 +43,8 @@ from tidings.store.migrations import (
     dumps,
     format_ts,
     loads,
-    parse_ts,
     parked_from_row,
+    parse_ts,
     pending,
     prefix_range,
     step_from_row,
