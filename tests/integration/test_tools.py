@@ -291,10 +291,19 @@ async def test_journal_is_checked_against_what_the_rerun_does(tmp_path: Path) ->
         journal = Journal(store, "a", "e1")
         seq, step = await journal.begin("step", "one", "h0")
         assert seq == 0 and step is not None and step.result == 1
-        with pytest.raises(DeterminismError, match="returned after 1 steps"):
+        with pytest.raises(
+            DeterminismError, match="returned after 1 steps but the journal holds step 1"
+        ):
             journal.check_complete()
         with pytest.raises(DeterminismError, match="args"):
             await journal.begin("step", "two", "other-hash")
+        # A step that raised left no record: the next step keeps its own number.
+        await store.save_step(Step("a", "e2", 1, "llm", "m", "h1", "done", "x"))
+        gap = Journal(store, "a", "e2")
+        assert (await gap.begin("step", "flaky", "h0"))[1] is None
+        seq, step = await gap.begin("llm", "m", "h1")
+        assert seq == 1 and step is not None and step.result == "x"
+        gap.check_complete()
     finally:
         await store.close()
 

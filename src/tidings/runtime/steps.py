@@ -90,18 +90,19 @@ class Journal:
     store: Store
     agent: str
     event_id: str
-    recorded: list[Step] | None = None
+    recorded: dict[int, Step] | None = None  # by seq; a step that raised leaves a gap
     seq: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
 
     async def begin(self, kind: str, name: str, digest: str) -> tuple[int, Step | None]:
         """Take the next seq; return the journaled step there, checking it is the same step."""
         if self.recorded is None:
-            self.recorded = await self.store.load_journal(self.agent, self.event_id)
+            steps = await self.store.load_journal(self.agent, self.event_id)
+            self.recorded = {step.seq: step for step in steps}
         seq, self.seq = self.seq, self.seq + 1
-        if seq >= len(self.recorded):
+        step = self.recorded.get(seq)
+        if step is None:
             return seq, None
-        step = self.recorded[seq]
         if (step.kind, step.name, step.args_hash) != (kind, name, digest):
             raise DeterminismError(
                 f"agent {self.agent!r} event {self.event_id}: step {seq} is now"
@@ -115,10 +116,7 @@ class Journal:
         """Record a step durably and remember it for the rest of this run."""
         await self.store.save_step(step)
         assert self.recorded is not None
-        if step.seq < len(self.recorded):
-            self.recorded[step.seq] = step
-        else:
-            self.recorded.append(step)
+        self.recorded[step.seq] = step
 
     def note(self, step: Step, started: float, *, replayed: bool, **extra: Any) -> None:
         """Add a step to the decision record."""
@@ -137,11 +135,13 @@ class Journal:
 
     def check_complete(self) -> None:
         """A run that ends before the journaled steps did took another path: refuse it."""
-        if self.recorded is not None and self.seq < len(self.recorded):
-            missing = self.recorded[self.seq]
+        later = [seq for seq in self.recorded or {} if seq >= self.seq]
+        if later:
+            assert self.recorded is not None
+            missing = self.recorded[min(later)]
             raise DeterminismError(
                 f"agent {self.agent!r} event {self.event_id}: the handler returned after"
-                f" {self.seq} steps but the journal holds {len(self.recorded)} (next:"
+                f" {self.seq} steps but the journal holds step {missing.seq} (next:"
                 f" {missing.kind} {missing.name!r}); between steps a handler must decide only"
                 " from the event, ctx.state and earlier step results (see docs/steps.md)"
             )
