@@ -215,10 +215,11 @@ async def ask(ctx: Context, question: Any, timeout: float | None) -> Any:  # noq
         deadline = None if timeout is None else time.time() + timeout
         await store.park(Parked(parked_id, ctx.agent, ctx.event.id, question, headers, body,
                                 deadline))  # fmt: skip
-        await ctx.journal.save(_step(ctx, seq, "ask", "ask", digest, "pending",
-                                     parked_id=parked_id))  # fmt: skip
+        recorded = _step(ctx, seq, "ask", "ask", digest, "pending", parked_id=parked_id)
+        await ctx.journal.save(recorded)
     entry = await store.get_parked(parked_id)
     if entry is None or entry.status == "waiting":
+        ctx.journal.note(recorded, started, replayed=False, question=question)
         ctx.parked = parked_id
         raise AgentParked(parked_id)
     if entry.status == "timed_out":
