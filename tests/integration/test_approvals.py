@@ -100,6 +100,14 @@ async def test_many_agents_wait_at_once_without_holding_slots(
         for order in ("o2", "o3", "o4"):
             await answer(worker.store, worker.bus, by_order[order].id, {"ok": order})
         done = await final_decisions(worker.store, 5)
+        # A second hand-back (as after a crash before it was marked) resumes nothing more.
+        from tidings.runtime.approvals import resume
+
+        entry = await worker.store.get_parked(by_order["o2"].id)
+        assert entry is not None
+        await resume(worker.store, worker.bus, entry)
+        duplicates = worker.stats()["refunder"]
+        await eventually(lambda: duplicates.duplicates == 1, message="the duplicate hand-back")
 
     assert done["o0"].result["verdict"] == "yes"
     assert done["o1"].result["verdict"] is False

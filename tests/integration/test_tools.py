@@ -332,3 +332,29 @@ async def test_rate_limits_hold_calls_back_instead_of_failing(
     assert len(model.requests) == 6
     limiter = app.llm._models["fake"][1]
     assert limiter is not None and limiter.waited > 0  # some calls were held back
+
+
+async def test_tool_calls_are_load_balanced_across_workers(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    settings = settings_for(nats_url, namespace, tmp_path)
+    app = App("balanced")
+
+    @app.tool("work")
+    async def work(n: int) -> int:
+        await asyncio.sleep(0.01)
+        return n * 2
+
+    @app.agent("caller", on="call.many", concurrency=40)
+    async def caller(event: Event, ctx: Context) -> int:
+        result: int = await ctx.tool("work", {"n": event.data["n"]})
+        return result
+
+    async with running(app, settings) as first, running(app, settings) as second:
+        async with Client(settings) as client:
+            for n in range(40):
+                await client.publish("call.many", {"n": n})
+        decisions = await decisions_of(first.store, "caller", 40)
+        served = [w.tool_runners["work"].stats.calls for w in (first, second)]
+    assert sorted(d.result for d in decisions) == [2 * n for n in range(40)]
+    assert sum(served) == 40 and min(served) > 0, served
