@@ -154,6 +154,18 @@ async def main() -> None:
         server.terminate()
         server.wait(10)
         shutil.rmtree(folder, ignore_errors=True)
+        if args.postgres:
+            await drop_schema(stores[-1][1].rsplit("schema=", 1)[1])
+
+
+async def drop_schema(schema: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(POSTGRES)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
 
 
 if __name__ == "__main__":

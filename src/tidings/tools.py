@@ -150,7 +150,7 @@ class ReplyHub:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._waiters: dict[str, asyncio.Future[None]] = {}
+        self._waiters: dict[str, asyncio.Future[Reply]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscriptions: list[Subscription] = []
 
@@ -185,30 +185,50 @@ class ReplyHub:
             await delivery.nak(1.0)
             return
         await delivery.ack()
-        self.wake(call_id)
+        self.wake(reply)
 
-    def wake(self, call_id: str) -> None:
-        """Tell a call waiting in this process that its reply is in the store."""
-        waiter = self._waiters.get(call_id)
+    def wake(self, reply: Reply) -> None:
+        """Hand a reply just recorded to a call waiting for it in this process."""
+        waiter = self._waiters.get(reply.id)
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(reply)
 
-    async def wait(self, call_id: str, deadline: float) -> Reply | None:
-        """The reply to `call_id`, or None once `deadline` (epoch seconds) has passed."""
+    def expect(self, call_id: str) -> None:
+        """Get ready for a reply before sending the call, so a fast reply is not missed."""
         waiter = self._waiters.get(call_id)
         if waiter is None or waiter.done():
-            waiter = self._waiters[call_id] = asyncio.get_running_loop().create_future()
+            self._waiters[call_id] = asyncio.get_running_loop().create_future()
+
+    def discard(self, call_id: str) -> None:
+        """Forget a call that was never sent."""
+        self._waiters.pop(call_id, None)
+
+    async def wait(self, call_id: str, deadline: float, *, look_first: bool = True) -> Reply | None:
+        """The reply to `call_id`, or None once `deadline` (epoch seconds) has passed.
+
+        `look_first=False` skips the first store read, for a call sent just now after
+        `expect()`: its reply cannot be in the store without also waking this waiter.
+        """
+        self.expect(call_id)
+        waiter = self._waiters[call_id]
         poll = REPLY_POLL_S[0]
         try:
-            while True:
+            if look_first:
                 reply = await self.store.get_reply(call_id)
                 if reply is not None:
                     return reply
+            while True:
                 left = deadline - time.time()
                 if left <= 0:
                     return None
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(waiter), min(poll, left))
+                try:
+                    return await asyncio.wait_for(asyncio.shield(waiter), min(poll, left))
+                except TimeoutError:
+                    pass
+                # Another worker may have consumed the reply: look in the store.
+                reply = await self.store.get_reply(call_id)
+                if reply is not None:
+                    return reply
                 poll = min(poll * 2, REPLY_POLL_S[1])
         finally:
             if self._waiters.get(call_id) is waiter:

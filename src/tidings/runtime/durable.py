@@ -114,12 +114,18 @@ async def call_tool(ctx: Context, name: str, args: Any, timeout: float) -> Any: 
                                          call_id=call_id, deadline=deadline))  # fmt: skip
         else:
             deadline = float(recorded.detail["deadline"])
-        if recorded is None or await services.store.get_reply(call_id) is None:
+        services.replies.expect(call_id)
+        answered = recorded is not None and await services.store.get_reply(call_id) is not None
+        if not answered:
             # On a re-run this re-sends the same id: deduped by the broker, and by the
             # tool's inbox past the dedupe window.
-            await services.bus.publish(_invoke_event(ctx, call_id, invoke_type(name), args, name,
-                                                     deadline))  # fmt: skip
-        reply = await services.replies.wait(call_id, deadline)
+            invoke = _invoke_event(ctx, call_id, invoke_type(name), args, name, deadline)
+            try:
+                await services.bus.publish(invoke)
+            except BaseException:
+                services.replies.discard(call_id)
+                raise
+        reply = await services.replies.wait(call_id, deadline, look_first=recorded is not None)
         if reply is None:
             raise ToolTimeout(name, f"tool {name!r} did not answer within {timeout:g}s")
         if reply.status != "ok":
