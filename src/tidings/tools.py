@@ -28,9 +28,10 @@ import structlog
 from pydantic import BaseModel, TypeAdapter, ValidationError, create_model
 
 from tidings.bus.base import Bus, ConsumerSpec, Delivery, Subscription
-from tidings.errors import ConfigError, MalformedEvent
+from tidings.errors import AlreadyProcessed, ConfigError, MalformedEvent
 from tidings.events import Event, decode, encode, new_id, now
 from tidings.runtime.outcomes import describe
+from tidings.runtime.steps import derived_id
 from tidings.store.base import Store
 from tidings.store.records import Commit, Decision, OutboxEvent, Reply
 
@@ -347,7 +348,7 @@ class ToolRunner:
                 f"{kind}.{reply_to}",
                 {"call_id": call.id, "tool": self.spec.name, ("result" if ok else "error"): value},
                 source=self.source,
-                id=f"reply-{call.id}",
+                id=derived_id("reply", call.id),
                 correlationid=call.correlationid or call.id,
                 causationid=call.id,
                 tenant=call.tenant,
@@ -367,11 +368,7 @@ class ToolRunner:
         )  # fmt: skip
         try:
             await self.store.commit(Commit(self.agent, call.id, "", decision, outbox=outbox))
-        except Exception as e:
-            from tidings.errors import AlreadyProcessed
-
-            if not isinstance(e, AlreadyProcessed):
-                raise
+        except AlreadyProcessed:  # another worker served this call first: send its reply
             outbox = await self.store.unpublished(self.agent, call.id)
         await self._publish(outbox)
         await delivery.ack()

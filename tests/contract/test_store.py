@@ -865,6 +865,10 @@ async def test_journal_keeps_steps_in_order_and_upserts(
     await store.save_step(step(event_id, 1, kind="tool", name="search", result=[{"a": 1}]))
     assert (await other.load_journal(AGENT, event_id))[1].result == [{"a": 1}]
     assert await store.load_journal("someone-else", event_id) == []
+    await store.save_step(step(event_id, 2))
+    assert await other.truncate_journal(AGENT, event_id, 1) == 2
+    assert [s.seq for s in await store.load_journal(AGENT, event_id)] == [0]
+    assert await store.truncate_journal(AGENT, event_id, 5) == 0
 
 
 async def test_step_results_that_are_not_json_fail_before_writing(store: Store) -> None:

@@ -174,3 +174,54 @@ async def test_cli_lists_and_answers_questions(
     assert shown.returncode == 0, shown.stderr
     assert "steps (2)" in shown.stdout and "ask" in shown.stdout
     assert done["cli-1"].result["verdict"] == "approved"
+
+
+async def test_dlq_retry_forgets_a_journaled_tool_failure_but_keeps_paid_steps(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    settings = settings_for(nats_url, namespace, tmp_path)
+    agents = App("late-agents")
+    model = FakeModel(["plan"])
+    agents.llm.add(model)
+
+    @agents.agent("planner", on="plan.requested")
+    async def planner(event: Event, ctx: Context) -> dict[str, Any]:
+        plan = await ctx.llm.complete([{"role": "user", "content": "plan"}])
+        checked = await ctx.tool("late.check", {"plan": plan.text}, timeout=0.3)
+        return {"plan": plan.text, "checked": checked}
+
+    tools = App("late-tools")
+
+    @tools.tool("late.check")
+    async def check(plan: str) -> str:
+        return f"{plan} ok"
+
+    async with running(agents, settings) as worker, Client(settings) as client:
+        await client.publish("plan.requested", {})
+        store = worker.store
+        assert store is not None
+
+        async def dead() -> bool:
+            return bool(await store.list_dead_letters("planner"))
+
+        await eventually(dead, message="ToolNotServed dead letter")
+        (letter,) = await store.list_dead_letters("planner")
+        assert letter.error.startswith("ToolNotServed")
+        async with running(tools, settings):  # the tool service comes up; retry the event
+            retried = await asyncio.to_thread(cli, settings, "dlq", "retry", letter.id)
+            assert retried.returncode == 0, retried.stderr
+            done = await final_decisions_of(store, "planner")
+    assert done.result == {"plan": "plan", "checked": "plan ok"}
+    assert [s["replayed"] for s in done.steps] == [True, False]
+    assert len(model.requests) == 1  # the model call survived the dead letter
+
+
+async def final_decisions_of(store: Store, agent: str) -> Decision:
+    found: list[Decision] = []
+
+    async def done() -> bool:
+        found[:] = [d for d in await store.list_decisions(agent) if d.status == "ok"]
+        return bool(found)
+
+    await eventually(done, message=f"an ok decision of {agent}")
+    return found[0]

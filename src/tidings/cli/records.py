@@ -186,6 +186,12 @@ def dlq_retry(ctx: typer.Context, dead_letter_id: IdArgument) -> None:
                     f" event ({e}); inspect it with `tidings dlq show {record.id}` and remove"
                     f" it with `tidings dlq drop {record.id}`"
                 )
+            # A journaled failure would replay on the retry: forget it and what followed,
+            # keeping the steps that succeeded before it (no LLM call is paid again).
+            failed = [s.seq for s in await store.load_journal(record.agent, event.id)
+                      if s.status == "failed"]  # fmt: skip
+            if failed:
+                await store.truncate_journal(record.agent, event.id, min(failed))
             bus = await connect_bus(settings)
             try:
                 await bus.retry(record.agent, event)

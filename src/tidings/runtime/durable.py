@@ -87,6 +87,10 @@ async def call_tool(ctx: Context, name: str, args: Any, timeout: float) -> Any: 
     from tidings.tools import invoke_type
 
     services = ctx.services
+    try:
+        orjson.dumps(args)
+    except TypeError as e:
+        raise TypeError(f"ctx.tool({name!r}) arguments must be JSON-serialisable: {e}") from e
     digest = args_hash(args)
     started = time.perf_counter()
     seq, recorded = await ctx.journal.begin("tool", name, digest)

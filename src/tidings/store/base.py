@@ -20,7 +20,8 @@ by the contract suite in ``tests/contract/test_store.py`` against real databases
    can make explicit-id publishes idempotent beyond the broker's dedupe window (check,
    publish, record: a crash in between re-publishes inside the window, which dedupes).
 9. **Step journal.** `save_step()` upserts one step per (agent, event id, seq) and is
-   durable when it returns; `load_journal()` returns the steps of one event by seq.
+   durable when it returns; `load_journal()` returns the steps of one event by seq;
+   `truncate_journal(from_seq)` forgets the steps from that seq on, and no others.
 10. **First reply wins.** `save_reply()` keeps the first reply of a call id and returns
     whether it was the one stored; later replies change nothing.
 11. **Parking.** `park()` is idempotent per id; `answer_parked()` moves a waiting entry
@@ -146,6 +147,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def save_step(self, step: Step) -> None:
         """Insert or replace the step at (agent, event id, seq) (guarantee 9)."""
+
+    @abc.abstractmethod
+    async def truncate_journal(self, agent: str, event_id: str, from_seq: int) -> int:
+        """Forget the steps of (agent, event id) from `from_seq` on; how many were dropped."""
 
     @abc.abstractmethod
     async def save_reply(self, reply: Reply) -> bool:

@@ -615,6 +615,17 @@ class PostgresStore(Store):
                 format_ts(utc_now()),
             )
 
+    async def truncate_journal(self, agent: str, event_id: str, from_seq: int) -> int:
+        """Forget the steps of (agent, event id) from `from_seq` on."""
+        async with self._conn("truncate_journal") as conn:
+            status = await conn.execute(
+                "DELETE FROM tidings_journal WHERE agent = $1 AND event_id = $2 AND seq >= $3",
+                agent,
+                event_id,
+                from_seq,
+            )
+        return _rowcount(status)
+
     async def save_reply(self, reply: Reply) -> bool:
         """Keep the first reply per id; True if this one was stored."""
         value = dumps(reply.value, f"reply {reply.id}")

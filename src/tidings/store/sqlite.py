@@ -583,6 +583,19 @@ class SqliteStore(Store):
             write=True,
         )
 
+    async def truncate_journal(self, agent: str, event_id: str, from_seq: int) -> int:
+        """Forget the steps of (agent, event id) from `from_seq` on."""
+        deleted: int = await self._call(
+            "truncate_journal",
+            partial(
+                _execute,
+                "DELETE FROM tidings_journal WHERE agent = ? AND event_id = ? AND seq >= ?",
+                (agent, event_id, from_seq),
+            ),
+            write=True,
+        )
+        return deleted
+
     async def save_reply(self, reply: Reply) -> bool:
         """Keep the first reply per id; True if this one was stored."""
         value = dumps(reply.value, f"reply {reply.id}")
