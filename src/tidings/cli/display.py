@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
@@ -76,8 +76,12 @@ def startup_panel(app: App, bus: str, store: str, workers: int = 1) -> Panel:
         )
     if not app.agents:
         agents.add_row("(none)", "declare agents with @app.agent(...)", "", "")
+    parts: list[RenderableType] = [facts, Text(""), agents]
+    if app.tools or app.mcp_servers:
+        served = sorted(app.tools) + [f"{m.prefix}.* (MCP)" for m in app.mcp_servers]
+        parts += [Text(""), Text.assemble(("tools ", "bold"), ", ".join(served))]
     return Panel(
-        Group(facts, Text(""), agents),
+        Group(*parts),
         title=f"tidings run {app.name}",
         title_align="left",
         border_style="blue",
