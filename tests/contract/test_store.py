@@ -943,6 +943,31 @@ async def test_sweep_lists_overdue_and_unresumed_entries(store: Store) -> None:
     assert resumed is not None and resumed.resumed_at is not None
 
 
+async def test_prune_steps_keeps_what_a_waiting_question_needs(store: Store) -> None:
+    done_event, waiting_event = new_id(), new_id()
+    await store.save_step(step(done_event, 0))
+    await store.save_step(step(waiting_event, 0))
+    await store.save_reply(Reply("call-1", "ok", 1))
+    waiting, resumed = parked(), parked()
+    waiting = replace(waiting, event_id=waiting_event)
+    for entry in (waiting, resumed):
+        await store.park(entry)
+    await store.answer_parked(resumed.id, "yes")
+    await store.mark_resumed(resumed.id)
+    assert await store.prune_steps(datetime.now(UTC) - timedelta(days=1)) == {
+        "journal": 0, "replies": 0, "parked": 0,
+    }  # fmt: skip
+    await asyncio.sleep(0.01)
+    assert await store.prune_steps(datetime.now(UTC)) == {"journal": 1, "replies": 1, "parked": 1}
+    assert await store.load_journal(AGENT, done_event) == []
+    assert len(await store.load_journal(AGENT, waiting_event)) == 1  # its question still waits
+    assert await store.get_reply("call-1") is None
+    assert await store.get_parked(resumed.id) is None
+    assert await store.get_parked(waiting.id) is not None
+    with pytest.raises(ValueError, match="timezone"):
+        await store.prune_steps(datetime.now())  # naive on purpose
+
+
 async def test_tool_registry_is_idempotent(store: Store) -> None:
     await store.register_tool("search.docs", "research")
     await store.register_tool("search.docs", "research")

@@ -253,6 +253,7 @@ class Worker:
             before = datetime.now(UTC) - timedelta(days=self.settings.retention_days)
             try:
                 removed = await self.store.prune(before)
+                removed.update(await self.store.prune_steps(before))
                 if any(removed.values()):
                     log.info("pruned old records", **removed)
             except Exception as e:

@@ -29,6 +29,9 @@ by the contract suite in ``tests/contract/test_store.py`` against real databases
     nothing); `parked_to_sweep(now)` lists waiting entries past their deadline and
     answered ones not yet `mark_resumed()`.
 12. **Tool registry.** `register_tool()` is idempotent; `served_tools()` lists names.
+13. **Step retention.** `prune_steps(before)` deletes journal rows, replies and resumed
+    parked entries last written before `before`, never the journal of an event whose
+    question is still waiting or not yet handed back.
 """
 
 from __future__ import annotations
@@ -187,6 +190,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def parked_to_sweep(self, now: float) -> list[Parked]:
         """Waiting entries past their deadline, and answered ones not yet resumed."""
+
+    @abc.abstractmethod
+    async def prune_steps(self, before: datetime) -> dict[str, int]:
+        """Delete old journal rows, replies and parked entries (guarantee 13); counts."""
 
     @abc.abstractmethod
     async def register_tool(self, name: str, app: str) -> None:

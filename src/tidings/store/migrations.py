@@ -260,6 +260,18 @@ class Batcher(Generic[_Item, _Result]):
 
 # -- journal and parked rows (the same columns in both backends) ------------------------
 
+# What prune_steps() deletes: result key and statement (one parameter: the cutoff text).
+STEP_PRUNES = (
+    (
+        "journal",
+        "DELETE FROM tidings_journal WHERE updated_at < {p} AND NOT EXISTS (SELECT 1 FROM"
+        " tidings_parked WHERE tidings_parked.agent = tidings_journal.agent AND"
+        " tidings_parked.event_id = tidings_journal.event_id AND resumed_at IS NULL)",
+    ),
+    ("replies", "DELETE FROM tidings_replies WHERE created_at < {p}"),
+    ("parked", "DELETE FROM tidings_parked WHERE resumed_at IS NOT NULL AND resumed_at < {p}"),
+)
+
 JOURNAL_COLUMNS = "agent, event_id, seq, kind, name, args_hash, status, result, detail"
 PARKED_COLUMNS = (
     "id, agent, event_id, question, headers, body, deadline, status, answer, answered_by,"

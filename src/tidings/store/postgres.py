@@ -35,6 +35,7 @@ from tidings.store.migrations import (
     MIN_PREFIX,
     PARKED_COLUMNS,
     PRUNED,
+    STEP_PRUNES,
     Batcher,
     Migration,
     as_utc,
@@ -721,6 +722,15 @@ class PostgresStore(Store):
                 now,
             )
         return [parked_from_row(r) for r in rows]
+
+    async def prune_steps(self, before: datetime) -> dict[str, int]:
+        """Delete old journal rows, replies and resumed parked entries."""
+        cutoff = format_ts(before)
+        counts: dict[str, int] = {}
+        async with self._conn("prune_steps", transaction=True) as conn:
+            for name, statement in STEP_PRUNES:
+                counts[name] = _rowcount(await conn.execute(statement.format(p="$1"), cutoff))
+        return counts
 
     async def register_tool(self, name: str, app: str) -> None:
         """Record that `app` serves tool `name`."""

@@ -36,6 +36,7 @@ from tidings.store.migrations import (
     MIN_PREFIX,
     PARKED_COLUMNS,
     PRUNED,
+    STEP_PRUNES,
     Batcher,
     Migration,
     decision_from_json,
@@ -709,6 +710,16 @@ class SqliteStore(Store):
             ),
         )
         return [parked_from_row(r) for r in rows]
+
+    async def prune_steps(self, before: datetime) -> dict[str, int]:
+        """Delete old journal rows, replies and resumed parked entries."""
+        cutoff = format_ts(before)
+        counts: dict[str, int] = {}
+        for name, statement in STEP_PRUNES:
+            counts[name] = await self._call(
+                "prune_steps", partial(_execute, statement.format(p="?"), (cutoff,)), write=True
+            )
+        return counts
 
     async def register_tool(self, name: str, app: str) -> None:
         """Record that `app` serves tool `name`."""
