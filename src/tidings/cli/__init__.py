@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from tidings import __version__
+from tidings.cli.asyncapi import asyncapi
 from tidings.cli.bus import agents, publish, tail
 from tidings.cli.common import GlobalOptions
 from tidings.cli.doctor import doctor
@@ -73,6 +74,7 @@ cli.command()(agents)
 cli.command()(doctor)
 cli.add_typer(dlq, name="dlq")
 cli.add_typer(decisions, name="decisions")
+cli.command()(asyncapi)
 
 
 def main() -> None:

@@ -1,0 +1,85 @@
+"""POST /v1/agents/{name}/invoke: the bus path's state, ledger, policy and dedupe, synchronously."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.gateway.conftest import Running, auth
+from tests.helpers import eventually, subject_counts
+from tidings.events import Event, new_id
+
+pytestmark = pytest.mark.nats
+
+
+async def emitted(g: Running, event_type: str) -> int:
+    counts = await subject_counts(g.nats_url, g.namespace, f"{g.namespace}.events.{event_type}")
+    return sum(counts.values())
+
+
+async def test_invoke_returns_the_result_and_shares_state_with_the_bus_path(
+    gateway: Running,
+) -> None:
+    async with gateway.client(headers=auth("alice")) as http:
+        r = await http.post("/v1/agents/echo/invoke", json={"type": "echo.request", "data": "hi"})
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "ok"
+        assert r.json()["result"] == {"echo": "hi", "count": 1}
+        assert [e["type"] for e in r.json()["emitted"]] == ["echo.replied"]
+        # The same agent on the bus path sees the state the invoke wrote.
+        bus = gateway.worker.bus
+        assert bus is not None
+        await bus.publish(Event.create("echo.request", "via bus"))
+        await eventually(lambda: _emitted_is(gateway, "echo.replied", 2), message="bus path ran")
+        r = await http.post("/v1/agents/echo/invoke", json={"type": "echo.request", "data": "x"})
+        assert r.json()["result"]["count"] == 3
+    decisions = await gateway.worker.store.list_decisions("echo")  # type: ignore[union-attr]
+    assert len(decisions) == 3
+
+
+async def _emitted_is(g: Running, event_type: str, n: int) -> bool:
+    return await emitted(g, event_type) == n
+
+
+async def test_the_same_event_id_twice_runs_once(gateway: Running) -> None:
+    event_id = new_id()
+    body = {"type": "echo.request", "data": "once", "id": event_id}
+    async with gateway.client(headers=auth("alice")) as http:
+        first = (await http.post("/v1/agents/echo/invoke", json=body)).json()
+        again = (await http.post("/v1/agents/echo/invoke", json=body)).json()
+        both = await asyncio.gather(
+            *(http.post("/v1/agents/echo/invoke", json=body) for _ in range(3))
+        )
+    assert first["status"] == "ok" and again["status"] == "duplicate"
+    assert again["result"] == first["result"] and again["decision_id"] == first["decision_id"]
+    assert {r.json()["decision_id"] for r in both} == {first["decision_id"]}
+    await eventually(lambda: _emitted_is(gateway, "echo.replied", 1), message="emitted once")
+    await asyncio.sleep(0.3)
+    assert await emitted(gateway, "echo.replied") == 1
+
+
+async def test_filter_policy_and_bad_requests(gateway: Running) -> None:
+    async with gateway.client(headers=auth("alice")) as http:
+        filtered = await http.post(
+            "/v1/agents/picky/invoke", json={"type": "picky.request", "data": {"ok": False}}
+        )
+        assert filtered.status_code == 200 and filtered.json()["status"] == "filtered"
+        violation = await http.post(
+            "/v1/agents/picky/invoke",
+            json={"type": "picky.request", "data": {"ok": True, "forbidden": True}},
+        )
+        assert violation.status_code == 422 and "PolicyViolation" in violation.json()["error"]
+        unknown = await http.post("/v1/agents/nobody/invoke", json={"type": "a.b"})
+        assert unknown.status_code == 404
+        wrong_type = await http.post("/v1/agents/echo/invoke", json={"type": "other.type"})
+        assert wrong_type.status_code == 422
+        for bad in (b"[]", b"{", b'{"data": 1}', b'{"type": "bad type"}'):
+            r = await http.post("/v1/agents/echo/invoke", content=bad)
+            assert r.status_code == 400, (bad, r.text)
+    async with gateway.client() as http:
+        r = await http.post("/v1/agents/echo/invoke", json={"type": "echo.request"})
+        assert r.status_code == 401
+    async with gateway.client(headers=auth("alice", scopes="stream")) as http:
+        r = await http.post("/v1/agents/echo/invoke", json={"type": "echo.request"})
+        assert r.status_code == 403
