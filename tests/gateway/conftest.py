@@ -56,7 +56,8 @@ def gateway_app() -> App:
 
     @app.agent("tasker", on="agent.task.started", emits=["agent.task.>"])
     async def tasker(event: Event, ctx: Context) -> None:
-        steps = int((event.data or {}).get("steps", 3)) if isinstance(event.data, dict) else 3
+        steps = event.data.get("steps", 3) if isinstance(event.data, dict) else 3
+        steps = steps if isinstance(steps, int) and 1 <= steps <= 10 else 3
         for n in range(1, steps + 1):
             await ctx.emit("agent.task.progress", {"fraction": n / steps, "message": f"step {n}"})
         await ctx.emit("agent.task.completed", {"answer": 42})

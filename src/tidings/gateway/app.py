@@ -16,7 +16,7 @@ import orjson
 import structlog
 from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from tidings.app import App
 from tidings.bus.base import Bus
@@ -239,6 +239,7 @@ def create_app(
         lifespan=lifespan,
     )
     api.state.gateway = gw
+    api.openapi = lambda: _openapi(api, gw)  # type: ignore[method-assign]
 
     @api.exception_handler(HttpError)
     async def _http_error(_: Request, exc: HttpError) -> JSONResponse:
@@ -335,8 +336,11 @@ def create_app(
             except StateConflict:
                 if attempt == 3:
                     raise HttpError(409, "the agent's state kept changing; try again") from None
-            except (PolicyViolation, MalformedEvent, ValueError) as e:
+            except (PolicyViolation, MalformedEvent, ValidationError) as e:
                 raise HttpError(422, f"{type(e).__name__}: {e}") from e
+            except Exception as e:  # the agent failed: nothing was committed
+                log.warning("invoke failed", agent=name, event_id=event.id, error=repr(e))
+                raise HttpError(500, f"agent {name!r} failed: {type(e).__name__}: {e}") from e
         if decision is None:
             return InvokeResult(status="filtered", event_id=event.id)
         status = "duplicate" if pipeline.stats.duplicates > duplicates else "ok"
@@ -470,6 +474,28 @@ def create_app(
         return g.hub.stats()
 
     return api
+
+
+def _openapi(api: FastAPI, gw: Gateway) -> dict[str, Any]:
+    """FastAPI's document, plus what only this app knows: its agents and webhook sources."""
+    if api.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        doc = get_openapi(
+            title=api.title, version=api.version, description=api.description, routes=api.routes
+        )
+        paths = doc["paths"]
+        for path, names in (
+            ("/v1/agents/{name}/invoke", sorted(gw.app.agents)),
+            ("/v1/webhooks/{source}", sorted(gw.config.webhooks)),
+        ):
+            for parameter in paths[path]["post"].get("parameters", []):
+                if parameter["in"] == "path" and names:
+                    parameter["schema"]["enum"] = names
+        invoke = paths["/v1/agents/{name}/invoke"]["post"]["requestBody"]["content"]
+        invoke["application/json"]["schema"] = InvokeBody.model_json_schema()
+        api.openapi_schema = doc
+    return api.openapi_schema
 
 
 async def _started(request: Request) -> Gateway:
