@@ -25,8 +25,12 @@ STANDARD_OLD = "whsec_" + base64.b64encode(b"old-secret-old-secret-old-secret").
 GITHUB_SECRET = "github-shared-secret"
 
 
-def token(user: str, tenant: str | None = "acme", scopes: str = "publish invoke tasks stream",
-          **claims: Any) -> str:
+def token(
+    user: str,
+    tenant: str | None = "acme",
+    scopes: str = "publish invoke tasks stream",
+    **claims: Any,
+) -> str:
     payload: dict[str, Any] = {"sub": user, "scope": scopes, "exp": int(time.time()) + 600}
     if tenant is not None:
         payload["tenant"] = tenant

@@ -29,12 +29,12 @@ async def sse(
 
 
 async def _messages(response: httpx.Response) -> AsyncIterator[Message]:
-    event_id, event, data = None, "message", []
+    event_id, event, data = None, "message", list[str]()
     async for line in response.aiter_lines():
         if line == "":
             if data:
                 yield Message(event_id, event, orjson.loads("\n".join(data)))
-            event_id, event, data = None, "message", []
+            event_id, event, data = None, "message", list[str]()
         elif line.startswith(":"):
             continue
         else:

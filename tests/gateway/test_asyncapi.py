@@ -42,8 +42,12 @@ class Tool:
 def described_app(with_tools: bool) -> App:
     app = App("described")
 
-    @app.agent("scorer", on="payment.*.created", emits=["fraud.flagged", "fraud.cleared"],
-               data_model=Payment)
+    @app.agent(
+        "scorer",
+        on="payment.*.created",
+        emits=["fraud.flagged", "fraud.cleared"],
+        data_model=Payment,
+    )
     async def scorer(event: Event, ctx: Context) -> None:
         """Scores payments for fraud."""
 

@@ -20,24 +20,34 @@ def st_binary() -> str:
 
 
 @pytest.mark.parametrize("credential", ["alice-key", "admin-key"])
-async def test_no_request_gets_a_server_error(gateway: Running, credential: str) -> None:
+async def test_no_request_gets_a_server_error(
+    gateway: Running, credential: str, tmp_path: Path
+) -> None:
     command = [
         st_binary(),
         "run",
         f"{gateway.url}/openapi.json",
-        "--checks", "not_a_server_error",
-        "--header", f"Authorization: Bearer {credential}",
-        "--max-examples", "40",
+        "--checks",
+        "not_a_server_error",
+        "--header",
+        f"Authorization: Bearer {credential}",
+        "--max-examples",
+        "40",
         # A live stream never ends; the SSE and WebSocket tests cover it.
-        "--exclude-path", "/v1/stream",
-        "--generation-database", "none",
-        "--seed", "1",
-        "--workers", "1",
-        "--request-timeout", "30",
+        "--exclude-path",
+        "/v1/stream",
+        "--generation-database",
+        "none",
+        "--seed",
+        "1",
+        "--workers",
+        "1",
+        "--request-timeout",
+        "30",
         "--no-color",
     ]
     process = await asyncio.create_subprocess_exec(
-        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        *command, cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
     output, _ = await asyncio.wait_for(process.communicate(), 300)
     text = output.decode(errors="replace")

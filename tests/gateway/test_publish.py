@@ -120,8 +120,13 @@ async def test_publishing_is_idempotent_on_the_event_id(gateway: Running) -> Non
         ({"content-type": "text/plain"}, b"hello", 415),
         ({"ce-id": "1", "ce-type": "a.b", "ce-source": "/s"}, b"{}", 400),  # no specversion
         (
-            {"ce-id": "1", "ce-type": "a.b", "ce-source": "/s", "ce-specversion": "1.0",
-             "content-type": "application/json"},
+            {
+                "ce-id": "1",
+                "ce-type": "a.b",
+                "ce-source": "/s",
+                "ce-specversion": "1.0",
+                "content-type": "application/json",
+            },
             b"{broken",
             400,
         ),
@@ -158,7 +163,9 @@ async def test_oversized_body_with_content_length_is_refused_unread(gateway: Run
     assert r.status_code == 413
 
 
-def _endless_chunked_upload(url: str, path: str, headers: dict[str, str], total: int) -> tuple[int, bytes]:
+def _endless_chunked_upload(
+    url: str, path: str, headers: dict[str, str], total: int
+) -> tuple[int, bytes]:
     """Send a chunked body of `total` bytes, stopping when the server answers; (sent, reply)."""
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=20)

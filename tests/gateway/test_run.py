@@ -41,12 +41,20 @@ async def test_tidings_run_gateway_serves_and_stops_cleanly(
         "TIDINGS_GATEWAY_PORT": str(port),
         "TIDINGS_GATEWAY_JWT_SECRET": JWT_SECRET,
     }
-    command = [sys.executable, "-m", "tidings.cli", "run", "tests.gateway.run_app:app",
-               "--gateway", "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "tidings.cli",
+        "run",
+        "tests.gateway.run_app:app",
+        "--gateway",
+        "--quiet",
+    ]
     log = tmp_path / "run.log"
     with log.open("wb") as out:
-        process = subprocess.Popen(command, env=env, cwd=Path(__file__).parents[2],
-                                   stdout=out, stderr=subprocess.STDOUT)
+        process = await asyncio.create_subprocess_exec(
+            *command, env=env, cwd=Path(__file__).parents[2], stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
@@ -55,23 +63,26 @@ async def test_tidings_run_gateway_serves_and_stops_cleanly(
                 try:
                     return (await http.get("/v1/health")).status_code == 200
                 except httpx.TransportError:
-                    assert process.poll() is None, log.read_text()
+                    assert process.returncode is None, log.read_text()
                     return False
 
             await eventually(up, timeout=60, message="the gateway answers")
-            r = await http.post("/v1/agents/echo/invoke", json={"type": "echo.request", "data": 1},
-                                headers=auth("alice"))
+            r = await http.post(
+                "/v1/agents/echo/invoke",
+                json={"type": "echo.request", "data": 1},
+                headers=auth("alice"),
+            )
             assert r.status_code == 200, r.text
             assert r.json()["result"] == {"echo": 1, "count": 1}
             # An open stream must not keep the process from stopping.
             async with sse(http, "/v1/stream", auth("alice")):
                 process.send_signal(signal.SIGTERM)
-                rc = await asyncio.to_thread(process.wait, 30)
+                rc = await asyncio.wait_for(process.wait(), 30)
         assert rc == 0, log.read_text()
     finally:
-        if process.poll() is None:
+        if process.returncode is None:
             process.kill()
-            process.wait()
+            await process.wait()
 
 
 @pytest.fixture
@@ -126,9 +137,14 @@ async def test_tokens_checked_against_a_jwks_url(
                 "/v1/admin/streams", headers=signed(key, scope="admin", aud="elsewhere")
             )
             assert wrong_aud.status_code == 401
-            hs = jwt.encode({"sub": "x", "exp": int(time.time()) + 60, "scope": "admin"},
-                            JWT_SECRET, algorithm="HS256")
-            downgrade = await http.get("/v1/admin/streams", headers={"Authorization": f"Bearer {hs}"})
+            hs = jwt.encode(
+                {"sub": "x", "exp": int(time.time()) + 60, "scope": "admin"},
+                JWT_SECRET,
+                algorithm="HS256",
+            )
+            downgrade = await http.get(
+                "/v1/admin/streams", headers={"Authorization": f"Bearer {hs}"}
+            )
             assert downgrade.status_code == 401
     finally:
         await server.stop()

@@ -35,7 +35,9 @@ async def publish_for(g: Running, events: list[Event]) -> None:
 
 
 def addressed(user: str, tenant: str | None, n: int, kind: str = "note.posted", **kw: Any) -> Event:
-    return Event.create(kind, {"user": user, "tenant": tenant, "n": n}, user=user, tenant=tenant, **kw)
+    return Event.create(
+        kind, {"user": user, "tenant": tenant, "n": n}, user=user, tenant=tenant, **kw
+    )
 
 
 async def test_a_user_gets_their_own_events_in_order_and_nothing_else(gateway: Running) -> None:
@@ -61,13 +63,15 @@ async def test_fifty_users_many_interleaved_events_zero_cross_deliveries(
     received: dict[tuple[str, str], list[dict[str, Any]]] = {u: [] for u in users}
 
     async def client(user: str, tenant: str, ready: asyncio.Event) -> None:
-        async with httpx.AsyncClient(base_url=gateway.url) as http:
-            async with sse(http, "/v1/stream", auth(user, tenant)) as messages:
-                ready.set()
-                async for message in messages:
-                    received[(user, tenant)].append(message.data)
-                    if message.data["type"] == "stream.end":
-                        return
+        async with (
+            httpx.AsyncClient(base_url=gateway.url) as http,
+            sse(http, "/v1/stream", auth(user, tenant)) as messages,
+        ):
+            ready.set()
+            async for message in messages:
+                received[(user, tenant)].append(message.data)
+                if message.data["type"] == "stream.end":
+                    return
 
     readies = [asyncio.Event() for _ in users]
     tasks = [asyncio.create_task(client(u, t, r)) for (u, t), r in zip(users, readies, strict=True)]
@@ -136,8 +140,10 @@ async def test_a_slow_client_is_told_it_lagged_and_resumes_without_gaps(
 ) -> None:
     total = 1500
     pad = "x" * 16_000  # big events fill the socket buffers, so the client's queue overflows
-    events = [Event.create("bulk.item", {"n": n, "pad": pad}, user="alice", tenant="acme")
-              for n in range(total)]
+    events = [
+        Event.create("bulk.item", {"n": n, "pad": pad}, user="alice", tenant="acme")
+        for n in range(total)
+    ]
     seen: list[int] = []
     async with gateway.client() as http:
         async with sse(http, "/v1/stream", auth("alice")) as messages:
@@ -175,8 +181,10 @@ async def test_websocket_stream_origin_check_and_resume(gateway: Running) -> Non
             pass
     own = gateway.url
     async with connect(f"{ws_url}?access_token={token('alice')}", origin=own) as ws:  # type: ignore[arg-type]
-        await publish_for(gateway, [addressed("bob", "acme", 0)] +
-                          [addressed("alice", "acme", n) for n in range(4)])
+        await publish_for(
+            gateway,
+            [addressed("bob", "acme", 0)] + [addressed("alice", "acme", n) for n in range(4)],
+        )
         first = [orjson.loads(await asyncio.wait_for(ws.recv(), 30)) for _ in range(2)]
     assert [m["event"]["data"]["n"] for m in first] == [0, 1]
     resume = first[-1]["resume"]

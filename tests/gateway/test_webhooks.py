@@ -55,7 +55,7 @@ async def test_a_signed_delivery_becomes_an_event_mapped_from_the_payload(
     assert r.status_code == 202, r.text
     answer = r.json()
     assert answer["type"] == "hook.order.paid" and not answer["duplicate"]
-    assert uuid.UUID(answer["id"]).version == 7  # time-sortable like every other id
+    assert uuid.UUID(answer["id"]).version == 8  # derived from (source, webhook id)
     bus = gateway.worker.bus
     assert bus is not None
     gen = bus.tail(["hook.order.paid"], last=1)
@@ -107,8 +107,9 @@ async def test_a_replayed_delivery_is_answered_but_published_once(gateway: Runni
     assert first.status_code == 202
     assert again.status_code == 200 and again.json()["duplicate"] is True
     assert again.json()["id"] == first.json()["id"]
-    # Same webhook id, fresh timestamp and signature (a sender's retry): still one event.
-    retry = signed(STANDARD_NEW, body, msg_id=headers["webhook-id"])
+    # Same webhook id, a later timestamp and new signature (a sender's retry): still one event.
+    later = datetime.now(UTC) + timedelta(seconds=90)
+    retry = signed(STANDARD_NEW, body, msg_id=headers["webhook-id"], at=later)
     assert (await post(gateway, "std", body, retry)).json()["duplicate"] is True
     await eventually(lambda: _count(gateway, "hook.replayed", 1), message="stored once")
     await asyncio.sleep(0.3)
@@ -126,8 +127,7 @@ async def test_rotation_accepts_the_old_and_the_new_secret(gateway: Running) -> 
     # A sender that signs with both during the switch (space-separated signatures).
     both = signed(STANDARD_OLD, body)
     msg_id, stamp = both["webhook-id"], both["webhook-timestamp"]
-    extra = signed(STANDARD_NEW, body, msg_id=msg_id,
-                   at=datetime.fromtimestamp(int(stamp), UTC))
+    extra = signed(STANDARD_NEW, body, msg_id=msg_id, at=datetime.fromtimestamp(int(stamp), UTC))
     both["webhook-signature"] += " " + extra["webhook-signature"]
     assert (await post(gateway, "std", body, both)).status_code == 202
     await eventually(lambda: _count(gateway, "hook.rotated", 3), message="three stored")

@@ -27,6 +27,6 @@ def create_app(
         from tidings.gateway.app import create_app as build
     except ImportError as e:
         raise ConfigError(
-            f"the gateway needs its extra ({e.name} is missing): pip install \"tidings[gateway]\""
+            f'the gateway needs its extra ({e.name} is missing): pip install "tidings[gateway]"'
         ) from e
     return build(app, settings, config, **kw)

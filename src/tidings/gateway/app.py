@@ -263,7 +263,7 @@ def create_app(
         openapi_extra=_CLOUDEVENT_BODY,
         tags=["events"],
     )
-    async def publish(request: Request, g: Started, who: Identity = caller("publish")) -> Accepted:
+    async def publish(request: Request, g: Started, who: Publisher) -> Accepted:
         """Publish CloudEvents (structured, binary or batch); idempotent on the event id."""
         body = await read_body(request, cfg.max_body)
         events = parse_events(request.headers, body, cfg.max_batch)
@@ -302,9 +302,7 @@ def create_app(
         openapi_extra=_JSON_BODY,
         tags=["agents"],
     )
-    async def invoke(
-        name: str, request: Request, g: Started, who: Identity = caller("invoke")
-    ) -> InvokeResult:
+    async def invoke(name: str, request: Request, g: Started, who: Invoker) -> InvokeResult:
         """Run agent `name` on an event now and return its result; what it emits is published."""
         pipeline = g.pipeline(name)
         raw = parse_json(await read_body(request, cfg.max_body))
@@ -359,9 +357,7 @@ def create_app(
         responses=_ERRORS,
         tags=["agents"],
     )
-    async def start_task(
-        body: TaskBody, g: Started, who: Identity = caller("tasks")
-    ) -> TaskAccepted:
+    async def start_task(body: TaskBody, g: Started, who: Tasker) -> TaskAccepted:
         """Start a long-running task: publishes ``agent.task.started``; follow its stream."""
         task_id = new_id()
         event = Event.create(
@@ -437,7 +433,9 @@ def create_app(
         """WebSocket: the same stream as SSE, one JSON message per event."""
         g = ws.app.state.gateway
         await g.start()
-        if not origin_allowed(ws.headers.get("origin"), ws.headers.get("host"), cfg.allowed_origins):
+        if not origin_allowed(
+            ws.headers.get("origin"), ws.headers.get("host"), cfg.allowed_origins
+        ):
             await ws.close(code=1008, reason="origin not allowed")
             return
         credential = bearer(ws.headers.get("authorization")) or access_token
@@ -456,7 +454,9 @@ def create_app(
                 if item is None:
                     continue
                 if isinstance(item, Lagged):
-                    await ws.send_text(orjson.dumps({"lagged": True, "resume": item.token}).decode())
+                    await ws.send_text(
+                        orjson.dumps({"lagged": True, "resume": item.token}).decode()
+                    )
                     await ws.close(code=1013, reason="lagged: resume with after=")
                     return
                 g.hub.delivered_total += 1
@@ -469,7 +469,7 @@ def create_app(
             g.hub.close(sub)
 
     @api.get("/v1/admin/streams", tags=["admin"], responses=_ERRORS)
-    async def admin_streams(g: Started, who: Identity = caller("admin")) -> dict[str, Any]:
+    async def admin_streams(g: Started, who: Admin) -> dict[str, Any]:
         """Connected stream clients and counters (admin scope)."""
         return g.hub.stats()
 
@@ -517,6 +517,12 @@ def caller(scope: str | None) -> Any:
     return Depends(dependency)
 
 
+Publisher = Annotated[Identity, caller("publish")]
+Invoker = Annotated[Identity, caller("invoke")]
+Tasker = Annotated[Identity, caller("tasks")]
+Admin = Annotated[Identity, caller("admin")]
+
+
 def _open(
     g: Gateway, who: Identity, correlation: str | None, types: str | None, after: str | None
 ) -> Subscriber:
@@ -554,4 +560,3 @@ async def _until_closed(ws: WebSocket) -> None:
     with contextlib.suppress(Exception):
         while (await ws.receive())["type"] != "websocket.disconnect":
             pass
-

@@ -101,7 +101,7 @@ class GatewayConfig:
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> GatewayConfig:
-        """Defaults, then ``[gateway]`` in tidings.toml, then TIDINGS_GATEWAY_*, then `overrides`."""
+        """Defaults, then ``[gateway]`` in tidings.toml, TIDINGS_GATEWAY_*, then `overrides`."""
         toml_path = Path(path) if path else Path(os.environ.get("TIDINGS_CONFIG", "tidings.toml"))
         table: dict[str, Any] = {}
         if toml_path.is_file():

@@ -145,7 +145,7 @@ class Subscriber:
         self.error = error
         self._more.set()
 
-    async def get(self, timeout: float) -> Item | Lagged | None:
+    async def get(self, idle: float) -> Item | Lagged | None:
         """The next item, Lagged once the buffer is drained after an overflow, or None if idle."""
         while not self.buffer:
             if self.lagged:
@@ -154,7 +154,7 @@ class Subscriber:
                 raise self.error
             self._more.clear()
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(idle):
                     await self._more.wait()
             except TimeoutError:
                 return None
@@ -206,7 +206,9 @@ class Hub:
                     async for raw in tail:
                         item = self._item(raw)
                         if item is not None and item.event.id not in self._ring_ids:
-                            since = datetime.fromtimestamp(int(item.token.split("~")[1]) / 1000, UTC)
+                            since = datetime.fromtimestamp(
+                                int(item.token.split("~")[1]) / 1000, UTC
+                            )
                             self._dispatch(item)
             except asyncio.CancelledError:
                 raise
@@ -365,4 +367,3 @@ def structured(event: Event) -> dict[str, Any]:
     if isinstance(event.data, bytes):
         out["data_base64"] = base64.b64encode(out.pop("data")).decode()
     return out
-

@@ -29,16 +29,14 @@ from tidings.gateway.config import WebhookSource
 from tidings.gateway.events import HttpError, parse_json
 
 
-def verify(source: WebhookSource, headers: Mapping[str, str], body: bytes) -> tuple[str, int | None]:
-    """Check the signature; return (webhook id, timestamp in ms or None). 401 if invalid."""
+def verify(source: WebhookSource, headers: Mapping[str, str], body: bytes) -> str:
+    """Check the signature and return the webhook id; HttpError(401) if invalid or stale."""
     if source.scheme == "github":
-        return _verify_github(source, headers, body), None
+        return _verify_github(source, headers, body)
     return _verify_standard(source, headers, body)
 
 
-def _verify_standard(
-    source: WebhookSource, headers: Mapping[str, str], body: bytes
-) -> tuple[str, int]:
+def _verify_standard(source: WebhookSource, headers: Mapping[str, str], body: bytes) -> str:
     msg_id = headers.get("webhook-id")
     stamp = headers.get("webhook-timestamp")
     signatures = headers.get("webhook-signature")
@@ -52,13 +50,14 @@ def _verify_standard(
         raise HttpError(401, f"stale: webhook-timestamp is more than {source.tolerance:g}s off")
     signed = f"{msg_id}.{stamp}.".encode() + body
     offered = [
-        value for version, _, value in (s.partition(",") for s in signatures.split())
+        value
+        for version, _, value in (s.partition(",") for s in signatures.split())
         if version == "v1"
     ]
     for secret in source.secrets:
         expected = base64.b64encode(hmac.digest(_standard_key(secret), signed, "sha256")).decode()
         if any(hmac.compare_digest(expected, value) for value in offered):
-            return msg_id, sent * 1000
+            return msg_id
     raise HttpError(401, "invalid signature")
 
 
@@ -81,27 +80,21 @@ def _verify_github(source: WebhookSource, headers: Mapping[str, str], body: byte
     raise HttpError(401, "invalid signature")
 
 
-def event_id(source_name: str, webhook_id: str, ms: int | None) -> str:
-    """A deterministic event id for one delivery, so a replay is a duplicate.
+def event_id(source_name: str, webhook_id: str) -> str:
+    """A deterministic event id for one delivery, so a replay or a retry is a duplicate.
 
-    With the sender's timestamp it is laid out as a UUIDv7 (time-sortable like every
-    other id); without one (GitHub) as a UUIDv8 from the hash alone.
+    A UUIDv8 made from a hash of (source, webhook id) alone: a sender's retry carries the
+    same webhook id with a new timestamp, so no time may go into it.
     """
     raw = bytearray(hashlib.sha256(f"{source_name}\n{webhook_id}".encode()).digest()[:16])
-    version = 8
-    if ms is not None:
-        raw[0:6] = (ms % (1 << 48)).to_bytes(6, "big")
-        version = 7
-    raw[6] = (raw[6] & 0x0F) | (version << 4)
+    raw[6] = (raw[6] & 0x0F) | 0x80
     raw[8] = (raw[8] & 0x3F) | 0x80
     return str(uuid.UUID(bytes=bytes(raw)))
 
 
-def to_event(
-    name: str, source: WebhookSource, headers: Mapping[str, str], body: bytes
-) -> Event:
+def to_event(name: str, source: WebhookSource, headers: Mapping[str, str], body: bytes) -> Event:
     """Verify and map one delivery to an event (401 unsigned/stale, 400/422 bad payload)."""
-    webhook_id, ms = verify(source, headers, body)
+    webhook_id = verify(source, headers, body)
     payload = parse_json(body)
     probe = Event(id="", source="", type="webhook", data=payload)
     if source.type:
@@ -123,7 +116,7 @@ def to_event(
         str(kind),
         payload,
         source=f"/webhooks/{name}",
-        id=event_id(name, webhook_id, ms),
+        id=event_id(name, webhook_id),
         subject=subject,
         tenant=source.tenant,
         user=source.user,
