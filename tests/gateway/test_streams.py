@@ -235,3 +235,26 @@ async def test_a_task_streams_started_progress_and_result(gateway: Running) -> N
     assert got[0].data["data"] == {"steps": 3}
     assert [m.data["data"]["fraction"] for m in got[1:4]] == [1 / 3, 2 / 3, 1.0]
     assert got[-1].data["data"] == {"answer": 42}
+
+
+async def test_cors_for_listed_origins_only(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    config = gateway_config(allowed_origins=("http://127.0.0.1:8001",))
+    worker, server = await start_gateway(gateway_app(), nats_url, namespace, tmp_path, config)
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            preflight = {
+                "Origin": "http://127.0.0.1:8001",
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "last-event-id",
+            }
+            ok = await http.options("/v1/stream", headers=preflight)
+            assert ok.headers["access-control-allow-origin"] == "http://127.0.0.1:8001"
+            evil = await http.options(
+                "/v1/stream", headers={**preflight, "Origin": "https://evil.example"}
+            )
+            assert "access-control-allow-origin" not in evil.headers
+    finally:
+        await server.stop()
+        await worker.stop(grace=5)

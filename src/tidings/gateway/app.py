@@ -239,6 +239,15 @@ def create_app(
         lifespan=lifespan,
     )
     api.state.gateway = gw
+    if cfg.allowed_origins:  # browsers on these origins may call the gateway (EventSource, fetch)
+        from starlette.middleware.cors import CORSMiddleware
+
+        api.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cfg.allowed_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-API-Key"],
+        )
     api.openapi = lambda: _openapi(api, gw)  # type: ignore[method-assign]
 
     @api.exception_handler(HttpError)
