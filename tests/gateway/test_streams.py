@@ -237,9 +237,7 @@ async def test_a_task_streams_started_progress_and_result(gateway: Running) -> N
     assert got[-1].data["data"] == {"answer": 42}
 
 
-async def test_cors_for_listed_origins_only(
-    nats_url: str, namespace: str, tmp_path: Path
-) -> None:
+async def test_cors_for_listed_origins_only(nats_url: str, namespace: str, tmp_path: Path) -> None:
     config = gateway_config(allowed_origins=("http://127.0.0.1:8001",))
     worker, server = await start_gateway(gateway_app(), nats_url, namespace, tmp_path, config)
     try:
