@@ -256,3 +256,75 @@ async def test_cors_for_listed_origins_only(nats_url: str, namespace: str, tmp_p
     finally:
         await server.stop()
         await worker.stop(grace=5)
+
+
+@pytest.mark.chaos
+async def test_resume_on_a_new_gateway_after_the_old_one_stopped(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    worker, server = await start_gateway(
+        gateway_app(), nats_url, namespace, tmp_path, gateway_config()
+    )
+    g = Running(server.url, worker, server, nats_url, namespace)
+    try:
+        async with g.client() as http, sse(http, "/v1/stream", auth("alice")) as messages:
+            await publish_for(g, [addressed("alice", "acme", n) for n in range(8)])
+            got = await asyncio.wait_for(take(messages, 4), 30)
+    finally:
+        await server.stop()
+        await worker.stop(grace=5)
+    await publish_for_url(
+        nats_url, namespace, tmp_path, [addressed("alice", "acme", n) for n in range(8, 12)]
+    )
+    # A fresh process: its ring is empty, so the resume reads the bus by time.
+    worker, server = await start_gateway(
+        gateway_app(), nats_url, namespace, tmp_path / "second", gateway_config()
+    )
+    g = Running(server.url, worker, server, nats_url, namespace)
+    try:
+        headers = {**auth("alice"), "Last-Event-ID": got[-1].id or ""}
+        async with g.client() as http, sse(http, "/v1/stream", headers) as messages:
+            rest = await asyncio.wait_for(take(messages, 8), 30)
+    finally:
+        await server.stop()
+        await worker.stop(grace=5)
+    assert [m.data["data"]["n"] for m in got + rest] == list(range(12))
+
+
+async def publish_for_url(
+    nats_url: str, namespace: str, tmp_path: Path, events: list[Event]
+) -> None:
+    from tests.helpers import settings_for
+    from tidings.bus import open_bus
+
+    bus = open_bus(nats_url, settings_for(nats_url, namespace, tmp_path))
+    await bus.connect()
+    try:
+        for event in events:
+            await bus.publish(event)
+    finally:
+        await bus.close()
+
+
+@pytest.mark.chaos
+async def test_a_stream_survives_a_broker_restart(gateway: Running, nats_server: Any) -> None:
+    async with gateway.client() as http, sse(http, "/v1/stream", auth("alice")) as messages:
+        await publish_for(gateway, [addressed("alice", "acme", n) for n in range(5)])
+        before = await asyncio.wait_for(take(messages, 5), 30)
+        await asyncio.to_thread(nats_server.restart)
+
+        async def publish_again() -> None:
+            bus = gateway.worker.bus
+            assert bus is not None
+            for n in range(5, 10):
+                event = addressed("alice", "acme", n)  # one id: a retried publish dedupes
+                for _ in range(100):  # the client reconnects by itself; retry until it has
+                    try:
+                        await bus.publish(event)
+                        break
+                    except Exception:
+                        await asyncio.sleep(0.2)
+
+        await publish_again()
+        after = await asyncio.wait_for(take(messages, 5), 60)
+    assert [m.data["data"]["n"] for m in before + after] == list(range(10))

@@ -22,7 +22,7 @@ from tidings.app import App
 from tidings.bus.base import Bus
 from tidings.client import Client
 from tidings.config import Settings
-from tidings.errors import MalformedEvent, PolicyViolation, StateConflict
+from tidings.errors import BusError, MalformedEvent, PolicyViolation, StateConflict, StoreError
 from tidings.events import Event, matches, new_id
 from tidings.gateway import webhooks
 from tidings.gateway.auth import Authenticator, AuthError, Identity, bearer, origin_allowed
@@ -62,8 +62,10 @@ class Gateway:
 
     async def start(self) -> None:
         """Connect what was not handed in and start the shared stream tail (idempotent)."""
+        if self.is_started():  # the common case, without taking the lock
+            return
         async with self._lock:
-            if self._client is not None:
+            if self.is_started():
                 return
             if self._bus is None:
                 from tidings.runtime.worker import connect_bus
@@ -77,6 +79,10 @@ class Gateway:
             self._client = Client(
                 self.settings, source=f"/{self.app.name}/gateway", bus=self._bus, store=self._store
             )
+
+    def is_started(self) -> bool:
+        """Whether `start()` has completed."""
+        return self._client is not None
 
     async def stop(self) -> None:
         """Stop the streams and close what this gateway opened itself."""
@@ -254,6 +260,13 @@ def create_app(
     async def _http_error(_: Request, exc: HttpError) -> JSONResponse:
         return JSONResponse({"error": exc.message}, exc.status)
 
+    @api.exception_handler(BusError)
+    @api.exception_handler(StoreError)
+    async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
+        # Infrastructure trouble is not the caller's fault, and retrying later may work.
+        log.warning("gateway backend unavailable", error=str(exc))
+        return JSONResponse({"error": f"unavailable: {exc}"}, 503, headers={"Retry-After": "1"})
+
     @api.exception_handler(AuthError)
     async def _auth_error(_: Request, exc: AuthError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
@@ -345,6 +358,8 @@ def create_app(
                     raise HttpError(409, "the agent's state kept changing; try again") from None
             except (PolicyViolation, MalformedEvent, ValidationError) as e:
                 raise HttpError(422, f"{type(e).__name__}: {e}") from e
+            except (BusError, StoreError):
+                raise  # answered 503 by the handler above
             except Exception as e:  # the agent failed: nothing was committed
                 log.warning("invoke failed", agent=name, event_id=event.id, error=repr(e))
                 raise HttpError(500, f"agent {name!r} failed: {type(e).__name__}: {e}") from e
