@@ -231,3 +231,28 @@ async def test_unauthenticated_and_unscoped_publishes_are_refused(gateway: Runni
         assert (await http.post("/v1/events", content=body, headers=reader)).status_code == 403
         key = {**ct, "X-API-Key": "alice-key"}
         assert (await http.post("/v1/events", content=body, headers=key)).status_code == 202
+
+
+@pytest.mark.chaos
+async def test_a_broker_outage_answers_503_and_a_retry_publishes_once(
+    gateway: Running, nats_server: Any
+) -> None:
+    event = {"specversion": "1.0", "id": new_id(), "source": "/x", "type": "outage.test"}
+    body = orjson.dumps(event)
+    headers = {**auth("alice"), "content-type": "application/cloudevents+json"}
+    await asyncio.to_thread(nats_server.stop)
+    try:
+        async with gateway.client() as http:
+            down = await http.post("/v1/events", content=body, headers=headers)
+    finally:
+        await asyncio.to_thread(nats_server.start)
+    assert down.status_code == 503, down.text
+    assert down.headers["retry-after"] == "1"
+
+    async def accepted() -> bool:
+        async with gateway.client() as http:
+            r = await http.post("/v1/events", content=body, headers=headers)
+        return r.status_code == 202
+
+    await eventually(accepted, timeout=60, interval=0.5, message="publish after the outage")
+    await eventually(lambda: _count_is(gateway, "outage.test", 1), message="stored once")
