@@ -103,6 +103,12 @@ class Gateway:
         return self._client
 
     @property
+    def bus(self) -> Bus:
+        """The app's bus."""
+        assert self._bus is not None, "the gateway is not started"
+        return self._bus
+
+    @property
     def hub(self) -> Hub:
         """The shared stream tail."""
         assert self._hub is not None, "the gateway is not started"

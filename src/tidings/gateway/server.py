@@ -13,7 +13,7 @@ from tidings.gateway.config import GatewayConfig
 from tidings.runtime.worker import Worker
 
 
-class _Server(uvicorn.Server):
+class SignalFreeServer(uvicorn.Server):
     """A uvicorn server that leaves signals to the worker, which stops it."""
 
     @contextlib.contextmanager
@@ -36,7 +36,7 @@ class GatewayServer:
             pipelines={name: runner.pipeline for name, runner in worker.runners.items()},
         )
         self.asgi = create_app(worker.app, gateway=self.gateway)
-        self.server = _Server(
+        self.server = SignalFreeServer(
             uvicorn.Config(
                 self.asgi,
                 host=settings.gateway_host,
