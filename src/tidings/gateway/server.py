@@ -18,6 +18,7 @@ class SignalFreeServer(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
+        """Install no signal handlers: the process's owner (the worker) has its own."""
         yield
 
 
