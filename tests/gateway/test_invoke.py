@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.gateway.conftest import Running, auth
+from tests.gateway.conftest import Running, auth, gateway_config, start_gateway
 from tests.helpers import eventually, subject_counts
+from tidings import App, Context
 from tidings.events import Event, new_id
 
 pytestmark = pytest.mark.nats
@@ -83,3 +86,36 @@ async def test_filter_policy_and_bad_requests(gateway: Running) -> None:
     async with gateway.client(headers=auth("alice", scopes="stream")) as http:
         r = await http.post("/v1/agents/echo/invoke", json={"type": "echo.request"})
         assert r.status_code == 403
+
+
+async def test_a_failing_handler_answers_500_and_commits_nothing(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    app = App("failing")
+
+    @app.agent("flaky", on="flaky.request", emits=["flaky.done"])
+    async def flaky(event: Event, ctx: Context) -> int:
+        calls = await ctx.state.get("calls", 0) + 1
+        await ctx.state.set("calls", calls)
+        await ctx.emit("flaky.done", {"calls": calls})
+        if event.data == "fail":
+            raise RuntimeError("the model timed out")
+        return int(calls)
+
+    worker, server = await start_gateway(app, nats_url, namespace, tmp_path, gateway_config())
+    try:
+        async with httpx.AsyncClient(base_url=server.url, headers=auth("alice")) as http:
+            failed = await http.post(
+                "/v1/agents/flaky/invoke", json={"type": "flaky.request", "data": "fail"}
+            )
+            assert failed.status_code == 500
+            assert "RuntimeError: the model timed out" in failed.json()["error"]
+            ok = await http.post("/v1/agents/flaky/invoke", json={"type": "flaky.request"})
+            assert ok.json()["result"] == 1  # the failed call's state change was not kept
+        decisions = await worker.store.list_decisions("flaky")  # type: ignore[union-attr]
+        assert len(decisions) == 1
+        g = Running(server.url, worker, server, nats_url, namespace)
+        await eventually(lambda: _emitted_is(g, "flaky.done", 1), message="one emit")
+    finally:
+        await server.stop()
+        await worker.stop(grace=5)

@@ -28,8 +28,9 @@ from tests.helpers import eventually
 pytestmark = pytest.mark.nats
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_tidings_run_gateway_serves_and_stops_cleanly(
-    nats_url: str, namespace: str, tmp_path: Path
+    nats_url: str, namespace: str, tmp_path: Path, workers: int
 ) -> None:
     port = free_port()
     env = {
@@ -49,6 +50,8 @@ async def test_tidings_run_gateway_serves_and_stops_cleanly(
         "tests.gateway.run_app:app",
         "--gateway",
         "--quiet",
+        "--workers",
+        str(workers),
     ]
     log = tmp_path / "run.log"
     with log.open("wb") as out:
