@@ -328,3 +328,41 @@ async def test_a_stream_survives_a_broker_restart(gateway: Running, nats_server:
         await publish_again()
         after = await asyncio.wait_for(take(messages, 5), 60)
     assert [m.data["data"]["n"] for m in before + after] == list(range(10))
+
+
+async def test_user_less_events_reach_the_owner_of_their_correlation_only(
+    gateway: Running,
+) -> None:
+    async with gateway.client() as http:
+        r = await http.post("/v1/tasks", json={"input": {"steps": 1}}, headers=auth("alice"))
+        task_id = r.json()["task_id"]
+        # Bob may neither add to alice's correlation nor follow it.
+        intrusion = {
+            "specversion": "1.0",
+            "id": "bob-1",
+            "source": "/bob",
+            "type": "agent.task.progress",
+            "correlationid": task_id,
+        }
+        refused = await http.post(
+            "/v1/events",
+            content=orjson.dumps(intrusion),
+            headers={**auth("bob"), "content-type": "application/cloudevents+json"},
+        )
+        assert refused.status_code == 403
+        async with (
+            sse(http, "/v1/stream", auth("bob")) as bobs,
+            sse(http, "/v1/stream?types=external.*", auth("alice")) as alices,
+        ):
+            # A system without user context reports on the task: only the owner sees it.
+            await publish_for(
+                gateway,
+                [
+                    Event.create("external.note", {"n": 1}, correlationid=task_id),
+                    addressed("bob", "acme", 99, kind="external.note"),
+                ],
+            )
+            (seen,) = await asyncio.wait_for(take(alices, 1), 30)
+            (bobs_own,) = await asyncio.wait_for(take(bobs, 1), 30)
+    assert seen.data["correlationid"] == task_id and "user" not in seen.data
+    assert bobs_own.data["user"] == "bob"  # bob got his own event, not alice's before it
