@@ -13,6 +13,7 @@ import typer
 
 from tidings import __version__
 from tidings.cli.approvals import approvals
+from tidings.cli.asyncapi import asyncapi
 from tidings.cli.bus import agents, publish, tail
 from tidings.cli.common import GlobalOptions
 from tidings.cli.doctor import doctor
@@ -75,6 +76,7 @@ cli.command()(doctor)
 cli.add_typer(dlq, name="dlq")
 cli.add_typer(decisions, name="decisions")
 cli.add_typer(approvals, name="approvals")
+cli.command()(asyncapi)
 
 
 def main() -> None:

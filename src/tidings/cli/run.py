@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import time
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -32,10 +33,21 @@ class _ObservedWorker(Worker):
     def __init__(self, app: App, settings: Settings) -> None:
         super().__init__(app, settings)
         self.started = asyncio.Event()
+        self.gateway: Any = None
 
     async def start(self) -> None:
         await super().start()
+        if self.settings.gateway:
+            from tidings.gateway.server import GatewayServer
+
+            self.gateway = GatewayServer(self)
+            await self.gateway.start()
         self.started.set()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        if self.gateway is not None:
+            await self.gateway.stop()
+        await super().stop(grace)
 
     def bus_description(self) -> str:
         """The bus for people: which URL, and whether it is the embedded server."""
@@ -76,10 +88,19 @@ def run(
     label: Annotated[
         str, typer.Option(hidden=True, help="Name of this worker in plain summaries.")
     ] = "",
+    gateway: Annotated[
+        bool | None,
+        typer.Option(
+            "--gateway/--no-gateway",
+            help="Serve the HTTP gateway (TIDINGS_GATEWAY_HOST/PORT, default 127.0.0.1:8000).",
+        ),
+    ] = None,
 ) -> None:
     """Run the agents of an app until Ctrl-C or SIGTERM (then stop gracefully)."""
     with guarded():
         settings = options_of(ctx).settings()
+        if gateway is not None:
+            settings = dataclasses.replace(settings, gateway=gateway)
         app = load_app(target)
     app.settings = settings  # app.client() in user code then sees --bus/--store/--home too
     if workers > 1:
@@ -146,6 +167,8 @@ def _supervise(
         commands = []
         for n in range(1, workers + 1):
             extra = ["--quiet"] if quiet else ["--label", f"worker {n}"]
+            # One port, one gateway: the first worker serves it.
+            extra.append("--gateway" if settings.gateway and n == 1 else "--no-gateway")
             command = [sys.executable, "-m", "tidings.cli", "run", target, "--workers", "1"]
             commands.append([*command, "--grace", str(grace), *extra])
         return _spawn_and_wait(commands, env)

@@ -26,7 +26,7 @@ import structlog
 from tidings.app import AgentSpec
 from tidings.bus.base import Bus, Delivery
 from tidings.errors import AlreadyProcessed, MalformedEvent
-from tidings.events import Event, decode, new_id, now
+from tidings.events import Event, decode, encode, new_id, now
 from tidings.runtime.context import Context, Services
 from tidings.runtime.durable import AgentParked
 from tidings.runtime.filters import FilterMiss
@@ -274,3 +274,53 @@ class Pipeline:
             attempts=delivery.attempt,
             error=out.error,
         )
+
+    # -- request/response -------------------------------------------------------------
+
+    async def invoke(self, event: Event) -> Decision | None:
+        """Run the agent on `event` now, as its bus path would, and return the decision.
+
+        For the gateway's synchronous invoke: the same filter, state, decision ledger,
+        outbox and dedupe (an event id already processed returns the earlier decision
+        without running the handler again). None when `where` filters the event out.
+        The handler's exceptions propagate and nothing is committed.
+        """
+        headers, body = encode(event)
+        delivery = _Direct(event.type, headers, body)
+        screened = self.screen(delivery)
+        if isinstance(screened, DeadLetter):
+            raise MalformedEvent(screened.error)
+        if not isinstance(screened, Event):
+            return None
+        outcome = await self.process(delivery, screened)
+        # A handler that parked on `ctx.ask` answers with its parked decision; the event
+        # resumes on the bus once the question is answered.
+        wanted = "parked" if isinstance(outcome, Ack) and outcome.reason == "parked" else "ok"
+        for decision in await self.store.list_decisions(self.spec.name, 5, event_id=event.id):
+            if decision.status == wanted:
+                return decision
+        raise AlreadyProcessed(f"agent {self.spec.name!r} has no decision for {event.id}")
+
+
+class _Direct(Delivery):
+    """A delivery that no broker made (request/response): settling it does nothing."""
+
+    __slots__ = ("attempt", "body", "headers", "subject")
+
+    def __init__(self, subject: str, headers: dict[str, str], body: bytes) -> None:
+        self.subject = subject
+        self.headers = headers
+        self.body = body
+        self.attempt = 1
+
+    async def ack(self) -> None:
+        """Nothing to acknowledge."""
+
+    async def nak(self, delay: float = 0.0) -> None:
+        """Nothing to hand back."""
+
+    async def in_progress(self) -> None:
+        """No deadline to extend."""
+
+    async def term(self) -> None:
+        """Nothing to terminate."""

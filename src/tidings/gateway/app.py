@@ -1,0 +1,595 @@
+"""The gateway's ASGI app: publish, webhooks, invoke, tasks, live streams, admin.
+
+`create_app(app)` builds it for an `App`. Inside `tidings run --gateway` it shares the
+worker's bus, store and pipelines; mounted in a user's own ASGI app it connects its own
+on first use (call `Gateway.stop()` on shutdown, since mounted apps get no lifespan).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from typing import Annotated, Any
+
+import orjson
+import structlog
+from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from tidings.app import App
+from tidings.bus.base import Bus
+from tidings.client import Client
+from tidings.config import Settings
+from tidings.errors import BusError, MalformedEvent, PolicyViolation, StateConflict, StoreError
+from tidings.events import Event, matches, new_id
+from tidings.gateway import webhooks
+from tidings.gateway.auth import Authenticator, AuthError, Identity, bearer, origin_allowed
+from tidings.gateway.config import GatewayConfig
+from tidings.gateway.events import HttpError, parse_events, parse_json, read_body, stamp
+from tidings.gateway.streams import Hub, Lagged, StreamFilter, Subscriber, structured
+from tidings.runtime.pipeline import Pipeline
+from tidings.store import open_store
+from tidings.store.base import Store
+
+log = structlog.get_logger("tidings.gateway")
+
+
+class Gateway:
+    """The gateway's connections and shared state for one app in one process."""
+
+    def __init__(
+        self,
+        app: App,
+        settings: Settings | None = None,
+        config: GatewayConfig | None = None,
+        *,
+        bus: Bus | None = None,
+        store: Store | None = None,
+        pipelines: Mapping[str, Pipeline] | None = None,
+    ) -> None:
+        self.app = app
+        self.settings = settings or app.settings
+        self.config = config or GatewayConfig.load()
+        self.auth = Authenticator(self.config)
+        self._bus, self._store = bus, store
+        self._owns = bus is None, store is None
+        self._pipelines: dict[str, Pipeline] = dict(pipelines or {})
+        self._client: Client | None = None
+        self._hub: Hub | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Connect what was not handed in and start the shared stream tail (idempotent)."""
+        if self.is_started():  # the common case, without taking the lock
+            return
+        async with self._lock:
+            if self.is_started():
+                return
+            if self._bus is None:
+                from tidings.runtime.worker import connect_bus
+
+                self._bus = await connect_bus(self.settings)
+            if self._store is None:
+                self._store = open_store(self.settings.store_url)
+                await self._store.open()
+            self._hub = Hub(self._bus, self.config)
+            self._hub.start()
+            self._client = Client(
+                self.settings, source=f"/{self.app.name}/gateway", bus=self._bus, store=self._store
+            )
+
+    def is_started(self) -> bool:
+        """Whether `start()` has completed."""
+        return self._client is not None
+
+    async def stop(self) -> None:
+        """Stop the streams and close what this gateway opened itself."""
+        if self._hub is not None:
+            await self._hub.stop()
+        if self._owns[0] and self._bus is not None:
+            await self._bus.close()
+            self._bus = None
+        if self._owns[1] and self._store is not None:
+            await self._store.close()
+            self._store = None
+        self._client = self._hub = None
+
+    @property
+    def client(self) -> Client:
+        """The publishing client (idempotent on explicit ids)."""
+        assert self._client is not None, "the gateway is not started"
+        return self._client
+
+    @property
+    def bus(self) -> Bus:
+        """The app's bus."""
+        assert self._bus is not None, "the gateway is not started"
+        return self._bus
+
+    @property
+    def hub(self) -> Hub:
+        """The shared stream tail."""
+        assert self._hub is not None, "the gateway is not started"
+        return self._hub
+
+    @property
+    def store(self) -> Store:
+        """The app's store."""
+        assert self._store is not None, "the gateway is not started"
+        return self._store
+
+    def pipeline(self, name: str) -> Pipeline:
+        """The pipeline of agent `name` (the worker's own when running inside one)."""
+        spec = self.app.agents.get(name)
+        if spec is None:
+            raise HttpError(404, f"no agent named {name!r}; known: {sorted(self.app.agents)}")
+        if name not in self._pipelines:
+            assert self._bus is not None and self._store is not None
+            self._pipelines[name] = Pipeline(spec, self._bus, self._store, self.app.name)
+        return self._pipelines[name]
+
+    async def identify(self, credential: str | None, scope: str | None) -> Identity:
+        """Authenticate, and check `scope` if given."""
+        who = await self.auth.authenticate(credential)
+        if scope is not None:
+            who.require(scope)
+        return who
+
+
+# -- request and response bodies (for the OpenAPI document) ------------------------------
+
+
+class Accepted(BaseModel):
+    """Events accepted for publishing."""
+
+    ids: list[str]
+
+
+class WebhookAccepted(BaseModel):
+    """A webhook delivery turned into an event."""
+
+    id: str
+    type: str
+    duplicate: bool = False
+
+
+class InvokeBody(BaseModel):
+    """An event to run an agent on; missing id, source and specversion are filled in."""
+
+    type: str
+    data: Any = None
+    id: str | None = None
+    source: str | None = None
+    subject: str | None = None
+    correlationid: str | None = None
+
+
+class InvokeResult(BaseModel):
+    """What the agent returned, and the decision recorded for it."""
+
+    status: str = Field(
+        description="ok, parked (waits on a question), duplicate (an earlier decision) or filtered"
+    )
+    event_id: str
+    result: Any = None
+    decision_id: str | None = None
+    emitted: list[dict[str, Any]] = []
+
+
+class TaskBody(BaseModel):
+    """The input of a long-running task (the data of ``agent.task.started``)."""
+
+    input: Any = None
+    subject: str | None = None
+
+
+class TaskAccepted(BaseModel):
+    """Where to follow a task: its progress and result arrive as events."""
+
+    task_id: str
+    stream: str
+    websocket: str
+
+
+class ErrorBody(BaseModel):
+    """Why a request was refused."""
+
+    error: str
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 415, 422)
+}
+_CLOUDEVENT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/cloudevents+json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["id", "source", "type", "specversion"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "source": {"type": "string"},
+                        "type": {"type": "string"},
+                        "specversion": {"type": "string", "enum": ["1.0"]},
+                        "subject": {"type": "string"},
+                        "data": {},
+                    },
+                }
+            },
+            "application/cloudevents-batch+json": {
+                "schema": {"type": "array", "items": {"type": "object"}}
+            },
+        },
+    }
+}
+_JSON_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {}}}}}
+
+
+def create_app(
+    app: App,
+    settings: Settings | None = None,
+    config: GatewayConfig | None = None,
+    *,
+    gateway: Gateway | None = None,
+) -> FastAPI:
+    """The gateway ASGI app for `app` (mount it, or serve it with uvicorn)."""
+    gw = gateway or Gateway(app, settings, config)
+    cfg = gw.config
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gw.start()
+        yield
+        await gw.stop()
+
+    api = FastAPI(
+        title=f"{app.name} gateway",
+        version="1",
+        description="Publish events, receive webhooks, invoke agents and follow live streams.",
+        lifespan=lifespan,
+    )
+    api.state.gateway = gw
+    if cfg.allowed_origins:  # browsers on these origins may call the gateway (EventSource, fetch)
+        from starlette.middleware.cors import CORSMiddleware
+
+        api.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cfg.allowed_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-API-Key"],
+        )
+    api.openapi = lambda: _openapi(api, gw)  # type: ignore[method-assign]
+
+    @api.exception_handler(HttpError)
+    async def _http_error(_: Request, exc: HttpError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, exc.status)
+
+    @api.exception_handler(BusError)
+    @api.exception_handler(StoreError)
+    async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
+        # Infrastructure trouble is not the caller's fault, and retrying later may work.
+        log.warning("gateway backend unavailable", error=str(exc))
+        return JSONResponse({"error": f"unavailable: {exc}"}, 503, headers={"Retry-After": "1"})
+
+    @api.exception_handler(AuthError)
+    async def _auth_error(_: Request, exc: AuthError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse({"error": str(exc)}, exc.status, headers=headers)
+
+    @api.get("/v1/health", tags=["admin"])
+    async def health() -> dict[str, str]:
+        """Liveness: the gateway answers."""
+        return {"status": "ok"}
+
+    @api.post(
+        "/v1/events",
+        status_code=202,
+        response_model=Accepted,
+        responses=_ERRORS,
+        openapi_extra=_CLOUDEVENT_BODY,
+        tags=["events"],
+    )
+    async def publish(request: Request, g: Started, who: Publisher) -> Accepted:
+        """Publish CloudEvents (structured, binary or batch); idempotent on the event id."""
+        body = await read_body(request, cfg.max_body)
+        events = parse_events(request.headers, body, cfg.max_batch)
+        events = [stamp(e, who.tenant, who.user, who.is_admin) for e in events]
+        for event in events:
+            _check_correlation(g, event, who)
+        for event in events:
+            await g.client.publish_event(event, explicit_id=True)
+        return Accepted(ids=[e.id for e in events])
+
+    @api.post(
+        "/v1/webhooks/{source}",
+        status_code=202,
+        response_model=WebhookAccepted,
+        responses={200: {"model": WebhookAccepted}, **_ERRORS},
+        openapi_extra=_JSON_BODY,
+        tags=["events"],
+    )
+    async def webhook(source: str, request: Request, g: Started) -> Response:
+        """Receive a signed webhook (Standard Webhooks or GitHub) and publish it as an event."""
+        configured = cfg.webhooks.get(source)
+        if configured is None:
+            raise HttpError(404, f"no webhook source named {source!r}")
+        body = await read_body(request, cfg.max_body)
+        event = webhooks.to_event(source, configured, request.headers, body)
+        if await g.store.was_published(event.id):
+            answer = WebhookAccepted(id=event.id, type=event.type, duplicate=True)
+            return JSONResponse(answer.model_dump(), 200)
+        await g.client.publish_event(event, explicit_id=True)
+        return JSONResponse(WebhookAccepted(id=event.id, type=event.type).model_dump(), 202)
+
+    @api.post(
+        "/v1/agents/{name}/invoke",
+        response_model=InvokeResult,
+        responses=_ERRORS,
+        openapi_extra=_JSON_BODY,
+        tags=["agents"],
+    )
+    async def invoke(name: str, request: Request, g: Started, who: Invoker) -> InvokeResult:
+        """Run agent `name` on an event now and return its result; what it emits is published."""
+        pipeline = g.pipeline(name)
+        raw = parse_json(await read_body(request, cfg.max_body))
+        if not isinstance(raw, dict):
+            raise HttpError(400, "the body must be a JSON object: an event with at least a type")
+        try:
+            body = InvokeBody.model_validate(raw)
+            event = Event.create(
+                body.type,
+                body.data,
+                source=body.source or f"/{g.app.name}/gateway",
+                id=body.id,
+                subject=body.subject,
+                correlationid=body.correlationid or body.id,
+            )
+        except ValueError as e:
+            raise HttpError(400, f"invalid event: {e}") from e
+        event = stamp(event, who.tenant, who.user, who.is_admin)
+        _check_correlation(g, event, who)
+        if not any(matches(p, event.type) for p in pipeline.spec.patterns):
+            raise HttpError(
+                422, f"agent {name!r} does not consume {event.type!r} (on={pipeline.spec.patterns})"
+            )
+        duplicates = pipeline.stats.duplicates
+        for attempt in range(1, 4):
+            try:
+                decision = await pipeline.invoke(event)
+                break
+            except StateConflict:
+                if attempt == 3:
+                    raise HttpError(409, "the agent's state kept changing; try again") from None
+            except (PolicyViolation, MalformedEvent, ValidationError) as e:
+                raise HttpError(422, f"{type(e).__name__}: {e}") from e
+            except (BusError, StoreError):
+                raise  # answered 503 by the handler above
+            except Exception as e:  # the agent failed: nothing was committed
+                log.warning("invoke failed", agent=name, event_id=event.id, error=repr(e))
+                raise HttpError(500, f"agent {name!r} failed: {type(e).__name__}: {e}") from e
+        if decision is None:
+            return InvokeResult(status="filtered", event_id=event.id)
+        # "parked": the handler waits on ctx.ask; it resumes on the bus once answered.
+        status = "duplicate" if pipeline.stats.duplicates > duplicates else decision.status
+        return InvokeResult(
+            status=status,
+            event_id=event.id,
+            result=decision.result,
+            decision_id=decision.id,
+            emitted=decision.emitted,
+        )
+
+    @api.post(
+        "/v1/tasks",
+        status_code=202,
+        response_model=TaskAccepted,
+        responses=_ERRORS,
+        tags=["agents"],
+    )
+    async def start_task(body: TaskBody, g: Started, who: Tasker) -> TaskAccepted:
+        """Start a long-running task: publishes ``agent.task.started``; follow its stream."""
+        task_id = new_id()
+        event = Event.create(
+            "agent.task.started",
+            body.input,
+            source=f"/{g.app.name}/gateway/tasks",
+            id=task_id,
+            subject=body.subject,
+            correlationid=task_id,
+            tenant=who.tenant,
+            user=who.user,
+        )
+        g.hub.claim(task_id, who.audience)
+        await g.client.publish_event(event, explicit_id=True)
+        return TaskAccepted(
+            task_id=task_id,
+            stream=f"/v1/stream?correlation={task_id}",
+            websocket=f"/v1/ws?correlation={task_id}",
+        )
+
+    @api.get(
+        "/v1/stream",
+        responses={200: {"content": {"text/event-stream": {}}}, **_ERRORS},
+        tags=["streams"],
+    )
+    async def stream(
+        request: Request,
+        g: Started,
+        correlation: str | None = None,
+        types: str | None = None,
+        after: str | None = None,
+        access_token: str | None = None,
+    ) -> StreamingResponse:
+        """Server-Sent Events: the caller's events, in order; resumes from Last-Event-ID.
+
+        Browsers cannot set headers on EventSource, so `access_token` may carry the token.
+        """
+        credential = bearer(request.headers.get("authorization")) or access_token
+        who = await g.identify(credential, "stream")
+        sub = _open(g, who, correlation, types, after or request.headers.get("last-event-id"))
+
+        async def lines() -> AsyncIterator[bytes]:
+            try:
+                yield b"retry: 1000\n: connected\n\n"
+                while True:
+                    item = await sub.get(cfg.keepalive)
+                    if item is None:
+                        yield b": keepalive\n\n"
+                    elif isinstance(item, Lagged):
+                        data = orjson.dumps({"resume": item.token})
+                        yield b"event: lagged\ndata: " + data + b"\n\n"
+                        return
+                    else:
+                        g.hub.delivered_total += 1
+                        data = orjson.dumps(structured(item.event))
+                        yield b"id: " + item.token.encode() + b"\ndata: " + data + b"\n\n"
+            except Exception as e:
+                yield b"event: error\ndata: " + orjson.dumps({"error": str(e)}) + b"\n\n"
+            finally:
+                g.hub.close(sub)
+
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        return StreamingResponse(lines(), media_type="text/event-stream", headers=headers)
+
+    @api.websocket("/v1/ws")
+    async def websocket(
+        ws: WebSocket,
+        correlation: str | None = None,
+        types: str | None = None,
+        after: str | None = None,
+        access_token: str | None = None,
+    ) -> None:
+        """WebSocket: the same stream as SSE, one JSON message per event."""
+        g = ws.app.state.gateway
+        await g.start()
+        if not origin_allowed(
+            ws.headers.get("origin"), ws.headers.get("host"), cfg.allowed_origins
+        ):
+            await ws.close(code=1008, reason="origin not allowed")
+            return
+        credential = bearer(ws.headers.get("authorization")) or access_token
+        try:
+            who = await g.identify(credential, "stream")
+            sub = _open(g, who, correlation, types, after)
+        except (AuthError, HttpError) as e:
+            await ws.close(code=1008, reason=str(e)[:120])
+            return
+        await ws.accept()
+        listener = asyncio.create_task(_until_closed(ws))
+        listener.add_done_callback(lambda _: sub.fail(ConnectionResetError("client left")))
+        try:
+            while not listener.done():
+                item = await sub.get(cfg.keepalive)
+                if item is None:
+                    continue
+                if isinstance(item, Lagged):
+                    await ws.send_text(
+                        orjson.dumps({"lagged": True, "resume": item.token}).decode()
+                    )
+                    await ws.close(code=1013, reason="lagged: resume with after=")
+                    return
+                g.hub.delivered_total += 1
+                message = {"event": structured(item.event), "resume": item.token}
+                await ws.send_text(orjson.dumps(message).decode())
+        except (WebSocketDisconnect, ConnectionResetError, RuntimeError):
+            pass
+        finally:
+            listener.cancel()
+            g.hub.close(sub)
+
+    @api.get("/v1/admin/streams", tags=["admin"], responses=_ERRORS)
+    async def admin_streams(g: Started, who: Admin) -> dict[str, Any]:
+        """Connected stream clients and counters (admin scope)."""
+        return g.hub.stats()
+
+    return api
+
+
+def _openapi(api: FastAPI, gw: Gateway) -> dict[str, Any]:
+    """FastAPI's document, plus what only this app knows: its agents and webhook sources."""
+    if api.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        doc = get_openapi(
+            title=api.title, version=api.version, description=api.description, routes=api.routes
+        )
+        paths = doc["paths"]
+        for path, names in (
+            ("/v1/agents/{name}/invoke", sorted(gw.app.agents)),
+            ("/v1/webhooks/{source}", sorted(gw.config.webhooks)),
+        ):
+            for parameter in paths[path]["post"].get("parameters", []):
+                if parameter["in"] == "path" and names:
+                    parameter["schema"]["enum"] = names
+        invoke = paths["/v1/agents/{name}/invoke"]["post"]["requestBody"]["content"]
+        invoke["application/json"]["schema"] = InvokeBody.model_json_schema()
+        api.openapi_schema = doc
+    return api.openapi_schema
+
+
+async def _started(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    await gateway.start()
+    return gateway
+
+
+Started = Annotated[Gateway, Depends(_started)]
+
+
+def caller(scope: str | None) -> Any:
+    """A dependency: the authenticated caller, who must have `scope`."""
+
+    async def dependency(request: Request, g: Started) -> Identity:
+        credential = bearer(request.headers.get("authorization"))
+        return await g.identify(credential or request.headers.get("x-api-key"), scope)
+
+    return Depends(dependency)
+
+
+Publisher = Annotated[Identity, caller("publish")]
+Invoker = Annotated[Identity, caller("invoke")]
+Tasker = Annotated[Identity, caller("tasks")]
+Admin = Annotated[Identity, caller("admin")]
+
+
+def _open(
+    g: Gateway, who: Identity, correlation: str | None, types: str | None, after: str | None
+) -> Subscriber:
+    from tidings.events import check_pattern
+    from tidings.gateway.streams import uuid7_ms
+
+    patterns = tuple(t.strip() for t in (types or "").split(",") if t.strip())
+    try:
+        for pattern in patterns:
+            check_pattern(pattern)
+    except ValueError as e:
+        raise HttpError(400, str(e)) from e
+    since = None
+    if correlation is not None and after is None:
+        owner = g.hub.owner(correlation)
+        if owner is not None and owner != who.audience:
+            raise HttpError(403, "this correlation id belongs to someone else")
+        created = uuid7_ms(correlation)
+        if created is not None:  # a task or event id: its whole story, from the start
+            from datetime import UTC, datetime
+
+            since = datetime.fromtimestamp(created / 1000, UTC)
+    flt = StreamFilter(correlation=correlation, types=patterns)
+    return g.hub.open(who.audience, flt, after, since)
+
+
+def _check_correlation(g: Gateway, event: Event, who: Identity) -> None:
+    """Nobody but its owner (or an admin) may add events to a correlation."""
+    owner = g.hub.owner(event.correlationid) if event.correlationid else None
+    if owner is not None and owner != who.audience and not who.is_admin:
+        raise HttpError(403, "this correlation id belongs to someone else")
+
+
+async def _until_closed(ws: WebSocket) -> None:
+    with contextlib.suppress(Exception):
+        while (await ws.receive())["type"] != "websocket.disconnect":
+            pass

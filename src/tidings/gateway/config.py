@@ -1,0 +1,171 @@
+"""What the gateway needs besides `Settings`: credentials, webhook sources, limits.
+
+Scalars come from the ``[gateway]`` table of ``tidings.toml`` and ``TIDINGS_GATEWAY_*``
+variables (which win); API keys and webhook sources are tables in ``tidings.toml`` or
+objects passed in code::
+
+    [gateway]
+    jwt_secret = "..."                       # or TIDINGS_GATEWAY_JWT_SECRET
+    allowed_origins = ["https://app.example.com"]
+
+    [gateway.api_keys.ops]
+    sha256 = "9f86d0..."                     # sha256 of the key (or key = "...")
+    user = "ops"
+    scopes = ["admin"]
+
+    [gateway.webhooks.github]
+    scheme = "github"                        # or "standard" (Standard Webhooks)
+    secrets = ["..."]                        # several while rotating; any one is valid
+    type_header = "X-GitHub-Event"           # event type = type_prefix + header value
+    type_prefix = "github."
+    subject_field = "repository.full_name"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from tidings.errors import ConfigError
+
+# Scopes a token or key may carry; `admin` implies all of them.
+SCOPES = ("publish", "invoke", "tasks", "stream", "admin")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A static API key: whom it stands for and what it may do."""
+
+    sha256: str
+    user: str
+    tenant: str | None = None
+    scopes: tuple[str, ...] = ("publish", "invoke", "tasks", "stream")
+
+    @classmethod
+    def from_key(cls, key: str, user: str, **kwargs: Any) -> ApiKey:
+        """An entry for the plain `key` (only its hash is kept)."""
+        return cls(sha256=hashlib.sha256(key.encode()).hexdigest(), user=user, **kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSource:
+    """One webhook sender: how it signs and how its payload becomes an event.
+
+    The event type is `type` if set, else `type_prefix` + the value of `type_header` or
+    of the payload path `type_field`; the subject is the payload path `subject_field`.
+    """
+
+    secrets: tuple[str, ...]
+    scheme: str = "standard"  # "standard" (Standard Webhooks) or "github"
+    type: str | None = None
+    type_header: str | None = None
+    type_field: str | None = None
+    type_prefix: str = ""
+    subject_field: str | None = None
+    tenant: str | None = None
+    user: str | None = None
+    tolerance: float = 300.0  # seconds a Standard Webhooks timestamp may be off
+
+    def __post_init__(self) -> None:
+        if self.scheme not in ("standard", "github"):
+            raise ConfigError(f"webhook scheme {self.scheme!r}: use 'standard' or 'github'")
+        if not self.secrets:
+            raise ConfigError("a webhook source needs at least one secret")
+        if not (self.type or self.type_header or self.type_field):
+            raise ConfigError("a webhook source needs type, type_header or type_field")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """Auth, limits and webhook sources of one gateway."""
+
+    jwt_secret: str = ""  # HS256 tokens signed with this secret
+    jwks_url: str = ""  # or RS256/ES256 tokens checked against this JWKS
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    tenant_claim: str = "tenant"
+    api_keys: tuple[ApiKey, ...] = ()
+    webhooks: Mapping[str, WebhookSource] = field(default_factory=dict)
+    allowed_origins: tuple[str, ...] = ()  # WebSocket origins besides the gateway's own
+    max_body: int = 1_048_576  # bytes per request body
+    max_batch: int = 1000  # events per batch publish
+    client_queue: int = 1000  # events buffered per stream client before it is "lagged"
+    ring_size: int = 10_000  # recent events kept for fast resumes
+    resume_margin: float = 5.0  # seconds re-read before a resume point (clock skew)
+    keepalive: float = 15.0  # seconds between SSE comments on a quiet stream
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: Any) -> GatewayConfig:
+        """Defaults, then ``[gateway]`` in tidings.toml, TIDINGS_GATEWAY_*, then `overrides`."""
+        toml_path = Path(path) if path else Path(os.environ.get("TIDINGS_CONFIG", "tidings.toml"))
+        table: dict[str, Any] = {}
+        if toml_path.is_file():
+            try:
+                table = dict(tomllib.loads(toml_path.read_text()).get("gateway", {}))
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{toml_path} is not valid TOML: {e}") from e
+        for f in fields(cls):
+            env = os.environ.get(f"TIDINGS_GATEWAY_{f.name.upper()}")
+            if env is not None and f.name not in ("api_keys", "webhooks"):
+                table[f.name] = env.split(",") if f.name == "allowed_origins" else env
+        table.update(overrides)
+        return cls()._with(table)
+
+    def _with(self, values: Mapping[str, Any]) -> GatewayConfig:
+        known = {f.name for f in fields(self)}
+        changes: dict[str, Any] = {}
+        for name, value in values.items():
+            if name not in known:
+                raise ConfigError(f"unknown gateway setting {name!r}; known: {sorted(known)}")
+            if name == "api_keys":
+                changes[name] = _api_keys(value)
+            elif name == "webhooks":
+                changes[name] = _webhooks(value)
+            elif name == "allowed_origins":
+                changes[name] = tuple(str(v).strip() for v in value if str(v).strip())
+            else:
+                kind = type(getattr(self, name))
+                try:
+                    changes[name] = kind(value)
+                except (TypeError, ValueError) as e:
+                    raise ConfigError(f"gateway setting {name!r}: {e}") from e
+        return replace(self, **changes)
+
+
+def _api_keys(value: Any) -> tuple[ApiKey, ...]:
+    if isinstance(value, tuple | list) and all(isinstance(v, ApiKey) for v in value):
+        return tuple(value)
+    if not isinstance(value, Mapping):
+        raise ConfigError("gateway.api_keys: a table of name = {sha256|key, user, ...}")
+    keys = []
+    for name, entry in value.items():
+        entry = dict(entry)
+        if "key" in entry:
+            entry["sha256"] = hashlib.sha256(str(entry.pop("key")).encode()).hexdigest()
+        if "sha256" not in entry or "user" not in entry:
+            raise ConfigError(f"gateway.api_keys.{name}: needs sha256 (or key) and user")
+        entry["scopes"] = tuple(entry.get("scopes", ApiKey.__dataclass_fields__["scopes"].default))
+        keys.append(ApiKey(**entry))
+    return tuple(keys)
+
+
+def _webhooks(value: Any) -> dict[str, WebhookSource]:
+    if not isinstance(value, Mapping):
+        raise ConfigError("gateway.webhooks: a table of source = {secrets, scheme, type, ...}")
+    out = {}
+    for name, entry in value.items():
+        if isinstance(entry, WebhookSource):
+            out[name] = entry
+            continue
+        try:
+            entry = dict(entry)
+            entry["secrets"] = tuple(entry.get("secrets", ()))
+            out[name] = WebhookSource(**entry)
+        except TypeError as e:
+            raise ConfigError(f"gateway.webhooks.{name}: {e}") from e
+    return out

@@ -1,0 +1,369 @@
+"""Per-user live streams: one shared tail of the bus, fanned out to bounded client buffers.
+
+A `Hub` follows every event once per gateway process and hands each to the clients of
+its audience: the (tenant, user) on the event, or, for an event without a user, the
+owner of its correlation id (the user who started it). Nothing else is ever delivered,
+so a user never sees another user's or tenant's events.
+
+Resuming (``Last-Event-ID`` / ``after=``): every delivered event carries a token
+``<event id>~<broker ms>``. The broker time of a message is never earlier than what came
+before it in the stream, so a resume reads the stream from that time minus a margin
+(clock skew), skips through the token's event, and delivers the rest. When the point is
+still in the hub's ring of recent events it is served from memory instead. A reader of
+history hands over to the shared tail as soon as it reaches an event the ring holds.
+
+A client's buffer holds `client_queue` events; a client that falls further behind gets
+a "lagged" message with its last token and is disconnected: it resumes from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+
+from tidings.bus.base import Bus, RawMessage
+from tidings.errors import MalformedEvent
+from tidings.events import Event, decode, matches
+from tidings.gateway.config import GatewayConfig
+from tidings.gateway.events import HttpError
+
+log = structlog.get_logger("tidings.gateway")
+
+Audience = tuple[str | None, str]
+_OWNERS = 100_000  # correlation ids whose owner is remembered (oldest forgotten first)
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One event as a stream delivers it, with the token to resume after it."""
+
+    event: Event
+    token: str
+    audience: Audience | None
+
+
+@dataclass(frozen=True, slots=True)
+class Lagged:
+    """The client fell too far behind; it may resume after `token`."""
+
+    token: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFilter:
+    """What one client asked for, within what it may see."""
+
+    correlation: str | None = None
+    types: tuple[str, ...] = ()
+
+    def accepts(self, event: Event) -> bool:
+        """Whether `event` passes this filter (the audience is checked separately)."""
+        if self.correlation is not None and event.correlationid != self.correlation:
+            return False
+        return not self.types or any(matches(p, event.type) for p in self.types)
+
+
+def parse_token(token: str) -> tuple[str, int]:
+    """(event id, broker ms) from a resume token; a bare UUIDv7 uses its creation time."""
+    event_id, sep, ms = token.partition("~")
+    if sep:
+        try:
+            return event_id, int(ms)
+        except ValueError:
+            pass
+    created = uuid7_ms(event_id)
+    if created is None:
+        raise HttpError(400, f"invalid resume token {token!r}")
+    return event_id, created
+
+
+def uuid7_ms(value: str) -> int | None:
+    """The creation time in ms of a UUIDv7, or None if `value` is not one."""
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        return None
+    return parsed.int >> 80 if parsed.version == 7 else None
+
+
+def _ms(raw: RawMessage, event: Event) -> int:
+    stamp = raw.time or event.time
+    if stamp:
+        with contextlib.suppress(ValueError):
+            return int(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() * 1000)
+    return int(datetime.now(UTC).timestamp() * 1000)
+
+
+class Subscriber:
+    """One client's bounded buffer, fed live by the hub or by its own history reader."""
+
+    def __init__(self, audience: Audience, flt: StreamFilter, capacity: int) -> None:
+        self.audience = audience
+        self.filter = flt
+        self.capacity = capacity
+        self.buffer: deque[Item] = deque()
+        self.lagged = False
+        self.error: BaseException | None = None
+        self.last: str | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self._more = asyncio.Event()
+        self._room = asyncio.Event()
+
+    def wants(self, item: Item) -> bool:
+        """Whether this client may and wants to see `item`."""
+        return item.audience == self.audience and self.filter.accepts(item.event)
+
+    def offer(self, item: Item) -> None:
+        """A live event from the hub; never waits, marks the client lagged when full."""
+        if self.lagged:
+            return
+        if len(self.buffer) >= self.capacity:
+            self.lagged = True
+        else:
+            self.buffer.append(item)
+        self._more.set()
+
+    async def put(self, item: Item) -> None:
+        """An event read from history; waits for room (the reader is paced by the client)."""
+        while len(self.buffer) >= self.capacity:
+            self._room.clear()
+            await self._room.wait()
+        self.buffer.append(item)
+        self._more.set()
+
+    def fail(self, error: BaseException) -> None:
+        """The history reader failed: the client is told and disconnected."""
+        self.error = error
+        self._more.set()
+
+    async def get(self, idle: float) -> Item | Lagged | None:
+        """The next item, Lagged once the buffer is drained after an overflow, or None if idle."""
+        while not self.buffer:
+            if self.lagged:
+                return Lagged(self.last)
+            if self.error is not None:
+                raise self.error
+            self._more.clear()
+            try:
+                async with asyncio.timeout(idle):
+                    await self._more.wait()
+            except TimeoutError:
+                return None
+        item = self.buffer.popleft()
+        self._room.set()
+        self.last = item.token
+        return item
+
+
+class Hub:
+    """The shared tail of one gateway process and the clients it feeds."""
+
+    def __init__(self, bus: Bus, config: GatewayConfig) -> None:
+        self.bus = bus
+        self.config = config
+        self.clients: dict[Audience, set[Subscriber]] = {}
+        self.ring: deque[Item] = deque()
+        self._ring_ids: set[str] = set()
+        self.owners: OrderedDict[str, Audience] = OrderedDict()
+        self.subscribers: set[Subscriber] = set()
+        self.lagged_total = 0
+        self.delivered_total = 0
+        self._task: asyncio.Task[None] | None = None
+
+    # -- the shared tail -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Follow the bus from now on (events published after this point reach the ring)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._follow(datetime.now(UTC)))
+
+    async def stop(self) -> None:
+        """Stop following and disconnect every client's history reader."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for sub in list(self.subscribers):
+            sub.fail(ConnectionAbortedError("the gateway is stopping"))
+            if sub.reader is not None:
+                sub.reader.cancel()
+
+    async def _follow(self, since: datetime) -> None:
+        while True:
+            try:
+                tail = self.bus.tail([">"], since=since)
+                async with contextlib.aclosing(tail):
+                    async for raw in tail:
+                        item = self._item(raw)
+                        if item is not None and item.event.id not in self._ring_ids:
+                            since = datetime.fromtimestamp(
+                                int(item.token.split("~")[1]) / 1000, UTC
+                            )
+                            self._dispatch(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the tail broke: pick up where it stopped
+                log.warning("stream tail failed; restarting", error=str(e))
+                await asyncio.sleep(1.0)
+                since -= timedelta(seconds=self.config.resume_margin)
+
+    def _item(self, raw: RawMessage) -> Item | None:
+        try:
+            event = decode(raw.headers, raw.body)
+        except MalformedEvent:
+            return None
+        return Item(event, f"{event.id}~{_ms(raw, event)}", self._audience(event))
+
+    def _audience(self, event: Event) -> Audience | None:
+        correlation = event.correlationid
+        if event.user is not None:
+            audience = (event.tenant, event.user)
+            if correlation and correlation not in self.owners:
+                self.claim(correlation, audience)
+            return audience
+        return self.owners.get(correlation) if correlation else None
+
+    def claim(self, correlation: str, audience: Audience) -> None:
+        """Make `audience` the owner of `correlation` (first claim wins)."""
+        if correlation in self.owners:
+            return
+        self.owners[correlation] = audience
+        if len(self.owners) > _OWNERS:
+            self.owners.popitem(last=False)
+
+    def owner(self, correlation: str) -> Audience | None:
+        """Who owns `correlation`, if this process knows."""
+        return self.owners.get(correlation)
+
+    def _dispatch(self, item: Item) -> None:
+        self.ring.append(item)
+        self._ring_ids.add(item.event.id)
+        if len(self.ring) > self.config.ring_size:
+            self._ring_ids.discard(self.ring.popleft().event.id)
+        if item.audience is None:
+            return
+        for sub in self.clients.get(item.audience, ()):
+            if sub.filter.accepts(item.event):
+                was_lagged = sub.lagged
+                sub.offer(item)
+                if sub.lagged and not was_lagged:
+                    self.lagged_total += 1
+
+    # -- clients ---------------------------------------------------------------------------
+
+    def open(
+        self, audience: Audience, flt: StreamFilter, after: str | None, since: datetime | None
+    ) -> Subscriber:
+        """A client's subscription: live from now, or from a resume token or a time."""
+        self.start()
+        sub = Subscriber(audience, flt, self.config.client_queue)
+        self.subscribers.add(sub)
+        if after is None and since is None:
+            self._register(sub, ())
+            return sub
+        last_id, last_ms = parse_token(after) if after else (None, None)
+        if last_id is not None:
+            backlog = self._ring_after(last_id)
+            if backlog is not None:  # served from memory, registered in the same step
+                self._register(sub, backlog)
+                return sub
+        if since is None:
+            assert last_ms is not None
+            since = datetime.fromtimestamp(last_ms / 1000, UTC)
+        since -= timedelta(seconds=self.config.resume_margin)
+        sub.reader = asyncio.create_task(self._read_history(sub, since, last_id, last_ms))
+        return sub
+
+    def close(self, sub: Subscriber) -> None:
+        """Forget a client and stop its history reader."""
+        self.subscribers.discard(sub)
+        subs = self.clients.get(sub.audience)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self.clients[sub.audience]
+        if sub.reader is not None:
+            sub.reader.cancel()
+
+    def _register(self, sub: Subscriber, backlog: Iterable[Item]) -> None:
+        sub.buffer.extend(item for item in backlog if sub.wants(item))
+        self.clients.setdefault(sub.audience, set()).add(sub)
+
+    def _ring_after(self, event_id: str) -> list[Item] | None:
+        """The ring's items after `event_id`, or None if the ring does not hold it."""
+        if event_id not in self._ring_ids:
+            return None
+        items = list(self.ring)
+        for n in range(len(items) - 1, -1, -1):
+            if items[n].event.id == event_id:
+                return items[n + 1 :]
+        return None
+
+    async def _read_history(
+        self, sub: Subscriber, since: datetime, last_id: str | None, last_ms: int | None
+    ) -> None:
+        """Replay from `since`, skipping through `last_id`, until the ring takes over."""
+        skipping = last_id is not None
+        held: list[Item] = []  # read while skipping, in case the resume point is gone
+        give_up_ms = (last_ms or 0) + int(2 * self.config.resume_margin * 1000)
+        try:
+            tail = self.bus.tail([">"], since=since)
+            async with contextlib.aclosing(tail):
+                async for raw in tail:
+                    item = self._item(raw)
+                    if item is None:
+                        continue
+                    if skipping:
+                        if item.event.id == last_id:
+                            skipping, held = False, []
+                            continue
+                        if sub.wants(item):
+                            held.append(item)
+                        if int(item.token.split("~")[1]) > give_up_ms or len(held) > sub.capacity:
+                            # The resume point is no longer stored: deliver what might be
+                            # missing rather than lose it (the client may see repeats).
+                            skipping = False
+                            for kept in held:
+                                await sub.put(kept)
+                            held = []
+                        continue
+                    if sub.wants(item):
+                        await sub.put(item)
+                    backlog = self._ring_after(item.event.id)
+                    if backlog is not None:  # caught up with the shared tail
+                        self._register(sub, backlog)
+                        return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("stream history failed", error=str(e))
+            sub.fail(e)
+
+    def stats(self) -> dict[str, Any]:
+        """Numbers for the admin endpoint."""
+        return {
+            "clients": len(self.subscribers),
+            "users": len(self.clients),
+            "ring": len(self.ring),
+            "owners": len(self.owners),
+            "lagged_total": self.lagged_total,
+            "delivered_total": self.delivered_total,
+        }
+
+
+def structured(event: Event) -> dict[str, Any]:
+    """The CloudEvents JSON form of `event`, with bytes data as ``data_base64``."""
+    out = event.to_dict()
+    if isinstance(event.data, bytes):
+        out["data_base64"] = base64.b64encode(out.pop("data")).decode()
+    return out
