@@ -22,6 +22,8 @@ from tests.gateway.conftest import (
     token,
 )
 from tests.gateway.sse import sse, take
+from tests.helpers import eventually
+from tidings import App, Context
 from tidings.events import Event
 
 pytestmark = pytest.mark.nats
@@ -366,3 +368,42 @@ async def test_user_less_events_reach_the_owner_of_their_correlation_only(
             (bobs_own,) = await asyncio.wait_for(take(bobs, 1), 30)
     assert seen.data["correlationid"] == task_id and "user" not in seen.data
     assert bobs_own.data["user"] == "bob"  # bob got his own event, not alice's before it
+
+
+async def test_a_late_client_gets_a_tasks_history_without_waiting_for_a_keepalive(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    # No agent handles the task, so `agent.task.started` is the only event in its story:
+    # it must arrive without a later event (or the keepalive, set far away) waking the stream.
+    app = App("quiet")
+
+    @app.agent("echo", on="echo.request")
+    async def echo(event: Event, ctx: Context) -> None:
+        return None
+
+    worker, server = await start_gateway(
+        app, nats_url, namespace, tmp_path, gateway_config(keepalive=600.0)
+    )
+    hub = server.gateway.hub
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            # Someone else's event just before: the history read starts on it, then hands
+            # over to the shared tail, whose backlog holds the task's start.
+            other = addressed("bob", "acme", 0)
+            assert worker.bus is not None
+            await worker.bus.publish(other)
+            await eventually(lambda: any(i.event.id == other.id for i in hub.ring))
+            r = await http.post("/v1/tasks", json={"input": {"q": 1}}, headers=auth("alice"))
+            assert r.status_code == 202, r.text
+            accepted = r.json()
+            await eventually(
+                lambda: any(i.event.id == accepted["task_id"] for i in hub.ring),
+                message="the task's start reached the shared tail",
+            )
+            async with sse(http, accepted["stream"], auth("alice")) as messages:
+                (got,) = await asyncio.wait_for(take(messages, 1), 10)
+    finally:
+        await server.stop()
+        await worker.stop(grace=5)
+    assert got.data["type"] == "agent.task.started"
+    assert got.data["data"] == {"q": 1}

@@ -132,6 +132,10 @@ class Subscriber:
             self.buffer.append(item)
         self._more.set()
 
+    def offer_backlog(self) -> None:
+        """Wake a waiting reader for items added straight to the buffer (ring history)."""
+        self._more.set()
+
     async def put(self, item: Item) -> None:
         """An event read from history; waits for room (the reader is paced by the client)."""
         while len(self.buffer) >= self.capacity:
@@ -297,6 +301,8 @@ class Hub:
 
     def _register(self, sub: Subscriber, backlog: Iterable[Item]) -> None:
         sub.buffer.extend(item for item in backlog if sub.wants(item))
+        if sub.buffer:
+            sub.offer_backlog()
         self.clients.setdefault(sub.audience, set()).add(sub)
 
     def _ring_after(self, event_id: str) -> list[Item] | None:
