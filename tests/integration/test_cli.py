@@ -319,6 +319,44 @@ def test_two_workers_share_the_embedded_bus(app_dir: Path, tmp_path: Path) -> No
     poll(lambda: not _accepts(url), "the embedded server to stop", timeout=15)
 
 
+def test_repeated_ctrl_c_still_stops_the_embedded_server(app_dir: Path, tmp_path: Path) -> None:
+    env = base_env(tmp_path)  # no TIDINGS_BUS: this worker starts the embedded server
+    home = Path(env["TIDINGS_HOME"])
+    running = Running(["cliapp:app"], env, app_dir)
+    pid = None
+    try:
+        running.wait_for("tidings run clitest")
+        pid = json.loads((home / "nats.json").read_text())["pid"]
+        for _ in range(3):  # an impatient user: Ctrl-C, Ctrl-C, Ctrl-C
+            running.process.send_signal(signal.SIGINT)
+        # Back-to-back signals may merge into one; keep pressing until it exits, so some
+        # surely land while it is stopping.
+        deadline = time.monotonic() + 60
+        while running.process.poll() is None and time.monotonic() < deadline:
+            running.process.send_signal(signal.SIGINT)
+            time.sleep(0.02)
+        running.process.wait(5)  # the code depends on where the last press landed
+    finally:
+        running.kill()
+    try:
+        assert not (home / "nats.json").exists()
+        poll(lambda: not _alive(pid), "the embedded nats-server to exit", timeout=15)
+        assert "worker stopped" in running.output
+    finally:
+        if pid is not None and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_doctor_passes(env: dict[str, str], tmp_path: Path) -> None:
     result = tidings("doctor", env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr

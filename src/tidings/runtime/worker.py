@@ -228,6 +228,14 @@ class Worker:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        try:
+            await self._disconnect(grace)
+        finally:
+            if self.embedded is not None:
+                self.embedded.stop()  # even when disconnecting failed: no orphaned server
+        log.info("worker stopped", app=self.app.name)
+
+    async def _disconnect(self, grace: float) -> None:
         if self.approvals is not None:
             await self.approvals.stop()
         await asyncio.gather(
@@ -243,9 +251,6 @@ class Worker:
             await self.bus.close()  # flushes the acks of finished work
         if self.store is not None:
             await self.store.close()
-        if self.embedded is not None:
-            self.embedded.stop()
-        log.info("worker stopped", app=self.app.name)
 
     async def _prune_periodically(self) -> None:
         assert self.store is not None
@@ -271,13 +276,23 @@ class Worker:
         signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         for sig in signals:
             loop.add_signal_handler(sig, stop.set)
+
+        def again() -> None:
+            log.warning("already stopping; waiting for running handlers and the bus to finish")
+
         try:
             await self.start()
             await stop.wait()
         finally:
+            # Further signals must not interrupt the cleanup (it stops the embedded server):
+            # they are only reported until the worker has stopped.
             for sig in signals:
-                loop.remove_signal_handler(sig)
-            await self.stop(grace)
+                loop.add_signal_handler(sig, again)
+            try:
+                await self.stop(grace)
+            finally:
+                for sig in signals:
+                    loop.remove_signal_handler(sig)
 
 
 async def connect_bus(
