@@ -368,6 +368,17 @@ def test_doctor_passes(env: dict[str, str], tmp_path: Path) -> None:
 # -- errors ----------------------------------------------------------------------------------
 
 
+def test_doctor_reports_a_bad_store_url_as_a_failed_check(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    result = tidings("doctor", env={**env, "TIDINGS_STORE": "mysql://x"}, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    failed = lines.index("✗ store reachable")
+    assert "unsupported store URL 'mysql://x'" in lines[failed + 1]
+
+
 def test_dead_bus_is_one_clear_error(tmp_path: Path, namespace: str) -> None:
     env = base_env(tmp_path, TIDINGS_BUS=f"nats://127.0.0.1:{free_port()}")
     result = tidings("publish", "job.created", env=env, cwd=tmp_path)

@@ -19,6 +19,7 @@ from tidings.cli.common import GlobalOptions
 from tidings.cli.doctor import doctor
 from tidings.cli.records import decisions, dlq
 from tidings.cli.run import run
+from tidings.cli.token import token
 from tidings.logs import configure_logging
 
 __all__ = ["cli", "main"]
@@ -77,6 +78,7 @@ cli.add_typer(dlq, name="dlq")
 cli.add_typer(decisions, name="decisions")
 cli.add_typer(approvals, name="approvals")
 cli.command()(asyncapi)
+cli.command()(token)
 
 
 def main() -> None:

@@ -54,8 +54,10 @@ def _describe(declared: object) -> str:
     return f"{getattr(declared, '__qualname__', type(declared).__name__)}()"
 
 
-def startup_panel(app: App, bus: str, store: str, workers: int = 1) -> Panel:
-    """App, bus, store and the declared agents, shown once at startup."""
+def startup_panel(
+    app: App, bus: str, store: str, workers: int = 1, *, gateway: str | None = None
+) -> Panel:
+    """App, bus, store, the gateway's address and the declared agents, shown at startup."""
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold")
     facts.add_column()
@@ -64,6 +66,8 @@ def startup_panel(app: App, bus: str, store: str, workers: int = 1) -> Panel:
     facts.add_row("store", Text(redact(store)))
     if workers > 1:
         facts.add_row("workers", str(workers))
+    if gateway is not None:
+        facts.add_row("gateway", Text(f"{gateway} (API docs at {gateway}/docs)"))
     agents = Table(box=None, pad_edge=False, show_edge=False)
     for title in ("agent", "on", "where", "key"):
         agents.add_column(title, style="cyan" if title == "agent" else None, overflow="fold")

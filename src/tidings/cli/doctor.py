@@ -146,11 +146,14 @@ async def _store(settings: Settings) -> Result:
             [f"cannot create {missing}: {folder} is not writable"],
             "point TIDINGS_HOME or TIDINGS_STORE at a writable folder",
         )
-    store = open_store(url)
+    try:
+        store = open_store(url)  # an unsupported scheme or a missing extra fails here
+    except TidingsError as e:
+        return Result(False, title, [str(e)], "correct TIDINGS_STORE / --store")
     try:
         await store.open()
         version = await store.schema_version()
-    except TidingsError as e:
+    except (TidingsError, OSError, ImportError) as e:
         return Result(False, title, [str(e)], "check TIDINGS_STORE / --store and the database")
     finally:
         await store.close()

@@ -19,6 +19,7 @@ from types import FrameType
 from typing import Annotated, Any
 
 import typer
+from rich.text import Text
 
 from tidings.app import App
 from tidings.cli.common import console, err_console, guarded, load_app, options_of
@@ -102,11 +103,26 @@ def run(
         if gateway is not None:
             settings = dataclasses.replace(settings, gateway=gateway)
         app = load_app(target)
+        if settings.gateway:
+            _check_gateway()
     app.settings = settings  # app.client() in user code then sees --bus/--store/--home too
     if workers > 1:
         raise typer.Exit(_supervise(target, app, settings, workers, grace, quiet))
     with guarded():
         asyncio.run(_run_worker(app, settings, grace, quiet=quiet, label=label))
+
+
+def _check_gateway() -> None:
+    """Check the gateway before anything starts: the extra, its configuration, credentials.
+
+    Without any credential every request would answer 401, so say how to make one.
+    """
+    from tidings.gateway import GatewayConfig, credentials_warning, require_server
+
+    require_server()
+    warning = credentials_warning(GatewayConfig.load())
+    if warning is not None:
+        err_console.print(Text.assemble(("Warning: ", "bold yellow"), warning))
 
 
 async def _run_worker(
@@ -127,15 +143,19 @@ async def _run_worker(
 
 async def _display(worker: _ObservedWorker, label: str) -> None:
     await worker.started.wait()
+    gateway = worker.gateway.url if worker.gateway is not None else None
     if label:
+        serving = f", gateway at {gateway}" if gateway else ""
         console.print(
-            f"[{label}] started (pid {os.getpid()}) on {worker.bus_description()}",
+            f"[{label}] started (pid {os.getpid()}) on {worker.bus_description()}{serving}",
             markup=False,
             soft_wrap=True,
         )
     else:
         console.print(
-            startup_panel(worker.app, worker.bus_description(), worker.settings.store_url)
+            startup_panel(
+                worker.app, worker.bus_description(), worker.settings.store_url, gateway=gateway
+            )
         )
     await show_stats(console, worker.stats, label)
 

@@ -6,11 +6,14 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 
+import structlog
 import uvicorn
 
 from tidings.gateway.app import Gateway, create_app
 from tidings.gateway.config import GatewayConfig
 from tidings.runtime.worker import Worker
+
+log = structlog.get_logger("tidings.gateway")
 
 
 class SignalFreeServer(uvicorn.Server):
@@ -58,6 +61,7 @@ class GatewayServer:
                 self._task.result()  # raises why it could not start (port in use, ...)
                 raise RuntimeError("the gateway stopped while starting")
             await asyncio.sleep(0.02)
+        log.info("gateway serving", url=self.url)
 
     @property
     def url(self) -> str:
