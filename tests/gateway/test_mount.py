@@ -54,6 +54,16 @@ async def test_mounted_in_a_users_fastapi_app(
                 )
                 (got,) = await asyncio.wait_for(take(messages, 1), 30)
             assert got.data["data"] == {"n": 1}
+            # A task's stream address includes the prefix the gateway is mounted under.
+            r = await http.post("/tidings/v1/tasks", json={"input": {}}, headers=auth("alice"))
+            assert r.status_code == 202, r.text
+            accepted = r.json()
+            task_id = accepted["task_id"]
+            assert accepted["stream"] == f"/tidings/v1/stream?correlation={task_id}"
+            assert accepted["websocket"] == f"/tidings/v1/ws?correlation={task_id}"
+            async with sse(http, accepted["stream"], auth("alice")) as messages:
+                (started,) = await asyncio.wait_for(take(messages, 1), 30)
+            assert started.data["type"] == "agent.task.started"
     finally:
         await tidings_api.state.gateway.stop()
         server.should_exit = True

@@ -390,7 +390,7 @@ def create_app(
         responses=_ERRORS,
         tags=["agents"],
     )
-    async def start_task(body: TaskBody, g: Started, who: Tasker) -> TaskAccepted:
+    async def start_task(request: Request, body: TaskBody, g: Started, who: Tasker) -> TaskAccepted:
         """Start a long-running task: publishes ``agent.task.started``; follow its stream."""
         task_id = new_id()
         event = Event.create(
@@ -405,10 +405,11 @@ def create_app(
         )
         g.hub.claim(task_id, who.audience)
         await g.client.publish_event(event, explicit_id=True)
+        root = str(request.scope.get("root_path", "")).rstrip("/")  # mounted under a prefix
         return TaskAccepted(
             task_id=task_id,
-            stream=f"/v1/stream?correlation={task_id}",
-            websocket=f"/v1/ws?correlation={task_id}",
+            stream=f"{root}/v1/stream?correlation={task_id}",
+            websocket=f"{root}/v1/ws?correlation={task_id}",
         )
 
     @api.get(
