@@ -256,3 +256,26 @@ async def test_a_broker_outage_answers_503_and_a_retry_publishes_once(
 
     await eventually(accepted, timeout=60, interval=0.5, message="publish after the outage")
     await eventually(lambda: _count_is(gateway, "outage.test", 1), message="stored once")
+
+
+async def test_an_event_without_time_gets_the_time_it_arrived(gateway: Running) -> None:
+    from datetime import datetime
+
+    from tests.gateway.sse import sse, take
+
+    timed = "2026-01-02T03:04:05Z"
+    async with (
+        gateway.client(headers=auth("alice")) as http,
+        sse(http, "/v1/stream?types=clock.*") as messages,
+    ):
+        for n, extra in ((1, {}), (2, {"time": timed})):
+            event = {"specversion": "1.0", "id": new_id(), "source": "/s", "type": "clock.tick"}
+            r = await http.post(
+                "/v1/events",
+                content=orjson.dumps({**event, **extra, "data": {"n": n}}),
+                headers={"Content-Type": "application/cloudevents+json"},
+            )
+            assert r.status_code == 202, r.text
+        untimed, kept = await asyncio.wait_for(take(messages, 2), 30)
+    assert datetime.fromisoformat(untimed.data["time"]).tzinfo is not None
+    assert kept.data["time"] == timed  # a producer's own time is left alone

@@ -9,7 +9,7 @@ import orjson
 from starlette.requests import Request
 
 from tidings.errors import MalformedEvent
-from tidings.events import STRUCTURED, Event, decode
+from tidings.events import STRUCTURED, Event, decode, now
 
 BATCH = "application/cloudevents-batch"
 
@@ -98,7 +98,13 @@ def parse_events(headers: Mapping[str, str], body: bytes, max_batch: int) -> lis
 
 
 def stamp(event: Event, tenant: str | None, user: str, admin: bool) -> Event:
-    """Put the caller's tenant and user on an event; only admins may name someone else."""
+    """Put the caller's tenant and user on an event; only admins may name someone else.
+
+    An event without `time` gets the time it arrived, as `Event.create` gives every event
+    made in code, so consumers and stream pages can rely on it.
+    """
+    if event.time is None:
+        event = event.replace(time=now())
     if admin:
         return event
     for name, mine in (("user", user), ("tenant", tenant)):
