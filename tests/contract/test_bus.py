@@ -28,6 +28,7 @@ import tidings
 from tests.conftest import NatsServer, free_port
 from tidings.bus import Bus, ConsumerInfo, ConsumerSpec, Delivery, RawMessage, open_bus
 from tidings.bus.embedded import EmbeddedNats, discover_url, find_nats_server
+from tidings.bus.memory import MemoryBus
 from tidings.bus.nats import NatsBus, agent_token, normalize_patterns
 from tidings.config import Settings
 from tidings.errors import BusError, BusTooOld, BusUnavailable, ConfigError
@@ -222,11 +223,47 @@ def _nats(request: pytest.FixtureRequest, namespace: str) -> Backend:
     return NatsBackend(request.getfixturevalue("nats_server"), namespace)
 
 
-# "kafka" and "memory" plug in here with their own Backend subclass.
-BACKENDS: dict[str, Callable[[pytest.FixtureRequest, str], Backend]] = {"nats": _nats}
+class MemoryBackend(Backend):
+    """The in-process bus: every MemoryBus of one URL and namespace shares one broker."""
+
+    name = "memory"
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.buses: list[MemoryBus] = []
+
+    async def make_bus(self) -> Bus:
+        bus = MemoryBus("memory://contract", namespace=self.namespace, dedupe_window=60)
+        await bus.connect()
+        self.buses.append(bus)
+        return bus
+
+    def unreachable_bus(self) -> Bus:
+        pytest.skip("memory: an in-process bus is always reachable")
+
+    async def dead_letters(self) -> list[RawMessage]:
+        bus = await self.make_bus()
+        assert isinstance(bus, MemoryBus)
+        return bus.dead_letter_messages()
+
+    async def close(self) -> None:
+        for bus in self.buses:
+            await bus.close()
 
 
-@pytest.fixture(params=[pytest.param(name, marks=pytest.mark.nats) for name in BACKENDS])
+def _memory(request: pytest.FixtureRequest, namespace: str) -> Backend:
+    return MemoryBackend(namespace)
+
+
+# A new backend is one more entry here (with its pytest marker in MARKS).
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, str], Backend]] = {
+    "nats": _nats,
+    "memory": _memory,
+}
+MARKS: dict[str, list[pytest.MarkDecorator]] = {"nats": [pytest.mark.nats], "memory": []}
+
+
+@pytest.fixture(params=[pytest.param(name, marks=MARKS[name]) for name in BACKENDS])
 async def backend(request: pytest.FixtureRequest, namespace: str) -> AsyncIterator[Backend]:
     made = BACKENDS[request.param](request, namespace)
     yield made
