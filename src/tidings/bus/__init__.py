@@ -33,6 +33,10 @@ def open_bus(url: str, settings: Settings | None = None) -> Bus:
         from tidings.bus.memory import MemoryBus
 
         return MemoryBus(url, namespace=settings.namespace, dedupe_window=settings.dedupe_window)
+    if scheme == "kafka":
+        from tidings.bus.kafka import KafkaBus
+
+        return KafkaBus(url, namespace=settings.namespace)
     raise ConfigError(
         f"unsupported bus URL {url!r}: TIDINGS_BUS takes nats://host:port or"
         " kafka://host:9092 (or leave it unset to use the embedded nats-server)"

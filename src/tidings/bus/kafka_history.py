@@ -1,0 +1,194 @@
+"""Reading Kafka topics without a consumer group: tail, history by time, lag, registry.
+
+A tail assigns partitions itself (no group, nothing to clean up after it), starts each
+partition where `last` or `since` say, and looks for new domain topics every second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncGenerator, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from tidings.bus.base import RawMessage
+from tidings.events import matches
+
+if TYPE_CHECKING:
+    from tidings.bus.kafka import KafkaBus
+
+Record = Any  # aiokafka.ConsumerRecord[bytes, bytes]; aiokafka ships no type hints
+
+
+def _consumer(bus: KafkaBus, **options: Any) -> AIOKafkaConsumer:
+    client = {k: v for k, v in bus.options.client.items() if k != "metadata_max_age_ms"}
+    return AIOKafkaConsumer(
+        bootstrap_servers=bus.options.bootstrap,
+        enable_auto_commit=False,
+        metadata_max_age_ms=1000,
+        **client,
+        **options,
+    )
+
+
+async def _partitions(consumer: AIOKafkaConsumer, regex: str) -> list[TopicPartition]:
+    topics = [t for t in await consumer.topics() if re.fullmatch(regex, t)]
+    out = []
+    for topic in sorted(topics):
+        for p in sorted(consumer.partitions_for_topic(topic) or ()):
+            out.append(TopicPartition(topic, p))
+    return out
+
+
+async def read_all(bus: KafkaBus, topic: str) -> list[Record]:
+    """Every record stored in `topic` now (all partitions), oldest first per partition."""
+    consumer = _consumer(bus)
+    await consumer.start()
+    try:
+        await consumer.topics()  # fills the metadata
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        return await _read_until(consumer, ends)
+    finally:
+        await consumer.stop()
+
+
+async def _read_until(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> list[Record]:
+    out: list[Record] = []
+    left = {tp: end for tp, end in ends.items() if await consumer.position(tp) < end}
+    deadline = time.monotonic() + 30
+    while left and time.monotonic() < deadline:
+        batch = await consumer.getmany(*left, timeout_ms=200)
+        for tp, records in batch.items():
+            out.extend(r for r in records if r.offset < ends[tp])
+            if records and records[-1].offset + 1 >= ends[tp]:
+                left.pop(tp, None)
+    return out
+
+
+async def group_lag(bus: KafkaBus, group: str, patterns: Sequence[str]) -> int:
+    """Records stored but not yet committed by `group`, over its topics."""
+    from tidings.bus.kafka import group_regex
+
+    regex = group_regex(bus.namespace, group.split(".", 1)[1], patterns)
+    consumer = _consumer(bus, group_id=group)
+    await consumer.start()
+    try:
+        tps = await _partitions(consumer, regex)
+        if not tps:
+            return 0
+        ends = await consumer.end_offsets(tps)
+        starts = await consumer.beginning_offsets(tps)
+        lag = 0
+        for tp in tps:
+            committed = await consumer.committed(tp)
+            lag += ends[tp] - (committed if committed is not None else starts[tp])
+        return lag
+    finally:
+        await consumer.stop()
+
+
+def _raw(bus: KafkaBus, record: Record) -> RawMessage:
+    from tidings.bus.kafka import from_kafka_headers
+
+    headers = from_kafka_headers(record.headers)
+    stamp = datetime.fromtimestamp(record.timestamp / 1000, UTC)
+    return RawMessage(
+        subject=f"{bus.namespace}.events.{headers.get('ce-type', '')}",
+        headers=headers,
+        body=record.value or b"",
+        sequence=record.offset + 1,
+        time=stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+    )
+
+
+def _wanted(patterns: Sequence[str], record: Record) -> bool:
+    type_ = dict(record.headers).get("ce_type", b"").decode(errors="replace")
+    return any(matches(p, type_) for p in patterns)
+
+
+async def follow(
+    bus: KafkaBus, patterns: list[str], last: int, since: datetime | None
+) -> AsyncGenerator[RawMessage, None]:
+    """The tail: the `last` matching records (or those from `since`), then new ones."""
+    from tidings.bus.kafka import domain_regex
+
+    regex = domain_regex(bus.namespace, patterns)
+    consumer = _consumer(bus)
+    await consumer.start()
+    try:
+        tps = await _partitions(consumer, regex)
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps) if tps else {}
+        if since is not None and tps:
+            found = await consumer.offsets_for_times(
+                {tp: int(since.timestamp() * 1000) for tp in tps}
+            )
+            for tp in tps:
+                hit = found.get(tp)
+                # Some brokers answer "none" as offset 0 with timestamp -1.
+                if hit is None or hit.timestamp < 0:
+                    consumer.seek(tp, ends[tp])
+                else:
+                    consumer.seek(tp, hit.offset)
+        elif last > 0 and tps:
+            for message in await _last(bus, consumer, tps, ends, patterns, last):
+                yield message
+        else:
+            for tp in tps:
+                consumer.seek(tp, ends[tp])
+        known = set(tps)
+        checked = time.monotonic()
+        while True:
+            if time.monotonic() - checked > 1.0:  # a new domain topic: read it from its start
+                checked = time.monotonic()
+                fresh = [tp for tp in await _partitions(consumer, regex) if tp not in known]
+                if fresh:
+                    known.update(fresh)
+                    consumer.assign(sorted(known, key=lambda t: (t.topic, t.partition)))
+                    await consumer.seek_to_beginning(*fresh)
+            if not known:
+                await asyncio.sleep(0.2)
+                continue
+            batch = await consumer.getmany(timeout_ms=200)
+            records = [r for rs in batch.values() for r in rs]
+            records.sort(key=lambda r: (r.timestamp, r.partition, r.offset))
+            for record in records:
+                if _wanted(patterns, record):
+                    yield _raw(bus, record)
+    finally:
+        await consumer.stop()
+
+
+async def _last(
+    bus: KafkaBus,
+    consumer: AIOKafkaConsumer,
+    tps: list[TopicPartition],
+    ends: dict[TopicPartition, int],
+    patterns: Sequence[str],
+    last: int,
+) -> list[RawMessage]:
+    """The `last` newest matching records across partitions (reading back in widening steps)."""
+    starts = await consumer.beginning_offsets(tps)
+    width = last
+    while True:
+        found: list[Record] = []
+        for tp in tps:
+            consumer.seek(tp, max(starts[tp], ends[tp] - width))
+        found = [r for r in await _read_until(consumer, ends) if _wanted(patterns, r)]
+        exhausted = all(ends[tp] - width <= starts[tp] for tp in tps)
+        if len(found) >= last or exhausted:
+            break
+        width *= 4
+    for tp in tps:
+        consumer.seek(tp, ends[tp])
+    found.sort(key=lambda r: (r.timestamp, r.partition, r.offset))
+    return [_raw(bus, r) for r in found[-last:]]
