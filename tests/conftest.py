@@ -204,3 +204,24 @@ def kafka_server() -> Iterator[KafkaServer]:
 @pytest.fixture
 def kafka_url(kafka_server: KafkaServer) -> str:
     return kafka_server.url
+
+
+# -- one bus of each backend, for the suites that run on all of them -------------------
+
+BUS_BACKENDS = [
+    pytest.param("nats", id="nats", marks=pytest.mark.nats),
+    pytest.param("kafka", id="kafka", marks=pytest.mark.kafka),
+    pytest.param("memory", id="memory"),
+]
+
+
+@pytest.fixture(params=BUS_BACKENDS)
+def bus_url(request: pytest.FixtureRequest) -> str:
+    """A bus URL of each backend (memory:// only reaches buses in this process)."""
+    if request.param == "nats":
+        server: NatsServer = request.getfixturevalue("nats_server")
+        return server.url
+    if request.param == "kafka":
+        kafka: KafkaServer = request.getfixturevalue("kafka_server")
+        return f"{kafka.url}?metadata_max_age_ms=500"
+    return f"memory://t{uuid.uuid4().hex[:12]}"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,3 +72,14 @@ async def test_settle_fails_with_what_is_still_pending() -> None:
         await t.publish("nap")
         with pytest.raises(AssertionError, match="sleeper"):
             await t.settle(timeout=0.2)
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "backends.md"
+
+
+async def test_the_example_in_docs_backends_md_runs() -> None:
+    text = DOCS.read_text()
+    snippet = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(snippet, "docs/backends.md", "exec"), namespace)
+    await namespace["test_a_very_large_payment_is_flagged"]()

@@ -106,6 +106,21 @@ def from_kafka_headers(headers: Sequence[tuple[str, bytes]]) -> dict[str, str]:
     return out
 
 
+def record_type(headers: dict[str, bytes], body: bytes | None) -> str | None:
+    """The event type of a record: ``ce_type``, or a structured-mode body's ``type``.
+
+    None when it has neither: such a record is delivered so the pipeline dead-letters it
+    with the reason, as a malformed message on NATS is.
+    """
+    if (value := headers.get("ce_type")) is not None:
+        return value.decode(errors="replace")
+    if headers.get("content-type", b"").startswith(b"application/cloudevents") and body:
+        with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+            found = orjson.loads(body).get("type")
+            return found if isinstance(found, str) else None
+    return None
+
+
 def domain_regex(namespace: str, patterns: Sequence[str]) -> str:
     """A regex of the domain topics that `patterns` can match."""
     domains: set[str] = set()
@@ -341,8 +356,12 @@ class KafkaSubscription(Subscription):
     async def _take(self, tp: TopicPartition, record: Any) -> None:
         track = self.tracks.setdefault(tp, _Track())
         headers = dict(record.headers)
-        type_ = headers.get("ce_type", b"").decode(errors="replace")
-        if tp.topic != self.retry_topic and not any(matches(p, type_) for p in self.patterns):
+        type_ = record_type(headers, record.value)
+        if (
+            type_ is not None
+            and tp.topic != self.retry_topic
+            and not any(matches(p, type_) for p in self.patterns)
+        ):
             track.offsets[record.offset] = True  # not for this agent: settled at once
             return
         track.offsets[record.offset] = False
@@ -537,6 +556,12 @@ class KafkaBus(Bus):
         if admin is not None:
             with contextlib.suppress(Exception):
                 await admin.close()
+
+    def admin(self) -> AIOKafkaAdminClient:
+        """The connected admin client (topics, cluster facts)."""
+        if self._admin is None:
+            raise BusUnavailable(f"not connected to {self._safe_url}; call connect() first")
+        return self._admin
 
     def _producer_or_fail(self) -> AIOKafkaProducer:
         if self._producer is None:

@@ -35,12 +35,20 @@ def _consumer(bus: KafkaBus, **options: Any) -> AIOKafkaConsumer:
     )
 
 
-async def _partitions(consumer: AIOKafkaConsumer, regex: str) -> list[TopicPartition]:
-    topics = [t for t in await consumer.topics() if re.fullmatch(regex, t)]
+async def partitions(bus: KafkaBus, regex: str) -> list[TopicPartition]:
+    """The partitions of the topics whose whole name matches `regex`, asked of the broker.
+
+    (A group-less aiokafka consumer's `partitions_for_topic` only knows topics its own
+    metadata has seen, which races with topics created by others.)
+    """
+    admin = bus.admin()
+    names = sorted(t for t in await admin.list_topics() if re.fullmatch(regex, t))
+    if not names:
+        return []
     out = []
-    for topic in sorted(topics):
-        for p in sorted(consumer.partitions_for_topic(topic) or ()):
-            out.append(TopicPartition(topic, p))
+    for topic in await admin.describe_topics(names):
+        for p in sorted(p["partition"] for p in topic["partitions"]):
+            out.append(TopicPartition(topic["topic"], p))
     return out
 
 
@@ -49,8 +57,7 @@ async def read_all(bus: KafkaBus, topic: str) -> list[Record]:
     consumer = _consumer(bus)
     await consumer.start()
     try:
-        await consumer.topics()  # fills the metadata
-        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        tps = await partitions(bus, re.escape(topic))
         if not tps:
             return []
         consumer.assign(tps)
@@ -82,7 +89,7 @@ async def group_lag(bus: KafkaBus, group: str, patterns: Sequence[str]) -> int:
     consumer = _consumer(bus, group_id=group)
     await consumer.start()
     try:
-        tps = await _partitions(consumer, regex)
+        tps = await partitions(bus, regex)
         if not tps:
             return 0
         ends = await consumer.end_offsets(tps)
@@ -125,7 +132,7 @@ async def follow(
     consumer = _consumer(bus)
     await consumer.start()
     try:
-        tps = await _partitions(consumer, regex)
+        tps = await partitions(bus, regex)
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps) if tps else {}
         if since is not None and tps:
@@ -150,7 +157,7 @@ async def follow(
         while True:
             if time.monotonic() - checked > 1.0:  # a new domain topic: read it from its start
                 checked = time.monotonic()
-                fresh = [tp for tp in await _partitions(consumer, regex) if tp not in known]
+                fresh = [tp for tp in await partitions(bus, regex) if tp not in known]
                 if fresh:
                     known.update(fresh)
                     consumer.assign(sorted(known, key=lambda t: (t.topic, t.partition)))
