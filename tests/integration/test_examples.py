@@ -6,19 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import eventually, running, settings_for, subject_counts
-
-pytestmark = pytest.mark.nats
+from tests.helpers import eventually, running, settings_for, stored_counts
 
 
 async def test_fraud_example_flags_and_notifies(
-    nats_url: str, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    bus_url: str, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("EXAMPLE_FEED_RATE", "1000")
     monkeypatch.setenv("EXAMPLE_FEED_COUNT", "400")
     from examples.fraud import app
 
-    settings = settings_for(nats_url, namespace, tmp_path)
+    settings = settings_for(bus_url, namespace, tmp_path)
     async with running(app, settings) as worker:
         stats = worker.stats()
         await eventually(
@@ -28,7 +26,7 @@ async def test_fraud_example_flags_and_notifies(
         )
 
         async def notified_every_flag() -> bool:
-            flags = await subject_counts(nats_url, namespace, f"{namespace}.events.fraud.flagged")
+            flags = await stored_counts(bus_url, namespace, "fraud.flagged")
             count = sum(flags.values())
             return count > 0 and stats["notifier"].handled == count
 

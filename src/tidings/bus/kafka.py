@@ -238,23 +238,19 @@ class _Track:
     """Offsets of one partition handed out and whether each is settled, in order."""
 
     offsets: dict[int, bool] = field(default_factory=dict)
-    committed: int = -1
+    committed: int = -1  # what the broker has
+    point: int = -1  # what may be committed: the first offset not yet settled
 
     def commit_point(self) -> int | None:
-        """The offset to commit (the first unsettled one), if it moved."""
-        last = None
+        """The offset to commit now, if it is ahead of the committed one."""
         while self.offsets:
             offset, done = next(iter(self.offsets.items()))
             if not done:
+                self.point = max(self.point, offset)
                 break
             del self.offsets[offset]
-            last = offset
-        if not self.offsets and last is None:
-            return None
-        point = next(iter(self.offsets)) if self.offsets else (last or 0) + 1
-        if point <= self.committed:
-            return None
-        return point
+            self.point = max(self.point, offset + 1)
+        return self.point if self.point > self.committed else None
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -333,25 +329,28 @@ class KafkaSubscription(Subscription):
             else:
                 consumer.resume(*assignment)
             try:
-                batch = await consumer.getmany(timeout_ms=50, max_records=max(room, 1))
-            except KafkaError as e:
-                log.warning("group %s: fetch failed (%s); retrying", self.group, e)
+                await self._step(consumer, room)
+            except Exception as e:  # the broker is away, or a bug: never stop consuming
+                log.warning("group %s: %r; carrying on", self.group, e)
                 await asyncio.sleep(0.5)
-                continue
-            for tp, records in batch.items():
-                for record in records:
-                    await self._take(tp, record)
-            now = time.monotonic()
-            while self.delayed and self.delayed[0][0] <= now and not self._stopping:
-                _, _, record = heapq.heappop(self.delayed)
-                await self._hand_out(TopicPartition(record.topic, record.partition), record)
-            for token, held in list(self.held.items()):
-                if held.deadline <= now:  # the ack wait passed: deliver it again
-                    await self._requeue(token, 0.0)
-            await self._commit()
         await self._commit()
         with contextlib.suppress(Exception):
             await consumer.stop()  # leave the group now: its partitions move on at once
+
+    async def _step(self, consumer: AIOKafkaConsumer, room: int) -> None:
+        """Fetch and hand out, release due retries, redeliver expired ones, commit."""
+        batch = await consumer.getmany(timeout_ms=50, max_records=max(room, 1))
+        for tp, records in batch.items():
+            for record in records:
+                await self._take(tp, record)
+        now = time.monotonic()
+        while self.delayed and self.delayed[0][0] <= now and not self._stopping:
+            _, _, record = heapq.heappop(self.delayed)
+            await self._hand_out(TopicPartition(record.topic, record.partition), record)
+        for token, held in list(self.held.items()):
+            if held.deadline <= now:  # the ack wait passed: deliver it again
+                await self._requeue(token, 0.0)
+        await self._commit()
 
     async def _take(self, tp: TopicPartition, record: Any) -> None:
         track = self.tracks.setdefault(tp, _Track())
@@ -436,7 +435,8 @@ class KafkaSubscription(Subscription):
             log.info("group %s: commit failed (%s); redeliveries follow", self.group, e)
             return
         for tp, point in points.items():
-            self.tracks[tp].committed = point
+            if (kept := self.tracks.get(tp)) is not None:  # may be revoked meanwhile
+                kept.committed = point
 
     async def _revoked(self, revoked: set[TopicPartition]) -> None:
         """Let running deliveries of the lost partitions finish briefly, commit, forget them."""

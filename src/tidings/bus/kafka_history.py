@@ -61,23 +61,43 @@ async def read_all(bus: KafkaBus, topic: str) -> list[Record]:
         if not tps:
             return []
         consumer.assign(tps)
+        starts = await consumer.beginning_offsets(tps)
         ends = await consumer.end_offsets(tps)
-        await consumer.seek_to_beginning(*tps)
-        return await _read_until(consumer, ends)
+        return await _read_between(consumer, starts, ends)
     finally:
         await consumer.stop()
 
 
-async def _read_until(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> list[Record]:
+async def _read_between(
+    consumer: AIOKafkaConsumer, starts: dict[TopicPartition, int], ends: dict[TopicPartition, int]
+) -> list[Record]:
+    """The records from `starts` on, read until the partitions are quiet past `ends`.
+
+    Positions are set explicitly (asking `position()` after `seek_to_beginning()` races
+    with the fetcher's own reset), and `ends` is only a lower bound: tansu 0.6 reports a
+    high watermark one past the *first* record of the last batch, not its last record.
+    """
     out: list[Record] = []
-    left = {tp: end for tp, end in ends.items() if await consumer.position(tp) < end}
+    tps = [tp for tp in ends if starts[tp] < ends[tp]]
+    if not tps:
+        return out
+    for tp in tps:
+        consumer.seek(tp, starts[tp])
+    reached = {tp: starts[tp] for tp in tps}
+    quiet = 0
     deadline = time.monotonic() + 30
-    while left and time.monotonic() < deadline:
-        batch = await consumer.getmany(*left, timeout_ms=200)
+    while time.monotonic() < deadline:
+        batch = await consumer.getmany(*tps, timeout_ms=200)
         for tp, records in batch.items():
-            out.extend(r for r in records if r.offset < ends[tp])
-            if records and records[-1].offset + 1 >= ends[tp]:
-                left.pop(tp, None)
+            out.extend(records)
+            if records:
+                reached[tp] = records[-1].offset + 1
+        if batch:
+            quiet = 0
+        elif all(reached[tp] >= ends[tp] for tp in tps):
+            quiet += 1
+            if quiet >= 2:
+                break
     return out
 
 
@@ -97,7 +117,8 @@ async def group_lag(bus: KafkaBus, group: str, patterns: Sequence[str]) -> int:
         lag = 0
         for tp in tps:
             committed = await consumer.committed(tp)
-            lag += ends[tp] - (committed if committed is not None else starts[tp])
+            # max(): a broker's high watermark may lag its last record (tansu 0.6).
+            lag += max(ends[tp] - (committed if committed is not None else starts[tp]), 0)
         return lag
     finally:
         await consumer.stop()
@@ -161,7 +182,8 @@ async def follow(
                 if fresh:
                     known.update(fresh)
                     consumer.assign(sorted(known, key=lambda t: (t.topic, t.partition)))
-                    await consumer.seek_to_beginning(*fresh)
+                    for tp, start in (await consumer.beginning_offsets(fresh)).items():
+                        consumer.seek(tp, start)
             if not known:
                 await asyncio.sleep(0.2)
                 continue
@@ -187,15 +209,12 @@ async def _last(
     starts = await consumer.beginning_offsets(tps)
     width = last
     while True:
-        found: list[Record] = []
-        for tp in tps:
-            consumer.seek(tp, max(starts[tp], ends[tp] - width))
-        found = [r for r in await _read_until(consumer, ends) if _wanted(patterns, r)]
+        window = {tp: max(starts[tp], ends[tp] - width) for tp in tps}
+        found = [r for r in await _read_between(consumer, window, ends) if _wanted(patterns, r)]
         exhausted = all(ends[tp] - width <= starts[tp] for tp in tps)
         if len(found) >= last or exhausted:
             break
         width *= 4
-    for tp in tps:
-        consumer.seek(tp, ends[tp])
+    # The consumer now stands after what it read, where the live part of the tail starts.
     found.sort(key=lambda r: (r.timestamp, r.partition, r.offset))
     return [_raw(bus, r) for r in found[-last:]]
