@@ -145,3 +145,24 @@ async def publish_raw_event(
         await memory.connect()
         subject = f"{namespace}.events.{type_}"
         memory.broker.append(memory.broker.message(subject, type_, headers, body, None))
+
+
+async def stored_kafka_ids(bus_url: str, namespace: str, pattern: str) -> list[str]:
+    """The ids of the events stored on Kafka whose type matches `pattern`, repeats included."""
+    from tidings.bus.kafka import KafkaBus
+    from tidings.bus.kafka_history import read_all
+    from tidings.events import matches
+
+    bus = KafkaBus(bus_url, namespace=namespace)
+    await bus.connect()
+    try:
+        ids = []
+        for topic in await _kafka_topics(bus):
+            if topic.startswith(f"{namespace}.events."):
+                for record in await read_all(bus, topic):
+                    headers = dict(record.headers)
+                    if matches(pattern, headers.get("ce_type", b"").decode()):
+                        ids.append(headers.get("ce_id", b"").decode())
+        return ids
+    finally:
+        await bus.close()
