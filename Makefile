@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help demo install dev test lint typecheck pytest bench clean
+.PHONY: help demo install dev test lint typecheck pytest bench bench-kafka clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ test: lint typecheck pytest  ## Install everything, then lint, type-check and ru
 
 bench: dev  ## Throughput and latency against the raw nats-py client
 	$(BIN)/python benchmarks/throughput.py
+
+bench-kafka: dev  ## Tidings on Kafka (a tansu broker) against raw aiokafka and confluent-kafka
+	$(BIN)/python benchmarks/kafka_throughput.py
 
 clean:  ## Remove the virtualenv and local data
 	rm -rf $(VENV) .tidings .mypy_cache .ruff_cache .pytest_cache

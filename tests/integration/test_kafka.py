@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import Producer
@@ -26,15 +27,15 @@ from tidings.store import open_store
 pytestmark = pytest.mark.kafka
 
 
-def foreign_produce(address: str, topic: str, messages: list[dict[str, object]]) -> None:
+def foreign_produce(address: str, topic: str, messages: list[dict[str, Any]]) -> None:
     """Produce with confluent-kafka (librdkafka), not with Tidings' own client."""
     producer = Producer({"bootstrap.servers": address, "enable.idempotence": True})
     for message in messages:
         producer.produce(
             topic,
-            value=message["value"],  # type: ignore[arg-type]
-            key=message.get("key"),  # type: ignore[arg-type]
-            headers=message.get("headers"),  # type: ignore[arg-type]
+            value=message["value"],
+            key=message.get("key"),
+            headers=message.get("headers"),
         )
     assert producer.flush(30) == 0
 
@@ -51,7 +52,7 @@ async def test_an_agent_reacts_to_cloudevents_from_a_foreign_producer(
         return {"amount": event.data["amount"]}
 
     settings = settings_for(kafka_server.url, namespace, tmp_path)
-    binary = {
+    binary: dict[str, Any] = {
         "key": b"c1",
         "value": json.dumps({"customer_id": "c1", "amount": 42}).encode(),
         "headers": [
@@ -63,7 +64,7 @@ async def test_an_agent_reacts_to_cloudevents_from_a_foreign_producer(
             ("content-type", b"application/json"),
         ],
     }
-    structured = {
+    structured: dict[str, Any] = {
         "value": json.dumps(
             {
                 "specversion": "1.0",
@@ -76,7 +77,7 @@ async def test_an_agent_reacts_to_cloudevents_from_a_foreign_producer(
         ).encode(),
         "headers": [("content-type", b"application/cloudevents+json")],
     }
-    ignored = {  # another type in the same domain topic: not for this agent
+    ignored: dict[str, Any] = {  # another type in the same domain topic: not for this agent
         "value": b"{}",
         "headers": [("ce_specversion", b"1.0"), ("ce_id", b"foreign-3"),
                     ("ce_source", b"/x"), ("ce_type", b"payment.card.refunded")],
