@@ -638,6 +638,8 @@ class KafkaBus(Bus):
         headers["tidings-original-subject"] = delivery.subject
         headers["tidings-attempt"] = str(delivery.attempt)
         await self._send(self.dlq_topic, headers, delivery.body, agent.encode())
+        if len(self._lettered) > 10_000:  # only a crash-and-retry repeats one soon after
+            self._lettered.clear()
         self._lettered.add((agent, original))
 
     # -- consuming ------------------------------------------------------------------------
