@@ -322,8 +322,9 @@ CANNOT: dict[tuple[str, str], str] = {
     ),
     ("memory", "restart"): "an in-process bus has no broker to restart",
     ("kafka", "vanish"): (
-        "a Kafka consumer group has no server-side object to lose: members re-join by"
-        " themselves; lost topics are re-created on the next publish"
+        "a consumer group with live members cannot be deleted (members re-join by"
+        " themselves); topics deleted under a running subscription are re-created by the"
+        " next publish, but the members keep their old positions and need a restart"
     ),
 }
 
