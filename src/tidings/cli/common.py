@@ -46,7 +46,15 @@ class GlobalOptions:
 
     def settings(self) -> Settings:
         """Settings with these options over env over ``tidings.toml``."""
-        return Settings.load(bus=self.bus, store=self.store, home=self.home)
+        settings = Settings.load(bus=self.bus, store=self.store, home=self.home)
+        if (settings.bus or "").lower().startswith("memory:"):
+            # Refused, never a fallback: no other process could see the events.
+            raise ConfigError(
+                f"TIDINGS_BUS={settings.bus} is the in-process bus for tests"
+                " (`tidings.testing.harness`); the CLI needs a bus other processes can reach:"
+                " unset TIDINGS_BUS for the embedded nats-server, or use nats:// or kafka://"
+            )
+        return settings
 
 
 def options_of(ctx: typer.Context) -> GlobalOptions:

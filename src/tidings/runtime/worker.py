@@ -159,9 +159,12 @@ class AgentRunner:
 class Worker:
     """Runs all agents of `app`: connects the bus (or the embedded one) and the store."""
 
-    def __init__(self, app: App, settings: Settings | None = None) -> None:
+    def __init__(
+        self, app: App, settings: Settings | None = None, *, startup_hooks: bool = True
+    ) -> None:
         self.app = app
         self.settings = settings or app.settings
+        self.startup_hooks = startup_hooks  # off in tests that publish their own events
         self.runners: dict[str, AgentRunner] = {}
         self.bus: Bus | None = None
         self.store: Store | None = None
@@ -215,7 +218,7 @@ class Worker:
         client = Client(
             settings=self.settings, source=f"/{self.app.name}", bus=self.bus, store=self.store
         )
-        for hook in self.app.startup_hooks:
+        for hook in self.app.startup_hooks if self.startup_hooks else ():
             self._background.add(asyncio.create_task(hook(client)))
         self._background.add(asyncio.create_task(self._prune_periodically()))
         log.info(

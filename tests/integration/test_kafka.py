@@ -1,0 +1,257 @@
+"""Kafka specifics on a real Kafka-protocol broker (tansu): foreign producers, commits of the
+settled prefix, rebalances between workers, and the CLI with TIDINGS_BUS=kafka://…."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Producer
+
+from tests.conftest import KafkaServer
+from tests.helpers import eventually, running, settings_for, stored_counts
+from tests.integration.test_cli import APP_SOURCE, Running, as_json, base_env, ok, poll
+from tidings import App, Context, Event
+from tidings.bus.base import ConsumerSpec, Delivery
+from tidings.bus.kafka import KafkaBus, KafkaOptions, _Track
+from tidings.client import Client
+from tidings.errors import ConfigError
+from tidings.store import open_store
+
+pytestmark = pytest.mark.kafka
+
+
+def foreign_produce(address: str, topic: str, messages: list[dict[str, Any]]) -> None:
+    """Produce with confluent-kafka (librdkafka), not with Tidings' own client."""
+    producer = Producer({"bootstrap.servers": address, "enable.idempotence": True})
+    for message in messages:
+        producer.produce(
+            topic,
+            value=message["value"],
+            key=message.get("key"),
+            headers=message.get("headers"),
+        )
+    assert producer.flush(30) == 0
+
+
+async def test_an_agent_reacts_to_cloudevents_from_a_foreign_producer(
+    kafka_server: KafkaServer, namespace: str, tmp_path: Path
+) -> None:
+    app = App("foreign")
+    seen: list[Event] = []
+
+    @app.agent("payments", on="payment.*.created", key="data.customer_id")
+    async def payments(event: Event, ctx: Context) -> dict[str, object]:
+        seen.append(event)
+        return {"amount": event.data["amount"]}
+
+    settings = settings_for(kafka_server.url, namespace, tmp_path)
+    binary: dict[str, Any] = {
+        "key": b"c1",
+        "value": json.dumps({"customer_id": "c1", "amount": 42}).encode(),
+        "headers": [
+            ("ce_specversion", b"1.0"),
+            ("ce_id", b"foreign-1"),
+            ("ce_source", b"/legacy/billing"),
+            ("ce_type", b"payment.card.created"),
+            ("ce_subject", b"c1"),
+            ("content-type", b"application/json"),
+        ],
+    }
+    structured: dict[str, Any] = {
+        "value": json.dumps(
+            {
+                "specversion": "1.0",
+                "id": "foreign-2",
+                "source": "/legacy/billing",
+                "type": "payment.wire.created",
+                "datacontenttype": "application/json",
+                "data": {"customer_id": "c2", "amount": 7},
+            }
+        ).encode(),
+        "headers": [("content-type", b"application/cloudevents+json")],
+    }
+    ignored: dict[str, Any] = {  # another type in the same domain topic: not for this agent
+        "value": b"{}",
+        "headers": [("ce_specversion", b"1.0"), ("ce_id", b"foreign-3"),
+                    ("ce_source", b"/x"), ("ce_type", b"payment.card.refunded")],
+    }  # fmt: skip
+    async with running(app, settings) as worker:
+        await asyncio.to_thread(
+            foreign_produce,
+            kafka_server.address,
+            f"{namespace}.events.payment",
+            [binary, structured, ignored],
+        )
+        await eventually(lambda: len(seen) == 2, message="both foreign events")
+        await asyncio.sleep(0.3)
+        assert worker.stats()["payments"].received == 2
+    assert {e.id for e in seen} == {"foreign-1", "foreign-2"}
+    first = next(e for e in seen if e.id == "foreign-1")
+    assert first.source == "/legacy/billing" and first.subject == "c1"
+    assert first.data == {"customer_id": "c1", "amount": 42}
+
+
+async def test_offsets_are_committed_only_up_to_the_first_unsettled_delivery(
+    kafka_server: KafkaServer, namespace: str
+) -> None:
+    bus = KafkaBus(f"{kafka_server.url}?metadata_max_age_ms=500", namespace=namespace)
+    await bus.connect()
+    held: list[Delivery] = []
+
+    async def handler(delivery: Delivery) -> None:
+        if delivery.headers["ce-id"] == "first":
+            held.append(delivery)  # still working on it
+        else:
+            await delivery.ack()
+
+    try:
+        await bus.subscribe(ConsumerSpec("prefix", ["p.>"]), handler)
+        for n in ["first", *(f"later-{i}" for i in range(9))]:
+            await bus.publish(Event.create("p.x", {}, id=n, source="/t"))  # one partition
+
+        async def lag() -> int:
+            (info,) = await bus.consumers()
+            return int(info.extra["lag"])
+
+        async def held_back() -> bool:
+            return len(held) == 1 and await lag() == 10
+
+        # Nine later deliveries are acked, yet nothing is committed past the held one.
+        await eventually(held_back, message="the commit to wait for the first delivery")
+        await asyncio.sleep(0.5)
+        assert await lag() == 10
+        await held[0].ack()
+
+        async def all_committed() -> bool:
+            return await lag() == 0
+
+        await eventually(all_committed, message="the commit to move past all ten")
+    finally:
+        await bus.close()
+
+
+def test_commit_point_is_the_first_unsettled_offset() -> None:
+    track = _Track()
+    for offset in (5, 6, 7, 8):
+        track.offsets[offset] = False
+    track.offsets[6] = track.offsets[7] = True
+    assert track.commit_point() == 5  # 5 still running: read again from 5 after a crash
+    track.committed = 5
+    assert track.commit_point() is None  # nothing new to commit
+    track.offsets[5] = True
+    assert track.commit_point() == 8
+    track.committed = 8
+    track.offsets[8] = True
+    assert track.commit_point() == 9
+
+
+def test_url_options_pass_sasl_and_tls_through() -> None:
+    options = KafkaOptions.parse(
+        "kafka://alice:s%40cret@b1:9093,b2:9093?security_protocol=SASL_SSL"
+        "&sasl_mechanism=SCRAM-SHA-512&partitions=12&idempotence=false"
+    )
+    assert options.bootstrap == "b1:9093,b2:9093"
+    assert options.client["sasl_plain_username"] == "alice"
+    assert options.client["sasl_plain_password"] == "s@cret"
+    assert options.client["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert options.client["security_protocol"] == "SASL_SSL"
+    assert options.client["ssl_context"] is not None
+    assert (options.partitions, options.idempotence) == (12, False)
+    with pytest.raises(ConfigError, match="unknown Kafka option 'colour'"):
+        KafkaOptions.parse("kafka://b1:9092?colour=blue")
+    with pytest.raises(ConfigError, match="names no broker"):
+        KafkaOptions.parse("kafka://")
+
+
+@pytest.mark.slow
+async def test_a_rebalance_between_workers_loses_and_duplicates_no_effect(
+    kafka_server: KafkaServer, namespace: str, tmp_path: Path
+) -> None:
+    app = App("rebalance")
+    calls: Counter[str] = Counter()
+
+    @app.agent("tally", on="r.tick", key="data.key", emits=["r.tallied"], concurrency=8)
+    async def tally(event: Event, ctx: Context) -> None:
+        calls[event.id] += 1
+        await ctx.state.set("count", await ctx.state.get("count", 0) + 1)
+        await asyncio.sleep(0.002)
+        await ctx.emit("r.tallied", {"of": event.id})
+
+    url = f"{kafka_server.url}?metadata_max_age_ms=500"
+    settings = settings_for(url, namespace, tmp_path, ack_wait=5.0)
+    total, keys = 600, 12
+
+    async def publish(start: int, stop: int) -> None:
+        async with Client(settings) as client:
+            for n in range(start, stop):
+                key = f"k{n % keys}"
+                await client.publish("r.tick", {"key": key, "n": n}, subject=key)
+
+    async with running(app, settings) as first:
+        await publish(0, 200)
+        async with running(app, settings) as second:  # joins: partitions move to it
+            await publish(200, 400)
+            await eventually(
+                lambda: second.stats()["tally"].handled > 0, message="the second worker working"
+            )
+        await publish(400, total)  # it left: its partitions come back
+        await eventually(lambda: len(calls) == total, timeout=60, message="every event")
+        assert first.stats()["tally"].handled > 0
+
+    store = open_store(settings.store_url)
+    await store.open()
+    try:
+        counts = [(await store.load_state("tally", f"k{k}")).values["count"] for k in range(keys)]
+    finally:
+        await store.close()
+    assert sum(counts) == total  # effects once each, whoever handled it and how often
+    outputs = await stored_counts(url, namespace, "r.tallied")
+    assert outputs == {"r.tallied": total}
+
+
+def test_the_cli_works_unchanged_on_kafka(
+    kafka_server: KafkaServer, namespace: str, tmp_path: Path
+) -> None:
+    (tmp_path / "cliapp.py").write_text(APP_SOURCE)
+    env = base_env(
+        tmp_path,
+        TIDINGS_BUS=f"{kafka_server.url}?metadata_max_age_ms=500",
+        TIDINGS_NAMESPACE=namespace,
+        TIDINGS_STORE=f"sqlite:///{tmp_path / 'store.db'}",
+    )
+    worker = Running(["cliapp:app"], env, tmp_path)
+    try:
+        worker.wait_for("tidings run clitest", timeout=60)
+        event_id = ok("publish", "job.created", '{"n": 3}', env=env, cwd=tmp_path).strip()
+        decisions = poll(
+            lambda: as_json("decisions", "ls", "--event", event_id, env=env, cwd=tmp_path),
+            "the steady agent's decision",
+            timeout=60,
+        )
+        assert decisions
+        tail = subprocess.run(
+            [sys.executable, "-m", "tidings.cli", "tail", "job.>", "--last", "1", "--count",
+             "1", "--json"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert tail.returncode == 0, tail.stderr
+        assert json.loads(tail.stdout.splitlines()[0])["id"] == event_id
+        agents = as_json("agents", env=env, cwd=tmp_path)
+        assert {a["name"] for a in agents} >= {"flaky", "steady"}
+        letters = poll(lambda: as_json("dlq", "ls", env=env, cwd=tmp_path), "a dead letter")
+        assert letters[0]["agent"] == "flaky"
+        doctor = subprocess.run(
+            [sys.executable, "-m", "tidings.cli", "doctor"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        assert "kafka" in doctor.stdout and "✗" not in doctor.stdout
+    finally:
+        worker.kill()

@@ -1,0 +1,85 @@
+"""The testing helper: the real pipeline on the in-memory bus, as a user's pytest uses it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tidings import App, Backoff, Context, Event
+from tidings.testing import harness
+
+
+async def test_the_fraud_example_flags_a_big_payment_without_any_server() -> None:
+    from examples.fraud import app
+
+    async with harness(app) as t:
+        small = await t.publish(
+            "payment.transaction.created", {"customer_id": "c1", "amount": 20, "country": "DE"}
+        )
+        big = await t.publish(
+            "payment.transaction.created", {"customer_id": "c1", "amount": 9000, "country": "DE"}
+        )
+        await t.settle()
+
+        (flag,) = t.emitted("fraud.flagged")
+        assert flag.data["reasons"] == ["very large amount"]
+        assert flag.causationid == big.id and flag.correlationid == big.correlationid
+        assert (await t.state("fraud-detector", "c1"))["home_country"] == "DE"
+        (decision,) = await t.decisions("fraud-detector")
+        assert decision.event_id == big.id and decision.result["verdict"] == "flag"
+        assert not await t.decisions("fraud-detector", event_id=small.id)  # filtered out
+        assert (await t.state("notifier", "c1")) == {"alerts": 1}
+        assert await t.dead_letters() == []
+
+
+async def test_retries_dead_letters_and_duplicates_behave_as_on_a_real_bus() -> None:
+    app = App("unit")
+    calls: Counter[str] = Counter()
+
+    @app.agent("flaky", on="job.*", max_attempts=3, backoff=Backoff(initial=0.01, maximum=0.02))
+    async def flaky(event: Event, ctx: Context) -> None:
+        calls[event.id] += 1
+        if event.data["fail"]:
+            raise RuntimeError("always fails")
+        await ctx.state.set("done", True)
+
+    async with harness(app) as t:
+        bad = await t.publish("job.run", {"fail": True})
+        good = await t.publish("job.run", {"fail": False}, id="fixed-id")
+        await t.publish_event(good)  # a duplicate delivery: no second effect
+        await t.settle()
+
+        (letter,) = await t.dead_letters("flaky")
+        assert letter.event_id == bad.id and letter.attempts == 3
+        assert "always fails" in letter.error
+        assert calls == {bad.id: 3, good.id: 1}
+        assert sorted(d.status for d in await t.decisions("flaky")) == ["dead_lettered", "ok"]
+
+
+async def test_settle_fails_with_what_is_still_pending() -> None:
+    app = App("unit")
+
+    @app.agent("sleeper", on="nap")
+    async def sleeper(event: Event, ctx: Context) -> None:
+        import asyncio
+
+        await asyncio.sleep(5)
+
+    async with harness(app) as t:
+        await t.publish("nap")
+        with pytest.raises(AssertionError, match="sleeper"):
+            await t.settle(timeout=0.2)
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "backends.md"
+
+
+async def test_the_example_in_docs_backends_md_runs() -> None:
+    text = DOCS.read_text()
+    snippet = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(snippet, "docs/backends.md", "exec"), namespace)
+    await namespace["test_a_very_large_payment_is_flagged"]()
