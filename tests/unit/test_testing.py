@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tidings import App, Backoff, Context, Event
+from tidings.runtime.approvals import answer
 from tidings.testing import harness
 
 
@@ -83,3 +84,34 @@ async def test_the_example_in_docs_backends_md_runs() -> None:
     namespace: dict[str, Any] = {}
     exec(compile(snippet, "docs/backends.md", "exec"), namespace)
     await namespace["test_a_very_large_payment_is_flagged"]()
+
+
+async def test_tools_llm_calls_and_approvals_run_in_the_harness() -> None:
+    from examples.research import app as research
+
+    async with harness(research) as t:
+        started = await t.publish("agent.task.started", {"question": "What makes a spring tide?"})
+        await t.settle()
+        (done,) = t.emitted("agent.task.completed")
+        assert done.correlationid == started.correlationid
+        assert "tides" in done.data["sources"]
+        assert [e.data["fraction"] for e in t.emitted("agent.task.progress")][-1] == 1.0
+        (decision,) = await t.decisions("researcher")
+        assert [s["kind"] for s in decision.steps] == ["tool", "llm"]
+
+    app = App("refunds")
+
+    @app.agent("refunder", on="refund.requested", emits=["refund.paid"])
+    async def refunder(event: Event, ctx: Context) -> None:
+        if await ctx.ask({"approve": event.data}):
+            await ctx.emit("refund.paid", event.data)
+
+    async with harness(app) as t:
+        await t.publish("refund.requested", {"amount": 30})
+        await t.settle()
+        assert t.emitted("refund.paid") == []
+        (waiting,) = await t.store.list_parked("refunder")
+        await answer(t.store, t.bus, waiting.id, True)
+        await t.settle()
+        (paid,) = t.emitted("refund.paid")
+        assert paid.data == {"amount": 30}
