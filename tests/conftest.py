@@ -37,29 +37,21 @@ def nats_server_binary() -> str:
     return found
 
 
-class NatsServer:
-    """A real nats-server with JetStream on a free loopback port; can be restarted."""
+class ServerProcess:
+    """A broker binary on a free loopback port, started and stopped by the tests."""
 
-    def __init__(self, store_dir: Path) -> None:
+    name = "server"
+
+    def __init__(self) -> None:
         self.port = free_port()
-        self.store_dir = store_dir
-        self.url = f"nats://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [
-                nats_server_binary(),
-                "-a",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-js",
-                "-sd",
-                str(self.store_dir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -68,7 +60,7 @@ class NatsServer:
                     return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError("nats-server did not start")
+        raise RuntimeError(f"{self.name} did not start")
 
     def stop(self, kill: bool = False) -> None:
         if self.process and self.process.poll() is None:
@@ -81,6 +73,21 @@ class NatsServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+class NatsServer(ServerProcess):
+    """A real nats-server with JetStream on a free loopback port; can be restarted."""
+
+    name = "nats-server"
+
+    def __init__(self, store_dir: Path) -> None:
+        super().__init__()
+        self.store_dir = store_dir
+        self.url = f"nats://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
+                "-sd", str(self.store_dir)]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -154,43 +161,20 @@ def tansu_binary() -> str:
     return str(binary)
 
 
-class KafkaServer:
+class KafkaServer(ServerProcess):
     """tansu on a free loopback port; memory storage, so a restart loses everything."""
 
+    name = "tansu"
+
     def __init__(self) -> None:
-        self.port = free_port()
+        super().__init__()
         self.address = f"127.0.0.1:{self.port}"
         self.url = f"kafka://{self.address}"
-        self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def command(self) -> list[str]:
         listener = f"tcp://{self.address}"
-        self.process = subprocess.Popen(
-            [tansu_binary(), "broker", "--listener-url", listener,
-             "--advertised-listener-url", listener, "--storage-engine", "memory://tansu/"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("tansu did not start")
-
-    def stop(self, kill: bool = False) -> None:
-        if self.process and self.process.poll() is None:
-            if kill:
-                self.process.kill()
-            else:
-                self.process.terminate()
-            self.process.wait(10)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
+        return [tansu_binary(), "broker", "--listener-url", listener, "--advertised-listener-url",
+                listener, "--storage-engine", "memory://tansu/"]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

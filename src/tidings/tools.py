@@ -32,6 +32,7 @@ from tidings.errors import AlreadyProcessed, ConfigError, MalformedEvent
 from tidings.events import Event, decode, encode, new_id, now
 from tidings.runtime.outcomes import describe
 from tidings.runtime.steps import derived_id
+from tidings.runtime.upkeep import extend_deadlines, wind_down
 from tidings.store.base import Store
 from tidings.store.records import Commit, Decision, OutboxEvent, Reply
 
@@ -283,7 +284,7 @@ class ToolRunner:
             ack_wait=ack_wait,
         )  # fmt: skip
         self._subscription = await self.bus.subscribe(spec, self._on_delivery)
-        self._heartbeat = asyncio.create_task(self._extend_deadlines(ack_wait))
+        self._heartbeat = asyncio.create_task(extend_deadlines(self.stats.in_flight, ack_wait))
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         if self._stopping:
@@ -379,29 +380,12 @@ class ToolRunner:
                 await self.bus.publish(decode(entry.headers, entry.body))
             await self.store.mark_published([e.event_id for e in outbox])
 
-    async def _extend_deadlines(self, ack_wait: float) -> None:
-        """A slow tool keeps its delivery: no redelivery while it runs."""
-        while True:
-            await asyncio.sleep(max(ack_wait / 3, 0.2))
-            for delivery in list(self.stats.in_flight):
-                with contextlib.suppress(Exception):
-                    await delivery.in_progress()
-
     async def stop(self, grace: float) -> None:
         """Stop taking calls; give running ones `grace` seconds, hand back the rest."""
         self._stopping = True
         if self._subscription is not None:
             await self._subscription.stop()
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=5)
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        await wind_down(self._tasks, self._heartbeat, grace)
 
 
 def tool_definitions(

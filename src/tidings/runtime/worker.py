@@ -33,6 +33,7 @@ from tidings.runtime.approvals import Approvals
 from tidings.runtime.context import Services
 from tidings.runtime.outcomes import Ack, outcome_for
 from tidings.runtime.pipeline import Pipeline
+from tidings.runtime.upkeep import extend_deadlines, wind_down
 from tidings.store import open_store
 from tidings.store.base import Store
 
@@ -68,7 +69,9 @@ class AgentRunner:
             ack_wait=self.settings.ack_wait,
         )
         self.subscription = await bus.subscribe(consumer, self.on_delivery)
-        self._heartbeat = asyncio.create_task(self._extend_deadlines())
+        self._heartbeat = asyncio.create_task(
+            extend_deadlines(self.in_flight, self.settings.ack_wait)
+        )
 
     async def on_delivery(self, delivery: Delivery) -> None:
         """Steps 1-2 inline (cheap), then queue the event on its key's lane."""
@@ -130,30 +133,12 @@ class AgentRunner:
         finally:
             self.in_flight.discard(delivery)
 
-    async def _extend_deadlines(self) -> None:
-        """A slow handler keeps its delivery: tell the bus every third of the ack wait."""
-        period = max(self.settings.ack_wait / 3, 0.2)
-        while True:
-            await asyncio.sleep(period)
-            for delivery in list(self.in_flight):
-                with contextlib.suppress(Exception):
-                    await delivery.in_progress()
-
     async def stop(self, grace: float) -> None:
         """Stop taking deliveries; give running handlers `grace` seconds, hand back the rest."""
         if self.subscription is not None:
             await self.subscription.stop()
         self.stopping = True
-        if self.tasks:
-            _, pending = await asyncio.wait(set(self.tasks), timeout=grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=5)
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        await wind_down(self.tasks, self._heartbeat, grace)
 
 
 class Worker:
