@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 
 from tidings import App, Context, Event
@@ -14,6 +15,8 @@ app = App("chaos")
 async def tally(event: Event, ctx: Context) -> dict[str, int]:
     count = await ctx.state.get("count", 0) + 1
     await ctx.state.set("count", count)
-    await asyncio.sleep(random.random() / 500)  # widen the window a kill can land in
+    # Widen the window a kill can land in; a test that must stop the worker mid-stream
+    # slows every handler down instead, so the stream cannot finish before the signal.
+    await asyncio.sleep(float(os.environ.get("CHAOS_HANDLER_DELAY", 0)) or random.random() / 500)
     await ctx.emit("chaos.tallied", {"key": event.data["key"], "of": event.id})
     return {"count": count}

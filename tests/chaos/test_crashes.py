@@ -38,9 +38,10 @@ ROOT = Path(__file__).resolve().parents[2]
 KEYS = 25
 
 
-def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
+def start_worker(settings: Settings, handler_delay: float = 0.0) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
+        "CHAOS_HANDLER_DELAY": str(handler_delay),
         "TIDINGS_BUS": settings.bus or "",
         "TIDINGS_STORE": settings.store_url,
         "TIDINGS_NAMESPACE": settings.namespace,
@@ -143,7 +144,8 @@ async def test_sigterm_under_load_acks_nothing_unfinished(
     total = 1500
     settings = settings_for(broker_url, namespace, tmp_path, store_url, ack_wait=30.0)
     await publish_ticks(settings, total)
-    worker = start_worker(settings)
+    # 50 ms a handler, 16 at a time: the stream takes seconds, so the signal lands mid-way.
+    worker = start_worker(settings, handler_delay=0.05)
 
     async def some_done() -> bool:
         return await committed_total(settings) > 100
