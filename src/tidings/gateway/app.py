@@ -432,6 +432,7 @@ def create_app(
         credential = bearer(request.headers.get("authorization")) or access_token
         who = await g.identify(credential, "stream")
         sub = _open(g, who, correlation, types, after or request.headers.get("last-event-id"))
+        hub = g.hub  # kept: a stream may end after the gateway stopped and let go of it
 
         async def lines() -> AsyncIterator[bytes]:
             try:
@@ -445,13 +446,13 @@ def create_app(
                         yield b"event: lagged\ndata: " + data + b"\n\n"
                         return
                     else:
-                        g.hub.delivered_total += 1
+                        hub.delivered_total += 1
                         data = orjson.dumps(structured(item.event))
                         yield b"id: " + item.token.encode() + b"\ndata: " + data + b"\n\n"
             except Exception as e:
                 yield b"event: error\ndata: " + orjson.dumps({"error": str(e)}) + b"\n\n"
             finally:
-                g.hub.close(sub)
+                hub.close(sub)
 
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
         return StreamingResponse(lines(), media_type="text/event-stream", headers=headers)
@@ -479,6 +480,7 @@ def create_app(
         except (AuthError, HttpError) as e:
             await ws.close(code=1008, reason=str(e)[:120])
             return
+        hub = g.hub  # kept: a stream may end after the gateway stopped and let go of it
         await ws.accept()
         listener = asyncio.create_task(_until_closed(ws))
         listener.add_done_callback(lambda _: sub.fail(ConnectionResetError("client left")))
@@ -493,14 +495,14 @@ def create_app(
                     )
                     await ws.close(code=1013, reason="lagged: resume with after=")
                     return
-                g.hub.delivered_total += 1
+                hub.delivered_total += 1
                 message = {"event": structured(item.event), "resume": item.token}
                 await ws.send_text(orjson.dumps(message).decode())
         except (WebSocketDisconnect, ConnectionResetError, RuntimeError):
             pass
         finally:
             listener.cancel()
-            g.hub.close(sub)
+            hub.close(sub)
 
     @api.get("/v1/admin/streams", tags=["admin"], responses=_ERRORS)
     async def admin_streams(g: Started, who: Admin) -> dict[str, Any]:
