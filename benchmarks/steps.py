@@ -19,11 +19,7 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
-import sysconfig
 import tempfile
 import time
 import uuid
@@ -33,6 +29,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from servers import start_nats
 
 from tidings import App, Context, Event, Settings
 from tidings.client import Client
@@ -45,31 +42,6 @@ NUMBERS = list(range(16))
 
 async def work() -> int:
     return sum(NUMBERS)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    binary = Path(sysconfig.get_path("scripts")) / "nats-server"
-    if not binary.exists():
-        binary = Path(sys.executable).parent / "nats-server"
-    port = free_port()
-    process = subprocess.Popen(
-        [str(binary), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(data_dir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return process, f"nats://127.0.0.1:{port}"
 
 
 async def timed(n: int, call: Callable[[int], Awaitable[Any]]) -> list[float]:
@@ -130,7 +102,7 @@ async def main() -> None:
     args = parser.parse_args()
     console = Console()
     folder = Path(tempfile.mkdtemp(prefix="tidings-bench-steps-"))
-    server, url = start_server(folder / "jetstream")
+    server, url = start_nats(folder / "jetstream")
     stores = [("SQLite", f"sqlite:///{folder / 'store.db'}")]
     if args.postgres:
         stores.append(("PostgreSQL", f"{POSTGRES}?schema=bench_{uuid.uuid4().hex[:8]}"))

@@ -16,11 +16,8 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 import uuid
@@ -31,6 +28,7 @@ import orjson
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from rich.console import Console
 from rich.table import Table
+from servers import start_nats
 
 from tidings import App, Context, Event, Settings
 from tidings.client import Client
@@ -38,29 +36,6 @@ from tidings.events import decode, encode
 from tidings.runtime.worker import Worker
 
 POSTGRES = os.environ.get("TIDINGS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    binary = Path(sysconfig.get_path("scripts")) / "nats-server"
-    port = free_port()
-    process = subprocess.Popen(
-        [str(binary), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(data_dir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return process, f"nats://127.0.0.1:{port}"
 
 
 def workload(n: int) -> list[Event]:
@@ -231,7 +206,7 @@ async def main() -> None:
     args = parser.parse_args()
     console = Console()
     tmp = Path(tempfile.mkdtemp(prefix="tidings-bench-"))
-    server, url = start_server(tmp / "js")
+    server, url = start_nats(tmp / "js")
     try:
         namespace = "bench" + uuid.uuid4().hex[:6]
         console.print(f"filling {args.events:,} events into a fresh stream ...")
