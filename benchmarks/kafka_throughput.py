@@ -32,7 +32,7 @@ from servers import start_tansu
 from tidings import App, Context, Event, Settings
 from tidings.bus.kafka import KafkaBus, from_kafka_headers, to_kafka_headers
 from tidings.events import decode, encode
-from tidings.runtime.worker import Worker
+from tidings.worker import Worker
 
 POSTGRES = os.environ.get("TIDINGS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 

@@ -33,7 +33,7 @@ from servers import start_nats
 from tidings import App, Context, Event, Settings
 from tidings.client import Client
 from tidings.events import decode, encode
-from tidings.runtime.worker import Worker
+from tidings.worker import Worker
 
 POSTGRES = os.environ.get("TIDINGS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 

@@ -12,7 +12,7 @@ from typing import Any
 import nats
 
 from tidings import App, Settings
-from tidings.runtime.worker import Worker
+from tidings.worker import Worker
 
 
 async def eventually(

@@ -5,53 +5,26 @@ from __future__ import annotations
 import hashlib
 import inspect
 import re
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from tidings.config import Settings
 from tidings.errors import ConfigError
-from tidings.events import Event, check_pattern, lookup
+from tidings.events import Event, check_pattern
 from tidings.runtime.filters import Predicate, compile_filter
 from tidings.runtime.outcomes import Backoff
+from tidings.runtime.spec import AgentSpec, Handler, Start
 
 if TYPE_CHECKING:
     from tidings.client import Client
     from tidings.llm import Models
     from tidings.mcp import McpServer
-    from tidings.runtime.context import Context
     from tidings.tools import ToolSpec
 
-Handler = Callable[[Event, "Context"], Awaitable[Any]]
 StartupHook = Callable[["Client"], Coroutine[Any, Any, None]]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-
-
-@dataclass(frozen=True, slots=True)
-class AgentSpec:
-    """Everything `@app.agent(...)` declared about one agent."""
-
-    name: str
-    handler: Handler
-    patterns: tuple[str, ...]
-    where: str | Predicate | None
-    predicate: Predicate | None
-    key: str | Callable[[Event], Any] | None
-    emits: tuple[str, ...] | None
-    max_attempts: int
-    concurrency: int
-    backoff: Backoff
-    version: str
-    data_model: type[Any] | None = None
-    description: str = field(default="")
-
-    def key_of(self, event: Event) -> str:
-        """The entity key of `event` for this agent ('' when the agent is not keyed)."""
-        if self.key is None:
-            return ""
-        value = self.key(event) if callable(self.key) else lookup(event, self.key)
-        return "" if value is None else str(value)
 
 
 class App:
@@ -82,13 +55,20 @@ class App:
         return self._llm
 
     def tool(
-        self, name: str, *, description: str | None = None, concurrency: int = 32
+        self,
+        name: str,
+        *,
+        description: str | None = None,
+        concurrency: int = 32,
+        max_attempts: int = 1,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Declare a tool service: agents call it with ``await ctx.tool(name, args)``.
 
         The input schema comes from the function's parameters (or its one pydantic /
         TypedDict / dict parameter), the output schema from its return hint. Every
-        worker running this app serves it; calls are load-balanced between them.
+        worker running this app serves it; calls are load-balanced between them. A
+        call that raises is retried up to `max_attempts` (1: not retried), then
+        dead-lettered (``tidings dlq ls``) and answered with the error.
         """
         from tidings.tools import tool_spec
 
@@ -102,7 +82,12 @@ class App:
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
             if name in self.tools:
                 raise ConfigError(f"tool {name!r} is declared twice in app {self.name!r}")
-            self.tools[name] = tool_spec(name, fn, description=description, concurrency=concurrency)
+            if max_attempts < 1:
+                raise ConfigError(f"tool {name!r}: max_attempts must be >= 1")
+            self.tools[name] = tool_spec(
+                name, fn, description=description, concurrency=concurrency,
+                max_attempts=max_attempts,
+            )  # fmt: skip
             return fn
 
         return register
@@ -148,6 +133,7 @@ class App:
         backoff: Backoff | None = None,
         version: str | None = None,
         data_model: type[Any] | None = None,
+        start: Start = "all",
     ) -> Callable[[Handler], Handler]:
         """Declare an agent: `handler(event, ctx)` runs for each matching event.
 
@@ -156,7 +142,10 @@ class App:
         that scopes `ctx.state` and orders events per key; `emits` the types the agent may
         emit (None = any); `max_attempts` before the dead-letter queue; `concurrency`
         bounds handlers running at once in one worker; `data_model` a pydantic model that
-        validates `event.data` (invalid data is dead-lettered, not retried).
+        validates `event.data` (invalid data is dead-lettered, not retried); `start` where
+        a new agent's consumer begins: ``"all"`` the whole history, ``"new"`` only events
+        published from now on, or a timezone-aware `datetime` (an agent that already has
+        a consumer keeps its place).
         """
         if not _NAME_RE.match(name):
             raise ConfigError(f"agent name {name!r}: use letters, digits, '-' and '_'")
@@ -172,6 +161,14 @@ class App:
                 raise ConfigError(f"agent {name!r}: {e}") from e
         if max_attempts < 1 or concurrency < 1:
             raise ConfigError(f"agent {name!r}: max_attempts and concurrency must be >= 1")
+        if isinstance(start, datetime):
+            if start.tzinfo is None:
+                raise ConfigError(
+                    f"agent {name!r}: start= needs a timezone-aware datetime,"
+                    " e.g. datetime(2026, 1, 1, tzinfo=UTC)"
+                )
+        elif start not in ("all", "new"):
+            raise ConfigError(f"agent {name!r}: start={start!r}; use 'all', 'new' or a datetime")
         predicate = compile_filter(where)
 
         def register(handler: Handler) -> Handler:
@@ -191,6 +188,7 @@ class App:
                 version=version or _code_version(handler),
                 data_model=data_model,
                 description=(inspect.getdoc(handler) or "").split("\n", 1)[0],
+                start=start,
             )
             return handler
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tidings.bus.base import Bus
+from tidings.bus.connect import connect_bus
 from tidings.config import Settings
 from tidings.events import Event
 from tidings.store import open_store
@@ -44,8 +45,6 @@ class Client:
     async def connect(self) -> None:
         """Connect to the configured or discovered bus (idempotent)."""
         if self._bus is None:
-            from tidings.runtime.worker import connect_bus
-
             self._bus = await connect_bus(self.settings)
 
     async def close(self) -> None:

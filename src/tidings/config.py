@@ -27,6 +27,9 @@ class Settings:
     ack_wait: float = 30.0  # seconds before an unacked delivery is redelivered
     retention_days: float = 7.0  # inbox/outbox/decision rows older than this are pruned
     max_in_flight: int = 1000  # unacked deliveries per agent consumer
+    # An outbox row still unpublished this many seconds after its commit is published by
+    # the workers' sweep: its source event will not come back to publish it.
+    outbox_sweep_after: float = 60.0
     gateway: bool = False  # serve the HTTP gateway from `tidings run` (see docs/gateway.md)
     gateway_host: str = "127.0.0.1"  # loopback unless deliberately exposed
     gateway_port: int = 8000

@@ -45,6 +45,8 @@ ATTRIBUTES = (
     "user",
 )
 _REQUIRED = ("id", "source", "type", "specversion")
+# What an event made from another carries forward besides correlation and causation.
+INHERITED = ("tenant", "user", "traceparent")
 _HEADERS = tuple((name, "ce-" + name) for name in ATTRIBUTES)
 
 
@@ -141,6 +143,28 @@ class Event:
         if hasattr(data, "model_dump"):  # a pydantic model stands for the payload
             data = data.model_dump(mode="json")
         return cls(id=event_id, source=source, type=check_type(type), data=data, **attributes)
+
+    def derive(
+        self,
+        type: str,
+        data: Any = None,
+        *,
+        source: str,
+        id: str | None = None,
+        **attributes: Any,
+    ) -> Event:
+        """A new event caused by this one: the one rule for every event made from another.
+
+        It names this event as its cause and carries the correlation (this event's id
+        when it has none), tenant, user and trace context forward; `attributes` given
+        here win. Emit, tool calls and replies, progress and approvals all use it, so
+        one user action can be followed through every agent.
+        """
+        attributes.setdefault("correlationid", self.correlationid or self.id)
+        attributes.setdefault("causationid", self.id)
+        for inherited in INHERITED:
+            attributes.setdefault(inherited, getattr(self, inherited))
+        return Event.create(type, data, source=source, id=id, **attributes)
 
     def replace(self, **changes: Any) -> Event:
         """A copy with some attributes changed."""

@@ -37,9 +37,9 @@ from tidings.bus.memory import MemoryBus
 from tidings.client import Client
 from tidings.config import Settings
 from tidings.events import Event, decode, matches
-from tidings.runtime.worker import Worker
 from tidings.store.base import Store
 from tidings.store.records import DeadLetter, Decision
+from tidings.worker import Worker
 
 __all__ = ["Harness", "harness"]
 
@@ -79,10 +79,11 @@ class Harness:
         return event
 
     def _idle(self) -> bool:
-        consumers = self.bus.broker.consumers.values()
-        if any(c.in_flight or c.ready or c.delayed or c.pending() for c in consumers):
+        queues = self.bus.broker.consumers.values()
+        if any(q.in_flight or q.ready or q.delayed or q.pending() for q in queues):
             return False
-        return all(not r.tasks and not r.lanes for r in self.worker.runners.values())
+        consumers = [*self.worker.consumers, *self.worker.helpers]
+        return all(not c.tasks and not c.lanes for c in consumers)
 
     async def settle(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Wait until every agent has handled everything, retries and emitted events too."""

@@ -38,7 +38,7 @@ def start(settings: Settings, app: str, chaos_dir: Path) -> subprocess.Popen[byt
     }
     code = (
         "import asyncio\n"
-        "from tidings.runtime.worker import Worker\n"
+        "from tidings.worker import Worker\n"
         f"from tests.chaos.steps_app import {app} as app\n"
         "asyncio.run(Worker(app).run_until_signalled(grace=5))\n"
     )

@@ -17,7 +17,7 @@ from tests.helpers import settings_for
 from tidings import App, Context, Event
 from tidings.gateway import ApiKey, GatewayConfig, WebhookSource
 from tidings.gateway.server import GatewayServer
-from tidings.runtime.worker import Worker
+from tidings.worker import Worker
 
 JWT_SECRET = "test-secret-that-is-long-enough-for-hs256"
 STANDARD_NEW = "whsec_" + base64.b64encode(b"new-secret-new-secret-new-secret").decode()

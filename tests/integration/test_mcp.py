@@ -17,6 +17,7 @@ from tests.helpers import eventually, running, settings_for
 from tidings import App, Context, Event
 from tidings.client import Client
 from tidings.errors import ConfigError, ToolFailed
+from tidings.tools import ToolSpec
 
 pytestmark = pytest.mark.nats
 
@@ -62,7 +63,7 @@ def mcp_app(**where: Any) -> App:
     return app
 
 
-async def run_calculation(app: App, settings: Any) -> dict[str, Any]:
+async def run_calculation(app: App, settings: Any) -> tuple[dict[str, Any], dict[str, ToolSpec]]:
     async with running(app, settings) as worker, Client(settings) as client:
         await client.publish("calc.asked", {"a": 2, "b": 40})
         store = worker.store
@@ -75,27 +76,28 @@ async def run_calculation(app: App, settings: Any) -> dict[str, Any]:
         (decision,) = await store.list_decisions("calculator")
     assert decision.status == "ok"
     result: dict[str, Any] = decision.result
-    return result
+    return result, worker.tools
 
 
 async def test_stdio_mcp_server_tools_are_called_over_the_bus(
     nats_url: str, namespace: str, tmp_path: Path
 ) -> None:
     app = mcp_app(command=[sys.executable, str(SERVER)])
-    result = await run_calculation(app, settings_for(nats_url, namespace, tmp_path))
+    result, served = await run_calculation(app, settings_for(nats_url, namespace, tmp_path))
     assert result["total"] == {"result": 42}
     assert result["loud"] == {"result": "DONE"}
     assert "explode" in result["failure"]
-    # Discovered tools join the app with the server's own schemas.
-    assert app.tools["calc.add"].input_schema["required"] == ["a", "b"]
-    assert app.tools["calc.add"].description == "Add two numbers."
+    # Discovered tools are served with the server's own schemas; the declaration stays.
+    assert served["calc.add"].input_schema["required"] == ["a", "b"]
+    assert served["calc.add"].description == "Add two numbers."
+    assert "calc.add" not in app.tools
 
 
 async def test_streamable_http_mcp_server(
     nats_url: str, namespace: str, tmp_path: Path, http_server: str
 ) -> None:
     app = mcp_app(url=http_server)
-    result = await run_calculation(app, settings_for(nats_url, namespace, tmp_path))
+    result, _ = await run_calculation(app, settings_for(nats_url, namespace, tmp_path))
     assert result["total"] == {"result": 42}
 
 

@@ -131,9 +131,9 @@ async def test_filtered_events_touch_no_store(
 
     settings = settings_for(bus_url, namespace, tmp_path, store_url)
     async with running(app, settings) as worker, Client(settings) as client:
-        pipeline = worker.runners["big"].pipeline
+        pipeline = worker.pipeline("big")
         spy = CountingStore(pipeline.store)
-        pipeline.store = spy  # type: ignore[assignment]
+        pipeline.committer.store = spy  # type: ignore[assignment]
         for amount in (5, 10, 999):
             await client.publish("payment.card.created", {"amount": amount})
         await client.publish("payment.card.created", {"no_amount": True})

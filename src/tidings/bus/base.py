@@ -31,7 +31,7 @@ import abc
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from tidings.events import Event
 
@@ -74,6 +74,8 @@ class ConsumerSpec:
     patterns: Sequence[str]
     max_in_flight: int = 1000
     ack_wait: float = 30.0
+    # Where a consumer created now starts: "all" (the whole history), "new", or a time.
+    start: Literal["all", "new"] | datetime = "all"
 
 
 @dataclass(frozen=True, slots=True)

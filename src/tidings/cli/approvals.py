@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 import typer
 from rich.text import Text
 
+from tidings.bus.connect import connect_bus
 from tidings.cli.common import body_value, compact, console, execute, fail, list_table, print_json
 from tidings.cli.records import AgentOption, IdArgument, JsonOption, LimitOption, existing_store
 from tidings.config import Settings
 from tidings.runtime.approvals import answer
-from tidings.runtime.worker import connect_bus
 from tidings.store.records import Parked
 
 approvals = typer.Typer(
@@ -35,7 +35,7 @@ def approvals_ls(
     ctx: typer.Context,
     agent: AgentOption = None,
     status: Annotated[
-        str,
+        Literal["waiting", "answered", "timed_out", "all"],
         typer.Option(help="waiting, answered, timed_out, or all."),
     ] = "waiting",
     limit: LimitOption = 50,

@@ -15,6 +15,7 @@ import typer
 from rich.text import Text
 
 from tidings.bus.base import ConsumerInfo, RawMessage
+from tidings.bus.connect import connect_bus
 from tidings.cli.common import (
     compact,
     console,
@@ -31,7 +32,6 @@ from tidings.client import Client
 from tidings.config import Settings
 from tidings.errors import MalformedEvent
 from tidings.events import Event, check_pattern, check_type, decode
-from tidings.runtime.worker import connect_bus
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 

@@ -18,9 +18,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from tidings.app import AgentSpec, App
+from tidings.app import App
 from tidings.cli.common import list_table, redact
 from tidings.runtime.pipeline import AgentStats
+from tidings.runtime.spec import AgentSpec
 
 REFRESH_S = 0.5  # live table redraws
 SUMMARY_S = 5.0  # plain summaries at most this often

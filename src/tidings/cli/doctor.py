@@ -103,7 +103,7 @@ def _origins(overrides: dict[str, str | None]) -> dict[str, str]:
 
 
 async def _bus(settings: Settings) -> Result:
-    from tidings.runtime.worker import connect_bus
+    from tidings.bus.connect import connect_bus
 
     title = "bus reachable"
     try:

@@ -20,6 +20,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from tidings.bus.connect import connect_bus
 from tidings.cli.common import (
     body_value,
     compact,
@@ -34,7 +35,6 @@ from tidings.cli.common import (
 from tidings.config import Settings
 from tidings.errors import MalformedEvent
 from tidings.events import decode
-from tidings.runtime.worker import connect_bus
 from tidings.store import open_store
 from tidings.store.base import Store
 from tidings.store.records import DeadLetter, Decision

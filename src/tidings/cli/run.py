@@ -25,7 +25,7 @@ from tidings.app import App
 from tidings.cli.common import console, err_console, guarded, load_app, options_of
 from tidings.cli.display import show_stats, startup_panel
 from tidings.config import Settings
-from tidings.runtime.worker import Worker
+from tidings.worker import Worker
 
 
 class _ObservedWorker(Worker):

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from tidings.app import App
 from tidings.bus.base import Bus
+from tidings.bus.connect import connect_bus
 from tidings.client import Client
 from tidings.config import Settings
 from tidings.errors import BusError, MalformedEvent, PolicyViolation, StateConflict, StoreError
@@ -29,9 +30,11 @@ from tidings.gateway.auth import Authenticator, AuthError, Identity, bearer, ori
 from tidings.gateway.config import GatewayConfig
 from tidings.gateway.events import HttpError, parse_events, parse_json, read_body, stamp
 from tidings.gateway.streams import Hub, Lagged, StreamFilter, Subscriber, structured
+from tidings.runtime.context import Services
 from tidings.runtime.pipeline import Pipeline
 from tidings.store import open_store
 from tidings.store.base import Store
+from tidings.worker import services_for
 
 log = structlog.get_logger("tidings.gateway")
 
@@ -48,6 +51,7 @@ class Gateway:
         bus: Bus | None = None,
         store: Store | None = None,
         pipelines: Mapping[str, Pipeline] | None = None,
+        services: Services | None = None,
     ) -> None:
         self.app = app
         self.settings = settings or app.settings
@@ -56,6 +60,7 @@ class Gateway:
         self._bus, self._store = bus, store
         self._owns = bus is None, store is None
         self._pipelines: dict[str, Pipeline] = dict(pipelines or {})
+        self._services = services
         self._client: Client | None = None
         self._hub: Hub | None = None
         self._lock = asyncio.Lock()
@@ -68,8 +73,6 @@ class Gateway:
             if self.is_started():
                 return
             if self._bus is None:
-                from tidings.runtime.worker import connect_bus
-
                 self._bus = await connect_bus(self.settings)
             if self._store is None:
                 self._store = open_store(self.settings.store_url)
@@ -126,8 +129,9 @@ class Gateway:
         if spec is None:
             raise HttpError(404, f"no agent named {name!r}; known: {sorted(self.app.agents)}")
         if name not in self._pipelines:
-            assert self._bus is not None and self._store is not None
-            self._pipelines[name] = Pipeline(spec, self._bus, self._store, self.app.name)
+            if self._services is None:  # mounted: the same services a worker gives agents
+                self._services = services_for(self.app, self.bus, self.store)
+            self._pipelines[name] = Pipeline(spec, self._services, self.app.name)
         return self._pipelines[name]
 
     async def identify(self, credential: str | None, scope: str | None) -> Identity:
@@ -356,10 +360,9 @@ def create_app(
             raise HttpError(
                 422, f"agent {name!r} does not consume {event.type!r} (on={pipeline.spec.patterns})"
             )
-        duplicates = pipeline.stats.duplicates
         for attempt in range(1, 4):
             try:
-                decision = await pipeline.invoke(event)
+                invoked = await pipeline.invoke(event)
                 break
             except StateConflict:
                 if attempt == 3:
@@ -371,12 +374,12 @@ def create_app(
             except Exception as e:  # the agent failed: nothing was committed
                 log.warning("invoke failed", agent=name, event_id=event.id, error=repr(e))
                 raise HttpError(500, f"agent {name!r} failed: {type(e).__name__}: {e}") from e
-        if decision is None:
-            return InvokeResult(status="filtered", event_id=event.id)
+        decision = invoked.decision
+        if decision is None:  # filtered out, or a duplicate whose record was pruned
+            return InvokeResult(status=invoked.status, event_id=event.id)
         # "parked": the handler waits on ctx.ask; it resumes on the bus once answered.
-        status = "duplicate" if pipeline.stats.duplicates > duplicates else decision.status
         return InvokeResult(
-            status=status,
+            status=invoked.status,
             event_id=event.id,
             result=decision.result,
             decision_id=decision.id,

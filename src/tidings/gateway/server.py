@@ -11,7 +11,7 @@ import uvicorn
 
 from tidings.gateway.app import Gateway, create_app
 from tidings.gateway.config import GatewayConfig
-from tidings.runtime.worker import Worker
+from tidings.worker import Worker
 
 log = structlog.get_logger("tidings.gateway")
 
@@ -37,7 +37,8 @@ class GatewayServer:
             config,
             bus=worker.bus,
             store=worker.store,
-            pipelines={name: runner.pipeline for name, runner in worker.runners.items()},
+            pipelines={name: worker.pipeline(name) for name in worker.runners},
+            services=worker.services,
         )
         self.asgi = create_app(worker.app, gateway=self.gateway)
         self.server = SignalFreeServer(

@@ -17,10 +17,12 @@ from collections.abc import Collection
 
 import structlog
 
-from tidings.bus.base import Bus, ConsumerSpec, Delivery, Subscription
+from tidings.bus.base import Bus, ConsumerSpec, Delivery
 from tidings.errors import MalformedEvent
-from tidings.events import decode
-from tidings.runtime.outcomes import describe
+from tidings.events import Event, decode
+from tidings.runtime.consumer import SimpleProcessor
+from tidings.runtime.durable import APPROVAL_ANSWERED
+from tidings.runtime.outcomes import Ack, DeadLetter, Outcome, describe
 from tidings.store.base import Store
 from tidings.store.records import Parked
 
@@ -68,47 +70,57 @@ async def sweep(store: Store, bus: Bus, agents: Collection[str]) -> int:
     return moved
 
 
-class Approvals:
-    """A worker's part: sweep periodically and consume ``approval.answered`` events."""
+class Answers(SimpleProcessor):
+    """The processor of ``approval.answered`` events: record the answer, resume the event.
 
-    def __init__(self, store: Store, bus: Bus, app_name: str, agents: Collection[str]) -> None:
+    Every worker of the app shares one durable consumer (``<app>:approvals``); an answer
+    for a question that is no longer waiting is acked and changes nothing.
+    """
+
+    concurrency = 32
+
+    def __init__(self, store: Store, bus: Bus, app_name: str) -> None:
+        super().__init__(ConsumerSpec(f"{app_name}:approvals", [APPROVAL_ANSWERED]))
         self.store = store
         self.bus = bus
-        self.app_name = app_name
-        self.agents = set(agents)
-        self._subscription: Subscription | None = None
-        self._sweeper: asyncio.Task[None] | None = None
 
-    async def start(self, ack_wait: float) -> None:
-        """Start sweeping and answering."""
-        spec = ConsumerSpec(f"{self.app_name}:approvals", ["approval.answered"], ack_wait=ack_wait)
-        self._subscription = await self.bus.subscribe(spec, self._on_delivery)
-        self._sweeper = asyncio.create_task(self._sweep_forever())
-
-    async def _on_delivery(self, delivery: Delivery) -> None:
-        asyncio.create_task(self._answer(delivery))  # noqa: RUF006 - settles its delivery
-
-    async def _answer(self, delivery: Delivery) -> None:
+    def screen(self, delivery: Delivery) -> Event | Outcome:
+        """Decode and check the answer's shape; a malformed one is dead-lettered."""
         try:
             event = decode(delivery.headers, delivery.body)
             data = event.data if isinstance(event.data, dict) else {}
-            parked_id = data.get("id")
-            if not isinstance(parked_id, str) or "answer" not in data:
-                raise MalformedEvent("approval.answered needs data {'id': ..., 'answer': ...}")
+            if not isinstance(data.get("id"), str) or "answer" not in data:
+                raise MalformedEvent(f"{APPROVAL_ANSWERED} needs data {{'id': ..., 'answer': ...}}")
         except MalformedEvent as e:
-            log.warning("ignoring a malformed approval", error=str(e))
-            await delivery.term()
-            return
-        try:
-            by = data.get("by") or event.user
-            result = await answer(self.store, self.bus, parked_id, data["answer"], by=by)
-        except Exception as e:
-            log.warning("answering failed; will retry", error=describe(e))
-            await delivery.nak(1.0)
-            return
-        if result is None:
-            log.info("approval for a question that is not waiting", parked_id=parked_id)
-        await delivery.ack()
+            return DeadLetter(describe(e), None)
+        return event
+
+    def lane(self, event: Event) -> str:
+        """Answers to one question wait in one lane, so the first one settles it."""
+        return str(event.data["id"])
+
+    async def process(self, delivery: Delivery, event: Event) -> Outcome:
+        """Answer the question once and hand its event back to its agent."""
+        data = event.data
+        by = data.get("by") or event.user
+        if await answer(self.store, self.bus, data["id"], data["answer"], by=by) is None:
+            log.info("approval for a question that is not waiting", parked_id=data["id"])
+            return Ack("not waiting")
+        return Ack()
+
+
+class Sweeper:
+    """A worker's sweep of parked questions: time out overdue ones, resume lost hand-backs."""
+
+    def __init__(self, store: Store, bus: Bus, agents: Collection[str]) -> None:
+        self.store = store
+        self.bus = bus
+        self.agents = set(agents)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Sweep every `SWEEP_S` seconds until stopped."""
+        self._task = asyncio.create_task(self._sweep_forever())
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -119,11 +131,8 @@ class Approvals:
             await asyncio.sleep(SWEEP_S)
 
     async def stop(self) -> None:
-        """Stop sweeping and consuming."""
-        if self._subscription is not None:
-            with contextlib.suppress(Exception):
-                await self._subscription.stop()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        """Stop sweeping."""
+        if self._task is not None:
+            self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+                await self._task

@@ -17,10 +17,11 @@ from tidings.store.base import Store
 from tidings.store.records import OutboxEvent
 
 if TYPE_CHECKING:
-    from tidings.app import AgentSpec
     from tidings.bus.base import Bus
     from tidings.llm import Completion, Message, Models
-    from tidings.tools import ReplyHub, ToolSpec
+    from tidings.runtime.spec import AgentSpec
+    from tidings.runtime.tools import ReplyHub
+    from tidings.tools import ToolSpec
 
 
 @dataclass(slots=True)
@@ -227,12 +228,8 @@ class Context:
                 f"agent {self.agent!r} emitted {type!r} but declares emits={list(declared)};"
                 " add it to emits= or emit a declared type"
             )
-        cause = self.event
-        attributes.setdefault("correlationid", cause.correlationid or cause.id)
-        attributes.setdefault("causationid", cause.id)
-        for inherited in ("tenant", "user", "traceparent"):
-            attributes.setdefault(inherited, getattr(cause, inherited))
-        event = Event.create(type, data, source=self._source, id=id, subject=subject, **attributes)
+        event = self.event.derive(type, data, source=self._source, id=id, subject=subject,
+                                  **attributes)  # fmt: skip
         try:
             headers, body = encode(event)
         except TypeError as e:

@@ -28,7 +28,7 @@ from tidings.errors import (
 )
 from tidings.events import Event, encode
 from tidings.runtime.steps import args_hash, derived_id, error_detail, replayed_error
-from tidings.store.records import Parked, Step
+from tidings.store.records import Parked, Step, StepStatus
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -51,7 +51,7 @@ class AgentParked(Exception):
         self.parked_id = parked_id
 
 
-def _step(ctx: Context, seq: int, kind: str, name: str, digest: str, status: str,
+def _step(ctx: Context, seq: int, kind: str, name: str, digest: str, status: StepStatus,
           result: Any = None, **detail: Any) -> Step:  # fmt: skip
     return Step(ctx.agent, ctx.event.id, seq, kind, name, digest, status, result, detail)
 
@@ -160,17 +160,11 @@ async def _await_registration(services: Services, name: str, grace: float) -> No
 def _invoke_event(
     ctx: Context, call_id: str, type_: str, args: Any, tool: str, deadline: float
 ) -> Event:
-    cause = ctx.event
-    return Event.create(
+    return ctx.event.derive(
         type_,
         {"tool": tool, "args": args, "reply_to": ctx.agent, "deadline": deadline},
         source=ctx._source,
         id=call_id,
-        correlationid=cause.correlationid or cause.id,
-        causationid=cause.id,
-        tenant=cause.tenant,
-        user=cause.user,
-        traceparent=cause.traceparent,
     )
 
 
@@ -250,17 +244,11 @@ async def progress(ctx: Context, fraction: float, message: str, n: int) -> Event
     """`ctx.progress`: publish progress now, with an id a re-run reproduces."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"progress fraction must be between 0 and 1, got {fraction}")
-    cause = ctx.event
-    event = Event.create(
+    event = ctx.event.derive(
         PROGRESS,
         {"fraction": float(fraction), "message": str(message)},
         source=ctx._source,
-        id=derived_id(ctx.agent, cause.id, "progress", n),
-        correlationid=cause.correlationid or cause.id,
-        causationid=cause.id,
-        tenant=cause.tenant,
-        user=cause.user,
-        traceparent=cause.traceparent,
+        id=derived_id(ctx.agent, ctx.event.id, "progress", n),
     )
     await ctx.services.bus.publish(event)
     return event

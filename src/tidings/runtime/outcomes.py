@@ -25,13 +25,19 @@ from tidings.errors import (
     StoreError,
     ToolError,
 )
+from tidings.store.records import Decision
 
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """Done (handled, filtered out, or a duplicate)."""
+    """Done: handled, filtered out, a duplicate, or parked on a question.
+
+    `decision` is the record this run wrote, when it wrote one, so a caller (the
+    gateway's invoke) learns what happened from its own run.
+    """
 
     reason: str = "handled"
+    decision: Decision | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,15 +1,15 @@
-"""The processing pipeline of design.md §3, for one event and one agent.
+"""The processing pipeline of design.md §3 for one agent: the agents' `Processor`.
 
     1. decode and validate the envelope        screen()   malformed -> dead letter, no retry
     2. evaluate `where`                        screen()   false -> ack; no store access
-       (the event now waits on its key's lane, see worker.py)
+       (the event now waits on its key's lane, see consumer.py)
     3. idempotency: already processed?         process()  yes -> re-publish its outbox, ack
     4. run the handler                         process()
     5. commit state + decision + outbox +      process()  one store transaction
-       processed marker
+       processed marker                                   (commits.py)
     6. publish the outbox (dedupe id = event   process()  then mark published, ack
        id), mark published
-       failures -> outcome_for() -> ack / retry after delay / dead letter      settle()
+       failures -> outcome_for() -> ack / retry after delay / dead letter   (consumer.py)
 
 Steps 1-2 are synchronous and cheap because most events stop there.
 """
@@ -17,29 +17,30 @@ Steps 1-2 are synchronous and cheap because most events stop there.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import orjson
 import structlog
 
-from tidings.app import AgentSpec
-from tidings.bus.base import Bus, Delivery
-from tidings.errors import AlreadyProcessed, MalformedEvent
+from tidings.bus.base import ConsumerSpec, Delivery
+from tidings.errors import MalformedEvent
 from tidings.events import Event, decode, encode, new_id, now
+from tidings.runtime.commits import Committer
+from tidings.runtime.consumer import Settled
 from tidings.runtime.context import Context, Services
 from tidings.runtime.durable import AgentParked
 from tidings.runtime.filters import FilterMiss
-from tidings.runtime.outcomes import Ack, DeadLetter, Outcome, Retry, describe
+from tidings.runtime.outcomes import Ack, Backoff, DeadLetter, Outcome, describe
+from tidings.runtime.spec import AgentSpec
 from tidings.store.base import Store
-from tidings.store.records import Commit, Decision, OutboxEvent
-from tidings.store.records import DeadLetter as DeadLetterRecord
+from tidings.store.records import Commit, Decision, DecisionStatus
 
 log = structlog.get_logger("tidings.pipeline")
 
 
 @dataclass(slots=True)
-class AgentStats:
+class AgentStats(Settled):
     """Counters for one agent in one worker (shown by `tidings run`, exported as metrics)."""
 
     received: int = 0
@@ -47,34 +48,59 @@ class AgentStats:
     filter_errors: int = 0
     handled: int = 0
     duplicates: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
     parked: int = 0
     handler_seconds: float = 0.0
-    last_error: str | None = field(default=None)
+
+
+InvokeStatus = Literal["ok", "parked", "duplicate", "filtered"]
+
+
+@dataclass(frozen=True, slots=True)
+class Invoked:
+    """What a synchronous invoke did: its own outcome, not a reading of shared counters.
+
+    `decision` is this run's (or, for a duplicate, the earlier run's) decision record;
+    None when the event was filtered out, or a duplicate whose record was pruned.
+    """
+
+    status: InvokeStatus
+    decision: Decision | None
 
 
 class Pipeline:
     """Runs the six steps for one agent against one bus and one store."""
 
-    def __init__(
-        self,
-        spec: AgentSpec,
-        bus: Bus,
-        store: Store,
-        app_name: str,
-        services: Services | None = None,
-    ) -> None:
+    def __init__(self, spec: AgentSpec, services: Services, app_name: str) -> None:
         self.spec = spec
-        self.bus = bus
-        self.store = store
+        self.services = services
         self.app_name = app_name
         self.stats = AgentStats()
-        if services is None:
-            from tidings.tools import ReplyHub
+        self.committer = Committer(services.bus, services.store)
+        self.consumer = ConsumerSpec(spec.name, spec.patterns, start=spec.start)
 
-            services = Services(bus, store, ReplyHub(store))
-        self.services = services
+    @property
+    def store(self) -> Store:
+        """The store this agent's effects are committed to."""
+        return self.committer.store
+
+    @property
+    def concurrency(self) -> int:
+        """Handlers of this agent running at once in one worker."""
+        return self.spec.concurrency
+
+    @property
+    def max_attempts(self) -> int:
+        """Attempts before the dead-letter queue."""
+        return self.spec.max_attempts
+
+    @property
+    def backoff(self) -> Backoff:
+        """Delays between attempts."""
+        return self.spec.backoff
+
+    def lane(self, event: Event) -> str:
+        """Events of one entity key wait in one lane; a keyless agent gives each its own."""
+        return self.spec.key_of(event) if self.spec.key is not None else event.id
 
     # -- steps 1 and 2: no I/O ------------------------------------------------------
 
@@ -102,8 +128,7 @@ class Pipeline:
     async def process(self, delivery: Delivery, event: Event) -> Outcome:
         """Run an event that passed the filter; exceptions are mapped by the caller."""
         spec, store = self.spec, self.store
-        if await store.is_processed(spec.name, event.id):  # 3
-            await self._publish(await store.unpublished(spec.name, event.id))
+        if await self.committer.replay(spec.name, event.id):  # 3
             self.stats.duplicates += 1
             return Ack("duplicate")
 
@@ -120,42 +145,29 @@ class Pipeline:
         elapsed = time.perf_counter() - started
         self.stats.handler_seconds += elapsed
         if ctx.parked is not None:  # waiting on an answer: acked, not processed
-            await store.add_decision(
-                self._decision(event, key, ctx, None, started_at, elapsed, status="parked")
-            )
+            decision = self._decision(event, key, ctx, None, started_at, elapsed, "parked")
+            await store.add_decision(decision)
             self.stats.parked += 1
-            return Ack("parked")
+            return Ack("parked", decision)
         ctx.journal.check_complete()
 
-        decision = self._decision(event, key, ctx, result, started_at, elapsed)  # 5
-        try:
-            await store.commit(
-                Commit(
-                    agent=spec.name,
-                    event_id=event.id,
-                    key=key,
-                    decision=decision,
-                    state=ctx.state.after if ctx.state.dirty else None,
-                    expected_version=ctx.state.version,
-                    outbox=ctx.outbox,
-                )
+        decision = self._decision(event, key, ctx, result, started_at, elapsed)  # 5, 6
+        committed = await self.committer.commit(
+            Commit(
+                agent=spec.name,
+                event_id=event.id,
+                key=key,
+                decision=decision,
+                state=ctx.state.after if ctx.state.dirty else None,
+                expected_version=ctx.state.version,
+                outbox=ctx.outbox,
             )
-        except AlreadyProcessed:
-            # Another worker committed this event first; its effects stand, ours are dropped.
-            await self._publish(await store.unpublished(spec.name, event.id))
+        )
+        if not committed:  # another worker committed this event first; its effects stand
             self.stats.duplicates += 1
             return Ack("duplicate")
-
-        await self._publish(ctx.outbox)  # 6
         self.stats.handled += 1
-        return Ack()
-
-    async def _publish(self, outbox: list[OutboxEvent]) -> None:
-        if not outbox:
-            return
-        for entry in outbox:
-            await self.bus.publish(decode(entry.headers, entry.body))
-        await self.store.mark_published([entry.event_id for entry in outbox])
+        return Ack("handled", decision)
 
     def _decision(
         self,
@@ -165,7 +177,7 @@ class Pipeline:
         result: Any,
         started_at: str,
         elapsed: float,
-        status: str = "ok",
+        status: DecisionStatus = "ok",
     ) -> Decision:
         if hasattr(result, "model_dump"):
             result = result.model_dump(mode="json")
@@ -206,84 +218,38 @@ class Pipeline:
             **outcome,
         )
 
-    # -- acknowledgement --------------------------------------------------------------
-
-    async def settle(self, delivery: Delivery, event: Event | None, outcome: Outcome) -> None:
-        """Carry out an outcome on the delivery; a dead letter is stored before the ack."""
-        if isinstance(outcome, Ack):
-            await delivery.ack()
-        elif isinstance(outcome, Retry):
-            self.stats.retried += 1
-            self.stats.last_error = outcome.error
-            log.warning(
-                "retrying",
-                agent=self.spec.name,
-                event_id=event.id if event else None,
-                attempt=delivery.attempt,
-                delay=round(outcome.delay, 2),
+    async def dead_lettered(
+        self, delivery: Delivery, event: Event | None, outcome: DeadLetter
+    ) -> None:
+        """The decision ledger shows the give-up too (when the event could be decoded)."""
+        if event is None:
+            return
+        await self.store.add_decision(
+            self._record(
+                event,
+                self.spec.key_of(event),
+                status="dead_lettered",
+                result=None,
+                state_before={},
+                state_after={},
+                emitted=[],
+                attempts=delivery.attempt,
+                started_at=now(),
+                duration_ms=0.0,
                 error=outcome.error,
             )
-            await delivery.nak(outcome.delay)
-        else:
-            try:
-                await self._dead_letter(delivery, event, outcome)
-            except Exception as e:  # the store or bus is down: keep the message
-                log.error("dead-lettering failed; will retry", error=describe(e))
-                await delivery.nak(self.spec.backoff.delay(3))
-                return
-            self.stats.dead_lettered += 1
-            self.stats.last_error = outcome.error
-            await delivery.ack()
-
-    async def _dead_letter(self, delivery: Delivery, event: Event | None, out: DeadLetter) -> None:
-        record = DeadLetterRecord(
-            id=new_id(),
-            agent=self.spec.name,
-            event_id=event.id if event else delivery.headers.get("ce-id"),
-            event_type=event.type if event else delivery.headers.get("ce-type"),
-            subject=delivery.subject,
-            headers=dict(delivery.headers),
-            body=delivery.body,
-            error=out.error,
-            traceback=out.traceback,
-            attempts=delivery.attempt,
-            created_at=now(),
-        )
-        await self.store.add_dead_letter(record)
-        if event is not None:
-            await self.store.add_decision(
-                self._record(
-                    event,
-                    self.spec.key_of(event),
-                    status="dead_lettered",
-                    result=None,
-                    state_before={},
-                    state_after={},
-                    emitted=[],
-                    attempts=delivery.attempt,
-                    started_at=record.created_at,
-                    duration_ms=0.0,
-                    error=out.error,
-                )
-            )
-        await self.bus.dead_letter(self.spec.name, delivery, out.error)
-        log.error(
-            "dead-lettered",
-            agent=self.spec.name,
-            event_id=record.event_id,
-            attempts=delivery.attempt,
-            error=out.error,
         )
 
     # -- request/response -------------------------------------------------------------
 
-    async def invoke(self, event: Event) -> Decision | None:
-        """Run the agent on `event` now, as its bus path would, and return the decision.
+    async def invoke(self, event: Event) -> Invoked:
+        """Run the agent on `event` now, as its bus path would, and say what happened.
 
         For the gateway's synchronous invoke: the same filter, state, decision ledger,
-        outbox and dedupe (an event id already processed returns the earlier decision
-        without running the handler again). None when `where` filters the event out.
-        The handler's exceptions propagate and nothing is committed.
+        outbox and dedupe (an event id already processed answers "duplicate" with the
+        earlier decision, without running the handler again). The handler's exceptions
+        propagate and nothing is committed. A handler that parks on `ctx.ask` answers
+        "parked"; the event resumes on the bus once the question is answered.
         """
         headers, body = encode(event)
         delivery = _Direct(event.type, headers, body)
@@ -291,15 +257,15 @@ class Pipeline:
         if isinstance(screened, DeadLetter):
             raise MalformedEvent(screened.error)
         if not isinstance(screened, Event):
-            return None
+            return Invoked("filtered", None)
         outcome = await self.process(delivery, screened)
-        # A handler that parked on `ctx.ask` answers with its parked decision; the event
-        # resumes on the bus once the question is answered.
-        wanted = "parked" if isinstance(outcome, Ack) and outcome.reason == "parked" else "ok"
-        for decision in await self.store.list_decisions(self.spec.name, 5, event_id=event.id):
-            if decision.status == wanted:
-                return decision
-        raise AlreadyProcessed(f"agent {self.spec.name!r} has no decision for {event.id}")
+        assert isinstance(outcome, Ack), outcome  # process() raises rather than retry
+        if outcome.reason == "duplicate":
+            earlier = await self.store.list_decisions(self.spec.name, 5, event_id=event.id)
+            done = [d for d in earlier if d.status == "ok"]
+            return Invoked("duplicate", done[0] if done else None)
+        assert outcome.decision is not None
+        return Invoked("parked" if outcome.reason == "parked" else "ok", outcome.decision)
 
 
 class _Direct(Delivery):

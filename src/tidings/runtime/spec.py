@@ -1,0 +1,51 @@
+"""What an agent is, as the runtime sees it: the declaration `@app.agent` makes.
+
+It lives below both the app and the runtime, so the pipeline and the worker use it
+without importing the app that declares agents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from tidings.events import Event, lookup
+from tidings.runtime.filters import Predicate
+from tidings.runtime.outcomes import Backoff
+
+if TYPE_CHECKING:
+    from tidings.runtime.context import Context
+
+Handler = Callable[[Event, "Context"], Awaitable[Any]]
+# Where a new agent's consumer starts reading: the whole history, only events published
+# from now on, or events stored at or after a time. An existing consumer keeps its place.
+Start = Literal["all", "new"] | datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSpec:
+    """Everything `@app.agent(...)` declared about one agent."""
+
+    name: str
+    handler: Handler
+    patterns: tuple[str, ...]
+    where: str | Predicate | None
+    predicate: Predicate | None
+    key: str | Callable[[Event], Any] | None
+    emits: tuple[str, ...] | None
+    max_attempts: int
+    concurrency: int
+    backoff: Backoff
+    version: str
+    data_model: type[Any] | None = None
+    description: str = field(default="")
+    start: Start = "all"
+
+    def key_of(self, event: Event) -> str:
+        """The entity key of `event` for this agent ('' when the agent is not keyed)."""
+        if self.key is None:
+            return ""
+        value = self.key(event) if callable(self.key) else lookup(event, self.key)
+        return "" if value is None else str(value)

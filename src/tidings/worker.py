@@ -1,0 +1,225 @@
+"""A worker: one process running every consumer of an app against one bus and one store.
+
+Each agent, each tool, each agent's tool replies and the app's approval answers is a
+`Processor` run by the one loop in `consumer.py`. Besides them a worker sweeps parked
+questions (`approvals.py`), the outbox (rows whose source event will not come back), and
+old records (retention).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import structlog
+
+from tidings.app import App
+from tidings.bus.base import Bus
+from tidings.bus.connect import start_bus
+from tidings.client import Client
+from tidings.config import Settings
+from tidings.runtime.approvals import Answers, Sweeper
+from tidings.runtime.commits import Committer
+from tidings.runtime.consumer import Consumer, Processor
+from tidings.runtime.context import Services
+from tidings.runtime.pipeline import AgentStats, Pipeline
+from tidings.runtime.tools import ReplyHub, ReplyRecorder, ToolService, ToolStats
+from tidings.store import open_store
+from tidings.store.base import Store
+from tidings.tools import ToolSpec
+
+if TYPE_CHECKING:
+    from tidings.bus.embedded import EmbeddedNats
+    from tidings.mcp import McpBridge
+
+log = structlog.get_logger("tidings.worker")
+
+OUTBOX_SWEEP_S = 30.0  # how often a worker looks for outbox rows nobody will publish
+PRUNE_S = 3600.0
+
+
+def services_for(
+    app: App, bus: Bus, store: Store, tools: Mapping[str, ToolSpec] | None = None
+) -> Services:
+    """What agents of `app` need beyond the store; the same for a worker and a gateway."""
+    return Services(
+        bus, store, ReplyHub(store), app.llm, dict(app.tools if tools is None else tools)
+    )
+
+
+class Worker:
+    """Runs all consumers of `app`: connects the bus (or the embedded one) and the store."""
+
+    def __init__(
+        self, app: App, settings: Settings | None = None, *, startup_hooks: bool = True
+    ) -> None:
+        self.app = app
+        self.settings = settings or app.settings
+        self.startup_hooks = startup_hooks  # off in tests that publish their own events
+        self.runners: dict[str, Consumer] = {}  # agents, by agent name
+        self.tool_runners: dict[str, Consumer] = {}  # tool services, by tool name
+        self.consumers: list[Consumer] = []  # agents and tools: stopped first
+        self.helpers: list[Consumer] = []  # replies and answers: stopped last
+        self.bus: Bus | None = None
+        self.store: Store | None = None
+        self.embedded: EmbeddedNats | None = None
+        self.services: Services | None = None
+        self.tools: dict[str, ToolSpec] = {}  # the app's tools and those MCP servers serve
+        self._background: set[asyncio.Task[None]] = set()
+        self._sweeper: Sweeper | None = None
+        self.mcp: list[McpBridge] = []
+
+    async def start(self) -> None:
+        """Connect, migrate, serve tools, subscribe every agent, then run startup hooks."""
+        self.bus, self.embedded = await start_bus(self.settings)
+        try:
+            await self._start_serving()
+        except BaseException:
+            await self.stop(grace=0)  # leave no connection or subprocess behind
+            raise
+
+    async def _consume(self, processor: Processor, *, helper: bool = False) -> Consumer:
+        assert self.bus is not None and self.store is not None
+        consumer = Consumer(
+            processor, self.bus, self.store, ack_wait=self.settings.ack_wait,
+            max_in_flight=self.settings.max_in_flight,
+        )  # fmt: skip
+        await consumer.start()
+        (self.helpers if helper else self.consumers).append(consumer)
+        return consumer
+
+    async def _start_serving(self) -> None:
+        assert self.bus is not None
+        self.store = store = open_store(self.settings.store_url)
+        await store.open()
+        self.tools = dict(self.app.tools)
+        if self.app.mcp_servers:
+            from tidings.mcp import McpBridge
+
+            for server in self.app.mcp_servers:
+                bridge = McpBridge(server)
+                self.tools.update(await bridge.start())
+                self.mcp.append(bridge)
+        for tool in self.tools.values():  # served before agents start, so calls find them
+            service = ToolService(tool, self.bus, store, self.app.name)
+            await service.register()
+            self.tool_runners[tool.name] = await self._consume(service)
+        self.services = services = services_for(self.app, self.bus, store, self.tools)
+        for spec in self.app.agents.values():
+            # Replies before the agent, so a call made at once finds its reply recorded.
+            await self._consume(ReplyRecorder(services.replies, spec.name), helper=True)
+            pipeline = Pipeline(spec, services, self.app.name)
+            self.runners[spec.name] = await self._consume(pipeline)
+        if self.app.agents:
+            await self._consume(Answers(store, self.bus, self.app.name), helper=True)
+            self._sweeper = Sweeper(store, self.bus, self.app.agents)
+            self._sweeper.start()
+        client = Client(settings=self.settings, source=f"/{self.app.name}", bus=self.bus,
+                        store=store)  # fmt: skip
+        for hook in self.app.startup_hooks if self.startup_hooks else ():
+            self._background.add(asyncio.create_task(hook(client)))
+        self._every(PRUNE_S, self._prune)
+        self._every(OUTBOX_SWEEP_S, self._sweep_outbox)
+        log.info(
+            "worker started", app=self.app.name, agents=list(self.runners),
+            tools=list(self.tool_runners),
+        )  # fmt: skip
+
+    def _every(self, period: float, chore: Callable[[], Awaitable[None]]) -> None:
+        async def repeat() -> None:
+            while True:
+                try:
+                    await chore()
+                except Exception as e:
+                    log.warning("a periodic chore failed", chore=chore.__name__, error=str(e))
+                await asyncio.sleep(period)
+
+        self._background.add(asyncio.create_task(repeat()))
+
+    def pipeline(self, agent: str) -> Pipeline:
+        """The pipeline of one agent (for the gateway and tests)."""
+        processor = self.runners[agent].processor
+        assert isinstance(processor, Pipeline)
+        return processor
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Finish or hand back in-flight work, then disconnect."""
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        try:
+            await self._disconnect(grace)
+        finally:
+            if self.embedded is not None:
+                self.embedded.stop()  # even when disconnecting failed: no orphaned server
+        log.info("worker stopped", app=self.app.name)
+
+    async def _disconnect(self, grace: float) -> None:
+        if self._sweeper is not None:
+            await self._sweeper.stop()
+        # Agents and tools wind down first: a handler finishing in its grace period
+        # still gets its tool replies recorded and woken.
+        await asyncio.gather(*(consumer.stop(grace) for consumer in self.consumers))
+        await asyncio.gather(*(consumer.stop(grace) for consumer in self.helpers))
+        for bridge in self.mcp:
+            await bridge.stop()
+        await self.app.llm.aclose()
+        if self.bus is not None:
+            await self.bus.close()  # flushes the acks of finished work
+        if self.store is not None:
+            await self.store.close()
+
+    async def _prune(self) -> None:
+        assert self.store is not None
+        before = datetime.now(UTC) - timedelta(days=self.settings.retention_days)
+        removed = await self.store.prune(before)
+        removed.update(await self.store.prune_steps(before))
+        if any(removed.values()):
+            log.info("pruned old records", **removed)
+
+    async def _sweep_outbox(self) -> None:
+        assert self.bus is not None and self.store is not None
+        older_than = datetime.now(UTC) - timedelta(seconds=self.settings.outbox_sweep_after)
+        published = await Committer(self.bus, self.store).sweep(older_than)
+        if published:
+            log.info("published outbox rows left behind", count=published)
+
+    def stats(self) -> dict[str, AgentStats]:
+        """Counters per agent, for the terminal display and metrics."""
+        return {name: self.pipeline(name).stats for name in self.runners}
+
+    def tool_stats(self) -> dict[str, ToolStats]:
+        """Counters per tool served here."""
+        out: dict[str, ToolStats] = {}
+        for name, consumer in self.tool_runners.items():
+            assert isinstance(consumer.processor, ToolService)
+            out[name] = consumer.processor.stats
+        return out
+
+    async def run_until_signalled(self, grace: float = 10.0) -> None:
+        """Start, wait for SIGINT/SIGTERM (or SIGHUP: the terminal went away), then stop."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        for sig in signals:
+            loop.add_signal_handler(sig, stop.set)
+
+        def again() -> None:
+            log.warning("already stopping; waiting for running handlers and the bus to finish")
+
+        try:
+            await self.start()
+            await stop.wait()
+        finally:
+            # Further signals must not interrupt the cleanup (it stops the embedded server):
+            # they are only reported until the worker has stopped.
+            for sig in signals:
+                loop.add_signal_handler(sig, again)
+            try:
+                await self.stop(grace)
+            finally:
+                for sig in signals:
+                    loop.remove_signal_handler(sig)
