@@ -3,27 +3,38 @@
 from __future__ import annotations
 
 from tidings.errors import ConfigError
-from tidings.store.base import Store
+from tidings.store.base import Effects, Records, StepJournal, Store
+from tidings.store.parking import ParkedStatus
 from tidings.store.records import (
     Commit,
     DeadLetter,
     Decision,
+    DecisionStatus,
     OutboxEvent,
     Parked,
     Reply,
+    ReplyStatus,
     StateSnapshot,
     Step,
+    StepStatus,
 )
 
 __all__ = [
     "Commit",
     "DeadLetter",
     "Decision",
+    "DecisionStatus",
+    "Effects",
     "OutboxEvent",
     "Parked",
+    "ParkedStatus",
+    "Records",
     "Reply",
+    "ReplyStatus",
     "StateSnapshot",
     "Step",
+    "StepJournal",
+    "StepStatus",
     "Store",
     "open_store",
 ]

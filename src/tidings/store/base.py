@@ -1,37 +1,18 @@
-"""The store seam: what every backend (SQLite, PostgreSQL) must guarantee.
+"""The store seam, in three parts, each with what every backend must guarantee.
 
-A backend is chosen by URL scheme (`tidings.store.open_store`). Its guarantees, checked
-by the contract suite in ``tests/contract/test_store.py`` against real databases:
+- `Effects`, the exactly-once core: the inbox marker, state, the outbox, the commit;
+- `Records`, what operators read: dead letters, decisions, the publish ledger;
+- `StepJournal`, what lets a handler run resume: steps, tool replies, parked questions.
 
-1. **Migrations** are versioned and applied on `open()`; opening an up-to-date store
-   twice, or from two processes at once, is harmless.
-2. **Atomic commit.** `commit()` writes the processed marker, the state, the decision
-   record and the outbox in one transaction: all of it or none of it.
-3. **Exactly-once marker.** (agent, event id) is unique: committing it a second time
-   raises `AlreadyProcessed` and changes nothing.
-4. **Optimistic state.** A commit whose `expected_version` is not the stored version of
-   (agent, key) raises `StateConflict` and changes nothing; a successful state write
-   bumps the version by one.
-5. **Outbox.** Emitted events stay listed by `unpublished()` until `mark_published()`.
-6. **Dead letters and decisions** are kept until dropped or pruned, newest first in lists.
-7. **Retention.** `prune(before)` deletes processed markers, published outbox rows and
-   decisions older than `before`, never unpublished outbox rows or dead letters.
-8. **Publish ledger.** After `record_publish(id)`, `was_published(id)` is true, so a client
-   can make explicit-id publishes idempotent beyond the broker's dedupe window (check,
-   publish, record: a crash in between re-publishes inside the window, which dedupes).
-9. **Step journal.** `save_step()` upserts one step per (agent, event id, seq) and is
-   durable when it returns; `load_journal()` returns the steps of one event by seq;
-   `truncate_journal(from_seq)` forgets the steps from that seq on, and no others.
-10. **First reply wins.** `save_reply()` keeps the first reply of a call id and returns
-    whether it was the one stored; later replies change nothing.
-11. **Parking.** `park()` is idempotent per id; `answer_parked()` moves a waiting entry
-    to answered or timed out exactly once (a second answer returns None and changes
-    nothing); `parked_to_sweep(now)` lists waiting entries past their deadline and
-    answered ones not yet `mark_resumed()`.
-12. **Tool registry.** `register_tool()` is idempotent; `served_tools()` lists names.
-13. **Step retention.** `prune_steps(before)` deletes journal rows, replies and resumed
-    parked entries last written before `before`, never the journal of an event whose
-    question is still waiting or not yet handed back.
+`Store` is all three plus opening, closing and migrating; a backend (SQLite, PostgreSQL)
+is chosen by URL scheme (`tidings.store.open_store`). Each part's guarantees are checked
+against real databases by its own contract suite, ``tests/contract/test_store_<part>.py``.
+
+`Store` guarantees:
+
+1. **Migrations** are numbered and applied on `open()`; opening an up-to-date store
+   twice, or from two processes at once, is harmless; a store migrated by a newer
+   Tidings is refused, and one made by an older Tidings is upgraded with its data.
 """
 
 from __future__ import annotations
@@ -39,6 +20,7 @@ from __future__ import annotations
 import abc
 from datetime import datetime
 
+from tidings.store.parking import AnswerStatus, ParkedStatus
 from tidings.store.records import (
     Commit,
     DeadLetter,
@@ -51,24 +33,21 @@ from tidings.store.records import (
 )
 
 
-class Store(abc.ABC):
-    """Durable agent memory, idempotency inbox, outbox, decision ledger and dead letters."""
+class Effects(abc.ABC):
+    """The exactly-once core: what one handled event changes, and proof it was handled.
 
-    url: str
-
-    @abc.abstractmethod
-    async def open(self) -> None:
-        """Connect and apply pending migrations (guarantee 1)."""
-
-    @abc.abstractmethod
-    async def close(self) -> None:
-        """Release connections."""
-
-    @abc.abstractmethod
-    async def schema_version(self) -> int:
-        """The number of the last applied migration."""
-
-    # -- the exactly-once path ------------------------------------------------------
+    1. **Atomic commit.** `commit()` writes the processed marker, the state, the decision
+       record and the outbox in one transaction: all of it or none of it.
+    2. **Exactly-once marker.** (agent, event id) is unique: committing it a second time
+       raises `AlreadyProcessed` and changes nothing.
+    3. **Optimistic state.** A commit whose `expected_version` is not the stored version
+       of (agent, key) raises `StateConflict` and changes nothing; a successful state
+       write bumps the version by one.
+    4. **Outbox.** Emitted events stay listed by `unpublished()` until `mark_published()`.
+    5. **Stale outbox.** `stale_outbox(older_than)` lists every unpublished event
+       committed before `older_than`, oldest first (emit order within one commit), so a
+       sweep can publish what a crash left behind; published events never appear.
+    """
 
     @abc.abstractmethod
     async def load_state(self, agent: str, key: str) -> StateSnapshot:
@@ -80,17 +59,34 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def commit(self, commit: Commit) -> None:
-        """Write all effects of one handled event atomically (guarantees 2-4)."""
+        """Write all effects of one handled event atomically (guarantees 1-3)."""
 
     @abc.abstractmethod
     async def unpublished(self, agent: str, event_id: str) -> list[OutboxEvent]:
-        """Events emitted while handling (agent, event id) that are not yet published."""
+        """Events emitted while handling (agent, event id), in emit order, not yet published."""
 
     @abc.abstractmethod
     async def mark_published(self, event_ids: list[str]) -> None:
-        """Record that these emitted events are on the bus."""
+        """Record that these emitted events are on the bus; unknown ids are ignored."""
 
-    # -- records for operators ------------------------------------------------------
+    @abc.abstractmethod
+    async def stale_outbox(self, older_than: datetime, limit: int = 500) -> list[OutboxEvent]:
+        """Unpublished events committed before `older_than` (aware), oldest first (5)."""
+
+
+class Records(abc.ABC):
+    """What happened, for operators: dead letters, decisions and the publish ledger.
+
+    1. **Dead letters and decisions** are kept until dropped or pruned, newest first in
+       lists; one is found by its id or by a unique prefix of at least 6 characters.
+    2. **Retention.** `prune(before)` deletes processed markers, published outbox rows,
+       decisions and publish records older than `before`, never unpublished outbox rows,
+       dead letters or state.
+    3. **Publish ledger.** After `record_publish(id)`, `was_published(id)` is true, so a
+       client can make explicit-id publishes idempotent beyond the broker's dedupe window
+       (check, publish, record: a crash in between re-publishes inside the window, which
+       dedupes).
+    """
 
     @abc.abstractmethod
     async def add_dead_letter(self, dead_letter: DeadLetter) -> None:
@@ -108,7 +104,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def delete_dead_letter(self, dead_letter_id: str) -> bool:
-        """Drop a dead letter; False if there was none with that id."""
+        """Drop a dead letter by its full id; False if there was none with that id."""
 
     @abc.abstractmethod
     async def add_decision(self, decision: Decision) -> None:
@@ -131,7 +127,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def was_published(self, event_id: str) -> bool:
-        """Whether an explicit-id publish of `event_id` was recorded (guarantee 8)."""
+        """Whether an explicit-id publish of `event_id` was recorded (guarantee 3)."""
 
     @abc.abstractmethod
     async def record_publish(self, event_id: str) -> None:
@@ -139,9 +135,28 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def prune(self, before: datetime) -> dict[str, int]:
-        """Delete rows older than `before` per guarantee 7; return counts per table."""
+        """Delete rows older than `before` (aware) per guarantee 2; counts per table."""
 
-    # -- durable steps, tool replies, parked events (guarantees 9-12) -------------------
+
+class StepJournal(abc.ABC):
+    """What lets a handler run resume: its steps, tool replies and parked questions.
+
+    1. **Step journal.** `save_step()` upserts one step per (agent, event id, seq) and is
+       durable when it returns; `load_journal()` returns the steps of one event by seq;
+       `truncate_journal(from_seq)` forgets the steps from that seq on, and no others.
+    2. **First reply wins.** `save_reply()` keeps the first reply of a call id and
+       returns whether it was the one stored; later replies change nothing.
+    3. **Parking.** `park()` is idempotent per id. A parked entry moves only as
+       `tidings.store.parking.LIFE` allows, each move once: `answer_parked()` takes a
+       waiting entry to answered or timed out (a second answer returns None and changes
+       nothing), `mark_resumed()` an answered or timed-out one to resumed.
+       `parked_to_sweep(now)` lists waiting entries past their deadline and answered or
+       timed-out ones not yet resumed.
+    4. **Tool registry.** `register_tool()` is idempotent; `served_tools()` lists names.
+    5. **Step retention.** `prune_steps(before)` deletes journal rows, replies and
+       resumed parked entries last written before `before`, never the journal of an event
+       whose question is still waiting or not yet handed back.
+    """
 
     @abc.abstractmethod
     async def load_journal(self, agent: str, event_id: str) -> list[Step]:
@@ -149,7 +164,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def save_step(self, step: Step) -> None:
-        """Insert or replace the step at (agent, event id, seq) (guarantee 9)."""
+        """Insert or replace the step at (agent, event id, seq) (guarantee 1)."""
 
     @abc.abstractmethod
     async def truncate_journal(self, agent: str, event_id: str, from_seq: int) -> int:
@@ -157,7 +172,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def save_reply(self, reply: Reply) -> bool:
-        """Keep the first reply per id; True if this one was stored (guarantee 10)."""
+        """Keep the first reply per id; True if this one was stored (guarantee 2)."""
 
     @abc.abstractmethod
     async def get_reply(self, reply_id: str) -> Reply | None:
@@ -173,35 +188,58 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_parked(
-        self, agent: str | None = None, status: str | None = "waiting", limit: int = 50
+        self, agent: str | None = None, status: ParkedStatus | None = "waiting", limit: int = 50
     ) -> list[Parked]:
         """Parked entries, oldest first, by agent and status (None: any status)."""
 
     @abc.abstractmethod
     async def answer_parked(
-        self, parked_id: str, answer: object, *, status: str = "answered", by: str | None = None
+        self,
+        parked_id: str,
+        answer: object,
+        *,
+        status: AnswerStatus = "answered",
+        by: str | None = None,
     ) -> Parked | None:
-        """Answer a waiting entry once (guarantee 11); None if it was not waiting."""
+        """Answer a waiting entry once (guarantee 3); None if it was not waiting."""
 
     @abc.abstractmethod
     async def mark_resumed(self, parked_id: str) -> None:
-        """Record that the parked event was handed back to its agent."""
+        """Record that the answered event was handed back to its agent (guarantee 3)."""
 
     @abc.abstractmethod
     async def parked_to_sweep(self, now: float) -> list[Parked]:
         """Waiting entries past their deadline, and answered ones not yet resumed."""
 
     @abc.abstractmethod
-    async def prune_steps(self, before: datetime) -> dict[str, int]:
-        """Delete old journal rows, replies and parked entries (guarantee 13); counts."""
-
-    @abc.abstractmethod
     async def register_tool(self, name: str, app: str) -> None:
-        """Record that `app` serves tool `name` (guarantee 12)."""
+        """Record that `app` serves tool `name` (guarantee 4)."""
 
     @abc.abstractmethod
     async def served_tools(self) -> list[str]:
         """Names of every registered tool."""
+
+    @abc.abstractmethod
+    async def prune_steps(self, before: datetime) -> dict[str, int]:
+        """Delete old journal rows, replies and parked entries (guarantee 5); counts."""
+
+
+class Store(Effects, Records, StepJournal):
+    """Durable agent memory, idempotency inbox, outbox, decision ledger and dead letters."""
+
+    url: str
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and apply pending migrations (guarantee 1)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish queued requests and release connections; closing twice is harmless."""
+
+    @abc.abstractmethod
+    async def schema_version(self) -> int:
+        """The number of the last applied migration."""
 
     async def __aenter__(self) -> Store:
         await self.open()

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, TypeAlias
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -27,40 +26,37 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from tidings.errors import AlreadyProcessed, ConfigError, StateConflict, StoreError
-from tidings.store.base import Store
-from tidings.store.migrations import (
-    DEAD_LETTER_COLUMNS,
-    JOURNAL_COLUMNS,
-    MIGRATIONS_TABLE,
-    MIN_PREFIX,
-    PARKED_COLUMNS,
-    PRUNED,
-    STEP_PRUNES,
-    Batcher,
-    Migration,
-    as_utc,
-    decision_from_json,
-    decision_to_json,
-    dumps,
-    format_ts,
-    loads,
-    parked_from_row,
-    parse_ts,
-    pending,
-    prefix_range,
-    step_from_row,
-    step_to_row,
+from tidings.store.batching import Batcher
+from tidings.store.codecs import (
+    EncodedCommit,
+    already_processed,
+    decision_row,
+    encode_commit,
+    ordered,
+    snapshot_from_rows,
+    state_conflict,
     utc_now,
 )
-from tidings.store.records import (
-    Commit,
-    DeadLetter,
-    Decision,
-    OutboxEvent,
-    Parked,
-    Reply,
-    StateSnapshot,
-    Step,
+from tidings.store.records import Commit, StateSnapshot
+from tidings.store.schema import (
+    INBOX,
+    MIGRATIONS_TABLE,
+    POSTGRES_LEDGER_DDL,
+    POSTGRES_MIGRATIONS,
+    pending,
+)
+from tidings.store.sql import (
+    INSERT_DECISION,
+    INSERT_MARKER,
+    INSERT_OUTBOX,
+    INSERT_STATE,
+    POSTGRES,
+    SELECT_MARKER,
+    SELECT_STATE,
+    UPDATE_STATE,
+    Query,
+    Result,
+    SqlStore,
 )
 
 if TYPE_CHECKING:
@@ -76,74 +72,12 @@ COMMITS_IN_FLIGHT = 1
 READ_BATCH_MAX = 512  # lookups per is_processed / load_state query
 READS_IN_FLIGHT = 2  # per kind of lookup; reads are one cheap round trip either way
 
-# Ids are compared byte-wise (COLLATE "C") so a prefix lookup is an index range scan.
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(
-        1,
-        "state, inbox, outbox, decisions, dead letters, publish ledger",
-        (
-            # json, not jsonb: keeps key order and any string content exactly as written.
-            """CREATE TABLE tidings_state (
-                agent text NOT NULL, key text NOT NULL, data json NOT NULL,
-                version bigint NOT NULL, updated_at timestamptz NOT NULL,
-                PRIMARY KEY (agent, key))""",
-            """CREATE TABLE tidings_inbox (
-                agent text NOT NULL, event_id text NOT NULL, processed_at timestamptz NOT NULL,
-                PRIMARY KEY (agent, event_id))""",
-            "CREATE INDEX tidings_inbox_processed_at ON tidings_inbox (processed_at)",
-            """CREATE TABLE tidings_outbox (
-                event_id text COLLATE "C" PRIMARY KEY, agent text NOT NULL,
-                source_event_id text NOT NULL, position integer NOT NULL,
-                event_type text NOT NULL, headers json NOT NULL, body bytea NOT NULL,
-                created_at timestamptz NOT NULL, published_at timestamptz)""",
-            "CREATE INDEX tidings_outbox_source ON tidings_outbox (agent, source_event_id)",
-            "CREATE INDEX tidings_outbox_published_at ON tidings_outbox (published_at)",
-            """CREATE TABLE tidings_decisions (
-                id text COLLATE "C" PRIMARY KEY, agent text NOT NULL, event_id text NOT NULL,
-                correlation_id text, created_at timestamptz NOT NULL, record json NOT NULL)""",
-            "CREATE INDEX tidings_decisions_agent ON tidings_decisions (agent, created_at, id)",
-            "CREATE INDEX tidings_decisions_created ON tidings_decisions (created_at, id)",
-            "CREATE INDEX tidings_decisions_event ON tidings_decisions (event_id)",
-            "CREATE INDEX tidings_decisions_correlation ON tidings_decisions (correlation_id)",
-            """CREATE TABLE tidings_dead_letters (
-                id text COLLATE "C" PRIMARY KEY, agent text NOT NULL, event_id text,
-                event_type text, subject text NOT NULL, headers json NOT NULL,
-                body bytea NOT NULL, error text NOT NULL, traceback text,
-                attempts integer NOT NULL, created_at timestamptz NOT NULL)""",
-            "CREATE INDEX tidings_dead_letters_agent ON tidings_dead_letters"
-            " (agent, created_at, id)",
-            "CREATE INDEX tidings_dead_letters_created ON tidings_dead_letters (created_at, id)",
-            """CREATE TABLE tidings_publishes (
-                event_id text PRIMARY KEY, recorded_at timestamptz NOT NULL)""",
-            "CREATE INDEX tidings_publishes_recorded_at ON tidings_publishes (recorded_at)",
-        ),
-    ),
-    Migration(
-        2,
-        "step journal, tool replies, parked events, tool registry",
-        (
-            # JSON kept as text here: the same row codecs serve both backends.
-            """CREATE TABLE tidings_journal (
-                agent text NOT NULL, event_id text NOT NULL, seq integer NOT NULL,
-                kind text NOT NULL, name text NOT NULL, args_hash text NOT NULL,
-                status text NOT NULL, result text NOT NULL, detail text NOT NULL,
-                updated_at text NOT NULL, PRIMARY KEY (agent, event_id, seq))""",
-            """CREATE TABLE tidings_replies (
-                id text PRIMARY KEY, status text NOT NULL, value text NOT NULL,
-                created_at text NOT NULL)""",
-            """CREATE TABLE tidings_parked (
-                id text COLLATE "C" PRIMARY KEY, agent text NOT NULL, event_id text NOT NULL,
-                question text NOT NULL, headers text NOT NULL, body bytea NOT NULL,
-                deadline double precision, status text NOT NULL, answer text NOT NULL,
-                answered_by text, created_at text NOT NULL, answered_at text,
-                resumed_at text)""",
-            "CREATE INDEX tidings_parked_status ON tidings_parked (status, deadline)",
-            "CREATE INDEX tidings_parked_agent ON tidings_parked (agent, created_at)",
-            """CREATE TABLE tidings_tools (
-                name text PRIMARY KEY, app text NOT NULL, registered_at text NOT NULL)""",
-        ),
-    ),
-)
+MIGRATIONS = POSTGRES_MIGRATIONS
+# The shared statements, numbered once.
+_SELECT_STATE, _SELECT_MARKER = POSTGRES.sql(SELECT_STATE), POSTGRES.sql(SELECT_MARKER)
+_INSERT_STATE, _UPDATE_STATE = POSTGRES.sql(INSERT_STATE), POSTGRES.sql(UPDATE_STATE)
+_INSERT_MARKER, _INSERT_DECISION = POSTGRES.sql(INSERT_MARKER), POSTGRES.sql(INSERT_DECISION)
+_INSERT_OUTBOX = POSTGRES.sql(INSERT_OUTBOX)
 
 _SCHEMA_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 if TYPE_CHECKING:  # the stubs' generics do not exist at runtime
@@ -178,8 +112,10 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-class PostgresStore(Store):
+class PostgresStore(SqlStore):
     """A `Store` in PostgreSQL, optionally confined to one schema."""
+
+    dialect = POSTGRES
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -187,11 +123,11 @@ class PostgresStore(Store):
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._open_lock = asyncio.Lock()
         self._closing = False
-        self._commits: Batcher[_CommitRows, None] = Batcher(
+        self._commits: Batcher[EncodedCommit, None] = Batcher(
             self._commit_batch,
             max_batch=COMMIT_BATCH_MAX,
             max_in_flight=COMMITS_IN_FLIGHT,
-            claims=_CommitRows.claims,
+            claims=EncodedCommit.claims,
         )
         self._processed: Batcher[tuple[str, str], bool] = Batcher(
             self._is_processed_batch, max_batch=READ_BATCH_MAX, max_in_flight=READS_IN_FLIGHT
@@ -258,10 +194,7 @@ class PostgresStore(Store):
                 await conn.execute(f"CREATE SCHEMA {_quote(self.schema)}")
             await conn.execute(f"SET LOCAL search_path TO {_quote(self.schema)}")
         if await conn.fetchval("SELECT to_regclass($1)", MIGRATIONS_TABLE) is None:
-            await conn.execute(
-                f"CREATE TABLE {MIGRATIONS_TABLE}"
-                " (version integer PRIMARY KEY, applied_at timestamptz NOT NULL)"
-            )
+            await conn.execute(POSTGRES_LEDGER_DDL)
         applied = await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {MIGRATIONS_TABLE}")
         for migration in pending(MIGRATIONS, int(applied), "PostgreSQL"):
             for statement in migration.statements:
@@ -309,11 +242,18 @@ class PostgresStore(Store):
         except _DRIVER_ERRORS as e:
             raise StoreError(f"PostgreSQL store {redact(self.url)}: {action} failed: {e}") from e
 
-    async def schema_version(self) -> int:
-        """The number of the last applied migration."""
-        async with self._conn("schema_version") as conn:
-            value = await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {MIGRATIONS_TABLE}")
-        return int(value)
+    async def _run(self, action: str, queries: Sequence[Query], *, write: bool) -> list[Result]:
+        """The queries on one pooled connection; several writes in one transaction."""
+        results: list[Result] = []
+        async with self._conn(action, transaction=write and len(queries) > 1) as conn:
+            for query in queries:
+                if query.rows:
+                    rows = await conn.fetch(query.sql, *query.params)
+                    results.append(Result(rows, len(rows)))
+                else:
+                    status = await conn.execute(query.sql, *query.params)
+                    results.append(Result([], _rowcount(status)))
+        return results
 
     # -- the exactly-once path ----------------------------------------------------------
 
@@ -325,11 +265,7 @@ class PostgresStore(Store):
     async def _load_state_batch(self, lookups: list[tuple[str, str]]) -> list[StateSnapshot]:
         async with self._conn("load_state") as conn:
             if len(lookups) == 1:  # see _LONE_LOOKUP
-                row = await conn.fetchrow(
-                    "SELECT data, version FROM tidings_state WHERE agent = $1 AND key = $2",
-                    *lookups[0],
-                )
-                return [StateSnapshot({}, 0) if row is None else _snapshot(row[0], row[1])]
+                return [snapshot_from_rows(await conn.fetch(_SELECT_STATE, *lookups[0]))]
             rows = await conn.fetch(
                 "SELECT q.n, s.data, s.version"
                 " FROM unnest($1::int[], $2::text[], $3::text[]) AS q(n, agent, key)"
@@ -338,7 +274,7 @@ class PostgresStore(Store):
                 [agent for agent, _ in lookups],
                 [key for _, key in lookups],
             )
-        found = {int(r[0]): _snapshot(r[1], r[2]) for r in rows}
+        found = {int(r["n"]): snapshot_from_rows([r]) for r in rows}
         return [found.get(n, StateSnapshot({}, 0)) for n in range(len(lookups))]
 
     async def is_processed(self, agent: str, event_id: str) -> bool:
@@ -349,10 +285,7 @@ class PostgresStore(Store):
     async def _is_processed_batch(self, lookups: list[tuple[str, str]]) -> list[bool]:
         async with self._conn("is_processed") as conn:
             if len(lookups) == 1:  # see _LONE_LOOKUP
-                found = await conn.fetchval(
-                    "SELECT 1 FROM tidings_inbox WHERE agent = $1 AND event_id = $2", *lookups[0]
-                )
-                return [found is not None]
+                return [await conn.fetchval(_SELECT_MARKER, *lookups[0]) is not None]
             rows = await conn.fetch(
                 "SELECT q.n FROM unnest($1::int[], $2::text[], $3::text[]) AS q(n, agent, event_id)"
                 " WHERE EXISTS (SELECT 1 FROM tidings_inbox i"
@@ -367,19 +300,10 @@ class PostgresStore(Store):
     async def commit(self, commit: Commit) -> None:
         """Marker, state, decision and outbox in one transaction, shared with other commits."""
         self._require(accepting=True)
-        # Encode first: a value that cannot be stored fails before anything is written.
-        state = None
-        if commit.state is not None:
-            state = dumps(commit.state, f"state of agent {commit.agent!r} key {commit.key!r}")
-        rows = _CommitRows(
-            commit=commit,
-            state=state,
-            decision=decision_to_json(commit.decision),
-            headers=[dumps(e.headers, f"headers of event {e.event_id}") for e in commit.outbox],
-        )
+        rows = encode_commit(commit)  # a value that cannot be stored fails before any write
         await self._commits.submit(rows)
 
-    async def _commit_batch(self, batch: list[_CommitRows]) -> list[BaseException | None]:
+    async def _commit_batch(self, batch: list[EncodedCommit]) -> list[BaseException | None]:
         """Write a batch of commits: one statement, else one savepoint per commit.
 
         The fast path is `_COMMIT_BATCH`, one autocommitted statement: one round trip and
@@ -406,9 +330,9 @@ class PostgresStore(Store):
             else:
                 for n, rows in enumerate(batch):
                     if n not in fresh:
-                        results[n] = _already_processed(rows.commit)
+                        results[n] = already_processed(rows.commit)
                     elif n not in done:
-                        results[n] = _state_conflict(rows.commit)
+                        results[n] = state_conflict(rows.commit)
                 return results
         try:
             async with pool.acquire() as conn:
@@ -422,7 +346,7 @@ class PostgresStore(Store):
         return results
 
     async def _commit_one(
-        self, conn: _Connection, rows: _CommitRows, now: datetime
+        self, conn: _Connection, rows: EncodedCommit, now: datetime
     ) -> BaseException | None:
         """One commit in its own transaction, or its own savepoint inside the caller's."""
         try:
@@ -447,308 +371,10 @@ class PostgresStore(Store):
         return error
 
     def _batch_failed(
-        self, batch: list[_CommitRows], e: BaseException
+        self, batch: list[EncodedCommit], e: BaseException
     ) -> list[BaseException | None]:
         # One exception object per caller: each is raised, and so changed, separately.
         return [self._failed("commit", e) for _ in batch]
-
-    async def unpublished(self, agent: str, event_id: str) -> list[OutboxEvent]:
-        """Events emitted while handling (agent, event id), in emit order, not yet published."""
-        async with self._conn("unpublished") as conn:
-            rows = await conn.fetch(
-                "SELECT event_id, event_type, headers, body FROM tidings_outbox"
-                " WHERE agent = $1 AND source_event_id = $2 AND published_at IS NULL"
-                " ORDER BY position",
-                agent,
-                event_id,
-            )
-        return [OutboxEvent(r[0], r[1], loads(r[2]), bytes(r[3])) for r in rows]
-
-    async def mark_published(self, event_ids: list[str]) -> None:
-        """Stamp these outbox rows published; unknown or already published ids are ignored."""
-        if not event_ids:
-            return
-        async with self._conn("mark_published") as conn:
-            await conn.execute(
-                "UPDATE tidings_outbox SET published_at = $1"
-                " WHERE event_id = ANY($2::text[]) AND published_at IS NULL",
-                utc_now(),
-                list(event_ids),
-            )
-
-    # -- records for operators ----------------------------------------------------------
-
-    async def add_dead_letter(self, dead_letter: DeadLetter) -> None:
-        """Keep a message an agent gave up on."""
-        d = dead_letter
-        headers = dumps(d.headers, f"headers of dead letter {d.id}")
-        async with self._conn("add_dead_letter") as conn:
-            await conn.execute(
-                f"INSERT INTO tidings_dead_letters ({DEAD_LETTER_COLUMNS})"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                d.id, d.agent, d.event_id, d.event_type, d.subject, headers, d.body, d.error,
-                d.traceback, d.attempts, parse_ts(d.created_at),
-            )  # fmt: skip
-
-    async def list_dead_letters(
-        self, agent: str | None = None, limit: int = 50
-    ) -> list[DeadLetter]:
-        """Dead letters, newest first, optionally for one agent."""
-        # Two statements rather than "$1 IS NULL OR agent = $1", which defeats the index
-        # once the prepared statement switches to a generic plan.
-        where, params = ("WHERE agent = $1", [agent]) if agent is not None else ("", [])
-        async with self._conn("list_dead_letters") as conn:
-            rows = await conn.fetch(
-                f"SELECT {DEAD_LETTER_COLUMNS} FROM tidings_dead_letters {where}"
-                f" ORDER BY created_at DESC, id DESC LIMIT ${len(params) + 1}",
-                *params,
-                max(limit, 0),
-            )
-        return [_dead_letter(r) for r in rows]
-
-    async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
-        """One dead letter by id or by a unique prefix of at least 6 characters."""
-        async with self._conn("get_dead_letter") as conn:
-            row = await _by_id_or_prefix(
-                conn, f"SELECT {DEAD_LETTER_COLUMNS} FROM tidings_dead_letters", dead_letter_id
-            )
-        return _dead_letter(row) if row is not None else None
-
-    async def delete_dead_letter(self, dead_letter_id: str) -> bool:
-        """Drop a dead letter by its full id; False if there was none."""
-        async with self._conn("delete_dead_letter") as conn:
-            status = await conn.execute(
-                "DELETE FROM tidings_dead_letters WHERE id = $1", dead_letter_id
-            )
-        return _rowcount(status) > 0
-
-    async def add_decision(self, decision: Decision) -> None:
-        """Record a decision outside a commit (e.g. a dead-lettered attempt)."""
-        record = decision_to_json(decision)
-        async with self._conn("add_decision") as conn:
-            await _insert_decision(conn, decision, record, utc_now())
-
-    async def list_decisions(
-        self,
-        agent: str | None = None,
-        limit: int = 50,
-        *,
-        event_id: str | None = None,
-        correlation_id: str | None = None,
-    ) -> list[Decision]:
-        """Decisions, newest first, filtered by agent, triggering event or correlation."""
-        filters = {"agent": agent, "event_id": event_id, "correlation_id": correlation_id}
-        used = {column: value for column, value in filters.items() if value is not None}
-        where = " AND ".join(f"{column} = ${n}" for n, column in enumerate(used, start=1))
-        async with self._conn("list_decisions") as conn:
-            rows = await conn.fetch(
-                f"SELECT record FROM tidings_decisions {'WHERE ' + where if where else ''}"
-                f" ORDER BY created_at DESC, id DESC LIMIT ${len(used) + 1}",
-                *used.values(),
-                max(limit, 0),
-            )
-        return [decision_from_json(r[0]) for r in rows]
-
-    async def get_decision(self, decision_id: str) -> Decision | None:
-        """One decision by id or by a unique prefix of at least 6 characters."""
-        async with self._conn("get_decision") as conn:
-            row = await _by_id_or_prefix(
-                conn, "SELECT id, record FROM tidings_decisions", decision_id
-            )
-        return decision_from_json(row[1]) if row is not None else None
-
-    async def was_published(self, event_id: str) -> bool:
-        """Whether an explicit-id publish of `event_id` was recorded (guarantee 8)."""
-        async with self._conn("was_published") as conn:
-            found = await conn.fetchval(
-                "SELECT 1 FROM tidings_publishes WHERE event_id = $1", event_id
-            )
-        return found is not None
-
-    async def record_publish(self, event_id: str) -> None:
-        """Record an explicit-id publish after it succeeded; idempotent."""
-        async with self._conn("record_publish") as conn:
-            await conn.execute(
-                "INSERT INTO tidings_publishes (event_id, recorded_at) VALUES ($1, $2)"
-                " ON CONFLICT DO NOTHING",
-                event_id,
-                utc_now(),
-            )
-
-    async def prune(self, before: datetime) -> dict[str, int]:
-        """Delete rows older than `before` (aware) per guarantee 7, plus old publish records.
-
-        One transaction of row-level deletes: writers are not held up meanwhile.
-        """
-        cutoff = as_utc(before)
-        counts: dict[str, int] = {}
-        async with self._conn("prune", transaction=True) as conn:
-            for name, table, column in PRUNED:
-                status = await conn.execute(f"DELETE FROM {table} WHERE {column} < $1", cutoff)
-                counts[name] = _rowcount(status)
-        return counts
-
-    # -- durable steps, tool replies, parked events -------------------------------------
-
-    async def load_journal(self, agent: str, event_id: str) -> list[Step]:
-        """The journaled steps of (agent, event id), by seq."""
-        async with self._conn("load_journal") as conn:
-            rows = await conn.fetch(
-                f"SELECT {JOURNAL_COLUMNS} FROM tidings_journal"
-                " WHERE agent = $1 AND event_id = $2 ORDER BY seq",
-                agent,
-                event_id,
-            )
-        return [step_from_row(r) for r in rows]
-
-    async def save_step(self, step: Step) -> None:
-        """Insert or replace the step at (agent, event id, seq)."""
-        row = step_to_row(step)
-        async with self._conn("save_step") as conn:
-            await conn.execute(
-                f"INSERT INTO tidings_journal ({JOURNAL_COLUMNS}, updated_at)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-                " ON CONFLICT (agent, event_id, seq) DO UPDATE SET kind = excluded.kind,"
-                " name = excluded.name, args_hash = excluded.args_hash,"
-                " status = excluded.status, result = excluded.result,"
-                " detail = excluded.detail, updated_at = excluded.updated_at",
-                *row,
-                format_ts(utc_now()),
-            )
-
-    async def truncate_journal(self, agent: str, event_id: str, from_seq: int) -> int:
-        """Forget the steps of (agent, event id) from `from_seq` on."""
-        async with self._conn("truncate_journal") as conn:
-            status = await conn.execute(
-                "DELETE FROM tidings_journal WHERE agent = $1 AND event_id = $2 AND seq >= $3",
-                agent,
-                event_id,
-                from_seq,
-            )
-        return _rowcount(status)
-
-    async def save_reply(self, reply: Reply) -> bool:
-        """Keep the first reply per id; True if this one was stored."""
-        value = dumps(reply.value, f"reply {reply.id}")
-        async with self._conn("save_reply") as conn:
-            status = await conn.execute(
-                "INSERT INTO tidings_replies (id, status, value, created_at)"
-                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                reply.id,
-                reply.status,
-                value,
-                format_ts(utc_now()),
-            )
-        return _rowcount(status) > 0
-
-    async def get_reply(self, reply_id: str) -> Reply | None:
-        """The reply stored for a call id, if any."""
-        async with self._conn("get_reply") as conn:
-            row = await conn.fetchrow(
-                "SELECT id, status, value, created_at FROM tidings_replies WHERE id = $1",
-                reply_id,
-            )
-        return None if row is None else Reply(row[0], row[1], loads(row[2]), row[3])
-
-    async def park(self, parked: Parked) -> None:
-        """Keep an event parked on a question; a second park of the same id is a no-op."""
-        p = parked
-        async with self._conn("park") as conn:
-            await conn.execute(
-                f"INSERT INTO tidings_parked ({PARKED_COLUMNS}) VALUES ($1, $2, $3, $4, $5,"
-                " $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT DO NOTHING",
-                p.id, p.agent, p.event_id, dumps(p.question, f"question {p.id}"),
-                dumps(p.headers, f"headers of parked {p.id}"), p.body, p.deadline, "waiting",
-                "null", None, format_ts(utc_now()), None, None,
-            )  # fmt: skip
-
-    async def get_parked(self, parked_id: str) -> Parked | None:
-        """One parked entry by id or by a unique prefix of at least 6 characters."""
-        async with self._conn("get_parked") as conn:
-            row = await _by_id_or_prefix(
-                conn, f"SELECT {PARKED_COLUMNS} FROM tidings_parked", parked_id
-            )
-        return parked_from_row(row) if row is not None else None
-
-    async def list_parked(
-        self, agent: str | None = None, status: str | None = "waiting", limit: int = 50
-    ) -> list[Parked]:
-        """Parked entries, oldest first, by agent and status (None: any status)."""
-        used = {c: v for c, v in (("agent", agent), ("status", status)) if v is not None}
-        where = " AND ".join(f"{column} = ${n}" for n, column in enumerate(used, start=1))
-        async with self._conn("list_parked") as conn:
-            rows = await conn.fetch(
-                f"SELECT {PARKED_COLUMNS} FROM tidings_parked {'WHERE ' + where if where else ''}"
-                f" ORDER BY created_at, id LIMIT ${len(used) + 1}",
-                *used.values(),
-                max(limit, 0),
-            )
-        return [parked_from_row(r) for r in rows]
-
-    async def answer_parked(
-        self, parked_id: str, answer: object, *, status: str = "answered", by: str | None = None
-    ) -> Parked | None:
-        """Answer a waiting entry once; None if it was not waiting."""
-        value = dumps(answer, f"answer to {parked_id}")
-        async with self._conn("answer_parked") as conn:
-            row = await conn.fetchrow(
-                "UPDATE tidings_parked SET status = $1, answer = $2, answered_by = $3,"
-                " answered_at = $4 WHERE id = $5 AND status = 'waiting'"
-                f" RETURNING {PARKED_COLUMNS}",
-                status,
-                value,
-                by,
-                format_ts(utc_now()),
-                parked_id,
-            )
-        return None if row is None else parked_from_row(row)
-
-    async def mark_resumed(self, parked_id: str) -> None:
-        """Record that the parked event was handed back to its agent."""
-        async with self._conn("mark_resumed") as conn:
-            await conn.execute(
-                "UPDATE tidings_parked SET resumed_at = $1 WHERE id = $2",
-                format_ts(utc_now()),
-                parked_id,
-            )
-
-    async def parked_to_sweep(self, now: float) -> list[Parked]:
-        """Waiting entries past their deadline, and answered ones not yet resumed."""
-        async with self._conn("parked_to_sweep") as conn:
-            rows = await conn.fetch(
-                f"SELECT {PARKED_COLUMNS} FROM tidings_parked WHERE (status = 'waiting'"
-                " AND deadline IS NOT NULL AND deadline <= $1)"
-                " OR (status <> 'waiting' AND resumed_at IS NULL) ORDER BY created_at LIMIT 500",
-                now,
-            )
-        return [parked_from_row(r) for r in rows]
-
-    async def prune_steps(self, before: datetime) -> dict[str, int]:
-        """Delete old journal rows, replies and resumed parked entries."""
-        cutoff = format_ts(before)
-        counts: dict[str, int] = {}
-        async with self._conn("prune_steps", transaction=True) as conn:
-            for name, statement in STEP_PRUNES:
-                counts[name] = _rowcount(await conn.execute(statement.format(p="$1"), cutoff))
-        return counts
-
-    async def register_tool(self, name: str, app: str) -> None:
-        """Record that `app` serves tool `name`."""
-        async with self._conn("register_tool") as conn:
-            await conn.execute(
-                "INSERT INTO tidings_tools (name, app, registered_at) VALUES ($1, $2, $3)"
-                " ON CONFLICT (name) DO UPDATE SET app = excluded.app,"
-                " registered_at = excluded.registered_at",
-                name,
-                app,
-                format_ts(utc_now()),
-            )
-
-    async def served_tools(self) -> list[str]:
-        """Names of every registered tool."""
-        async with self._conn("served_tools") as conn:
-            rows = await conn.fetch("SELECT name FROM tidings_tools ORDER BY name")
-        return [r[0] for r in rows]
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -757,10 +383,6 @@ class PostgresStore(Store):
 # _LONE_LOOKUP: a batch of one lookup uses the plain query. PostgreSQL plans the unnest
 # form anew for every execution (its cached generic plan looks dearer than a plan for the
 # actual array), which costs more than the lookup itself when there is nothing to share.
-
-
-def _snapshot(data: str, version: int) -> StateSnapshot:
-    return StateSnapshot(loads(data), int(version))
 
 
 def _quote(identifier: str) -> str:
@@ -778,27 +400,6 @@ async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     asyncpg's default runs ``RESET ALL``, ``UNLISTEN *`` and more on every release, a round
     trip per operation; open transactions are still rolled back by asyncpg itself.
     """
-
-
-@dataclass(frozen=True, slots=True)
-class _CommitRows:
-    """A `Commit` with its JSON encoded in the caller, so bad values fail before writing."""
-
-    commit: Commit
-    state: str | None
-    decision: str
-    headers: list[str]  # per outbox event
-
-    def claims(self) -> tuple[tuple[str, str, str], ...]:
-        """What no other commit in the same statement may touch (see `Batcher`).
-
-        One statement cannot tell which of two commits on one marker or one state row won,
-        so the second goes in a later statement, where the database settles it as it
-        settles commits from two workers.
-        """
-        c = self.commit
-        marker = ("marker", c.agent, c.event_id)
-        return (marker, ("state", c.agent, c.key)) if self.state is not None else (marker,)
 
 
 # Group commit in one statement. Data-modifying CTEs cannot see each other's rows, so the
@@ -857,7 +458,7 @@ SELECT (SELECT array_agg(n) FROM fresh), (SELECT array_agg(n) FROM done)
 """
 
 
-def _lock_order(batch: list[_CommitRows]) -> list[int]:
+def _lock_order(batch: list[EncodedCommit]) -> list[int]:
     """Positions in `batch` sorted by state row, then event.
 
     Every batch of every worker locks rows in this one order, so concurrent batches wait
@@ -870,7 +471,7 @@ def _lock_order(batch: list[_CommitRows]) -> list[int]:
 
 
 async def _commit_batch_statement(
-    conn: _Connection, batch: list[_CommitRows], now: datetime
+    conn: _Connection, batch: list[EncodedCommit], now: datetime
 ) -> tuple[set[int], set[int]]:
     """Run `_COMMIT_BATCH`: which commits were not yet processed, and which were written.
 
@@ -911,7 +512,7 @@ async def _commit_batch_statement(
     return set(row[0] or ()), set(row[1] or ())
 
 
-async def _write_commit(conn: _Connection, rows: _CommitRows, now: datetime) -> None:
+async def _write_commit(conn: _Connection, rows: EncodedCommit, now: datetime) -> None:
     """One commit, statement by statement, in the caller's transaction or savepoint.
 
     Rows are locked in the order `_COMMIT_BATCH` locks them, the state row before the
@@ -920,95 +521,19 @@ async def _write_commit(conn: _Connection, rows: _CommitRows, now: datetime) -> 
     """
     commit = rows.commit
     if rows.state is not None:
-        if await conn.fetchval(
-            "SELECT 1 FROM tidings_inbox WHERE agent = $1 AND event_id = $2",
-            commit.agent,
-            commit.event_id,
-        ):
-            raise _already_processed(commit)
+        if await conn.fetchval(_SELECT_MARKER, commit.agent, commit.event_id):
+            raise already_processed(commit)
         if commit.expected_version == 0:
-            status = await conn.execute(
-                "INSERT INTO tidings_state (agent, key, data, version, updated_at)"
-                " VALUES ($1, $2, $3, 1, $4) ON CONFLICT DO NOTHING",
-                commit.agent,
-                commit.key,
-                rows.state,
-                now,
-            )
+            status = await conn.execute(_INSERT_STATE, commit.agent, commit.key, rows.state, now)
         else:
             status = await conn.execute(
-                "UPDATE tidings_state SET data = $1, version = version + 1,"
-                " updated_at = $2 WHERE agent = $3 AND key = $4 AND version = $5",
-                rows.state,
-                now,
-                commit.agent,
-                commit.key,
-                commit.expected_version,
+                _UPDATE_STATE, rows.state, now, commit.agent, commit.key, commit.expected_version
             )
         if _rowcount(status) == 0:
-            raise _state_conflict(commit)
-    marked = await conn.execute(
-        "INSERT INTO tidings_inbox (agent, event_id, processed_at) VALUES ($1, $2, $3)"
-        " ON CONFLICT DO NOTHING",
-        commit.agent,
-        commit.event_id,
-        now,
-    )
-    if _rowcount(marked) == 0:  # committed by another worker meanwhile
-        raise _already_processed(commit)
-    await _insert_decision(conn, commit.decision, rows.decision, now)
-    outbox = [
-        (e.event_id, commit.agent, commit.event_id, position, e.event_type, headers, e.body, now)
-        for position, (e, headers) in enumerate(zip(commit.outbox, rows.headers, strict=True))
-    ]
-    if outbox:
-        await conn.executemany(
-            "INSERT INTO tidings_outbox (event_id, agent, source_event_id, position,"
-            " event_type, headers, body, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            outbox,
-        )
-
-
-def _already_processed(commit: Commit) -> AlreadyProcessed:
-    return AlreadyProcessed(f"agent {commit.agent!r} already committed event {commit.event_id}")
-
-
-def _state_conflict(commit: Commit) -> StateConflict:
-    return StateConflict(
-        f"state of agent {commit.agent!r} key {commit.key!r} changed since it"
-        f" was read at version {commit.expected_version}; the event is retried"
-    )
-
-
-async def _insert_decision(
-    conn: _Connection, decision: Decision, record: str, created_at: datetime
-) -> None:
-    await conn.execute(
-        "INSERT INTO tidings_decisions (id, agent, event_id, correlation_id, created_at, record)"
-        " VALUES ($1, $2, $3, $4, $5, $6)",
-        decision.id,
-        decision.agent,
-        decision.event_id,
-        decision.correlation_id,
-        created_at,
-        record,
-    )
-
-
-async def _by_id_or_prefix(conn: _Connection, select: str, id_: str) -> asyncpg.Record | None:
-    """The row whose id is `id_`, else the only one it is a long-enough prefix of."""
-    row = await conn.fetchrow(f"{select} WHERE id = $1", id_)
-    if row is not None or len(id_) < MIN_PREFIX:
-        return row
-    low, high = prefix_range(id_)
-    rows = await conn.fetch(f"{select} WHERE id >= $1 AND id < $2 ORDER BY id LIMIT 2", low, high)
-    matches = [r for r in rows if str(r[0]).startswith(id_)]
-    return matches[0] if len(matches) == 1 else None
-
-
-def _dead_letter(row: asyncpg.Record) -> DeadLetter:
-    return DeadLetter(
-        id=row[0], agent=row[1], event_id=row[2], event_type=row[3], subject=row[4],
-        headers=loads(row[5]), body=bytes(row[6]), error=row[7], traceback=row[8],
-        attempts=int(row[9]), created_at=format_ts(row[10]),
-    )  # fmt: skip
+            raise state_conflict(commit)
+    marker = {"agent": commit.agent, "event_id": commit.event_id, "processed_at": now}
+    if _rowcount(await conn.execute(_INSERT_MARKER, *ordered(INBOX, marker))) == 0:
+        raise already_processed(commit)  # committed by another worker meanwhile
+    await conn.execute(_INSERT_DECISION, *decision_row(commit.decision, rows.decision, now))
+    if commit.outbox:
+        await conn.executemany(_INSERT_OUTBOX, rows.outbox_rows(now))

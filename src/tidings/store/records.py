@@ -1,9 +1,23 @@
-"""Plain records the store reads and writes; backends map them to rows."""
+"""Plain records the store reads and writes; backends map them to rows.
+
+Statuses are `Literal` types, so a misspelt status is a type error where it is written,
+not a row that no query ever finds.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from tidings.store.parking import ParkedStatus
+
+# How a handled event ended: committed, given up on, parked on a question, or (a tool
+# service's call) failed with an error that its caller receives as the reply.
+DecisionStatus = Literal["ok", "dead_lettered", "parked", "failed"]
+# "done": result recorded; "failed": the error is recorded and replays raise it again;
+# "pending": a tool call sent or a question asked, no answer yet.
+StepStatus = Literal["done", "failed", "pending"]
+ReplyStatus = Literal["ok", "error"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +49,7 @@ class Decision:
     event_type: str
     correlation_id: str | None
     key: str | None
-    status: str  # "ok" | "dead_lettered"
+    status: DecisionStatus
     result: Any
     state_before: dict[str, Any]
     state_after: dict[str, Any]
@@ -90,9 +104,7 @@ class Step:
     """One journaled step of a handler run: an LLM call, a tool call, `ctx.step` or an ask.
 
     Keyed by (agent, event id, seq): seq counts the steps of one handler run from 0, so a
-    re-run that takes the same path meets the same steps in the same order. `status` is
-    "done" (result recorded), "failed" (the error is recorded; replays raise it again) or
-    "pending" (a tool call sent or a question asked, no answer yet).
+    re-run that takes the same path meets the same steps in the same order.
     """
 
     agent: str
@@ -101,7 +113,7 @@ class Step:
     kind: str  # "llm" | "tool" | "step" | "ask"
     name: str
     args_hash: str
-    status: str
+    status: StepStatus
     result: Any = None
     detail: dict[str, Any] = field(default_factory=dict)
 
@@ -111,7 +123,7 @@ class Reply:
     """The answer to a tool call, keyed by the call's (deterministic) id."""
 
     id: str
-    status: str  # "ok" | "error"
+    status: ReplyStatus
     value: Any
     created_at: str = ""
 
@@ -120,8 +132,9 @@ class Reply:
 class Parked:
     """An event parked on a question until someone answers it or its deadline passes.
 
-    `status` goes "waiting" -> "answered" | "timed_out", once; `resumed_at` is set after
-    the event was handed back to its agent (`Bus.retry`).
+    Its life is the table in `tidings.store.parking`: `status` goes "waiting" ->
+    "answered" | "timed_out", once; `resumed_at` is set after the event was handed back
+    to its agent (`Bus.retry`).
     """
 
     id: str
@@ -131,7 +144,7 @@ class Parked:
     headers: dict[str, str]
     body: bytes
     deadline: float | None  # epoch seconds; None waits forever
-    status: str = "waiting"
+    status: ParkedStatus = "waiting"
     answer: Any = None
     answered_by: str | None = None
     created_at: str = ""

@@ -1,0 +1,324 @@
+"""The tables, and the numbered migrations that build them, for both SQL backends.
+
+`TABLES` is the schema as it stands after the last migration: every column with its type
+in each backend, in the order the statements of `tidings.store.sql` read and write them
+(their column lists come from here). The migrations are history: appended to, never
+edited, since a database made by an older Tidings replays only the ones it lacks. What
+keeps the two from drifting is the contract suite, which migrates an empty database of
+each backend and compares its columns and types with `TABLES`.
+
+The applied versions live in ``tidings_migrations(version, applied_at)``; both backends
+use the same numbers, so "schema version 3" means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from tidings.errors import StoreError
+
+MIGRATIONS_TABLE: Final = "tidings_migrations"
+
+
+@dataclass(frozen=True, slots=True)
+class Type:
+    """A column type as each backend names it (PostgreSQL: as ``format_type`` shows it)."""
+
+    sqlite: str
+    postgres: str
+
+
+TEXT = Type("TEXT", "text")
+KEY = Type("TEXT", 'text COLLATE "C"')  # compared byte-wise, so a prefix is an index range
+JSON = Type("TEXT", "json")  # json, not jsonb: key order and content exactly as written
+JSON_TEXT = Type("TEXT", "text")  # JSON kept as text (the later tables)
+BLOB = Type("BLOB", "bytea")
+INTEGER = Type("INTEGER", "integer")
+BIGINT = Type("INTEGER", "bigint")
+REAL = Type("REAL", "double precision")
+# SQLite has no time type: fixed-width RFC 3339 UTC text, whose order is time order.
+TIMESTAMP = Type("TEXT", "timestamp with time zone")
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """A column: its name, its type in each backend, and whether it may be NULL."""
+
+    name: str
+    type: Type
+    nullable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """One table of the current schema."""
+
+    name: str
+    columns: tuple[Column, ...]
+    names: tuple[str, ...] = field(init=False)  # the column names, in order
+    name_set: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        names = tuple(c.name for c in self.columns)
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "name_set", frozenset(names))
+
+    def column_list(self, *, without: Sequence[str] = ()) -> str:
+        """The column names, comma-separated, for SELECT and INSERT statements."""
+        return ", ".join(name for name in self.names if name not in without)
+
+
+def _table(name: str, *columns: Column) -> Table:
+    return Table(name, columns)
+
+
+C = Column
+STATE = _table(
+    "tidings_state",
+    C("agent", TEXT), C("key", TEXT), C("data", JSON), C("version", BIGINT),
+    C("updated_at", TIMESTAMP),
+)  # fmt: skip
+INBOX = _table("tidings_inbox", C("agent", TEXT), C("event_id", TEXT), C("processed_at", TIMESTAMP))
+OUTBOX = _table(
+    "tidings_outbox",
+    C("event_id", KEY), C("agent", TEXT), C("source_event_id", TEXT), C("position", INTEGER),
+    C("event_type", TEXT), C("headers", JSON), C("body", BLOB), C("created_at", TIMESTAMP),
+    C("published_at", TIMESTAMP, nullable=True),
+)  # fmt: skip
+DECISIONS = _table(
+    "tidings_decisions",
+    C("id", KEY), C("agent", TEXT), C("event_id", TEXT), C("correlation_id", TEXT, True),
+    C("created_at", TIMESTAMP), C("record", JSON),
+)  # fmt: skip
+DEAD_LETTERS = _table(
+    "tidings_dead_letters",
+    C("id", KEY), C("agent", TEXT), C("event_id", TEXT, True), C("event_type", TEXT, True),
+    C("subject", TEXT), C("headers", JSON), C("body", BLOB), C("error", TEXT),
+    C("traceback", TEXT, True), C("attempts", INTEGER), C("created_at", TIMESTAMP),
+)  # fmt: skip
+PUBLISHES = _table("tidings_publishes", C("event_id", TEXT), C("recorded_at", TIMESTAMP))
+JOURNAL = _table(
+    "tidings_journal",
+    C("agent", TEXT), C("event_id", TEXT), C("seq", INTEGER), C("kind", TEXT), C("name", TEXT),
+    C("args_hash", TEXT), C("status", TEXT), C("result", JSON_TEXT), C("detail", JSON_TEXT),
+    C("updated_at", TIMESTAMP),
+)  # fmt: skip
+REPLIES = _table(
+    "tidings_replies",
+    C("id", TEXT), C("status", TEXT), C("value", JSON_TEXT), C("created_at", TIMESTAMP),
+)  # fmt: skip
+PARKED = _table(
+    "tidings_parked",
+    C("id", KEY), C("agent", TEXT), C("event_id", TEXT), C("question", JSON_TEXT),
+    C("headers", JSON_TEXT), C("body", BLOB), C("deadline", REAL, True), C("status", TEXT),
+    C("answer", JSON_TEXT), C("answered_by", TEXT, True), C("created_at", TIMESTAMP),
+    C("answered_at", TIMESTAMP, True), C("resumed_at", TIMESTAMP, True),
+)  # fmt: skip
+TOOLS = _table("tidings_tools", C("name", TEXT), C("app", TEXT), C("registered_at", TIMESTAMP))
+MIGRATIONS_LEDGER = _table(MIGRATIONS_TABLE, C("version", INTEGER), C("applied_at", TIMESTAMP))
+
+TABLES: Final = (
+    STATE, INBOX, OUTBOX, DECISIONS, DEAD_LETTERS, PUBLISHES, JOURNAL, REPLIES, PARKED, TOOLS,
+    MIGRATIONS_LEDGER,
+)  # fmt: skip
+
+
+# -- migrations ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One schema step: applied in order, once, inside the migration transaction."""
+
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+def pending(migrations: Sequence[Migration], applied: int, backend: str) -> list[Migration]:
+    """The migrations after version `applied`, refusing a database newer than this code.
+
+    A newer schema means another process runs a newer Tidings; writing to it with old
+    assumptions could corrupt it, so we stop with the fix rather than guess.
+    """
+    versions = [m.version for m in migrations]
+    if versions != list(range(1, len(migrations) + 1)):
+        raise AssertionError(f"{backend} migrations must be numbered 1..n, got {versions}")
+    latest = len(migrations)
+    if applied > latest:
+        raise StoreError(
+            f"the {backend} store is at schema version {applied} but this Tidings knows only"
+            f" {latest}: upgrade Tidings in this process (pip install -U tidings) or point"
+            " TIDINGS_STORE at a store made by this version"
+        )
+    return list(migrations[applied:])
+
+
+SQLITE_LEDGER_DDL: Final = (
+    f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE}"
+    " (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+)
+SQLITE_MIGRATIONS: Final[tuple[Migration, ...]] = (
+    Migration(
+        1,
+        "state, inbox, outbox, decisions, dead letters, publish ledger",
+        (
+            """CREATE TABLE tidings_state (
+                agent TEXT NOT NULL, key TEXT NOT NULL, data TEXT NOT NULL,
+                version INTEGER NOT NULL, updated_at TEXT NOT NULL,
+                PRIMARY KEY (agent, key)) WITHOUT ROWID""",
+            """CREATE TABLE tidings_inbox (
+                agent TEXT NOT NULL, event_id TEXT NOT NULL, processed_at TEXT NOT NULL,
+                PRIMARY KEY (agent, event_id))""",
+            "CREATE INDEX tidings_inbox_processed_at ON tidings_inbox (processed_at)",
+            """CREATE TABLE tidings_outbox (
+                event_id TEXT PRIMARY KEY, agent TEXT NOT NULL, source_event_id TEXT NOT NULL,
+                position INTEGER NOT NULL, event_type TEXT NOT NULL, headers TEXT NOT NULL,
+                body BLOB NOT NULL, created_at TEXT NOT NULL, published_at TEXT)""",
+            "CREATE INDEX tidings_outbox_source ON tidings_outbox (agent, source_event_id)",
+            "CREATE INDEX tidings_outbox_published_at ON tidings_outbox (published_at)",
+            """CREATE TABLE tidings_decisions (
+                id TEXT PRIMARY KEY, agent TEXT NOT NULL, event_id TEXT NOT NULL,
+                correlation_id TEXT, created_at TEXT NOT NULL, record TEXT NOT NULL)""",
+            "CREATE INDEX tidings_decisions_agent ON tidings_decisions (agent, created_at, id)",
+            "CREATE INDEX tidings_decisions_created ON tidings_decisions (created_at, id)",
+            "CREATE INDEX tidings_decisions_event ON tidings_decisions (event_id)",
+            "CREATE INDEX tidings_decisions_correlation ON tidings_decisions (correlation_id)",
+            """CREATE TABLE tidings_dead_letters (
+                id TEXT PRIMARY KEY, agent TEXT NOT NULL, event_id TEXT, event_type TEXT,
+                subject TEXT NOT NULL, headers TEXT NOT NULL, body BLOB NOT NULL,
+                error TEXT NOT NULL, traceback TEXT, attempts INTEGER NOT NULL,
+                created_at TEXT NOT NULL)""",
+            "CREATE INDEX tidings_dead_letters_agent ON tidings_dead_letters"
+            " (agent, created_at, id)",
+            "CREATE INDEX tidings_dead_letters_created ON tidings_dead_letters (created_at, id)",
+            """CREATE TABLE tidings_publishes (
+                event_id TEXT PRIMARY KEY, recorded_at TEXT NOT NULL)""",
+            "CREATE INDEX tidings_publishes_recorded_at ON tidings_publishes (recorded_at)",
+        ),
+    ),
+    Migration(
+        2,
+        "step journal, tool replies, parked events, tool registry",
+        (
+            """CREATE TABLE tidings_journal (
+                agent TEXT NOT NULL, event_id TEXT NOT NULL, seq INTEGER NOT NULL,
+                kind TEXT NOT NULL, name TEXT NOT NULL, args_hash TEXT NOT NULL,
+                status TEXT NOT NULL, result TEXT NOT NULL, detail TEXT NOT NULL,
+                updated_at TEXT NOT NULL, PRIMARY KEY (agent, event_id, seq)) WITHOUT ROWID""",
+            """CREATE TABLE tidings_replies (
+                id TEXT PRIMARY KEY, status TEXT NOT NULL, value TEXT NOT NULL,
+                created_at TEXT NOT NULL)""",
+            """CREATE TABLE tidings_parked (
+                id TEXT PRIMARY KEY, agent TEXT NOT NULL, event_id TEXT NOT NULL,
+                question TEXT NOT NULL, headers TEXT NOT NULL, body BLOB NOT NULL,
+                deadline REAL, status TEXT NOT NULL, answer TEXT NOT NULL, answered_by TEXT,
+                created_at TEXT NOT NULL, answered_at TEXT, resumed_at TEXT)""",
+            "CREATE INDEX tidings_parked_status ON tidings_parked (status, deadline)",
+            "CREATE INDEX tidings_parked_agent ON tidings_parked (agent, created_at)",
+            """CREATE TABLE tidings_tools (
+                name TEXT PRIMARY KEY, app TEXT NOT NULL, registered_at TEXT NOT NULL)""",
+        ),
+    ),
+    # Nothing to change here: SQLite timestamps were text from the start. The version is
+    # kept in step with PostgreSQL's, so a version number means one schema everywhere.
+    Migration(3, "one timestamp type (already so in SQLite)", ()),
+)
+
+
+def _to_timestamptz(table: str, *columns: str) -> str:
+    """Text timestamps (RFC 3339 UTC, as `format_ts` wrote them) become timestamptz.
+
+    The text was fixed-width UTC, so its string order was time order: the converted
+    values compare and sort exactly as the text did.
+    """
+    changes = ", ".join(
+        f"ALTER COLUMN {c} TYPE timestamptz USING {c}::timestamptz" for c in columns
+    )
+    return f"ALTER TABLE {table} {changes}"
+
+
+POSTGRES_LEDGER_DDL: Final = (
+    f"CREATE TABLE {MIGRATIONS_TABLE}"
+    " (version integer PRIMARY KEY, applied_at timestamptz NOT NULL)"
+)
+# Ids are compared byte-wise (COLLATE "C") so a prefix lookup is an index range scan.
+POSTGRES_MIGRATIONS: Final[tuple[Migration, ...]] = (
+    Migration(
+        1,
+        "state, inbox, outbox, decisions, dead letters, publish ledger",
+        (
+            # json, not jsonb: keeps key order and any string content exactly as written.
+            """CREATE TABLE tidings_state (
+                agent text NOT NULL, key text NOT NULL, data json NOT NULL,
+                version bigint NOT NULL, updated_at timestamptz NOT NULL,
+                PRIMARY KEY (agent, key))""",
+            """CREATE TABLE tidings_inbox (
+                agent text NOT NULL, event_id text NOT NULL, processed_at timestamptz NOT NULL,
+                PRIMARY KEY (agent, event_id))""",
+            "CREATE INDEX tidings_inbox_processed_at ON tidings_inbox (processed_at)",
+            """CREATE TABLE tidings_outbox (
+                event_id text COLLATE "C" PRIMARY KEY, agent text NOT NULL,
+                source_event_id text NOT NULL, position integer NOT NULL,
+                event_type text NOT NULL, headers json NOT NULL, body bytea NOT NULL,
+                created_at timestamptz NOT NULL, published_at timestamptz)""",
+            "CREATE INDEX tidings_outbox_source ON tidings_outbox (agent, source_event_id)",
+            "CREATE INDEX tidings_outbox_published_at ON tidings_outbox (published_at)",
+            """CREATE TABLE tidings_decisions (
+                id text COLLATE "C" PRIMARY KEY, agent text NOT NULL, event_id text NOT NULL,
+                correlation_id text, created_at timestamptz NOT NULL, record json NOT NULL)""",
+            "CREATE INDEX tidings_decisions_agent ON tidings_decisions (agent, created_at, id)",
+            "CREATE INDEX tidings_decisions_created ON tidings_decisions (created_at, id)",
+            "CREATE INDEX tidings_decisions_event ON tidings_decisions (event_id)",
+            "CREATE INDEX tidings_decisions_correlation ON tidings_decisions (correlation_id)",
+            """CREATE TABLE tidings_dead_letters (
+                id text COLLATE "C" PRIMARY KEY, agent text NOT NULL, event_id text,
+                event_type text, subject text NOT NULL, headers json NOT NULL,
+                body bytea NOT NULL, error text NOT NULL, traceback text,
+                attempts integer NOT NULL, created_at timestamptz NOT NULL)""",
+            "CREATE INDEX tidings_dead_letters_agent ON tidings_dead_letters"
+            " (agent, created_at, id)",
+            "CREATE INDEX tidings_dead_letters_created ON tidings_dead_letters (created_at, id)",
+            """CREATE TABLE tidings_publishes (
+                event_id text PRIMARY KEY, recorded_at timestamptz NOT NULL)""",
+            "CREATE INDEX tidings_publishes_recorded_at ON tidings_publishes (recorded_at)",
+        ),
+    ),
+    Migration(
+        2,
+        "step journal, tool replies, parked events, tool registry",
+        (
+            # JSON kept as text here: the same row codecs serve both backends.
+            """CREATE TABLE tidings_journal (
+                agent text NOT NULL, event_id text NOT NULL, seq integer NOT NULL,
+                kind text NOT NULL, name text NOT NULL, args_hash text NOT NULL,
+                status text NOT NULL, result text NOT NULL, detail text NOT NULL,
+                updated_at text NOT NULL, PRIMARY KEY (agent, event_id, seq))""",
+            """CREATE TABLE tidings_replies (
+                id text PRIMARY KEY, status text NOT NULL, value text NOT NULL,
+                created_at text NOT NULL)""",
+            """CREATE TABLE tidings_parked (
+                id text COLLATE "C" PRIMARY KEY, agent text NOT NULL, event_id text NOT NULL,
+                question text NOT NULL, headers text NOT NULL, body bytea NOT NULL,
+                deadline double precision, status text NOT NULL, answer text NOT NULL,
+                answered_by text, created_at text NOT NULL, answered_at text,
+                resumed_at text)""",
+            "CREATE INDEX tidings_parked_status ON tidings_parked (status, deadline)",
+            "CREATE INDEX tidings_parked_agent ON tidings_parked (agent, created_at)",
+            """CREATE TABLE tidings_tools (
+                name text PRIMARY KEY, app text NOT NULL, registered_at text NOT NULL)""",
+        ),
+    ),
+    Migration(
+        3,
+        "one timestamp type: timestamptz in every table",
+        (
+            _to_timestamptz("tidings_journal", "updated_at"),
+            _to_timestamptz("tidings_replies", "created_at"),
+            _to_timestamptz("tidings_parked", "created_at", "answered_at", "resumed_at"),
+            _to_timestamptz("tidings_tools", "registered_at"),
+        ),
+    ),
+)

@@ -1,0 +1,602 @@
+"""The SQL both backends run, written once against a small `Dialect`.
+
+SQLite and PostgreSQL run the same statements; what differs is the placeholder (``?`` or
+``$1``), what a timestamp parameter is (text or a datetime), how a list of ids is one
+parameter, and whether old rows are pruned in chunks. `SqlStore` implements every store
+method but the commit with these statements over one primitive, `SqlStore._run`, which
+each backend provides: SQLite runs the queries on its store thread in one hop (batched
+with whatever else is queued), PostgreSQL on one pooled connection. A backend keeps only
+connecting, migrating, batching and its commit.
+
+Statements are written with ``?``; `Dialect.sql` numbers them for PostgreSQL. They hold
+no ``?`` inside string literals, and none of PostgreSQL's ``?`` JSON operators.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from functools import lru_cache
+from typing import Any, ClassVar, NamedTuple, get_args
+
+from tidings.store.base import Store
+from tidings.store.codecs import (
+    MIN_PREFIX,
+    Row,
+    as_utc,
+    dead_letter_from_row,
+    dead_letter_values,
+    decision_from_json,
+    decision_row,
+    decision_to_json,
+    dumps,
+    format_ts,
+    ordered,
+    outbox_from_row,
+    parked_from_row,
+    parked_values,
+    parse_ts,
+    prefix_range,
+    reply_from_row,
+    reply_values,
+    snapshot_from_rows,
+    step_from_row,
+    step_values,
+    utc_now,
+)
+from tidings.store.parking import (
+    AnswerStatus,
+    ParkedStatus,
+    Stage,
+    after,
+    answer_move,
+    final_stages,
+    sources,
+)
+from tidings.store.records import (
+    DeadLetter,
+    Decision,
+    OutboxEvent,
+    Parked,
+    Reply,
+    StateSnapshot,
+    Step,
+)
+from tidings.store.schema import (
+    DEAD_LETTERS,
+    DECISIONS,
+    INBOX,
+    JOURNAL,
+    MIGRATIONS_TABLE,
+    OUTBOX,
+    PARKED,
+    PUBLISHES,
+    REPLIES,
+    TOOLS,
+    Table,
+)
+
+# -- the dialects -------------------------------------------------------------------------
+
+
+class Dialect(abc.ABC):
+    """What differs between the SQL of two backends, and nothing else."""
+
+    # Prune in chunks of this many rows, each its own transaction (None: all at once).
+    prune_chunk: ClassVar[int | None] = None
+    # Texts per `in_texts` condition; longer lists are split (None: any length).
+    max_texts: ClassVar[int | None] = None
+
+    def sql(self, text: str) -> str:
+        """`text`, written with ``?`` placeholders, as this backend takes it."""
+        return text
+
+    @abc.abstractmethod
+    def timestamp(self, moment: datetime) -> object:
+        """`moment` (aware) as a parameter for a timestamp column; naive: ValueError."""
+
+    @abc.abstractmethod
+    def in_texts(self, column: str, count: int) -> str:
+        """A condition: `column` is one of `count` texts, passed as `texts(...)` gives them."""
+
+    @abc.abstractmethod
+    def texts(self, values: Sequence[str]) -> tuple[object, ...]:
+        """The parameters of an `in_texts` condition."""
+
+    def delete_older(self, table: str, condition: str) -> str:
+        """A DELETE of (a chunk of) the rows of `table` matching `condition`."""
+        return f"DELETE FROM {table} WHERE {condition}"
+
+
+class SqliteDialect(Dialect):
+    """SQLite: text timestamps, IN lists, pruning in chunks."""
+
+    prune_chunk = 5000  # rows per transaction, so other processes never wait long for the lock
+    max_texts = 500  # well under SQLite's bound-parameter limit
+
+    def timestamp(self, moment: datetime) -> object:
+        """Fixed-width RFC 3339 text: SQLite compares it as text, in time order."""
+        return format_ts(moment)
+
+    def in_texts(self, column: str, count: int) -> str:
+        """An IN list: SQLite looks each one up by index."""
+        return f"{column} IN ({', '.join('?' * count)})"
+
+    def texts(self, values: Sequence[str]) -> tuple[object, ...]:
+        """One parameter per text."""
+        return tuple(values)
+
+    def delete_older(self, table: str, condition: str) -> str:
+        """One chunk: a long DELETE would hold the file's write lock all along."""
+        return (
+            f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table}"
+            f" WHERE {condition} LIMIT {self.prune_chunk})"
+        )
+
+
+class PostgresDialect(Dialect):
+    """PostgreSQL: numbered placeholders, timestamptz, text arrays."""
+
+    def sql(self, text: str) -> str:
+        """``?`` placeholders numbered ``$1``, ``$2``, ... in order."""
+        return _numbered(text)
+
+    def timestamp(self, moment: datetime) -> object:
+        """An aware datetime, for a timestamptz column."""
+        return as_utc(moment)
+
+    def in_texts(self, column: str, count: int) -> str:
+        """Membership in a text array: one statement whatever the count."""
+        return f"{column} = ANY(?::text[])"
+
+    def texts(self, values: Sequence[str]) -> tuple[object, ...]:
+        """The list as one parameter (asyncpg sends it as a text array)."""
+        return (list(values),)
+
+
+@lru_cache(maxsize=512)
+def _numbered(text: str) -> str:
+    counter = iter(range(1, text.count("?") + 1))
+    return re.sub(r"\?", lambda _: f"${next(counter)}", text)
+
+
+SQLITE = SqliteDialect()
+POSTGRES = PostgresDialect()
+
+
+# -- statements ---------------------------------------------------------------------------
+
+
+def insert_into(table: Table) -> str:
+    """An INSERT of every column of `table`, in its order (values via `codecs.ordered`)."""
+    marks = ", ".join("?" for _ in table.columns)
+    return f"INSERT INTO {table.name} ({table.column_list()}) VALUES ({marks})"
+
+
+def in_stages(stages: Iterable[Stage], table: str = "tidings_parked") -> str:
+    """A condition true exactly for the parked entries in one of `stages`.
+
+    Resumed entries keep their status and have ``resumed_at`` set (`tidings.store.parking`).
+    """
+    wanted = tuple(stages)
+    statuses = ", ".join(f"'{s}'" for s in wanted if s != "resumed")
+    parts = [f"({table}.status IN ({statuses}) AND {table}.resumed_at IS NULL)"] if statuses else []
+    if "resumed" in wanted:
+        parts.append(f"{table}.resumed_at IS NOT NULL")
+    return f"({' OR '.join(parts)})" if parts else "FALSE"
+
+
+SELECT_STATE = "SELECT data, version FROM tidings_state WHERE agent = ? AND key = ?"
+SELECT_MARKER = "SELECT 1 FROM tidings_inbox WHERE agent = ? AND event_id = ?"
+INSERT_MARKER = f"{insert_into(INBOX)} ON CONFLICT DO NOTHING"
+DELETE_MARKER = "DELETE FROM tidings_inbox WHERE agent = ? AND event_id = ?"
+INSERT_STATE = (
+    "INSERT INTO tidings_state (agent, key, data, version, updated_at)"
+    " VALUES (?, ?, ?, 1, ?) ON CONFLICT DO NOTHING"
+)
+UPDATE_STATE = (
+    "UPDATE tidings_state SET data = ?, version = version + 1, updated_at = ?"
+    " WHERE agent = ? AND key = ? AND version = ?"
+)
+INSERT_DECISION = insert_into(DECISIONS)
+INSERT_OUTBOX = insert_into(OUTBOX)
+
+_OUTBOX_EVENT = "SELECT event_id, event_type, headers, body FROM tidings_outbox"
+SELECT_UNPUBLISHED = (
+    f"{_OUTBOX_EVENT} WHERE agent = ? AND source_event_id = ? AND published_at IS NULL"
+    " ORDER BY position"
+)
+SELECT_STALE_OUTBOX = (
+    f"{_OUTBOX_EVENT} WHERE published_at IS NULL AND created_at < ?"
+    " ORDER BY created_at, agent, source_event_id, position LIMIT ?"
+)
+
+# What prune() deletes: result key, table, and the time column compared with `before`.
+# The outbox compares published_at, which is NULL (never older than anything) until the
+# row is published, so pending events survive any prune. The publish ledger is pruned
+# too: it only has to outlive the broker's dedupe window, and would otherwise grow forever.
+PRUNED = (
+    ("processed", "tidings_inbox", "processed_at"),
+    ("outbox", "tidings_outbox", "published_at"),
+    ("decisions", "tidings_decisions", "created_at"),
+    ("publishes", "tidings_publishes", "recorded_at"),
+)
+
+_PARKED = f"SELECT {PARKED.column_list()} FROM tidings_parked"
+_FINISHED = in_stages(final_stages())
+# What prune_steps() deletes: result key and statement (one parameter: the cutoff).
+STEP_PRUNES = (
+    (
+        "journal",
+        "DELETE FROM tidings_journal WHERE updated_at < ? AND NOT EXISTS (SELECT 1 FROM"
+        " tidings_parked WHERE tidings_parked.agent = tidings_journal.agent AND"
+        f" tidings_parked.event_id = tidings_journal.event_id AND NOT {_FINISHED})",
+    ),
+    ("replies", "DELETE FROM tidings_replies WHERE created_at < ?"),
+    ("parked", f"DELETE FROM tidings_parked WHERE {_FINISHED} AND resumed_at < ?"),
+)
+
+
+def _answer_statements() -> dict[AnswerStatus, str]:
+    """Per answer, the UPDATE that makes its move: from the stages `LIFE` allows, to its target."""
+    statements: dict[AnswerStatus, str] = {}
+    for status in get_args(AnswerStatus):
+        move = answer_move(status)
+        allowed = sources(move)
+        (target,) = {after(stage, move) for stage in allowed}
+        statements[status] = (
+            f"UPDATE tidings_parked SET status = '{target}', answer = ?, answered_by = ?,"
+            f" answered_at = ? WHERE id = ? AND {in_stages(allowed)}"
+            f" RETURNING {PARKED.column_list()}"
+        )
+    return statements
+
+
+ANSWER_PARKED = _answer_statements()
+MARK_RESUMED = (
+    f"UPDATE tidings_parked SET resumed_at = ? WHERE id = ? AND {in_stages(sources('resume'))}"
+)
+SELECT_PARKED_TO_SWEEP = (
+    f"{_PARKED} WHERE ({in_stages(sources('time_out'))} AND deadline IS NOT NULL"
+    f" AND deadline <= ?) OR {in_stages(sources('resume'))} ORDER BY created_at LIMIT 500"
+)
+
+
+# -- the shared implementation ------------------------------------------------------------
+
+
+class Query(NamedTuple):
+    """One statement for `SqlStore._run`, already in the backend's dialect."""
+
+    sql: str
+    params: tuple[Any, ...] = ()
+    rows: bool = True  # False: only the number of rows it changed is wanted
+
+
+class Result(NamedTuple):
+    """What one `Query` gave: its rows, and how many rows it returned or changed."""
+
+    rows: list[Row]
+    rowcount: int
+
+
+class SqlStore(Store):
+    """Every store method but the commit, once, for any SQL backend with a `Dialect`."""
+
+    dialect: ClassVar[Dialect]
+
+    @abc.abstractmethod
+    async def _run(self, action: str, queries: Sequence[Query], *, write: bool) -> list[Result]:
+        """Run `queries` in order on one connection; with `write`, in one transaction.
+
+        Errors are `StoreError`s naming `action`; a write that fails changes nothing.
+        """
+
+    async def _select(self, action: str, sql: str, *params: Any) -> list[Row]:
+        """The rows of one read (``?`` placeholders); a backend may take a shorter path."""
+        (result,) = await self._run(action, [Query(self.dialect.sql(sql), params)], write=False)
+        return result.rows
+
+    async def _change(self, action: str, sql: str, *params: Any, rows: bool = False) -> Result:
+        """One write (``?`` placeholders), and with `rows` what it returned."""
+        query = Query(self.dialect.sql(sql), params, rows=rows)
+        (result,) = await self._run(action, [query], write=True)
+        return result
+
+    async def _by_id_or_prefix(self, action: str, select: str, id_: str) -> Row | None:
+        """The row whose id is `id_`, else the only one it is a long-enough prefix of."""
+        exact = await self._select(action, f"{select} WHERE id = ?", id_)
+        if exact or len(id_) < MIN_PREFIX:
+            return exact[0] if exact else None
+        low, high = prefix_range(id_)
+        rows = await self._select(
+            action, f"{select} WHERE id >= ? AND id < ? ORDER BY id LIMIT 2", low, high
+        )
+        matches = [r for r in rows if str(r["id"]).startswith(id_)]
+        return matches[0] if len(matches) == 1 else None
+
+    def _now(self) -> object:
+        return self.dialect.timestamp(utc_now())
+
+    async def schema_version(self) -> int:
+        """The number of the last applied migration."""
+        rows = await self._select(
+            "schema_version", f"SELECT coalesce(max(version), 0) FROM {MIGRATIONS_TABLE}"
+        )
+        return int(rows[0][0])
+
+    # -- effects ----------------------------------------------------------------------
+
+    async def load_state(self, agent: str, key: str) -> StateSnapshot:
+        """The memory of (agent, key) and its version; empty with version 0 if unwritten."""
+        rows = await self._select("load_state", SELECT_STATE, agent, key)
+        return snapshot_from_rows(rows)
+
+    async def is_processed(self, agent: str, event_id: str) -> bool:
+        """Whether (agent, event id) was committed."""
+        return bool(await self._select("is_processed", SELECT_MARKER, agent, event_id))
+
+    async def unpublished(self, agent: str, event_id: str) -> list[OutboxEvent]:
+        """Events emitted while handling (agent, event id), in emit order, not yet published."""
+        rows = await self._select("unpublished", SELECT_UNPUBLISHED, agent, event_id)
+        return [outbox_from_row(r) for r in rows]
+
+    async def mark_published(self, event_ids: list[str]) -> None:
+        """Stamp these outbox rows published; unknown or already published ids are ignored."""
+        if not event_ids:
+            return
+        now, dialect = self._now(), self.dialect
+        step = dialect.max_texts or len(event_ids)
+        for start in range(0, len(event_ids), step):  # idempotent: chunks share no transaction
+            chunk = event_ids[start : start + step]
+            await self._change(
+                "mark_published",
+                "UPDATE tidings_outbox SET published_at = ? WHERE published_at IS NULL"
+                f" AND {dialect.in_texts('event_id', len(chunk))}",
+                now,
+                *dialect.texts(chunk),
+            )
+
+    async def stale_outbox(self, older_than: datetime, limit: int = 500) -> list[OutboxEvent]:
+        """Unpublished events committed before `older_than`, oldest first."""
+        cutoff = self.dialect.timestamp(older_than)
+        rows = await self._select("stale_outbox", SELECT_STALE_OUTBOX, cutoff, max(limit, 0))
+        return [outbox_from_row(r) for r in rows]
+
+    # -- records ----------------------------------------------------------------------
+
+    async def add_dead_letter(self, dead_letter: DeadLetter) -> None:
+        """Keep a message an agent gave up on."""
+        created_at = self.dialect.timestamp(parse_ts(dead_letter.created_at))
+        row = ordered(DEAD_LETTERS, dead_letter_values(dead_letter, created_at))
+        await self._change("add_dead_letter", insert_into(DEAD_LETTERS), *row)
+
+    async def list_dead_letters(
+        self, agent: str | None = None, limit: int = 50
+    ) -> list[DeadLetter]:
+        """Dead letters, newest first, optionally for one agent."""
+        # Two statements rather than "? IS NULL OR agent = ?", which defeats the index once
+        # PostgreSQL's prepared statement switches to a generic plan.
+        where, params = ("WHERE agent = ?", (agent,)) if agent is not None else ("", ())
+        rows = await self._select(
+            "list_dead_letters",
+            f"SELECT {DEAD_LETTERS.column_list()} FROM tidings_dead_letters {where}"
+            " ORDER BY created_at DESC, id DESC LIMIT ?",
+            *params,
+            max(limit, 0),
+        )
+        return [dead_letter_from_row(r) for r in rows]
+
+    async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        """One dead letter by id or by a unique prefix of at least 6 characters."""
+        select = f"SELECT {DEAD_LETTERS.column_list()} FROM tidings_dead_letters"
+        row = await self._by_id_or_prefix("get_dead_letter", select, dead_letter_id)
+        return dead_letter_from_row(row) if row is not None else None
+
+    async def delete_dead_letter(self, dead_letter_id: str) -> bool:
+        """Drop a dead letter by its full id; False if there was none."""
+        result = await self._change(
+            "delete_dead_letter", "DELETE FROM tidings_dead_letters WHERE id = ?", dead_letter_id
+        )
+        return result.rowcount > 0
+
+    async def add_decision(self, decision: Decision) -> None:
+        """Record a decision outside a commit (e.g. a dead-lettered attempt)."""
+        row = decision_row(decision, decision_to_json(decision), self._now())
+        await self._change("add_decision", INSERT_DECISION, *row)
+
+    async def list_decisions(
+        self,
+        agent: str | None = None,
+        limit: int = 50,
+        *,
+        event_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> list[Decision]:
+        """Decisions, newest first, filtered by agent, triggering event or correlation."""
+        filters = {"agent": agent, "event_id": event_id, "correlation_id": correlation_id}
+        used = {column: value for column, value in filters.items() if value is not None}
+        where = " AND ".join(f"{column} = ?" for column in used)
+        rows = await self._select(
+            "list_decisions",
+            f"SELECT record FROM tidings_decisions {'WHERE ' + where if where else ''}"
+            " ORDER BY created_at DESC, id DESC LIMIT ?",
+            *used.values(),
+            max(limit, 0),
+        )
+        return [decision_from_json(r["record"]) for r in rows]
+
+    async def get_decision(self, decision_id: str) -> Decision | None:
+        """One decision by id or by a unique prefix of at least 6 characters."""
+        select = "SELECT id, record FROM tidings_decisions"
+        row = await self._by_id_or_prefix("get_decision", select, decision_id)
+        return decision_from_json(row["record"]) if row is not None else None
+
+    async def was_published(self, event_id: str) -> bool:
+        """Whether an explicit-id publish of `event_id` was recorded."""
+        rows = await self._select(
+            "was_published", "SELECT 1 FROM tidings_publishes WHERE event_id = ?", event_id
+        )
+        return bool(rows)
+
+    async def record_publish(self, event_id: str) -> None:
+        """Record an explicit-id publish after it succeeded; idempotent."""
+        row = ordered(PUBLISHES, {"event_id": event_id, "recorded_at": self._now()})
+        await self._change(
+            "record_publish", f"{insert_into(PUBLISHES)} ON CONFLICT DO NOTHING", *row
+        )
+
+    async def prune(self, before: datetime) -> dict[str, int]:
+        """Delete rows older than `before` (aware): markers, published outbox, decisions, ledger."""
+        cutoff = self.dialect.timestamp(before)
+        dialect = self.dialect
+        if dialect.prune_chunk is None:  # one transaction of row-level deletes
+            queries = [
+                Query(dialect.sql(f"DELETE FROM {table} WHERE {column} < ?"), (cutoff,), False)
+                for _, table, column in PRUNED
+            ]
+            results = await self._run("prune", queries, write=True)
+            return {name: r.rowcount for (name, _, _), r in zip(PRUNED, results, strict=True)}
+        counts: dict[str, int] = {}
+        for name, table, column in PRUNED:  # chunk by chunk, each committed on its own
+            counts[name] = 0
+            while True:
+                deleted = await self._change(
+                    "prune", dialect.delete_older(table, f"{column} < ?"), cutoff
+                )
+                counts[name] += deleted.rowcount
+                if deleted.rowcount < dialect.prune_chunk:
+                    break
+        return counts
+
+    # -- the step journal -------------------------------------------------------------
+
+    async def load_journal(self, agent: str, event_id: str) -> list[Step]:
+        """The journaled steps of (agent, event id), by seq."""
+        rows = await self._select(
+            "load_journal",
+            f"SELECT {JOURNAL.column_list()} FROM tidings_journal"
+            " WHERE agent = ? AND event_id = ? ORDER BY seq",
+            agent,
+            event_id,
+        )
+        return [step_from_row(r) for r in rows]
+
+    async def save_step(self, step: Step) -> None:
+        """Insert or replace the step at (agent, event id, seq)."""
+        row = ordered(JOURNAL, step_values(step, self._now()))
+        updates = ", ".join(
+            f"{c} = excluded.{c}" for c in JOURNAL.names if c not in ("agent", "event_id", "seq")
+        )
+        await self._change(
+            "save_step",
+            f"{insert_into(JOURNAL)} ON CONFLICT (agent, event_id, seq) DO UPDATE SET {updates}",
+            *row,
+        )
+
+    async def truncate_journal(self, agent: str, event_id: str, from_seq: int) -> int:
+        """Forget the steps of (agent, event id) from `from_seq` on."""
+        result = await self._change(
+            "truncate_journal",
+            "DELETE FROM tidings_journal WHERE agent = ? AND event_id = ? AND seq >= ?",
+            agent,
+            event_id,
+            from_seq,
+        )
+        return result.rowcount
+
+    async def save_reply(self, reply: Reply) -> bool:
+        """Keep the first reply per id; True if this one was stored."""
+        row = ordered(REPLIES, reply_values(reply, self._now()))
+        result = await self._change(
+            "save_reply", f"{insert_into(REPLIES)} ON CONFLICT DO NOTHING", *row
+        )
+        return result.rowcount > 0
+
+    async def get_reply(self, reply_id: str) -> Reply | None:
+        """The reply stored for a call id, if any."""
+        rows = await self._select(
+            "get_reply",
+            f"SELECT {REPLIES.column_list()} FROM tidings_replies WHERE id = ?",
+            reply_id,
+        )
+        return reply_from_row(rows[0]) if rows else None
+
+    async def park(self, parked: Parked) -> None:
+        """Keep an event parked on a question; a second park of the same id is a no-op."""
+        row = ordered(PARKED, parked_values(parked, self._now()))
+        await self._change("park", f"{insert_into(PARKED)} ON CONFLICT DO NOTHING", *row)
+
+    async def get_parked(self, parked_id: str) -> Parked | None:
+        """One parked entry by id or by a unique prefix of at least 6 characters."""
+        row = await self._by_id_or_prefix("get_parked", _PARKED, parked_id)
+        return parked_from_row(row) if row is not None else None
+
+    async def list_parked(
+        self, agent: str | None = None, status: ParkedStatus | None = "waiting", limit: int = 50
+    ) -> list[Parked]:
+        """Parked entries, oldest first, by agent and status (None: any status)."""
+        used = {c: v for c, v in (("agent", agent), ("status", status)) if v is not None}
+        where = " AND ".join(f"{column} = ?" for column in used)
+        rows = await self._select(
+            "list_parked",
+            f"{_PARKED} {'WHERE ' + where if where else ''} ORDER BY created_at, id LIMIT ?",
+            *used.values(),
+            max(limit, 0),
+        )
+        return [parked_from_row(r) for r in rows]
+
+    async def answer_parked(
+        self,
+        parked_id: str,
+        answer: object,
+        *,
+        status: AnswerStatus = "answered",
+        by: str | None = None,
+    ) -> Parked | None:
+        """Answer a waiting entry once; None if `LIFE` does not allow it (not waiting)."""
+        answer_move(status)  # a status no answer sets is a ValueError, before any write
+        value = dumps(answer, f"answer to {parked_id}")
+        result = await self._change(
+            "answer_parked",
+            ANSWER_PARKED[status],
+            value,
+            by,
+            self._now(),
+            parked_id,
+            rows=True,
+        )
+        return parked_from_row(result.rows[0]) if result.rows else None
+
+    async def mark_resumed(self, parked_id: str) -> None:
+        """Record that the answered event was handed back to its agent (once)."""
+        await self._change("mark_resumed", MARK_RESUMED, self._now(), parked_id)
+
+    async def parked_to_sweep(self, now: float) -> list[Parked]:
+        """Waiting entries past their deadline, and answered ones not yet resumed."""
+        rows = await self._select("parked_to_sweep", SELECT_PARKED_TO_SWEEP, now)
+        return [parked_from_row(r) for r in rows]
+
+    async def register_tool(self, name: str, app: str) -> None:
+        """Record that `app` serves tool `name`."""
+        row = ordered(TOOLS, {"name": name, "app": app, "registered_at": self._now()})
+        await self._change(
+            "register_tool",
+            f"{insert_into(TOOLS)} ON CONFLICT (name) DO UPDATE SET app = excluded.app,"
+            " registered_at = excluded.registered_at",
+            *row,
+        )
+
+    async def served_tools(self) -> list[str]:
+        """Names of every registered tool."""
+        rows = await self._select("served_tools", "SELECT name FROM tidings_tools ORDER BY name")
+        return [r["name"] for r in rows]
+
+    async def prune_steps(self, before: datetime) -> dict[str, int]:
+        """Delete old journal rows, replies and resumed parked entries, in one transaction."""
+        cutoff = self.dialect.timestamp(before)
+        queries = [Query(self.dialect.sql(sql), (cutoff,), False) for _, sql in STEP_PRUNES]
+        results = await self._run("prune_steps", queries, write=True)
+        return {name: r.rowcount for (name, _), r in zip(STEP_PRUNES, results, strict=True)}

@@ -1,0 +1,142 @@
+"""The `Records` contract (guarantees 1-3 in `tidings.store.base`), against both real backends.
+
+Rows are counted through the public API only. The PostgreSQL half never skips: when the
+server is unreachable those tests fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from tests.contract.conftest import (
+    AGENT,
+    StoreFactory,
+    dead_letter,
+    decision,
+    make_commit,
+    outbox_event,
+)
+from tidings.store import (
+    Store,
+)
+
+# -- 1. dead letters and decisions --------------------------------------------------------
+
+
+async def test_dead_letters_newest_first_filtered_fetched_and_dropped(store: Store) -> None:
+    letters = [dead_letter(agent) for agent in ("billing", "shipping", "billing")]
+    for letter in letters:
+        await store.add_dead_letter(letter)
+
+    assert await store.list_dead_letters() == letters[::-1]
+    assert await store.list_dead_letters(AGENT) == [letters[2], letters[0]]
+    assert await store.list_dead_letters(limit=1) == [letters[2]]
+    assert await store.list_dead_letters("nobody") == []
+
+    wanted = letters[1]
+    assert await store.get_dead_letter(wanted.id) == wanted  # every field round-trips
+    assert await store.get_dead_letter(wanted.id[:-6]) == wanted  # a unique prefix
+    assert await store.get_dead_letter(wanted.id[:5]) is None  # too short to be trusted
+    assert await store.get_dead_letter("ffffffff-absent") is None
+
+    assert await store.delete_dead_letter(wanted.id)
+    assert not await store.delete_dead_letter(wanted.id)
+    assert await store.get_dead_letter(wanted.id) is None
+    assert await store.list_dead_letters() == [letters[2], letters[0]]
+
+
+async def test_ambiguous_prefix_matches_nothing(store: Store) -> None:
+    for suffix in ("1", "2"):
+        await store.add_dead_letter(dead_letter(id=f"dlq-abcdef-{suffix}"))
+        await store.add_decision(decision(id=f"dec-abcdef-{suffix}"))
+    assert await store.get_dead_letter("dlq-abcdef") is None
+    assert (letter := await store.get_dead_letter("dlq-abcdef-2")) is not None
+    assert letter.id == "dlq-abcdef-2"
+    assert await store.get_decision("dec-abcdef-") is None
+    assert (found := await store.get_decision("dec-abcdef-1")) is not None
+    assert found.id == "dec-abcdef-1"
+    # LIKE wildcards in a prefix are plain characters
+    assert await store.get_decision("dec-abcde%") is None
+    assert await store.get_decision("dec-abcde_-1") is None
+
+
+async def test_decisions_newest_first_with_filters(store: Store) -> None:
+    a = make_commit("e1", correlation_id="c1")
+    b = make_commit("e2", agent="shipping", correlation_id="c1")
+    await store.commit(a)
+    await store.commit(b)
+    c = decision("e1", status="dead_lettered", error="boom", model="m", tokens_in=3,
+                 tokens_out=4, cost=0.01, correlation_id="c2")  # fmt: skip
+    await store.add_decision(c)
+
+    assert await store.list_decisions() == [c, b.decision, a.decision]
+    assert await store.list_decisions(AGENT) == [c, a.decision]
+    assert await store.list_decisions(event_id="e1") == [c, a.decision]
+    assert await store.list_decisions(correlation_id="c1") == [b.decision, a.decision]
+    assert await store.list_decisions(AGENT, correlation_id="c1") == [a.decision]
+    assert await store.list_decisions("shipping", event_id="e1") == []
+    assert await store.list_decisions(limit=2) == [c, b.decision]
+    assert await store.get_decision(c.id) == c
+    assert await store.get_decision(c.id[:-6]) == c
+
+
+# -- 2. retention -------------------------------------------------------------------------
+
+
+async def test_prune_deletes_old_rows_but_never_pending_work(store: Store) -> None:
+    kept_letter = dead_letter()
+    await store.add_dead_letter(kept_letter)
+    pending_event, sent_event = outbox_event(), outbox_event()
+    old = make_commit("old", state={"n": 1}, outbox=[pending_event, sent_event])
+    await store.commit(old)
+    await store.mark_published([sent_event.event_id])
+    await store.record_publish("explicit-old")
+    await asyncio.sleep(0.01)
+    cutoff = datetime.now(UTC)
+    await asyncio.sleep(0.01)
+    new = make_commit("new", state={"n": 2}, expected_version=1, outbox=[fresh := outbox_event()])
+    await store.commit(new)
+    await store.mark_published([fresh.event_id])
+    await store.record_publish("explicit-new")
+
+    assert await store.prune(datetime.now(UTC) - timedelta(days=1)) == {
+        "processed": 0, "outbox": 0, "decisions": 0, "publishes": 0,
+    }  # fmt: skip
+    assert await store.prune(cutoff) == {
+        "processed": 1, "outbox": 1, "decisions": 1, "publishes": 1,
+    }  # fmt: skip
+    assert not await store.is_processed(AGENT, "old")
+    assert await store.get_decision(old.decision.id) is None
+    assert await store.unpublished(AGENT, "old") == [pending_event]
+    assert not await store.was_published("explicit-old")
+    assert await store.is_processed(AGENT, "new")
+    assert await store.list_decisions() == [new.decision]
+    assert await store.was_published("explicit-new")
+
+    # Everything is old now; unpublished events and dead letters still stay.
+    counts = await store.prune(datetime.now(UTC) + timedelta(days=1))
+    assert counts == {"processed": 1, "outbox": 1, "decisions": 1, "publishes": 1}
+    assert await store.unpublished(AGENT, "old") == [pending_event]
+    assert await store.list_dead_letters() == [kept_letter]
+    # State is memory, not history: retention never touches it.
+    assert (await store.load_state(AGENT, "acct-1")).values == {"n": 2}
+
+
+async def test_prune_refuses_a_naive_datetime(store: Store) -> None:
+    with pytest.raises(ValueError, match="timezone"):
+        await store.prune(datetime.now())  # naive on purpose
+
+
+# -- 3. publish ledger --------------------------------------------------------------------
+
+
+async def test_publish_ledger_is_idempotent(store: Store, make_store: StoreFactory) -> None:
+    assert not await store.was_published("p1")
+    await store.record_publish("p1")
+    await store.record_publish("p1")
+    assert await store.was_published("p1")
+    assert not await store.was_published("p2")
+    assert await (await make_store()).was_published("p1")
