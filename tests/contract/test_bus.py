@@ -1,4 +1,4 @@
-"""The bus contract (guarantees 1-9 in `tidings.bus.base`), against a real broker.
+"""The bus contract (guarantees 1-11 in `tidings.bus.base`), against a real broker.
 
 Every test breaks something on purpose: duplicate ids, withheld acks, naks, two
 "processes" (two bus objects) on one consumer, a held-up handler, a deleted consumer, a
@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,14 @@ import pytest
 import tidings
 from tests.conftest import KafkaServer, NatsServer, free_port
 from tidings.bus import Bus, ConsumerInfo, ConsumerSpec, Delivery, RawMessage, open_bus
+from tidings.bus.base import retry_delay
 from tidings.bus.embedded import EmbeddedNats, discover_url, find_nats_server
-from tidings.bus.kafka import KafkaBus, from_kafka_headers
+from tidings.bus.kafka import KafkaBus
 from tidings.bus.kafka_history import read_all
+from tidings.bus.kafka_layout import from_kafka_headers
 from tidings.bus.memory import MemoryBus
-from tidings.bus.nats import NatsBus, agent_token, normalize_patterns
+from tidings.bus.names import agent_token
+from tidings.bus.nats import NatsBus, normalize_patterns
 from tidings.config import Settings
 from tidings.errors import BusError, BusTooOld, BusUnavailable, ConfigError
 from tidings.events import Event, decode
@@ -674,7 +677,8 @@ async def test_subscription_survives_a_broker_restart(backend: Backend, bus: Bus
 async def test_vanished_consumer_is_recreated(backend: Backend, bus: Bus) -> None:
     require(backend, "vanish")
     seen = Recorder()
-    await bus.subscribe(ConsumerSpec("phoenix", ["p.>"]), seen)
+    # "new" on purpose: re-created as "new" again, it would miss what came while it was gone.
+    await bus.subscribe(ConsumerSpec("phoenix", ["p.>"], start="new"), seen)
     first = ev("p.first")
     await bus.publish(first)
     await eventually(lambda: seen.count(first) == 1)
@@ -690,6 +694,101 @@ async def test_vanished_consumer_is_recreated(backend: Backend, bus: Bus) -> Non
     await bus.publish(third)
     await eventually(lambda: seen.count(third) >= 1, timeout=20, message="a new stream")
     assert [c.name for c in await bus.consumers()] == ["phoenix"]
+
+
+# -- 10. where a new consumer starts ----------------------------------------------------
+
+
+async def test_a_new_consumer_starts_where_its_spec_says(bus: Bus) -> None:
+    old = [ev("st.x", i=i) for i in range(2)]
+    for event in old:
+        await bus.publish(event)
+    await asyncio.sleep(0.05)  # broker clocks stamp to the millisecond at best
+    cut = datetime.now(UTC)
+    await asyncio.sleep(0.05)
+    middle = ev("st.x", i=2)
+    await bus.publish(middle)
+    everything, fresh, since, future = Recorder(), Recorder(), Recorder(), Recorder()
+    await bus.subscribe(ConsumerSpec("st-all", ["st.>"]), everything)
+    await bus.subscribe(ConsumerSpec("st-new", ["st.>"], start="new"), fresh)
+    await bus.subscribe(ConsumerSpec("st-since", ["st.>"], start=cut), since)
+    later = datetime.now(UTC) + timedelta(hours=1)
+    await bus.subscribe(ConsumerSpec("st-later", ["st.>"], start=later), future)
+    late = ev("st.x", i=3)
+    await bus.publish(late)
+    recorders = (everything, fresh, since, future)
+    await eventually(lambda: all(late.id in r.ids() for r in recorders), message="the last one")
+    await stays(lambda: len(everything.deliveries) == 4)
+    assert everything.ids() == [*(e.id for e in old), middle.id, late.id]
+    assert fresh.ids() == [late.id]
+    assert since.ids() == [middle.id, late.id]
+    assert future.ids() == [late.id]  # a time still to come starts like "new"
+
+
+async def test_an_existing_consumer_keeps_its_position_whatever_start_says(
+    backend: Backend, bus: Bus
+) -> None:
+    before = ev("sk.x", i=0)
+    await bus.publish(before)
+
+    async def run_once(spec: ConsumerSpec, seen: Recorder, until: Event | None) -> None:
+        """One worker process: subscribe, wait for `until`, then end (Kafka: leave the group)."""
+        worker = await backend.make_bus()
+        await worker.subscribe(spec, seen)
+        if until is not None:
+            await eventually(lambda: until.id in seen.ids(), timeout=30, message=str(until.data))
+        await worker.close()
+
+    # Created with "new", then stopped before anything came: it has acked nothing yet.
+    spec = ConsumerSpec("keeper", ["sk.>"], start="new")
+    first = Recorder()
+    await run_once(spec, first, None)
+    missed = ev("sk.x", i=1)
+    await bus.publish(missed)  # while no worker runs
+
+    restarted = Recorder()  # a restart with the same spec resumes: nothing published is lost
+    await run_once(spec, restarted, missed)
+    later = ev("sk.x", i=2)
+    await bus.publish(later)
+
+    redeployed = Recorder()  # another start on an existing consumer changes nothing
+    await run_once(ConsumerSpec("keeper", ["sk.>"], start="all"), redeployed, later)
+    assert first.ids() == []
+    assert restarted.ids() == [missed.id]
+    assert redeployed.ids() == [later.id]
+
+
+# -- 11. a handler that raises ----------------------------------------------------------
+
+
+async def test_a_handler_that_raises_gets_its_delivery_again_after_a_pause(
+    bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen = Recorder(ack=False)
+
+    async def handler(d: Delivery) -> None:
+        await seen(d)
+        if d.headers["ce-type"] == "boom.settled":
+            await d.ack()
+            raise RuntimeError("boom after settling")
+        if d.attempt == 1:
+            raise RuntimeError("boom")
+        await d.ack()
+
+    await bus.subscribe(ConsumerSpec("raiser", ["boom.>"]), handler)
+    settled_first, failing = ev("boom.settled"), ev("boom.once")
+    await bus.publish(settled_first)
+    await bus.publish(failing)
+    await eventually(lambda: seen.count(failing) == 2, message="the delivery back")
+    times = [
+        t
+        for t, d in zip(seen.times, seen.deliveries, strict=True)
+        if d.headers["ce-id"] == failing.id
+    ]
+    assert times[1] - times[0] >= retry_delay(1) - 0.02  # a pause, never a hot loop
+    assert [d.attempt for d in seen.deliveries if d.headers["ce-id"] == failing.id] == [1, 2]
+    await stays(lambda: seen.count(settled_first) == 1 and seen.count(failing) == 2)
+    assert "RuntimeError: boom" in caplog.text  # logged with its traceback
 
 
 # -- tail, info, connecting -------------------------------------------------------------
@@ -798,6 +897,14 @@ async def test_streams_are_set_up_idempotently_and_follow_the_dedupe_window(
         for stream in (admin.events_stream, admin.dlq_stream):
             await admin._js().delete_stream(stream)
         await admin.close()
+
+
+def test_a_consumer_spec_says_what_is_wrong_with_its_start() -> None:
+    with pytest.raises(ConfigError, match="time zone"):
+        ConsumerSpec("a", ["x.>"], start=datetime(2026, 1, 1))  # naive on purpose
+    with pytest.raises(ConfigError, match="'all', 'new'"):
+        ConsumerSpec("a", ["x.>"], start="latest")  # type: ignore[arg-type]
+    assert [retry_delay(n) for n in (1, 2, 3, 7, 50)] == [1, 2, 4, 60, 60]
 
 
 def test_names_and_patterns_are_made_nats_legal() -> None:

@@ -23,17 +23,35 @@ contract suite in ``tests/contract/test_bus.py`` checks against a real server:
    its id was published before (it bypasses the dedupe window on purpose).
 9. **Survives broker restarts**: subscriptions resume by themselves; a consumer that
    vanished is re-created rather than left silent.
+10. **Where a new consumer starts** is `ConsumerSpec.start`, applied only when the agent's
+    durable consumer (on Kafka: its group) is first created: ``"all"`` delivers the whole
+    stored history, ``"new"`` only events stored after the consumer was created, a
+    `datetime` the events stored at or after that time (a time still to come acts as
+    ``"new"``). An existing consumer keeps its position whatever `start` says, across
+    restarts and redeploys, even one that has not acknowledged anything yet. A consumer
+    re-created because it vanished (9) starts by the same rule, ``"new"`` counting from
+    when the subscription that re-creates it began, so nothing published meanwhile is lost.
+11. **A handler that raises** is a bug, not an outcome: the runtime's handlers settle each
+    delivery themselves and never raise. As a safety net every backend awaits its handler
+    through `deliver`, which logs the exception and hands the delivery back with
+    `nak(delay)`, the delay doubling with the attempt from 1 s up to 60 s, so a failing
+    handler never spins; a delivery it settled before raising stays settled.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
+import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+from tidings.errors import ConfigError
 from tidings.events import Event
+
+log = logging.getLogger(__name__)
 
 
 class Delivery(abc.ABC):
@@ -66,16 +84,56 @@ class Delivery(abc.ABC):
 DeliveryHandler = Callable[[Delivery], Awaitable[None]]
 
 
+def retry_delay(attempt: int) -> float:
+    """The pause before a delivery whose handler raised comes back: 1 s, doubling, at most 60 s."""
+    return float(min(2 ** min(max(attempt, 1) - 1, 6), 60))
+
+
+async def deliver(handler: DeliveryHandler, delivery: Delivery) -> None:
+    """Await `handler` on `delivery`; if it raises, log and hand the delivery back later.
+
+    Guarantee 11, the one rule of every backend: the runtime's handlers settle their
+    deliveries and never raise, so this only keeps a bug from losing the message or
+    spinning on it. A delivery already settled ignores the `nak`.
+    """
+    try:
+        await handler(delivery)
+    except Exception:
+        delay = retry_delay(delivery.attempt)
+        log.exception(
+            "delivery handler raised on %s (attempt %d); delivering it again in %.0f s",
+            delivery.subject, delivery.attempt, delay,
+        )  # fmt: skip
+        with contextlib.suppress(Exception):  # the bus is away: the ack wait brings it back
+            await delivery.nak(delay)
+
+
 @dataclass(frozen=True, slots=True)
 class ConsumerSpec:
-    """What an agent subscribes to and how much may be in flight."""
+    """What an agent subscribes to, how much may be in flight, and where it starts.
+
+    `start` counts only when the durable consumer is first created (guarantee 10):
+    ``"all"`` for the whole history, ``"new"`` for events stored from then on, or a
+    time-zone-aware `datetime` for the events stored at or after it.
+    """
 
     name: str
     patterns: Sequence[str]
     max_in_flight: int = 1000
     ack_wait: float = 30.0
-    # Where a consumer created now starts: "all" (the whole history), "new", or a time.
     start: Literal["all", "new"] | datetime = "all"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.start, datetime):
+            if self.start.tzinfo is None:
+                raise ConfigError(
+                    f"consumer {self.name!r}: start={self.start!r} has no time zone; brokers"
+                    " stamp in UTC, so pass an aware time such as datetime(…, tzinfo=UTC)"
+                )
+        elif self.start not in ("all", "new"):
+            raise ConfigError(
+                f"consumer {self.name!r}: start={self.start!r} is not 'all', 'new' or a datetime"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +186,7 @@ class Bus(abc.ABC):
 
     @abc.abstractmethod
     async def subscribe(self, spec: ConsumerSpec, handler: DeliveryHandler) -> Subscription:
-        """Create or join the agent's durable consumer and feed `handler` (guarantees 3-6)."""
+        """Create or join the agent's durable consumer, feed `handler` (guarantees 3-6, 10, 11)."""
 
     @abc.abstractmethod
     async def retry(self, agent: str, event: Event) -> None:

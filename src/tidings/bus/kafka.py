@@ -20,7 +20,11 @@ Layout per namespace ``ns`` (docs/backends.md explains the choices):
 * One consumer group per agent (``{ns}.<agent>``). Offsets are committed only up to the
   first delivery not yet settled in each partition, so an ack that races ahead on
   another key never commits work that is still running; a crash or rebalance
-  redelivers from there and the store's inbox makes that harmless.
+  redelivers from there and the store's inbox makes that harmless. Leaving the group
+  (stop, close) first commits every settled offset, and hands retries not yet due back
+  to the retry topic so that they do not hold the commit back.
+* A new group starting at ``"new"`` or at a time gets that start committed before it
+  first joins (guarantee 10), so a restart never resolves it again.
 
 Messages follow the CloudEvents Kafka binding in binary mode (``ce_`` headers).
 Kafka has no broker-side dedupe by message id across producer sessions: guarantee 2
@@ -35,13 +39,11 @@ import heapq
 import itertools
 import logging
 import re
-import ssl
 import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import orjson
 
@@ -64,8 +66,24 @@ from tidings.bus.base import (
     DeliveryHandler,
     RawMessage,
     Subscription,
+    deliver,
 )
-from tidings.bus.nats import agent_token
+from tidings.bus.kafka_history import (
+    commit_group_offsets,
+    follow,
+    group_lag,
+    partitions,
+    read_all,
+    start_offsets,
+)
+from tidings.bus.kafka_layout import (
+    KafkaOptions,
+    from_kafka_headers,
+    group_regex,
+    record_type,
+    to_kafka_headers,
+)
+from tidings.bus.names import agent_token
 from tidings.errors import BusError, BusUnavailable, ConfigError
 from tidings.events import Event, check_pattern, encode, matches
 
@@ -76,113 +94,6 @@ _RETRY_ATTEMPT = "tidings-retry-attempt"
 _RETRY_AT = "tidings-retry-at"
 _INTERNAL = (_RETRY_ATTEMPT, _RETRY_AT)
 _NO_IDEMPOTENCE: set[str] = set()  # brokers that refused it once in this process
-_OWN = ("partitions", "replication_factor", "idempotence", "ssl_cafile")
-# URL query parameters passed to aiokafka as they are (SASL/TLS and tuning).
-_PASSTHROUGH = {
-    "security_protocol": str,
-    "sasl_mechanism": str,
-    "sasl_plain_username": str,
-    "sasl_plain_password": str,
-    "client_id": str,
-    "request_timeout_ms": int,
-    "metadata_max_age_ms": int,
-}
-
-
-def to_kafka_headers(headers: dict[str, str]) -> list[tuple[str, bytes]]:
-    """CloudEvents attributes as ``ce_`` headers (the Kafka binding); others unchanged."""
-    return [("ce_" + k[3:] if k.startswith("ce-") else k, v.encode()) for k, v in headers.items()]
-
-
-def from_kafka_headers(headers: Sequence[tuple[str, bytes]]) -> dict[str, str]:
-    """Back to the runtime's ``ce-`` form; undecodable values are dropped, not fatal."""
-    out: dict[str, str] = {}
-    for k, v in headers:
-        try:
-            text = v.decode() if v is not None else ""
-        except UnicodeDecodeError:
-            continue
-        out["ce-" + k[3:] if k.startswith("ce_") else k] = text
-    return out
-
-
-def record_type(headers: dict[str, bytes], body: bytes | None) -> str | None:
-    """The event type of a record: ``ce_type``, or a structured-mode body's ``type``.
-
-    None when it has neither: such a record is delivered so the pipeline dead-letters it
-    with the reason, as a malformed message on NATS is.
-    """
-    if (value := headers.get("ce_type")) is not None:
-        return value.decode(errors="replace")
-    if headers.get("content-type", b"").startswith(b"application/cloudevents") and body:
-        with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
-            found = orjson.loads(body).get("type")
-            return found if isinstance(found, str) else None
-    return None
-
-
-def domain_regex(namespace: str, patterns: Sequence[str]) -> str:
-    """A regex of the domain topics that `patterns` can match."""
-    domains: set[str] = set()
-    for pattern in patterns:
-        first = check_pattern(pattern).split(".", 1)[0]
-        if first in ("*", ">"):
-            return re.escape(f"{namespace}.events.") + r"[A-Za-z0-9_-]+"
-        domains.add(re.escape(first))
-    return re.escape(f"{namespace}.events.") + "(" + "|".join(sorted(domains)) + ")"
-
-
-def group_regex(namespace: str, token: str, patterns: Sequence[str]) -> str:
-    """The topics an agent's group reads: its domain topics and its retry topic."""
-    retry = re.escape(f"{namespace}.retry.{token}")
-    return f"^({domain_regex(namespace, patterns)}|{retry})$"
-
-
-@dataclass(frozen=True, slots=True)
-class KafkaOptions:
-    """What the ``kafka://`` URL says: brokers, client settings, topic defaults."""
-
-    bootstrap: str
-    client: dict[str, Any]
-    partitions: int = 8
-    replication_factor: int = 1
-    idempotence: bool = True
-
-    @classmethod
-    def parse(cls, url: str) -> KafkaOptions:
-        """``kafka://[user:password@]host:port[,host:port]?security_protocol=SASL_SSL&…``."""
-        parts = urlsplit(url)
-        hosts = parts.netloc.rsplit("@", 1)[-1]
-        if not hosts:
-            raise ConfigError(f"bus URL {url!r} names no broker: use kafka://host:9092")
-        client: dict[str, Any] = {}
-        query = dict(parse_qsl(parts.query))
-        if parts.username:
-            client["sasl_plain_username"] = unquote(parts.username)
-            client["sasl_plain_password"] = unquote(parts.password or "")
-            client.setdefault("sasl_mechanism", "PLAIN")
-            client.setdefault("security_protocol", "SASL_PLAINTEXT")
-        options: dict[str, Any] = {}
-        try:
-            for name, value in query.items():
-                if name in _PASSTHROUGH:
-                    client[name] = _PASSTHROUGH[name](value)
-                elif name in ("partitions", "replication_factor"):
-                    options[name] = int(value)
-                elif name == "idempotence":
-                    options[name] = value.lower() in ("1", "true", "yes")
-                elif name == "ssl_cafile":
-                    client["ssl_context"] = ssl.create_default_context(cafile=value)
-                else:
-                    raise ConfigError(
-                        f"unknown Kafka option {name!r} in the bus URL; known: "
-                        + ", ".join(sorted([*_PASSTHROUGH, *_OWN]))
-                    )
-        except ValueError as e:
-            raise ConfigError(f"bus URL {url!r}: {e}") from e
-        if client.get("security_protocol", "").endswith("SSL") and "ssl_context" not in client:
-            client["ssl_context"] = ssl.create_default_context()
-        return cls(hosts, client, **options)
 
 
 class KafkaDelivery(Delivery):
@@ -231,6 +142,7 @@ class _Held:
     tp: TopicPartition
     offset: int
     deadline: float
+    requeued: bool = False  # a copy is on its way to the retry topic: never send two
 
 
 @dataclass(slots=True)
@@ -283,12 +195,15 @@ class KafkaSubscription(Subscription):
         self.consumer: AIOKafkaConsumer | None = None
         self._counter = itertools.count(1)
         self._stopping = False
+        self._left = False
+        self._hand_back_failed = False
         self._task: asyncio.Task[None] | None = None
         self.joined = asyncio.Event()
 
     async def start(self) -> None:
         """Join the group (regex over the domain topics plus the retry topic)."""
         regex = group_regex(self.bus.namespace, self.token, self.patterns)
+        await self._claim_start(regex)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bus.options.bootstrap,
             group_id=self.group,
@@ -311,6 +226,34 @@ class KafkaSubscription(Subscription):
         except TimeoutError:
             log.warning("group %s: not joined after 30s; carrying on", self.group)
 
+    async def _claim_start(self, regex: str) -> None:
+        """Guarantee 10: a group seen for the first time gets its start committed at once.
+
+        A group without committed offsets starts at the earliest record, which is "all".
+        For "new" or a time, the start is resolved now and committed before this member
+        joins, so the group has a position from its first moment: a restart (or a second
+        worker) that finds no commits of its own would otherwise resolve "new" again and
+        skip whatever was published meanwhile. Partitions that appear later (a new domain
+        topic) have no commit and start at their beginning: every record in them is newer
+        than the group. A group with any commit keeps its position, whatever `start` says.
+        """
+        if self.spec.start == "all":
+            return
+        tps = await partitions(self.bus, regex)
+        if not tps:
+            return
+        try:
+            known = await self.bus.admin().list_consumer_group_offsets(self.group, partitions=tps)
+            if any(entry.offset >= 0 for entry in known.values()):
+                return
+            offsets = await start_offsets(self.bus, tps, self.spec.start)
+            await commit_group_offsets(self.bus, self.group, offsets)
+        except KafkaError as e:
+            raise BusUnavailable(
+                f"cannot set the start of group {self.group} on {self.bus._safe_url}: {e}"
+            ) from e
+        log.debug("group %s starts at %s", self.group, offsets)
+
     # -- the loop ----------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -320,6 +263,7 @@ class KafkaSubscription(Subscription):
         while True:
             if self._stopping:
                 drain_until = drain_until or time.monotonic() + self.spec.ack_wait
+                await self._hand_back_delayed()
                 if not self.held or time.monotonic() > drain_until:
                     break
             room = self.spec.max_in_flight - len(self.held) - len(self.delayed)
@@ -333,14 +277,47 @@ class KafkaSubscription(Subscription):
             except Exception as e:  # the broker is away, or a bug: never stop consuming
                 log.warning("group %s: %r; carrying on", self.group, e)
                 await asyncio.sleep(0.5)
-        await self._commit()
-        with contextlib.suppress(Exception):
-            await consumer.stop()  # leave the group now: its partitions move on at once
+        await self._leave()
+
+    async def _leave(self) -> None:
+        """Commit every settled offset, then leave the group: its partitions move on at once."""
+        if self._left or self.consumer is None:
+            return
+        try:
+            await self._commit()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.consumer.stop()
+        self._left = True  # only now: a drain cancelled half-way through leaves again
+
+    async def _hand_back_delayed(self) -> None:
+        """On the way out, put not-yet-due retries back on the retry topic and settle them.
+
+        Held only in memory, they would keep their partition's commit behind them, and
+        every retry handled after them would come again after the restart.
+        """
+        while self.delayed and not self._hand_back_failed:
+            entry = heapq.heappop(self.delayed)  # before the await: a rebalance may prune them
+            record = entry[2]
+            try:  # the copy keeps its attempt count and not-before time
+                await self.bus._send(
+                    self.retry_topic, from_kafka_headers(record.headers), record.value or b"",
+                    record.key,
+                )  # fmt: skip
+            except BusError as e:  # the commit stays before it: read again after the restart
+                heapq.heappush(self.delayed, entry)
+                self._hand_back_failed = True  # once: the broker is away, do not spin on it
+                log.warning("group %s: could not hand retries back (%s)", self.group, e)
+            track = self.tracks.get(TopicPartition(record.topic, record.partition))
+            if track is not None and record.offset in track.offsets:
+                track.offsets[record.offset] = True
 
     async def _step(self, consumer: AIOKafkaConsumer, room: int) -> None:
         """Fetch and hand out, release due retries, redeliver expired ones, commit."""
         batch = await consumer.getmany(timeout_ms=50, max_records=max(room, 1))
-        for tp, records in batch.items():
+        # A fetch that returns after stop() hands out nothing: those records stay untracked,
+        # so the commit stops before them and the next owner reads them.
+        for tp, records in batch.items() if not self._stopping else ():
             for record in records:
                 await self._take(tp, record)
         now = time.monotonic()
@@ -382,12 +359,7 @@ class KafkaSubscription(Subscription):
             self, token, subject, headers, record.value or b"", attempt, record.key
         )
         self.held[token] = _Held(delivery, tp, record.offset, time.monotonic() + self.spec.ack_wait)
-        try:
-            await self.handler(delivery)
-        except Exception:
-            log.exception("handler failed on %s; redelivering in 1s", subject)
-            with contextlib.suppress(Exception):
-                await delivery.nak(1.0)
+        await deliver(self.handler, delivery)
 
     # -- settling ----------------------------------------------------------------------
 
@@ -405,14 +377,19 @@ class KafkaSubscription(Subscription):
 
     async def _requeue(self, token: int, delay: float) -> None:
         held = self.held.get(token)
-        if held is None:
+        if held is None or held.requeued:
             return
         delivery = held.delivery
         headers = dict(delivery.headers)
         headers[_RETRY_ATTEMPT] = str(delivery.attempt + 1)
         if delay > 0:
             headers[_RETRY_AT] = repr(time.time() + delay)
-        await self.bus._send(self.retry_topic, headers, delivery.body, delivery.key)
+        held.requeued = True
+        try:
+            await self.bus._send(self.retry_topic, headers, delivery.body, delivery.key)
+        except BaseException:
+            held.requeued = False  # still held: the ack wait tries again
+            raise
         self.redelivered += 1
         self._settle(token)
 
@@ -463,14 +440,14 @@ class KafkaSubscription(Subscription):
         self.bus._draining.add(self)
 
     async def finish(self, timeout: float) -> None:  # noqa: ASYNC109
-        """Wait for the loop to drain (bounded), then leave the group."""
+        """Wait for the loop to drain (bounded), then commit what was settled and leave."""
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(self._task, timeout)  # cancels it on timeout
-        if self.consumer is not None:
-            with contextlib.suppress(Exception):
-                await self.consumer.stop()
-        self.bus._draining.discard(self)
+        try:
+            await self._leave()  # also when the drain was cut short: never lose a settle
+        finally:
+            self.bus._draining.discard(self)
 
 
 class KafkaBus(Bus):
@@ -661,14 +638,10 @@ class KafkaBus(Bus):
         self, patterns: Sequence[str], *, last: int = 0, since: datetime | None = None
     ) -> AsyncGenerator[RawMessage, None]:
         """Follow matching events with a group-less consumer (nothing left behind)."""
-        from tidings.bus.kafka_history import follow
-
         return follow(self, [check_pattern(p) for p in patterns], last, since)
 
     async def _registered(self) -> dict[str, dict[str, Any]]:
         """The agents registry: the last record per agent."""
-        from tidings.bus.kafka_history import read_all
-
         agents: dict[str, dict[str, Any]] = {}
         for record in await read_all(self, self.agents_topic):
             with contextlib.suppress(orjson.JSONDecodeError):
@@ -677,9 +650,11 @@ class KafkaBus(Bus):
         return agents
 
     async def consumers(self) -> list[ConsumerInfo]:
-        """Each registered agent with its group's lag (pending) and this process's in flight."""
-        from tidings.bus.kafka_history import group_lag
+        """Each registered agent with its group's lag (pending) and this process's in flight.
 
+        Pending is the group's lag over its topics: it counts records of the types the agent
+        skips too, until the group has read past them.
+        """
         out = []
         for name, entry in (await self._registered()).items():
             local = [s for s in self._subscriptions if s.spec.name == name]

@@ -1,7 +1,9 @@
-"""Reading Kafka topics without a consumer group: tail, history by time, lag, registry.
+"""Kafka outside a group's membership: tail, history by time, lag, registry, a group's start.
 
 A tail assigns partitions itself (no group, nothing to clean up after it), starts each
 partition where `last` or `since` say, and looks for new domain topics every second.
+Everything here takes a `Connected` (what a connected `KafkaBus` offers), so this module
+sits below the bus and never imports it.
 """
 
 from __future__ import annotations
@@ -11,20 +13,28 @@ import re
 import time
 from collections.abc import AsyncGenerator, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal, Protocol
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tidings.bus.base import RawMessage
+from tidings.bus.kafka_layout import KafkaOptions, domain_regex, from_kafka_headers, group_regex
 from tidings.events import matches
-
-if TYPE_CHECKING:
-    from tidings.bus.kafka import KafkaBus
 
 Record = Any  # aiokafka.ConsumerRecord[bytes, bytes]; aiokafka ships no type hints
 
 
-def _consumer(bus: KafkaBus, **options: Any) -> AIOKafkaConsumer:
+class Connected(Protocol):
+    """What the readers need of a connected Kafka bus."""
+
+    namespace: str
+    options: KafkaOptions
+
+    def admin(self) -> Any:
+        """The connected admin client (aiokafka's ``AIOKafkaAdminClient``)."""
+
+
+def _consumer(bus: Connected, **options: Any) -> AIOKafkaConsumer:
     client = {k: v for k, v in bus.options.client.items() if k != "metadata_max_age_ms"}
     return AIOKafkaConsumer(
         bootstrap_servers=bus.options.bootstrap,
@@ -35,7 +45,7 @@ def _consumer(bus: KafkaBus, **options: Any) -> AIOKafkaConsumer:
     )
 
 
-async def partitions(bus: KafkaBus, regex: str) -> list[TopicPartition]:
+async def partitions(bus: Connected, regex: str) -> list[TopicPartition]:
     """The partitions of the topics whose whole name matches `regex`, asked of the broker.
 
     (A group-less aiokafka consumer's `partitions_for_topic` only knows topics its own
@@ -52,7 +62,7 @@ async def partitions(bus: KafkaBus, regex: str) -> list[TopicPartition]:
     return out
 
 
-async def read_all(bus: KafkaBus, topic: str) -> list[Record]:
+async def read_all(bus: Connected, topic: str) -> list[Record]:
     """Every record stored in `topic` now (all partitions), oldest first per partition."""
     consumer = _consumer(bus)
     await consumer.start()
@@ -101,10 +111,12 @@ async def _read_between(
     return out
 
 
-async def group_lag(bus: KafkaBus, group: str, patterns: Sequence[str]) -> int:
-    """Records stored but not yet committed by `group`, over its topics."""
-    from tidings.bus.kafka import group_regex
+async def group_lag(bus: Connected, group: str, patterns: Sequence[str]) -> int:
+    """Records stored but not yet committed by `group`, over its topics.
 
+    Every record counts, also those of types the agent skips (a domain topic holds all of
+    its domain's types, the agent's own outputs included) until the group reads past them.
+    """
     regex = group_regex(bus.namespace, group.split(".", 1)[1], patterns)
     consumer = _consumer(bus, group_id=group)
     await consumer.start()
@@ -124,9 +136,7 @@ async def group_lag(bus: KafkaBus, group: str, patterns: Sequence[str]) -> int:
         await consumer.stop()
 
 
-def _raw(bus: KafkaBus, record: Record) -> RawMessage:
-    from tidings.bus.kafka import from_kafka_headers
-
+def _raw(bus: Connected, record: Record) -> RawMessage:
     headers = from_kafka_headers(record.headers)
     stamp = datetime.fromtimestamp(record.timestamp / 1000, UTC)
     return RawMessage(
@@ -144,11 +154,9 @@ def _wanted(patterns: Sequence[str], record: Record) -> bool:
 
 
 async def follow(
-    bus: KafkaBus, patterns: list[str], last: int, since: datetime | None
+    bus: Connected, patterns: list[str], last: int, since: datetime | None
 ) -> AsyncGenerator[RawMessage, None]:
     """The tail: the `last` matching records (or those from `since`), then new ones."""
-    from tidings.bus.kafka import domain_regex
-
     regex = domain_regex(bus.namespace, patterns)
     consumer = _consumer(bus)
     await consumer.start()
@@ -198,7 +206,7 @@ async def follow(
 
 
 async def _last(
-    bus: KafkaBus,
+    bus: Connected,
     consumer: AIOKafkaConsumer,
     tps: list[TopicPartition],
     ends: dict[TopicPartition, int],
@@ -218,3 +226,41 @@ async def _last(
     # The consumer now stands after what it read, where the live part of the tail starts.
     found.sort(key=lambda r: (r.timestamp, r.partition, r.offset))
     return [_raw(bus, r) for r in found[-last:]]
+
+
+async def start_offsets(
+    bus: Connected, tps: Sequence[TopicPartition], start: Literal["new"] | datetime
+) -> dict[TopicPartition, int]:
+    """Where a group created now starts in each of `tps` (guarantee 10).
+
+    ``"new"``: the end of each partition. A time: the first record stamped at or after it,
+    else the end (a time still to come starts where ``"new"`` does).
+    """
+    consumer = _consumer(bus)
+    await consumer.start()
+    try:
+        ends: dict[TopicPartition, int] = await consumer.end_offsets(list(tps))
+        if start == "new":
+            return ends
+        found = await consumer.offsets_for_times({tp: int(start.timestamp() * 1000) for tp in tps})
+        out = {}
+        for tp in tps:
+            hit = found.get(tp)
+            # Some brokers answer "none" as offset 0 with timestamp -1.
+            out[tp] = ends[tp] if hit is None or hit.timestamp < 0 else hit.offset
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def commit_group_offsets(
+    bus: Connected, group: str, offsets: dict[TopicPartition, int]
+) -> None:
+    """Commit `offsets` for `group` without joining it (the group has no members yet)."""
+    consumer = _consumer(bus, group_id=group)
+    await consumer.start()
+    try:
+        consumer.assign(list(offsets))
+        await consumer.commit(offsets)
+    finally:
+        await consumer.stop()

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import heapq
 import itertools
-import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Sequence
@@ -33,11 +32,10 @@ from tidings.bus.base import (
     DeliveryHandler,
     RawMessage,
     Subscription,
+    deliver,
 )
 from tidings.errors import BusUnavailable
 from tidings.events import Event, check_pattern, encode, matches
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +113,7 @@ class _Consumer:
         self.name = spec.name
         self.spec = spec
         self.patterns = list(dict.fromkeys(check_pattern(p) for p in spec.patterns))
-        self.cursor = 0  # index into broker.log of the next message to consider
+        self.cursor = self._first(spec)  # index into broker.log of the next message to consider
         self.ready: deque[_Work] = deque()
         self.delayed: list[tuple[float, int, _Work]] = []
         self.in_flight: dict[int, _InFlight] = {}
@@ -124,6 +122,16 @@ class _Consumer:
         self._turn = 0
         self._wake: asyncio.Future[None] | None = None
         self._pump: asyncio.Task[None] | None = None
+
+    def _first(self, spec: ConsumerSpec) -> int:
+        """Where a consumer created now starts (guarantee 10); it keeps its cursor after."""
+        log_ = self.broker.log
+        if spec.start == "all":
+            return 0
+        if spec.start == "new":
+            return len(log_)
+        since = spec.start
+        return next((i for i, m in enumerate(log_) if m.stamp >= since), len(log_))
 
     def wants(self, message: StoredMessage) -> bool:
         if message.target is not None:
@@ -226,12 +234,7 @@ class MemorySubscription(Subscription):
 
     async def _feed(self) -> None:
         while True:
-            delivery = await self.queue.get()
-            try:
-                await self.handler(delivery)
-            except Exception:
-                log.exception("handler failed on %s; redelivering in 1s", delivery.subject)
-                await delivery.nak(1.0)
+            await deliver(self.handler, await self.queue.get())
 
     async def stop(self) -> None:
         """Leave the consumer; deliveries not yet handed to the handler go back at once."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import dataclasses
 import logging
 import os
 import re
@@ -42,28 +42,17 @@ from tidings.bus.base import (
     DeliveryHandler,
     RawMessage,
     Subscription,
+    deliver,
 )
+from tidings.bus.names import agent_token
 from tidings.errors import BusError, BusTooOld, BusUnavailable, ConfigError
 from tidings.events import Event, check_pattern, encode
 
 log = logging.getLogger(__name__)
 
 MIN_SERVER = (2, 10)  # multiple filter subjects per consumer arrived in 2.10
-_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_ILLEGAL_RE = re.compile(r"[^A-Za-z0-9_-]+")
 _STREAM_EXISTS = 10058  # "stream name already in use with a different configuration"
 _ACK, _WPI, _TERM, _NAK = b"+ACK", b"+WPI", b"+TERM", b"-NAK"
-
-
-def agent_token(name: str) -> str:
-    """A NATS-legal durable name / subject token for an agent name, still readable.
-
-    Names that need cleaning get a short hash so that 'a.b' and 'a_b' stay distinct.
-    """
-    if _NAME_RE.match(name):
-        return name
-    cleaned = _ILLEGAL_RE.sub("_", name).strip("_")[:48] or "agent"
-    return f"{cleaned}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def _subsumes(general: str, specific: str) -> bool:
@@ -166,6 +155,7 @@ class NatsSubscription(Subscription):
         self._watchdog: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_seen = time.monotonic()
+        self._began = datetime.now(UTC)
 
     async def start(self) -> None:
         """Join the consumer's queue group and start the watchdog."""
@@ -190,7 +180,7 @@ class NatsSubscription(Subscription):
             return
         # Awaited in the subscription's own task, in delivery order: a task per message
         # halves throughput, and the handler contract says it returns quickly.
-        await self._bus._run(self._handler, NatsDelivery(self._bus._client(), msg))
+        await deliver(self._handler, NatsDelivery(self._bus._client(), msg))
 
     async def _watch(self) -> None:
         """Guarantee 9: no heartbeat for a while means the consumer may be gone; recreate it.
@@ -211,7 +201,7 @@ class NatsSubscription(Subscription):
                 with contextlib.suppress(Exception):
                     await self._bus._ensure_streams()
                 try:
-                    await self._bus._ensure_consumer(self.config)
+                    await self._bus._ensure_consumer(self._recreated_config())
                 except Exception as e:
                     log.warning("re-creating consumer %s failed: %s", self.durable, e)
                     continue
@@ -219,6 +209,20 @@ class NatsSubscription(Subscription):
                 log.debug("consumer check of %s failed: %s", self.durable, e)
                 continue
             self._last_seen = time.monotonic()
+
+    def _recreated_config(self) -> api.ConsumerConfig:
+        """The config for re-creating a vanished consumer: "new" from when this one began.
+
+        (With `DeliverPolicy.NEW` again, what was published while it was gone, and what
+        it had delivered without an ack, would never come.)
+        """
+        if self._spec.start != "new":
+            return self.config
+        return dataclasses.replace(
+            self.config,
+            deliver_policy=api.DeliverPolicy.BY_START_TIME,
+            opt_start_time=self._began,
+        )
 
     async def stop(self) -> None:
         """Stop taking deliveries; ones buffered locally are nak'ed for other workers."""
@@ -412,11 +416,17 @@ class NatsBus(Bus):
         token = agent_token(spec.name)
         ns = self.namespace
         subjects = [f"{ns}.events.{p}" for p in normalize_patterns(spec.patterns)]
+        policy, since = api.DeliverPolicy.ALL, None  # guarantee 10, on first creation only
+        if spec.start == "new":
+            policy = api.DeliverPolicy.NEW
+        elif isinstance(spec.start, datetime):
+            policy, since = api.DeliverPolicy.BY_START_TIME, spec.start
         return api.ConsumerConfig(
             name=token,
             durable_name=token,
             description=f"tidings agent {spec.name}",
-            deliver_policy=api.DeliverPolicy.ALL,
+            deliver_policy=policy,
+            opt_start_time=since,
             ack_policy=api.AckPolicy.EXPLICIT,
             ack_wait=spec.ack_wait,
             max_deliver=-1,  # the runtime counts attempts and dead-letters itself
@@ -429,9 +439,26 @@ class NatsBus(Bus):
         )
 
     async def _ensure_consumer(self, config: api.ConsumerConfig) -> api.ConsumerInfo:
-        """Create or update the durable; the server treats an identical config as a no-op."""
+        """Create or update the durable; the server treats an identical config as a no-op.
+
+        An existing durable keeps where it started (guarantee 10): the server refuses to
+        change a deliver policy in place, and the position is the consumer's, not the spec's.
+        """
+        js = self._js()
+        assert config.durable_name is not None
         try:
-            return await self._js().add_consumer(self.events_stream, config)
+            try:
+                current = (await js.consumer_info(self.events_stream, config.durable_name)).config
+            except nats.js.errors.NotFoundError:
+                pass
+            else:
+                config = dataclasses.replace(
+                    config,
+                    deliver_policy=current.deliver_policy,
+                    opt_start_seq=current.opt_start_seq,
+                    opt_start_time=current.opt_start_time,
+                )
+            return await js.add_consumer(self.events_stream, config)
         except nats.js.errors.APIError as e:
             raise BusError(
                 f"cannot set up consumer {config.durable_name} on {self.events_stream}: {e}"
@@ -501,15 +528,6 @@ class NatsBus(Bus):
         await sub.start()
         self._subscriptions.add(sub)
         return sub
-
-    async def _run(self, handler: DeliveryHandler, delivery: NatsDelivery) -> None:
-        try:
-            await handler(delivery)
-        except Exception:
-            # The runtime handles its own errors; a crash here must not spin hot either.
-            log.exception("handler failed on %s; redelivering in 1s", delivery.subject)
-            with contextlib.suppress(Exception):
-                await delivery.nak(1.0)
 
     def tail(
         self, patterns: Sequence[str], *, last: int = 0, since: datetime | None = None
