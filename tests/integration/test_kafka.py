@@ -1,5 +1,6 @@
 """Kafka specifics on a real Kafka-protocol broker (tansu): foreign producers, commits of the
-settled prefix, rebalances between workers, and the CLI with TIDINGS_BUS=kafka://…."""
+settled prefix and on leaving, rebalances between workers, and the CLI with
+TIDINGS_BUS=kafka://…."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import TopicPartition
 from confluent_kafka import Producer
 
 from tests.conftest import KafkaServer
@@ -19,7 +22,9 @@ from tests.helpers import eventually, running, settings_for, stored_counts
 from tests.integration.test_cli import APP_SOURCE, Running, as_json, base_env, ok, poll
 from tidings import App, Context, Event
 from tidings.bus.base import ConsumerSpec, Delivery
-from tidings.bus.kafka import KafkaBus, KafkaOptions, _Track
+from tidings.bus.kafka import KafkaBus, KafkaSubscription, _Track
+from tidings.bus.kafka_history import read_all
+from tidings.bus.kafka_layout import KafkaOptions
 from tidings.client import Client
 from tidings.errors import ConfigError
 from tidings.store import open_store
@@ -135,6 +140,98 @@ async def test_offsets_are_committed_only_up_to_the_first_unsettled_delivery(
         await eventually(all_committed, message="the commit to move past all ten")
     finally:
         await bus.close()
+
+
+async def test_leaving_commits_every_settled_offset_and_hands_back_waiting_retries(
+    kafka_server: KafkaServer, namespace: str
+) -> None:
+    url = f"{kafka_server.url}?metadata_max_age_ms=500"
+    spec = ConsumerSpec("leaver", ["h.>"])
+    first_seen: list[tuple[str, int]] = []
+
+    async def first_handler(delivery: Delivery) -> None:
+        first_seen.append((delivery.headers["ce-id"], delivery.attempt))
+        if delivery.attempt == 1 and delivery.headers["ce-id"] == "e0":
+            await delivery.nak(delay=5.0)  # still waiting when the worker leaves
+        elif delivery.attempt == 1 and delivery.headers["ce-id"] == "e1":
+            await delivery.nak()  # retried at once, behind e0's retry in the retry topic
+        else:
+            await delivery.ack()
+
+    first = KafkaBus(url, namespace=namespace)
+    await first.connect()
+    sub = await first.subscribe(spec, first_handler)
+    assert isinstance(sub, KafkaSubscription)
+    for n in range(4):
+        await first.publish(Event.create("h.x", {}, id=f"e{n}", source="/t"))  # one partition
+    await eventually(
+        lambda: len(sub.delayed) == 1 and ("e1", 2) in first_seen, message="e0 waiting, e1 done"
+    )
+    await first.close()
+
+    # Everything settled is committed: the event topic to its end, the retry topic past
+    # both retries (e1's was handled, e0's went back to the retry topic as a copy).
+    probe = KafkaBus(url, namespace=namespace)
+    await probe.connect()
+    try:
+        events, retries = (
+            TopicPartition(f"{namespace}.events.h", 0),
+            TopicPartition(f"{namespace}.retry.leaver", 0),
+        )
+        group = f"{namespace}.leaver"
+        commits = await probe.admin().list_consumer_group_offsets(
+            group, partitions=[events, retries]
+        )
+        retried = [
+            (r.offset, dict(r.headers)["ce_id"]) for r in await read_all(probe, retries.topic)
+        ]
+        assert retried == [(0, b"e0"), (1, b"e1"), (2, b"e0")]
+        assert (commits[events].offset, commits[retries].offset) == (4, 2)
+    finally:
+        await probe.close()
+
+    # The next worker gets e0 once it is due, as attempt 2, and nothing handled before.
+    second_seen: list[tuple[str, int]] = []
+
+    async def second_handler(delivery: Delivery) -> None:
+        second_seen.append((delivery.headers["ce-id"], delivery.attempt))
+        await delivery.ack()
+
+    second = KafkaBus(url, namespace=namespace)
+    await second.connect()
+    try:
+        await second.subscribe(spec, second_handler)
+        await eventually(lambda: bool(second_seen), timeout=30, message="e0 after its delay")
+        await asyncio.sleep(0.5)
+        assert second_seen == [("e0", 2)]
+    finally:
+        await second.close()
+
+
+async def test_close_does_not_wait_on_a_publish_nobody_awaits(
+    kafka_server: KafkaServer, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As seen under load on tansu: the producer loses a partition's leader just as a worker
+    # stops, a publish waits for it, the runtime cancels that publish at the end of its
+    # grace, and aiokafka's stop() would wait out the record's 40 s request timeout.
+    bus = KafkaBus(f"{kafka_server.url}?metadata_max_age_ms=500", namespace=namespace)
+    await bus.connect()
+    event = Event.create("lost.x", {}, source="/t")
+    await bus.publish(event)  # the topic and its leader are known now
+    assert bus._producer is not None
+    cluster = bus._producer.client.cluster
+    known = cluster.leader_for_partition
+    topic = bus.event_topic(event.type)
+    monkeypatch.setattr(
+        cluster, "leader_for_partition", lambda tp: None if tp.topic == topic else known(tp)
+    )
+    stuck = asyncio.ensure_future(bus.publish(Event.create("lost.x", {}, source="/t")))
+    await asyncio.sleep(0.5)
+    assert not stuck.done()
+    stuck.cancel()  # what the runtime's wind-down does to a publish still waiting
+    started = time.monotonic()
+    await bus.close()
+    assert time.monotonic() - started < 15  # bounded (about 5 s), not the 40 s timeout
 
 
 def test_commit_point_is_the_first_unsettled_offset() -> None:

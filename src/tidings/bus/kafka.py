@@ -94,6 +94,7 @@ _RETRY_ATTEMPT = "tidings-retry-attempt"
 _RETRY_AT = "tidings-retry-at"
 _INTERNAL = (_RETRY_ATTEMPT, _RETRY_AT)
 _NO_IDEMPOTENCE: set[str] = set()  # brokers that refused it once in this process
+_CLOSE_WAIT = 5.0  # seconds close() gives each of: draining, leaving, the last publishes
 
 
 class KafkaDelivery(Delivery):
@@ -279,15 +280,23 @@ class KafkaSubscription(Subscription):
                 await asyncio.sleep(0.5)
         await self._leave()
 
-    async def _leave(self) -> None:
-        """Commit every settled offset, then leave the group: its partitions move on at once."""
+    async def _leave(self, within: float | None = None) -> None:
+        """Commit every settled offset, then leave the group: its partitions move on at once.
+
+        With `within` (seconds), each half is bounded: a broker that does not answer must not keep
+        a worker from exiting (what was not committed is delivered again).
+        """
         if self._left or self.consumer is None:
             return
         try:
-            await self._commit()
+            async with asyncio.timeout(within):
+                await self._commit()
+        except TimeoutError:
+            log.warning("group %s: no answer to the last commit; redeliveries follow", self.group)
         finally:
             with contextlib.suppress(Exception):
-                await self.consumer.stop()
+                async with asyncio.timeout(within):
+                    await self.consumer.stop()
         self._left = True  # only now: a drain cancelled half-way through leaves again
 
     async def _hand_back_delayed(self) -> None:
@@ -445,7 +454,7 @@ class KafkaSubscription(Subscription):
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(self._task, timeout)  # cancels it on timeout
         try:
-            await self._leave()  # also when the drain was cut short: never lose a settle
+            await self._leave(timeout)  # also when the drain was cut short
         finally:
             self.bus._draining.discard(self)
 
@@ -521,18 +530,41 @@ class KafkaBus(Bus):
         return producer
 
     async def close(self) -> None:
-        """Drain subscriptions (committing what was settled), flush, disconnect."""
+        """Drain subscriptions (committing what was settled), flush, disconnect; bounded."""
         for sub in list(self._subscriptions):
             await sub.stop()
-        await asyncio.gather(*(sub.finish(5.0) for sub in list(self._draining)))
+        await asyncio.gather(*(sub.finish(_CLOSE_WAIT) for sub in list(self._draining)))
         producer, self._producer = self._producer, None
         if producer is not None:
-            with contextlib.suppress(Exception):
-                await producer.stop()
+            await self._stop_producer(producer)
         admin, self._admin = self._admin, None
         if admin is not None:
             with contextlib.suppress(Exception):
                 await admin.close()
+
+    async def _stop_producer(self, producer: AIOKafkaProducer) -> None:
+        """Flush and stop the producer, without waiting long on records nobody awaits.
+
+        Every `_send` has returned or been cancelled by now, so a record still queued
+        belongs to a caller that was never told it was stored: it settled, marked or
+        acknowledged nothing for it, and dropping it loses nothing. aiokafka's own stop
+        would wait for such a record as long as the broker leaves it unanswered.
+        """
+        stopping = asyncio.ensure_future(producer.stop())
+        done, _ = await asyncio.wait([stopping], timeout=_CLOSE_WAIT)
+        if not done:
+            log.warning(
+                "%s did not confirm the last publishes within %.0f s; closing without them"
+                " (their senders were not told they were stored)", self._safe_url, _CLOSE_WAIT,
+            )  # fmt: skip
+            producer._message_accumulator.fail_all(
+                KafkaTimeoutError("the bus was closed before the broker confirmed")
+            )
+            await asyncio.wait([stopping], timeout=_CLOSE_WAIT)
+        if not stopping.done():
+            stopping.cancel()
+        elif not stopping.cancelled() and stopping.exception() is not None:
+            log.debug("producer stop: %r", stopping.exception())
 
     def admin(self) -> AIOKafkaAdminClient:
         """The connected admin client (topics, cluster facts)."""
