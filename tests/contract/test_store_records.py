@@ -19,9 +19,8 @@ from tests.contract.conftest import (
     make_commit,
     outbox_event,
 )
-from tidings.store import (
-    Store,
-)
+from tidings.events import now
+from tidings.store import FilterErrors, Store
 
 # -- 1. dead letters and decisions --------------------------------------------------------
 
@@ -83,6 +82,38 @@ async def test_decisions_newest_first_with_filters(store: Store) -> None:
     assert await store.get_decision(c.id[:-6]) == c
 
 
+async def test_prefix_matches_count_and_name_the_shortest_unique_prefix(store: Store) -> None:
+    ids = ["0aaaaa-0001", "0aaaaa-0002", "0aaaaa-1000", "0aaaab-0000"]
+    for id_ in ids:
+        await store.add_decision(decision(id=id_))
+    await store.add_dead_letter(dead_letter(id="0aaaaa-9999"))  # another kind: not counted
+
+    many = await store.prefix_matches("decision", "0aaaaa")
+    assert many.count == 3
+    assert many.newest == [
+        ("0aaaaa-1000", "0aaaaa-1"), ("0aaaaa-0002", "0aaaaa-0002"),
+        ("0aaaaa-0001", "0aaaaa-0001"),
+    ]  # fmt: skip
+    assert await store.prefix_matches("decision", "0aaaaa-0", limit=1) == type(many)(
+        2, [("0aaaaa-0002", "0aaaaa-0002")]
+    )
+    assert (await store.prefix_matches("decision", "0aaaab")).newest == [
+        ("0aaaab-0000", "0aaaab")  # never shorter than the 6 characters a lookup needs
+    ]
+    assert (await store.prefix_matches("dead_letter", "0aaaaa")).count == 1
+    assert (await store.prefix_matches("parked", "0aaaaa")).count == 0
+    assert (await store.prefix_matches("decision", "zzzzzz")).newest == []
+
+
+async def test_count_decisions_counts_past_any_limit(store: Store) -> None:
+    for n in range(3):
+        await store.commit(make_commit(f"e{n}"))
+    await store.add_decision(decision(agent="shipping"))
+    assert await store.count_decisions() == 4
+    assert await store.count_decisions(AGENT) == 3
+    assert await store.count_decisions("nobody") == 0
+
+
 # -- 2. retention -------------------------------------------------------------------------
 
 
@@ -140,3 +171,43 @@ async def test_publish_ledger_is_idempotent(store: Store, make_store: StoreFacto
     assert await store.was_published("p1")
     assert not await store.was_published("p2")
     assert await (await make_store()).was_published("p1")
+
+
+# -- 4. filter errors ---------------------------------------------------------------------
+
+
+def _filter_report(agent: str = AGENT, count: int = 1, **changes: str) -> FilterErrors:
+    moment = now()
+    values = {
+        "expression": "data.amount > 1000", "event_id": "e1",
+        "error": "data.amount = 'lots': no matching overloads", "first_at": moment,
+        "last_at": moment,
+    } | changes  # fmt: skip
+    return FilterErrors(agent=agent, count=count, **values)
+
+
+async def test_filter_errors_add_up_and_keep_the_latest_case(store: Store) -> None:
+    assert await store.filter_errors() == []
+    first = _filter_report(count=3)
+    await store.count_filter_errors(first)
+    await asyncio.sleep(0.01)
+    later = _filter_report(count=2, event_id="e9", error="data.amount: missing")
+    await store.count_filter_errors(later)
+    await store.count_filter_errors(_filter_report("shipping"))
+
+    billing, shipping = await store.filter_errors()
+    assert billing == FilterErrors(
+        AGENT, 5, later.expression, "e9", "data.amount: missing", first.first_at, later.last_at
+    )
+    assert (shipping.agent, shipping.count) == ("shipping", 1)
+
+
+async def test_filter_error_reports_of_many_workers_at_once_all_count(
+    store: Store, make_store: StoreFactory
+) -> None:
+    others = [await make_store() for _ in range(3)]
+    await asyncio.gather(
+        *(s.count_filter_errors(_filter_report(count=n + 1)) for n in range(20) for s in others)
+    )
+    (total,) = await store.filter_errors()
+    assert total.count == 3 * sum(range(1, 21))

@@ -6,6 +6,7 @@ import asyncio
 from collections import Counter
 from pathlib import Path
 
+import structlog.testing
 from pydantic import BaseModel
 
 from tests.helpers import eventually, publish_raw_event, running, settings_for, stored_counts
@@ -134,18 +135,91 @@ async def test_filtered_events_touch_no_store(
         pipeline = worker.pipeline("big")
         spy = CountingStore(pipeline.store)
         pipeline.committer.store = spy  # type: ignore[assignment]
+        pipeline.filter_errors.records = spy  # type: ignore[assignment]
         for amount in (5, 10, 999):
             await client.publish("payment.card.created", {"amount": amount})
+        await eventually(lambda: worker.stats()["big"].received == 3, message="all received")
+        assert worker.stats()["big"].filtered == 3
+        assert spy.calls == []  # filtered events never reached the store
+        # An event the filter cannot evaluate is filtered too, and counted: the count goes
+        # to the store in one report, off the hot path, so `tidings agents` can show it.
         await client.publish("payment.card.created", {"no_amount": True})
-        await eventually(lambda: worker.stats()["big"].received == 4, message="all received")
+        await eventually(lambda: spy.calls == ["count_filter_errors"], message="the report")
         stats = worker.stats()["big"]
         assert (stats.filtered, stats.filter_errors) == (4, 1)
-        assert spy.calls == []  # filtered events never reached the store
         for amount in (5000, 2000):
             await client.publish("payment.card.created", {"amount": amount})
         await eventually(lambda: len(handled) == 2, message="big ones handled")
         assert "commit" in spy.calls
     assert handled == [5000, 2000]
+
+
+async def test_filter_errors_are_logged_once_in_a_while_and_all_counted_in_the_store(
+    bus_url: str, namespace: str, tmp_path: Path, store_url: str
+) -> None:
+    app = App("test")
+
+    @app.agent("big", on="payment.>", where="data.amount > 1000")
+    async def big(event: Event, ctx: Context) -> None:
+        pass
+
+    settings = settings_for(bus_url, namespace, tmp_path, store_url)
+    with structlog.testing.capture_logs() as logs:
+        async with running(app, settings) as worker, Client(settings) as client:
+            sent = [
+                await client.publish(
+                    "payment.card.created", {"customer_id": "c8", "amount": "lots"}
+                )
+                for _ in range(30)
+            ]
+            last = await client.publish("payment.card.created", {"customer_id": "c9"})
+            await eventually(
+                lambda: worker.stats()["big"].filter_errors == 31, message="all counted"
+            )
+        # Stopping reported whatever the last periodic report had not.
+    warnings = [e for e in logs if e["event"] == "filter error: treated as no match"]
+    assert 1 <= len(warnings) < 31  # rate-limited, not one line per event
+    assert warnings[0]["where"] == "data.amount > 1000"
+    assert warnings[0]["event_id"] == sent[0].id
+    assert warnings[0]["error"].startswith("data.amount = 'lots' (No matching overloads")
+
+    store = await open_test_store(settings.store_url)
+    try:
+        (errors,) = await store.filter_errors()
+    finally:
+        await store.close()
+    assert (errors.agent, errors.count, errors.expression) == ("big", 31, "data.amount > 1000")
+    assert (errors.event_id, errors.error) == (last.id, "data.amount missing (Key not found in map"
+                                               ' : "amount")')  # fmt: skip
+
+
+class Payment(BaseModel):
+    customer_id: str
+    amount: int
+
+
+async def test_a_data_model_agent_filters_on_the_validated_data(
+    bus_url: str, namespace: str, tmp_path: Path, store_url: str
+) -> None:
+    app = App("test")
+    seen: list[Payment] = []
+
+    @app.agent("typed", on="payment.>", where="data.amount > 1000", data_model=Payment)
+    async def typed(event: Event, ctx: Context) -> None:
+        seen.append(event.data)
+
+    settings = settings_for(bus_url, namespace, tmp_path, store_url)
+    async with running(app, settings) as worker, Client(settings) as client:
+        await client.publish("payment.card.created", {"customer_id": "c1", "amount": "2000"})
+        await client.publish("payment.card.created", {"customer_id": "c1", "amount": "20"})
+        await client.publish("payment.card.created", {"customer_id": "c1", "amount": "lots"})
+        await eventually(lambda: worker.stats()["typed"].received == 3, message="all received")
+        await eventually(lambda: len(seen) == 1, message="the big one handled")
+        stats = worker.stats()["typed"]
+        # "20" is filtered as 20; "lots" is no int, so it is filtered on its raw data, which
+        # the expression cannot compare: a filter error, not a dead letter.
+        assert (stats.filtered, stats.filter_errors, stats.dead_lettered) == (2, 1, 0)
+    assert seen == [Payment(customer_id="c1", amount=2000)]
 
 
 async def test_poison_input_is_dead_lettered_and_the_stream_keeps_flowing(

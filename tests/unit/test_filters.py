@@ -45,3 +45,28 @@ def test_callables_pass_through() -> None:
 
     assert compile_filter(predicate) is predicate
     assert compile_filter(None) is None
+
+
+@pytest.mark.parametrize(
+    ("data", "shown"),
+    [
+        ({"amount": "lots"}, "data.amount = 'lots' (No matching overloads"),
+        ({}, "data.amount missing"),
+        ({"amount": {"value": 1}}, "data.amount = {'value': 1}"),
+        ([1], "data.amount missing"),
+    ],
+)
+def test_a_miss_names_the_values_the_expression_read(data: object, shown: str) -> None:
+    predicate = compile_filter("data.amount > 1000 || data.amount < 0")
+    assert predicate is not None
+    with pytest.raises(FilterMiss) as miss:
+        predicate(event(data))
+    assert str(miss.value).startswith(shown)
+    assert str(miss.value).count("data.amount") == 1  # each path once
+
+
+def test_a_miss_on_nested_paths_names_each() -> None:
+    predicate = compile_filter("data.customer.tier == 'gold' && data.total > 5")
+    assert predicate is not None
+    with pytest.raises(FilterMiss, match=r"data\.customer\.tier = 'gold', data\.total missing"):
+        predicate(event({"customer": {"tier": "gold"}}))

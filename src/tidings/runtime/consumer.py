@@ -90,6 +90,9 @@ class Processor(Protocol):
     ) -> None:
         """Record what giving up means to this kind (a decision, a reply to a caller)."""
 
+    async def flush(self) -> None:
+        """Write what this kind keeps in memory (counters) once its deliveries stopped."""
+
 
 class SimpleProcessor:
     """A base for consumers without a filter or a decision ledger (replies, answers).
@@ -125,6 +128,9 @@ class SimpleProcessor:
         self, delivery: Delivery, event: Event | None, outcome: DeadLetter
     ) -> None:
         """The dead-letter record says it all."""
+
+    async def flush(self) -> None:
+        """Nothing is kept in memory."""
 
 
 class Consumer:
@@ -288,3 +294,5 @@ class Consumer:
             with contextlib.suppress(Exception):
                 await self.subscription.stop()
         await wind_down(self.tasks, self._heartbeat, grace)
+        with contextlib.suppress(Exception):
+            await self.processor.flush()

@@ -30,7 +30,7 @@ from tidings.runtime.commits import Committer
 from tidings.runtime.consumer import Settled
 from tidings.runtime.context import Context, Services
 from tidings.runtime.durable import AgentParked
-from tidings.runtime.filters import FilterMiss
+from tidings.runtime.filters import FilterErrorReport, FilterMiss
 from tidings.runtime.outcomes import Ack, Backoff, DeadLetter, Outcome, describe
 from tidings.runtime.spec import AgentSpec
 from tidings.store.base import Store
@@ -77,6 +77,10 @@ class Pipeline:
         self.stats = AgentStats()
         self.committer = Committer(services.bus, services.store)
         self.consumer = ConsumerSpec(spec.name, spec.patterns, start=spec.start)
+        where = (
+            spec.where if isinstance(spec.where, str) else getattr(spec.where, "__qualname__", "")
+        )
+        self.filter_errors = FilterErrorReport(spec.name, where, services.store)
 
     @property
     def store(self) -> Store:
@@ -114,14 +118,34 @@ class Pipeline:
         predicate = self.spec.predicate
         if predicate is not None:
             try:
-                passed = predicate(event)
-            except FilterMiss:
+                passed = predicate(self._as_filtered(event))
+            except FilterMiss as miss:
                 self.stats.filter_errors += 1
+                self.filter_errors.note(event, miss)
                 passed = False
             if not passed:
                 self.stats.filtered += 1
                 return Ack("filtered")
         return event
+
+    def _as_filtered(self, event: Event) -> Event:
+        """The event as the filter sees it: with a data model, its data as validated.
+
+        So "2000" for an int field compares as 2000, as the handler will see it. Data the
+        model refuses is filtered as it came; if it passes, the handler's validation
+        dead-letters it, as without a filter.
+        """
+        model = self.spec.data_model
+        if model is None:
+            return event
+        try:
+            return event.replace(data=model.model_validate(event.data).model_dump(mode="json"))
+        except ValueError:  # pydantic's ValidationError
+            return event
+
+    async def flush(self) -> None:
+        """Report the filter errors counted since the last report."""
+        await self.filter_errors.flush()
 
     # -- steps 3 to 6 ---------------------------------------------------------------
 

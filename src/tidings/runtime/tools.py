@@ -240,6 +240,9 @@ class ToolService:
             )
         )  # fmt: skip
 
+    async def flush(self) -> None:
+        """Nothing is kept in memory."""
+
     @staticmethod
     def _reply_to(event: Event) -> str | None:
         data = event.data if isinstance(event.data, dict) else {}

@@ -25,8 +25,11 @@ from tidings.store.records import (
     Commit,
     DeadLetter,
     Decision,
+    FilterErrors,
     OutboxEvent,
     Parked,
+    PrefixMatches,
+    RecordKind,
     Reply,
     StateSnapshot,
     Step,
@@ -79,6 +82,9 @@ class Records(abc.ABC):
 
     1. **Dead letters and decisions** are kept until dropped or pruned, newest first in
        lists; one is found by its id or by a unique prefix of at least 6 characters.
+       `prefix_matches()` says how many ids of a kind (parked entries too) a prefix fits,
+       with the newest few and the shortest prefix unique to each; `count_decisions()` is
+       how many `list_decisions()` would list without a limit.
     2. **Retention.** `prune(before)` deletes processed markers, published outbox rows,
        decisions and publish records older than `before`, never unpublished outbox rows,
        dead letters or state.
@@ -86,6 +92,9 @@ class Records(abc.ABC):
        client can make explicit-id publishes idempotent beyond the broker's dedupe window
        (check, publish, record: a crash in between re-publishes inside the window, which
        dedupes).
+    4. **Filter errors.** `count_filter_errors(report)` adds `report.count` to the agent's
+       total in one statement, so reports of several workers at once all count; it keeps
+       the first `first_at` and the latest case. `filter_errors()` lists every agent's.
     """
 
     @abc.abstractmethod
@@ -124,6 +133,22 @@ class Records(abc.ABC):
     @abc.abstractmethod
     async def get_decision(self, decision_id: str) -> Decision | None:
         """One decision by id (a unique prefix of at least 6 characters also matches)."""
+
+    @abc.abstractmethod
+    async def count_decisions(self, agent: str | None = None) -> int:
+        """How many decisions are kept, of one agent or of all (guarantee 1)."""
+
+    @abc.abstractmethod
+    async def prefix_matches(self, kind: RecordKind, prefix: str, limit: int = 3) -> PrefixMatches:
+        """How many ids of `kind` start with `prefix`, and the newest `limit` (guarantee 1)."""
+
+    @abc.abstractmethod
+    async def count_filter_errors(self, report: FilterErrors) -> None:
+        """Add a worker's latest filter errors to the agent's total (guarantee 4)."""
+
+    @abc.abstractmethod
+    async def filter_errors(self) -> list[FilterErrors]:
+        """Each agent's filter errors: total, first and last time, the latest case."""
 
     @abc.abstractmethod
     async def was_published(self, event_id: str) -> bool:

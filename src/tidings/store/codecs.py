@@ -21,6 +21,7 @@ from tidings.store.records import (
     Commit,
     DeadLetter,
     Decision,
+    FilterErrors,
     OutboxEvent,
     Parked,
     Reply,
@@ -121,6 +122,16 @@ def ts_text(value: datetime | str) -> str:
 
 def _optional_ts(value: datetime | str | None) -> str | None:
     return None if value is None else ts_text(value)
+
+
+def shared_length(a: str, b: str) -> int:
+    """How many leading characters `a` and `b` have in common."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def prefix_range(prefix: str) -> tuple[str, str]:
@@ -299,4 +310,13 @@ def parked_from_row(row: Row) -> Parked:
         answer=loads(row["answer"]), answered_by=row["answered_by"],
         created_at=ts_text(row["created_at"]), answered_at=_optional_ts(row["answered_at"]),
         resumed_at=_optional_ts(row["resumed_at"]),
+    )  # fmt: skip
+
+
+def filter_errors_from_row(row: Row) -> FilterErrors:
+    """An agent's filter-error total and latest case, from its row."""
+    return FilterErrors(
+        agent=row["agent"], count=int(row["count"]), expression=row["expression"],
+        event_id=row["event_id"], error=row["error"], first_at=ts_text(row["first_at"]),
+        last_at=ts_text(row["last_at"]),
     )  # fmt: skip

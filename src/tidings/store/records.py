@@ -100,6 +100,34 @@ class DeadLetter:
 
 
 @dataclass(frozen=True, slots=True)
+class FilterErrors:
+    """How often an agent's filter could not be evaluated on an event, and the latest case.
+
+    The worker adds up its count in memory and reports it now and then, so this is one row
+    per agent however many events fail.
+    """
+
+    agent: str
+    count: int
+    expression: str
+    event_id: str  # the latest event it failed on
+    error: str  # what failed on which value, e.g. "data.amount = 'lots': no matching overloads"
+    first_at: str
+    last_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixMatches:
+    """The ids of one kind of record that start with a prefix, for a helpful "ambiguous"."""
+
+    count: int
+    newest: list[tuple[str, str]]  # (id, the shortest prefix unique to it), newest first
+
+
+RecordKind = Literal["decision", "dead_letter", "parked"]
+
+
+@dataclass(frozen=True, slots=True)
 class Step:
     """One journaled step of a handler run: an LLM call, a tool call, `ctx.step` or an ask.
 

@@ -117,11 +117,16 @@ PARKED = _table(
     C("answered_at", TIMESTAMP, True), C("resumed_at", TIMESTAMP, True),
 )  # fmt: skip
 TOOLS = _table("tidings_tools", C("name", TEXT), C("app", TEXT), C("registered_at", TIMESTAMP))
+FILTER_ERRORS = _table(
+    "tidings_filter_errors",
+    C("agent", TEXT), C("count", BIGINT), C("expression", TEXT), C("event_id", TEXT),
+    C("error", TEXT), C("first_at", TIMESTAMP), C("last_at", TIMESTAMP),
+)  # fmt: skip
 MIGRATIONS_LEDGER = _table(MIGRATIONS_TABLE, C("version", INTEGER), C("applied_at", TIMESTAMP))
 
 TABLES: Final = (
     STATE, INBOX, OUTBOX, DECISIONS, DEAD_LETTERS, PUBLISHES, JOURNAL, REPLIES, PARKED, TOOLS,
-    MIGRATIONS_LEDGER,
+    FILTER_ERRORS, MIGRATIONS_LEDGER,
 )  # fmt: skip
 
 
@@ -225,6 +230,16 @@ SQLITE_MIGRATIONS: Final[tuple[Migration, ...]] = (
     # Nothing to change here: SQLite timestamps were text from the start. The version is
     # kept in step with PostgreSQL's, so a version number means one schema everywhere.
     Migration(3, "one timestamp type (already so in SQLite)", ()),
+    Migration(
+        4,
+        "filter errors per agent",
+        (
+            """CREATE TABLE tidings_filter_errors (
+                agent TEXT PRIMARY KEY, count INTEGER NOT NULL, expression TEXT NOT NULL,
+                event_id TEXT NOT NULL, error TEXT NOT NULL, first_at TEXT NOT NULL,
+                last_at TEXT NOT NULL)""",
+        ),
+    ),
 )
 
 
@@ -319,6 +334,16 @@ POSTGRES_MIGRATIONS: Final[tuple[Migration, ...]] = (
             _to_timestamptz("tidings_replies", "created_at"),
             _to_timestamptz("tidings_parked", "created_at", "answered_at", "resumed_at"),
             _to_timestamptz("tidings_tools", "registered_at"),
+        ),
+    ),
+    Migration(
+        4,
+        "filter errors per agent",
+        (
+            """CREATE TABLE tidings_filter_errors (
+                agent text PRIMARY KEY, count bigint NOT NULL, expression text NOT NULL,
+                event_id text NOT NULL, error text NOT NULL, first_at timestamptz NOT NULL,
+                last_at timestamptz NOT NULL)""",
         ),
     ),
 )

@@ -15,6 +15,7 @@ no ``?`` inside string literals, and none of PostgreSQL's ``?`` JSON operators.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -32,6 +33,7 @@ from tidings.store.codecs import (
     decision_row,
     decision_to_json,
     dumps,
+    filter_errors_from_row,
     format_ts,
     ordered,
     outbox_from_row,
@@ -41,6 +43,7 @@ from tidings.store.codecs import (
     prefix_range,
     reply_from_row,
     reply_values,
+    shared_length,
     snapshot_from_rows,
     step_from_row,
     step_values,
@@ -58,8 +61,11 @@ from tidings.store.parking import (
 from tidings.store.records import (
     DeadLetter,
     Decision,
+    FilterErrors,
     OutboxEvent,
     Parked,
+    PrefixMatches,
+    RecordKind,
     Reply,
     StateSnapshot,
     Step,
@@ -67,6 +73,7 @@ from tidings.store.records import (
 from tidings.store.schema import (
     DEAD_LETTERS,
     DECISIONS,
+    FILTER_ERRORS,
     INBOX,
     JOURNAL,
     MIGRATIONS_TABLE,
@@ -225,6 +232,11 @@ PRUNED = (
 )
 
 _PARKED = f"SELECT {PARKED.column_list()} FROM tidings_parked"
+_ID_TABLES: dict[RecordKind, str] = {
+    "decision": "tidings_decisions",
+    "dead_letter": "tidings_dead_letters",
+    "parked": "tidings_parked",
+}
 _FINISHED = in_stages(final_stages())
 # What prune_steps() deletes: result key and statement (one parameter: the cutoff).
 STEP_PRUNES = (
@@ -433,6 +445,69 @@ class SqlStore(Store):
         select = "SELECT id, record FROM tidings_decisions"
         row = await self._by_id_or_prefix("get_decision", select, decision_id)
         return decision_from_json(row["record"]) if row is not None else None
+
+    async def count_decisions(self, agent: str | None = None) -> int:
+        """How many decisions are kept, of one agent or of all."""
+        where, params = ("WHERE agent = ?", (agent,)) if agent is not None else ("", ())
+        rows = await self._select(
+            "count_decisions", f"SELECT count(*) FROM tidings_decisions {where}", *params
+        )
+        return int(rows[0][0])
+
+    async def prefix_matches(self, kind: RecordKind, prefix: str, limit: int = 3) -> PrefixMatches:
+        """How many ids of `kind` start with `prefix`, and the newest `limit` of them.
+
+        Ids are UUIDv7, so id order is time order. Each id's shortest unique prefix is one
+        character past what it shares with its neighbours in that order.
+        """
+        table, action = _ID_TABLES[kind], "prefix_matches"
+        low, high = prefix_range(prefix)
+        span = "id >= ? AND id < ?"
+        rows = await self._select(
+            action, f"SELECT id FROM {table} WHERE {span} ORDER BY id DESC LIMIT ?", low, high,
+            max(limit, 0),
+        )  # fmt: skip
+        newest = [str(r["id"]) for r in rows if str(r["id"]).startswith(prefix)]
+        if not newest:
+            return PrefixMatches(0, [])
+        counted = await self._select(
+            action, f"SELECT count(*) FROM {table} WHERE {span}", low, high
+        )
+        shortest: list[tuple[str, str]] = []
+        for id_ in newest:
+            shared = 0
+            for neighbour in (
+                f"SELECT id FROM {table} WHERE id < ? ORDER BY id DESC LIMIT 1",
+                f"SELECT id FROM {table} WHERE id > ? ORDER BY id LIMIT 1",
+            ):
+                near = await self._select(action, neighbour, id_)
+                if near:
+                    shared = max(shared, shared_length(id_, str(near[0]["id"])))
+            shortest.append((id_, id_[: max(MIN_PREFIX, shared + 1)]))
+        return PrefixMatches(int(counted[0][0]), shortest)
+
+    async def count_filter_errors(self, report: FilterErrors) -> None:
+        """Add `report.count` to the agent's total; keep the first time and the latest case."""
+        values = dataclasses.asdict(report)
+        values["first_at"] = self.dialect.timestamp(parse_ts(report.first_at))
+        values["last_at"] = self.dialect.timestamp(parse_ts(report.last_at))
+        latest = ", ".join(
+            f"{c} = excluded.{c}" for c in ("expression", "event_id", "error", "last_at")
+        )
+        await self._change(
+            "count_filter_errors",
+            f"{insert_into(FILTER_ERRORS)} ON CONFLICT (agent) DO UPDATE SET"
+            f" count = tidings_filter_errors.count + excluded.count, {latest}",
+            *ordered(FILTER_ERRORS, values),
+        )
+
+    async def filter_errors(self) -> list[FilterErrors]:
+        """Each agent's filter errors, by agent name."""
+        rows = await self._select(
+            "filter_errors",
+            f"SELECT {FILTER_ERRORS.column_list()} FROM tidings_filter_errors ORDER BY agent",
+        )
+        return [filter_errors_from_row(r) for r in rows]
 
     async def was_published(self, event_id: str) -> bool:
         """Whether an explicit-id publish of `event_id` was recorded."""
