@@ -17,9 +17,9 @@ import pytest
 from aiokafka import TopicPartition
 from confluent_kafka import Producer
 
-from tests.conftest import KafkaServer
+from tests.conftest import KafkaServer, free_port
 from tests.helpers import eventually, running, settings_for, stored_counts
-from tests.integration.test_cli import APP_SOURCE, Running, as_json, base_env, ok, poll
+from tests.integration.test_cli import APP_SOURCE, Running, as_json, base_env, ok, poll, tidings
 from tidings import App, Context, Event
 from tidings.bus.base import ConsumerSpec, Delivery
 from tidings.bus.kafka import KafkaBus, KafkaSubscription, _Track
@@ -342,6 +342,10 @@ def test_the_cli_works_unchanged_on_kafka(
         assert json.loads(tail.stdout.splitlines()[0])["id"] == event_id
         agents = as_json("agents", env=env, cwd=tmp_path)
         assert {a["name"] for a in agents} >= {"flaky", "steady"}
+        # A read-only command starts no producer, so it has nothing to warn about.
+        quiet = tidings("agents", env=env, cwd=tmp_path)
+        assert quiet.returncode == 0, quiet.stderr
+        assert "producer" not in quiet.stdout + quiet.stderr
         letters = poll(lambda: as_json("dlq", "ls", env=env, cwd=tmp_path), "a dead letter")
         assert letters[0]["agent"] == "flaky"
         doctor = subprocess.run(
@@ -352,3 +356,37 @@ def test_the_cli_works_unchanged_on_kafka(
         assert "kafka" in doctor.stdout and "✗" not in doctor.stdout
     finally:
         worker.kill()
+
+
+def test_the_docs_way_to_try_kafka_locally_works(tmp_path: Path, namespace: str) -> None:
+    """docs/backends.md's "Trying it on one machine", run as written (on a free port)."""
+    page = (Path(__file__).resolve().parents[2] / "docs" / "backends.md").read_text()
+    block = page.split("### Trying it on one machine", 1)[1].split("```bash\n", 1)[1]
+    lines = block.split("```", 1)[0].splitlines()
+    port = str(free_port())
+    env = base_env(tmp_path, TIDINGS_NAMESPACE=namespace)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # as in an activated venv
+    finder = next(line for line in lines if line.startswith("TANSU=$("))
+    binary = subprocess.run(
+        ["bash", "-c", f"{finder}; echo $TANSU"], env=env, capture_output=True, text=True,
+        timeout=60, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert Path(binary).is_file(), binary
+    start = next(line for line in lines if line.startswith('"$TANSU" broker'))
+    command = start.removesuffix("&").replace("9092", port).replace('"$TANSU"', binary)
+    broker = subprocess.Popen(
+        ["bash", "-c", f"exec {command}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        export = next(line for line in lines if line.startswith("export TIDINGS_BUS="))
+        env["TIDINGS_BUS"] = export.split("=", 1)[1].replace("9092", port)
+        env["TIDINGS_STORE"] = f"sqlite:///{tmp_path / 'store.db'}"
+        doctor = poll(
+            lambda: (r := tidings("doctor", env=env, cwd=tmp_path)).returncode == 0 and r,
+            "tidings doctor against the documented broker",
+            timeout=60,
+        )
+        assert "kafka" in doctor.stdout and "✗" not in doctor.stdout
+    finally:
+        broker.terminate()
+        broker.wait(timeout=30)

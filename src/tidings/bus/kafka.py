@@ -474,6 +474,8 @@ class KafkaBus(Bus):
         self.agents_topic = f"{namespace}.agents"
         self.idempotent = False
         self._producer: AIOKafkaProducer | None = None
+        self._producer_lock = asyncio.Lock()
+        self._connected = False
         self._admin: AIOKafkaAdminClient | None = None
         self._topics: set[str] = set()
         self._subscriptions: set[KafkaSubscription] = set()
@@ -487,8 +489,12 @@ class KafkaBus(Bus):
     # -- connection -----------------------------------------------------------------------
 
     async def connect(self) -> None:
-        """Connect the producer (idempotent when the broker allows) and create base topics."""
-        if self._producer is not None:
+        """Connect the admin client and create base topics; the producer waits for a publish.
+
+        A read-only command (`tidings agents`, `tidings dlq ls`) so never starts a producer,
+        nor warns about one.
+        """
+        if self._connected:
             return
         client = self.options.client
         admin = AIOKafkaAdminClient(bootstrap_servers=self.options.bootstrap, **client)
@@ -502,8 +508,19 @@ class KafkaBus(Bus):
                 " unset it and use `tidings run` with the embedded nats-server"
             ) from e
         self._admin = admin
-        self._producer = await self._start_producer()
         await self._ensure_topics([self.dlq_topic, self.agents_topic], partitions=1)
+        self._connected = True
+
+    async def _ready_producer(self) -> AIOKafkaProducer:
+        """The producer, started on first use (idempotent when the broker allows)."""
+        if self._producer is not None:
+            return self._producer
+        if not self._connected:
+            raise BusUnavailable(f"not connected to {self._safe_url}; call connect() first")
+        async with self._producer_lock:
+            if self._producer is None:
+                self._producer = await self._start_producer()
+            return self._producer
 
     async def _start_producer(self) -> AIOKafkaProducer:
         common: dict[str, Any] = {"bootstrap_servers": self.options.bootstrap, "acks": "all"}
@@ -531,6 +548,7 @@ class KafkaBus(Bus):
 
     async def close(self) -> None:
         """Drain subscriptions (committing what was settled), flush, disconnect; bounded."""
+        self._connected = False
         for sub in list(self._subscriptions):
             await sub.stop()
         await asyncio.gather(*(sub.finish(_CLOSE_WAIT) for sub in list(self._draining)))
@@ -572,11 +590,6 @@ class KafkaBus(Bus):
             raise BusUnavailable(f"not connected to {self._safe_url}; call connect() first")
         return self._admin
 
-    def _producer_or_fail(self) -> AIOKafkaProducer:
-        if self._producer is None:
-            raise BusUnavailable(f"not connected to {self._safe_url}; call connect() first")
-        return self._producer
-
     async def _ensure_topics(self, names: Sequence[str], partitions: int | None = None) -> None:
         missing = [n for n in dict.fromkeys(names) if n not in self._topics]
         if not missing:
@@ -601,7 +614,7 @@ class KafkaBus(Bus):
         self, topic: str, headers: dict[str, str], body: bytes, key: bytes | None
     ) -> Any:
         """Produce and wait for the broker's ack; recreate a topic that vanished, once."""
-        producer = self._producer_or_fail()
+        producer = await self._ready_producer()
         await self._ensure_topics([topic])
         partition = None if key is not None else 0
         for first_try in (True, False):
@@ -706,7 +719,7 @@ class KafkaBus(Bus):
 
     async def server_info(self) -> dict[str, Any]:
         """Brokers, protocol version and topics, for `tidings doctor`."""
-        self._producer_or_fail()
+        await self._ready_producer()  # to say whether the broker takes an idempotent one
         assert self._admin is not None
         try:
             cluster = await self._admin.describe_cluster()
