@@ -7,9 +7,10 @@ settings for every command.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from tidings import __version__
 from tidings.cli.approvals import approvals
@@ -24,12 +25,40 @@ from tidings.logs import configure_logging
 
 __all__ = ["cli", "main"]
 
+
+class Commands(TyperGroup):
+    """A command group whose help shows no value type for flags, in every subcommand.
+
+    Typer 0.29 prints ``--json <bool>`` and ``--help <bool>``, as if a flag took a value.
+    A flag's metavar is only what help shows, so each is emptied as the group hands the
+    command out (the help option included: Click creates it once per command and keeps it).
+    """
+
+    # `ctx` is Click's context: typer vendors Click from 0.29 on, so it has no one name.
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _no_flag_types(super().get_params(ctx))
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _no_flag_types(command.get_params(ctx))
+        return command
+
+
+def _no_flag_types(params: list[Any]) -> list[Any]:
+    for param in params:
+        if getattr(param, "is_flag", False) and not getattr(param, "count", False):
+            param.metavar = ""
+    return params
+
+
 cli = typer.Typer(
     name="tidings",
     help="Tidings: a runtime for event-driven AI agents.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,  # locals may hold credentials
+    cls=Commands,
 )
 
 
@@ -74,9 +103,9 @@ cli.command()(publish)
 cli.command()(tail)
 cli.command()(agents)
 cli.command()(doctor)
-cli.add_typer(dlq, name="dlq")
-cli.add_typer(decisions, name="decisions")
-cli.add_typer(approvals, name="approvals")
+cli.add_typer(dlq, name="dlq", cls=Commands)
+cli.add_typer(decisions, name="decisions", cls=Commands)
+cli.add_typer(approvals, name="approvals", cls=Commands)
 cli.command()(asyncapi)
 cli.command()(token)
 

@@ -8,19 +8,37 @@ from typing import Annotated, Any, Literal
 
 import orjson
 import typer
-from rich.text import Text
 
 from tidings.bus.connect import connect_bus
 from tidings.cli.common import body_value, compact, console, execute, fail, list_table, print_json
-from tidings.cli.records import AgentOption, IdArgument, JsonOption, LimitOption, existing_store
+from tidings.cli.records import (
+    AgentOption,
+    Candidate,
+    IdArgument,
+    JsonOption,
+    counted,
+    cut,
+    existing_store,
+    fits,
+    local_time,
+    two_line_table,
+    unresolved,
+    whole,
+)
 from tidings.config import Settings
 from tidings.runtime.approvals import answer
+from tidings.store.base import Store
 from tidings.store.records import Parked
 
 approvals = typer.Typer(
     help="Questions agents wait on (ctx.ask): list them and answer one.",
     no_args_is_help=True,
 )
+
+# A failed lookup searches this many questions (the store lists them oldest first).
+SCAN = 10_000
+
+LimitOption = Annotated[int, typer.Option(min=1, help="At most this many, oldest first.")]
 
 
 def parked_json(entry: Parked) -> dict[str, Any]:
@@ -30,13 +48,41 @@ def parked_json(entry: Parked) -> dict[str, Any]:
     return out
 
 
+def state_of(entry: Parked, now: float) -> str:
+    """Where a question stands, for people: its deadline only while it still waits."""
+    if entry.status == "waiting":
+        if entry.deadline is None:
+            return "no deadline"
+        left = entry.deadline - now
+        if left < 0:
+            return f"deadline passed {_span(-left)} ago; times out at the next sweep"
+        return f"deadline in {_span(left)}"
+    said = "answered" if entry.status == "answered" else "timed out"
+    if entry.status == "answered" and entry.answered_by:
+        said += f" by {entry.answered_by}"
+    if entry.answered_at:
+        said += f" {local_time(entry.answered_at)}"
+    return said + ("; agent resumed" if entry.resumed_at else "; agent not resumed yet")
+
+
+def _span(seconds: float) -> str:
+    """A duration as people say it: 45s, 12m 5s, 3h 20m, 2d 4h."""
+    s = int(seconds)
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60),
+                                      ("m", 60, "s", 1)):  # fmt: skip
+        if s >= size:
+            rest = (s % size) // sub_size
+            return f"{s // size}{unit}" + (f" {rest}{sub}" if rest else "")
+    return f"{s}s"
+
+
 @approvals.command("ls")
 def approvals_ls(
     ctx: typer.Context,
     agent: AgentOption = None,
     status: Annotated[
         Literal["waiting", "answered", "timed_out", "all"],
-        typer.Option(help="waiting, answered, timed_out, or all."),
+        typer.Option(metavar="<status>", help="waiting, answered, timed_out, or all."),
     ] = "waiting",
     limit: LimitOption = 50,
     as_json: JsonOption = False,
@@ -54,17 +100,37 @@ def approvals_ls(
     if not entries:
         console.print("No questions match.")
         return
-    table = list_table(f"approvals ({len(entries)})")
-    table.add_column("id", no_wrap=True)
-    for title in ("agent", "status", "asked", "deadline in", "question"):
-        table.add_column(title, overflow="ellipsis")
-    for e in entries:
-        left = "-" if e.deadline is None else f"{max(e.deadline - time.time(), 0):.0f}s"
-        table.add_row(
-            e.id, e.agent, e.status, e.created_at, left,
-            Text(compact(e.question, limit=60), no_wrap=True, overflow="ellipsis"),
-        )  # fmt: skip
+    now = time.time()
+    title = counted("approvals", len(entries), limit, "oldest")
+    names = [
+        ["id", *(e.id for e in entries)],
+        ["agent", *(e.agent for e in entries)],
+        ["status", *(e.status for e in entries)],
+        ["asked", *(local_time(e.created_at) for e in entries)],
+    ]
+    states = [state_of(e, now) for e in entries]
+    if fits([*names, ["state", *states]], console.width):
+        table = list_table(title)
+        for column in names:
+            table.add_column(column[0], no_wrap=True)
+        table.add_column("state", no_wrap=True)
+        table.add_column("question", overflow="ellipsis")
+        for n, (e, state) in enumerate(zip(entries, states, strict=True), start=1):
+            table.add_row(*(whole(c[n]) for c in names), whole(state), cut(_question(e)))
+    else:
+        table = two_line_table(title, ("id", "asked"), ("agent", "status"),
+                               ("question", "state"))  # fmt: skip
+        for e, state in zip(entries, states, strict=True):
+            table.add_row(
+                whole(e.id, local_time(e.created_at)),
+                whole(e.agent, e.status),
+                cut(_question(e), state),
+            )
     console.print(table)
+
+
+def _question(entry: Parked) -> str:
+    return compact(entry.question, limit=200)
 
 
 @approvals.command("answer")
@@ -84,12 +150,7 @@ def approvals_answer(
 
     async def work(settings: Settings) -> Parked:
         async with existing_store(settings) as store:
-            entry = await store.get_parked(parked_id)
-            if entry is None:
-                fail(
-                    f"no question {parked_id!r} (a prefix must have 6+ characters and match"
-                    " only one); list them with `tidings approvals ls`"
-                )
+            entry = await _parked(store, parked_id)
             if entry.status != "waiting":
                 fail(f"question {entry.id} is already {entry.status}; it cannot be answered again")
             bus = await connect_bus(settings)
@@ -105,3 +166,22 @@ def approvals_answer(
     console.print(
         f"Answered {entry.id}; agent {entry.agent} resumes event {entry.event_id}.", markup=False
     )
+
+
+async def _parked(store: Store, parked_id: str) -> Parked:
+    entry = await store.get_parked(parked_id)
+    if entry is not None:
+        return entry
+
+    async def label(id_: str) -> str:
+        e = await store.get_parked(id_)
+        return "" if e is None else f"{e.agent}  {e.status}"
+
+    async def everything() -> list[Candidate]:
+        return [Candidate(e.id, e.event_id) for e in await store.list_parked(None, None, SCAN)]
+
+    await unresolved(
+        store, "parked", parked_id, noun="question", listing="tidings approvals ls --status all",
+        label=label, recent=everything, newest=False,  # parked ids are not made in time order
+        for_event=lambda c: f"its question is {c.id}: `tidings approvals answer {c.id} ANSWER`",
+    )  # fmt: skip

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import orjson
 import typer
+from rich.table import Table
 from rich.text import Text
 
 from tidings.bus.base import ConsumerInfo, RawMessage
@@ -42,7 +43,7 @@ def publish(
         str, typer.Argument(metavar="TYPE", help="Event type, e.g. payment.transaction.created.")
     ],
     data: Annotated[
-        str, typer.Argument(metavar="[JSON]", help="The event data as JSON (default: {}).")
+        str, typer.Argument(metavar="JSON", help="The event data as JSON (default: {}).")
     ] = "{}",
     event_id: Annotated[
         str | None,
@@ -79,7 +80,7 @@ def tail(
     patterns: Annotated[
         list[str] | None,
         typer.Argument(
-            metavar="[PATTERN]...",
+            metavar="PATTERN",
             help="Event type patterns ('*' one token, '>' the rest); default: everything.",
         ),
     ] = None,
@@ -157,18 +158,37 @@ def _clock(stamp: str | None) -> str:
     return moment.astimezone().strftime("%H:%M:%S.%f")[:-3]
 
 
+def kind_of(consumer: str) -> tuple[str, str]:
+    """What a consumer is, from its name: an agent, or one the runtime starts for it.
+
+    Agent names cannot hold ':' (`App.agent` refuses it), so a name with one is the
+    runtime's: ``tool:<name>`` runs a tool's calls, ``<agent>:replies`` records the
+    replies to that agent's tool calls, ``<app>:approvals`` takes answers to questions.
+    """
+    head, sep, tail = consumer.partition(":")
+    if not sep:
+        return "agent", ""
+    if head == "tool":
+        return "tool", "runs tool calls"
+    if tail == "replies":
+        return "tool replies", "records the replies to its agent's tool calls"
+    if tail == "approvals":
+        return "approval answers", "resumes agents with the answers to their questions"
+    return "internal", "used by the runtime"
+
+
 def agents(
     ctx: typer.Context,
     target: Annotated[
         str | None,
         typer.Argument(
-            metavar="[MODULE:APP]",
+            metavar="MODULE:APP",
             help="Also show what this app declares, and which agents have no consumer yet.",
         ),
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """The agents' consumers on the bus: patterns, backlog, in flight, redelivered."""
+    """The agents' consumers on the bus (patterns, backlog, in flight), then the runtime's."""
     app = None
     if target is not None:
         with guarded():
@@ -186,7 +206,10 @@ def agents(
     rows: list[dict[str, Any]] = []
     for name in sorted(set(consumers) | set(declared)):
         info, spec = consumers.get(name), declared.get(name)
-        row: dict[str, Any] = {"name": name, "consumer": info is not None}
+        kind, role = kind_of(name)
+        row: dict[str, Any] = {"name": name, "kind": kind, "consumer": info is not None}
+        if role:
+            row["role"] = role
         if info is not None:
             row.update(
                 patterns=list(info.patterns),
@@ -204,7 +227,7 @@ def agents(
                 max_attempts=spec.max_attempts,
                 concurrency=spec.concurrency,
             )
-        elif app is not None:
+        elif app is not None and kind == "agent":
             row["declared"] = False
         rows.append(row)
     if as_json:
@@ -214,36 +237,41 @@ def agents(
 
 
 def _agents_table(rows: Sequence[dict[str, Any]], *, target: str | None) -> None:
-    """The bus's view, then (with MODULE:APP) the declarations: two narrow tables."""
+    """The agents, the runtime's own consumers, then (with MODULE:APP) the declarations."""
     if not rows:
         console.print("No agent consumers on this bus yet: start one with `tidings run`.")
         return
-    bus = list_table("agents on the bus")
-    bus.add_column("agent", style="cyan", no_wrap=True)
-    bus.add_column("on", overflow="fold")
-    for title in ("pending", "in flight", "redelivered"):
-        bus.add_column(title, justify="right")
-    for row in rows:
-        patterns = Text(", ".join(row.get("patterns", [])))
-        if row["consumer"]:
-            counts = [str(row["pending"]), str(row["in_flight"]), str(row["redelivered"])]
-            bus.add_row(row["name"], patterns, *counts)
-        else:
-            bus.add_row(row["name"], patterns, Text("no consumer yet", style="yellow"), "", "")
-    console.print(bus)
+    agents = [row for row in rows if row["kind"] == "agent"]
+    if agents:
+        table = _counts_table("agents on the bus", ("agent", "on"))
+        for row in agents:
+            patterns = Text(", ".join(row.get("patterns", [])), overflow="fold")
+            if row["consumer"]:
+                table.add_row(Text(row["name"], overflow="fold"), patterns, *_counts(row))
+            else:
+                waiting = Text("no consumer yet", style="yellow")
+                table.add_row(Text(row["name"], overflow="fold"), patterns, waiting, "", "")
+        console.print(table)
+    helpers = [row for row in rows if row["kind"] != "agent"]
+    if helpers:
+        table = _counts_table("runtime consumers (internal)", ("consumer", "what it does"))
+        for row in helpers:
+            table.add_row(Text(row["name"], overflow="fold"), Text(row["role"]), *_counts(row))
+        console.print(table)
     if target is None:
         return
     declared = list_table(f"declared in {target}")
     declared.add_column("agent", style="cyan", no_wrap=True)
     for title in ("where", "key", "emits", "attempts", "concurrency"):
         declared.add_column(title, overflow="fold")
-    for row in rows:
+    for row in agents:
+        name = Text(row["name"], overflow="fold")
         if not row.get("declared"):
-            declared.add_row(row["name"], Text("not declared in this app", style="dim"))
+            declared.add_row(name, Text("not declared in this app", style="dim"))
             continue
         emits = row["emits"]
         declared.add_row(
-            row["name"],
+            name,
             Text(row["where"]),
             Text(row["key"]),
             Text("any" if emits is None else ", ".join(emits) or "-"),
@@ -251,3 +279,17 @@ def _agents_table(rows: Sequence[dict[str, Any]], *, target: str | None) -> None
             str(row["concurrency"]),
         )
     console.print(declared)
+
+
+def _counts_table(title: str, heads: tuple[str, str]) -> Table:
+    """Name, a wrapping column, then the three counters; names are never cut."""
+    table = list_table(title)
+    table.add_column(heads[0], style="cyan", no_wrap=True)
+    table.add_column(heads[1], overflow="fold")
+    for head in ("pending", "in flight", "redelivered"):
+        table.add_column(head, justify="right", no_wrap=True)
+    return table
+
+
+def _counts(row: dict[str, Any]) -> list[str]:
+    return [str(row["pending"]), str(row["in_flight"]), str(row["redelivered"])]

@@ -26,15 +26,20 @@ from tidings.runtime.spec import AgentSpec
 REFRESH_S = 0.5  # live table redraws
 SUMMARY_S = 5.0  # plain summaries at most this often
 
-# (column title, AgentStats field) in display order
-COUNTERS: tuple[tuple[str, str], ...] = (
-    ("received", "received"),
-    ("filtered", "filtered"),
-    ("handled", "handled"),
-    ("duplicates", "duplicates"),
-    ("retried", "retried"),
-    ("dead-lettered", "dead_lettered"),
+# (column title, name in plain summaries, AgentStats field) in display order. Titles of
+# two words take two lines, so the table fits 80 columns with an agent name of 20.
+COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("received", "received", "received"),
+    ("filtered", "filtered", "filtered"),
+    # Events whose `where` could not be evaluated (a missing field): filtered as well, but a
+    # sign of a broken filter rather than of events it rightly skips.
+    ("filter\nerrors", "filter_errors", "filter_errors"),
+    ("handled", "handled", "handled"),
+    ("duplicates", "duplicates", "duplicates"),
+    ("retried", "retried", "retried"),
+    ("dead\nletters", "dead-lettered", "dead_lettered"),
 )
+ALERTS = frozenset({"filter_errors", "dead_lettered"})  # shown in red when not zero
 
 
 def describe_where(spec: AgentSpec) -> str:
@@ -96,13 +101,19 @@ def startup_panel(
 def stats_view(stats: Mapping[str, AgentStats]) -> Group:
     """Per-agent counters, then each agent's last error on a line of its own."""
     table = list_table(f"agents · {datetime.now():%H:%M:%S}")
-    table.add_column("agent", style="cyan", no_wrap=True)
-    for title, _ in COUNTERS:
-        table.add_column(title, justify="right", no_wrap=True, min_width=len(title))
+    table.padding = (0, 0)  # one space between columns (the box's), the most room for names
+    # The name is the column that gives way (folded onto more lines), never a counter.
+    table.add_column("agent", style="cyan", overflow="fold")
+    for title, _, _ in COUNTERS:
+        table.add_column(Text(title), justify="right", no_wrap=True)
     errors = []
     for name, counters in stats.items():
-        values = [getattr(counters, field) for _, field in COUNTERS]
-        table.add_row(name, *(str(v) if v else "[dim]0[/]" for v in values))
+        cells: list[Text] = []
+        for _, _, field in COUNTERS:
+            value = getattr(counters, field)
+            style = "dim" if not value else "red" if field in ALERTS else ""
+            cells.append(Text(str(value), style=style))
+        table.add_row(Text(name, overflow="fold"), *cells)
         if counters.last_error:
             line = Text.assemble((name, "cyan"), " last error: ", (counters.last_error, "red"))
             line.no_wrap, line.overflow = True, "ellipsis"
@@ -114,7 +125,7 @@ def summary_line(stats: Mapping[str, AgentStats]) -> str:
     """The counters as one plain line, for logs."""
     parts = []
     for name, counters in stats.items():
-        values = " ".join(f"{title}={getattr(counters, field)}" for title, field in COUNTERS)
+        values = " ".join(f"{key}={getattr(counters, field)}" for _, key, field in COUNTERS)
         error = f" last_error={counters.last_error!r}" if counters.last_error else ""
         parts.append(f"{name}: {values}{error}")
     return " | ".join(parts) or "no agents"

@@ -1,20 +1,26 @@
 """`tidings dlq ...` and `tidings decisions ...`: the operator's view of the store.
 
-Ids accept a unique prefix (6+ characters), as the store resolves them. Reading commands
-refuse to create a missing SQLite file: an empty list from a store that was just made
-in the wrong folder would hide the real mistake.
+Ids accept a unique prefix (6+ characters), as the store resolves them; a prefix that
+matches several ids, or an event id given for a record id, is answered with what to type
+instead. Reading commands refuse to create a missing SQLite file: an empty list from a
+store that was just made in the wrong folder would hide the real mistake.
+
+Lists keep every id and name whole at any width: when one line per record does not fit
+the terminal, each record takes two lines and the long values (results, errors) are cut
+to what is left, in full in `show` and `--json`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Group, JustifyMethod, RenderableType
+from rich.cells import cell_len
+from rich.console import Group, JustifyMethod, OverflowMethod, RenderableType
 from rich.json import JSON
 from rich.panel import Panel
 from rich.table import Table
@@ -37,7 +43,8 @@ from tidings.errors import MalformedEvent
 from tidings.events import decode
 from tidings.store import open_store
 from tidings.store.base import Store
-from tidings.store.records import DeadLetter, Decision
+from tidings.store.codecs import MIN_PREFIX
+from tidings.store.records import DeadLetter, Decision, PrefixMatches, RecordKind
 
 dlq = typer.Typer(
     help="Dead letters: events an agent gave up on. List, inspect, retry or drop them.",
@@ -48,8 +55,10 @@ decisions = typer.Typer(
     no_args_is_help=True,
 )
 
-# Narrower terminals leave the event id out of lists (`show` and `--json` have it).
-WIDE = 120
+# A lookup that found nothing searches this many of the newest records for an event id
+# given instead of a record id (the store has no query for those by event id).
+SCAN = 1000
+SUMMARY_MIN = 20  # a one-line list keeps at least this much room for the result or error
 
 IdArgument = Annotated[
     str, typer.Argument(metavar="ID", help="The id, or a unique prefix of 6+ characters.")
@@ -90,12 +99,21 @@ def dead_letter_json(record: DeadLetter) -> dict[str, Any]:
 
 async def _dead_letter(store: Store, dead_letter_id: str) -> DeadLetter:
     record = await store.get_dead_letter(dead_letter_id)
-    if record is None:
-        fail(
-            f"no dead letter {dead_letter_id!r} (a prefix must have 6+ characters and match"
-            " only one); list them with `tidings dlq ls`"
-        )
-    return record
+    if record is not None:
+        return record
+
+    async def label(id_: str) -> str:
+        r = await store.get_dead_letter(id_)
+        return "" if r is None else f"{r.agent}  {r.event_type or '?'}"
+
+    async def recent() -> list[Candidate]:
+        return [Candidate(r.id, r.event_id) for r in await store.list_dead_letters(None, SCAN)]
+
+    await unresolved(
+        store, "dead_letter", dead_letter_id, noun="dead letter", listing="tidings dlq ls",
+        label=label, recent=recent,
+        for_event=lambda c: f"its dead letter is {c.id}: `tidings dlq show {c.id}`",
+    )  # fmt: skip
 
 
 @dlq.command("ls")
@@ -118,23 +136,31 @@ def dlq_ls(
     if not records:
         console.print("No dead letters." + (f" (agent {agent})" if agent else ""))
         return
-    wide = console.width >= WIDE
-    table = list_table(f"dead letters ({len(records)})")
-    table.add_column("id", no_wrap=True)  # whole: people copy it into `dlq show/retry`
-    titles = ("agent", "event type", "event id", "attempts", "when", "error")
-    for title in titles if wide else [t for t in titles if t != "event id"]:
-        table.add_column(title, overflow="ellipsis", max_width=60 if title == "error" else None)
-    for r in records:
-        event_cell = [Text(r.event_id or "?")] if wide else []
-        table.add_row(
-            r.id,
-            r.agent,
-            Text(r.event_type or "?"),
-            *event_cell,
-            str(r.attempts),
-            _when(r.created_at),
-            Text(r.error, style="red"),
-        )
+    title = counted("dead letters", len(records), limit, "newest")
+    names = [
+        ["id", *(r.id for r in records)],
+        ["agent", *(r.agent for r in records)],
+        ["event type", *(r.event_type or "?" for r in records)],
+        ["event id", *(r.event_id or "?" for r in records)],
+        ["attempts", *(str(r.attempts) for r in records)],
+        ["when", *(local_time(r.created_at) for r in records)],
+    ]
+    if fits(names, console.width):
+        table = list_table(title)
+        for column in names:
+            table.add_column(column[0], no_wrap=True)
+        table.add_column("error", overflow="ellipsis")
+        for n, r in enumerate(records, start=1):
+            table.add_row(*(whole(c[n]) for c in names), cut(first_line(r.error), style="red"))
+    else:
+        table = two_line_table(title, ("id", "event type"), ("agent", "attempts"),
+                               ("error", "when"))  # fmt: skip
+        for r in records:
+            table.add_row(
+                whole(r.id, r.event_type or "?"),
+                whole(r.agent, f"{r.attempts} attempt{'s' if r.attempts != 1 else ''}"),
+                cut(Text(first_line(r.error), style="red"), local_time(r.created_at)),
+            )
     console.print(table)
 
 
@@ -225,6 +251,32 @@ def dlq_drop(ctx: typer.Context, dead_letter_id: IdArgument) -> None:
 # -- decisions ----------------------------------------------------------------------------
 
 
+async def _decision(store: Store, decision_id: str) -> Decision:
+    record = await store.get_decision(decision_id)
+    if record is not None:
+        return record
+    about = await store.list_decisions(None, 10, event_id=decision_id)
+    if about:
+        made = ", ".join(f"{d.id} ({d.agent})" for d in about)
+        fail(
+            f"{decision_id!r} is an event id, not a decision id. Decisions about it: {made};"
+            f" list them with `tidings decisions ls --event {decision_id}`"
+        )
+
+    async def label(id_: str) -> str:
+        d = await store.get_decision(id_)
+        return "" if d is None else f"{d.agent}  {d.event_type}"
+
+    async def recent() -> list[Candidate]:
+        return [Candidate(d.id, d.event_id) for d in await store.list_decisions(None, SCAN)]
+
+    await unresolved(
+        store, "decision", decision_id, noun="decision", listing="tidings decisions ls",
+        label=label, recent=recent,
+        for_event=lambda c: f"list its decisions with `tidings decisions ls --event {c.event_id}`",
+    )  # fmt: skip
+
+
 @decisions.command("ls")
 def decisions_ls(
     ctx: typer.Context,
@@ -241,43 +293,58 @@ def decisions_ls(
 ) -> None:
     """List decisions, newest first."""
 
-    async def work(settings: Settings) -> list[Decision]:
+    async def work(settings: Settings) -> tuple[list[Decision], int | None]:
         async with existing_store(settings) as store:
-            return await store.list_decisions(
+            records = await store.list_decisions(
                 agent, limit, event_id=event_id, correlation_id=correlation_id
             )
+            # The store counts by agent only; with other filters the title says less.
+            countable = len(records) == limit and event_id is None and correlation_id is None
+            return records, await store.count_decisions(agent) if countable else None
 
-    records = execute(ctx, work)
+    records, total = execute(ctx, work)
     if as_json:
         print_json(records)
         return
     if not records:
         console.print("No decisions match.")
         return
-    wide = console.width >= WIDE
-    table = list_table(f"decisions ({len(records)})")
-    table.add_column("id", no_wrap=True)  # whole: people copy it into `decisions show`
-    titles = ("agent", "event type", "event id", "key", "status", "ms", "result")
-    for title in titles if wide else [t for t in titles if t != "event id"]:
-        justify: JustifyMethod = "right" if title == "ms" else "left"
-        table.add_column(title, overflow="ellipsis", justify=justify)
-    for d in records:
-        status = Text(d.status, style="green" if d.status == "ok" else "red")
-        event_cell = [Text(d.event_id)] if wide else []
-        table.add_row(
-            d.id,
-            d.agent,
-            Text(d.event_type),
-            *event_cell,
-            Text(d.key or "-"),
-            status,
-            f"{d.duration_ms:.1f}",
-            Text(
-                compact(d.result if d.error is None else d.error, limit=60),
-                no_wrap=True,
-                overflow="ellipsis",
-            ),
-        )
+    title = counted("decisions", len(records), limit, "newest", total)
+    names = [
+        ["id", *(d.id for d in records)],
+        ["agent", *(d.agent for d in records)],
+        ["event type", *(d.event_type for d in records)],
+        ["event id", *(d.event_id for d in records)],
+        ["key", *(d.key or "-" for d in records)],
+        ["status", *(d.status for d in records)],
+    ]
+    if fits([*names, ["ms", *(f"{d.duration_ms:.1f}" for d in records)]], console.width):
+        table = list_table(title)
+        for column in names:
+            table.add_column(column[0], no_wrap=True)
+        table.add_column("ms", justify="right", no_wrap=True)
+        table.add_column("result", overflow="ellipsis")
+        for d in records:
+            table.add_row(
+                whole(d.id),
+                whole(d.agent),
+                whole(d.event_type),
+                whole(d.event_id),
+                whole(d.key or "-"),
+                Text(d.status, style=_status_style(d.status)),
+                f"{d.duration_ms:.1f}",
+                cut(_outcome(d)),
+            )
+    else:  # the event id is left out: `show` and `--json` have it
+        table = two_line_table(title, ("id", "event type"), ("agent", "status"),
+                               ("result", "key · duration"))  # fmt: skip
+        for d in records:
+            status = Text(d.status, style=_status_style(d.status))
+            table.add_row(
+                whole(d.id, d.event_type),
+                whole(d.agent, status),
+                cut(_outcome(d), f"{d.key or '-'} · {d.duration_ms:.1f} ms"),
+            )
     console.print(table)
 
 
@@ -289,13 +356,7 @@ def decisions_show(
 
     async def work(settings: Settings) -> Decision:
         async with existing_store(settings) as store:
-            record = await store.get_decision(decision_id)
-            if record is None:
-                fail(
-                    f"no decision {decision_id!r} (a prefix must have 6+ characters and match"
-                    " only one); list them with `tidings decisions ls`"
-                )
-            return record
+            return await _decision(store, decision_id)
 
     record = execute(ctx, work)
     if as_json:
@@ -331,43 +392,210 @@ def decisions_show(
     console.print(Group(*parts))
 
 
+# -- lists --------------------------------------------------------------------------------
+
+
+def counted(what: str, shown: int, limit: int, order: str, total: int | None = None) -> str:
+    """A list's title: its size, or, when the limit cut it, of how many (if counted)."""
+    if shown < limit or total == shown:
+        return f"{what} ({shown})"
+    if total is not None:
+        return f"{what}: the {shown} {order} of {total} (raise --limit for more)"
+    return f"{what}: the {shown} {order} (there may be more: raise --limit)"
+
+
+def fits(columns: Sequence[Sequence[str]], width: int) -> bool:
+    """Whether these columns, whole, and a summary column fit on one line of `width`."""
+    used = sum(max(cell_len(value) for value in column) for column in columns)
+    return used + 2 * len(columns) + SUMMARY_MIN <= width
+
+
+def two_line_table(title: str, *heads: tuple[str, str]) -> Table:
+    """A list with two lines per record, for terminals too narrow for one.
+
+    Every column but the last holds names and ids, shown whole; the last, the summary,
+    gets the room left and cuts with an ellipsis.
+    """
+    table = list_table(title)
+    table.leading = 1  # a blank line between records
+    for n, (top, bottom) in enumerate(heads):
+        last = n == len(heads) - 1
+        table.add_column(Text(f"{top}\n{bottom}"), no_wrap=not last, overflow="ellipsis")
+    return table
+
+
+def whole(*lines: str | Text) -> Text:
+    """Names and ids, one per line, never cut: folded only where a column cannot hold one."""
+    return _lines(lines, no_wrap=False, overflow="fold")
+
+
+def cut(*lines: str | Text, style: str = "") -> Text:
+    """Summaries, one per line, each cut with an ellipsis to the column's width."""
+    return _lines(lines, no_wrap=True, overflow="ellipsis", style=style)
+
+
+def _lines(
+    lines: Sequence[str | Text], *, no_wrap: bool, overflow: OverflowMethod, style: str = ""
+) -> Text:
+    text = Text(style=style, no_wrap=no_wrap, overflow=overflow)
+    for n, line in enumerate(lines):
+        if n:
+            text.append("\n")
+        text.append(line if isinstance(line, Text) else Text(line, style="dim" if n else ""))
+    return text
+
+
+def first_line(message: str) -> str:
+    """The first line of a message, and how many more `show` has (pydantic's have many)."""
+    lines = [line for line in message.strip().splitlines() if line.strip()] or [""]
+    more = len(lines) - 1
+    return lines[0] + (f" (+{more} line{'s' if more > 1 else ''}: see show)" if more else "")
+
+
+def _outcome(d: Decision) -> str:
+    return compact(d.result, limit=200) if d.error is None else first_line(d.error)
+
+
+def _status_style(status: str) -> str:
+    return "green" if status == "ok" else "yellow" if status == "parked" else "red"
+
+
+# -- ids that match nothing ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Candidate:
+    """A record whose event id a failed lookup compares with the id it was given."""
+
+    id: str
+    event_id: str | None
+
+
+async def unresolved(
+    store: Store,
+    kind: RecordKind,
+    given: str,
+    *,
+    noun: str,
+    listing: str,
+    label: Callable[[str], Awaitable[str]],
+    recent: Callable[[], Awaitable[Sequence[Candidate]]],
+    for_event: Callable[[Candidate], str],
+    newest: bool = True,
+) -> NoReturn:
+    """Fail saying why `given` found no `noun`: ambiguous, an event id, too short, or none.
+
+    The store answers a prefix only when it fits exactly one id. UUIDv7 ids made within a
+    minute share their first 8+ characters, so an ambiguous prefix is answered with how
+    many it fits and the shortest prefix that picks each of the newest (`label` says what
+    each is); `recent` records are searched for an event id given instead of a record id.
+    """
+    found = await store.prefix_matches(kind, given, limit=5)
+    long_enough = len(given) >= MIN_PREFIX
+    if found.count > 1 and long_enough:
+        fail(
+            f"ambiguous: {found.count} {noun}s start with {given!r};"
+            f"{await _picks(found, label, newest)}\nIds made within the same minute share"
+            f" their first characters: give more of the id, or copy a whole one from"
+            f" `{listing}`"
+        )
+    candidates = await recent()
+    events = [c for c in candidates if c.event_id == given] or [
+        c for c in candidates if long_enough and c.event_id and c.event_id.startswith(given)
+    ]
+    if events:
+        event_id = events[0].event_id
+        what = (
+            f"an event id, not a {noun} id"
+            if event_id == given
+            else f"the start of event id {event_id}, not of a {noun} id"
+        )
+        fail(f"{given!r} is {what}: {for_event(events[0])}")
+    if not long_enough:
+        picks = f";{await _picks(found, label, newest)}\nor copy" if found.count else "; copy"
+        fail(
+            f"{given!r} is too short: an id prefix needs {MIN_PREFIX}+ characters{picks}"
+            f" an id from `{listing}`"
+        )
+    fail(f"no {noun} {given!r}; list them with `{listing}`")
+
+
+async def _picks(found: PrefixMatches, label: Callable[[str], Awaitable[str]], newest: bool) -> str:
+    """The shortest prefix that picks each of the first matches, one per line."""
+    shown = found.newest
+    if found.count <= len(shown):
+        which = "each"
+    else:
+        which = f"the newest {len(shown)}" if newest else f"{len(shown)} of them"
+    width = max(len(prefix) for _, prefix in shown)
+    lines = [f"\n  {prefix:<{width}}  {await label(id_)}".rstrip() for id_, prefix in shown]
+    return f" the shortest prefix that picks {which}:{''.join(lines)}"
+
+
 # -- helpers ------------------------------------------------------------------------------
 
 
 def steps_table(steps: list[dict[str, Any]]) -> Table:
-    """The journaled steps of a decision, one line each (details in the JSON below)."""
-    table = list_table(f"steps ({len(steps)})")
-    for title in ("#", "kind", "name", "status", "replayed", "ms", "tokens", "cost", "result"):
-        justify: JustifyMethod = "right" if title in ("#", "ms", "cost") else "left"
-        table.add_column(title, overflow="ellipsis", justify=justify)
-    for step in steps:
-        tokens = f"{step.get('tokens_in', 0)}/{step.get('tokens_out', 0)}"
-        failed = step.get("status") == "failed"
-        outcome = step.get("error") if failed else step.get("result")
-        table.add_row(
-            str(step.get("seq", "")),
-            str(step.get("kind", "")),
-            Text(str(step.get("name", ""))),
-            Text(str(step.get("status", "")), style="red" if failed else ""),
-            "yes" if step.get("replayed") else "no",
-            f"{float(step.get('ms', 0.0)):.1f}",
-            tokens if step.get("kind") == "llm" else "-",
-            f"{float(step.get('cost', 0.0)):.6f}" if step.get("kind") == "llm" else "-",
-            Text(compact(outcome, limit=50), no_wrap=True, overflow="ellipsis"),
-        )
+    """The journaled steps of a decision, a line or two each (details in the JSON below)."""
+    title = f"steps ({len(steps)})"
+    rows = [_step_cells(step) for step in steps]
+    heads = ("#", "kind", "name", "status", "replayed", "ms", "tokens", "cost")
+    columns = [[head, *(row[n].plain for row in rows)] for n, head in enumerate(heads)]
+    if fits(columns, console.width):
+        table = list_table(title)
+        for head in heads:
+            justify: JustifyMethod = "right" if head in ("#", "ms", "cost") else "left"
+            table.add_column(head, no_wrap=True, justify=justify)
+        table.add_column("result", overflow="ellipsis")
+        for row, step in zip(rows, steps, strict=True):
+            table.add_row(*row, cut(_step_outcome(step)))
+        return table
+    table = two_line_table(title, ("#", ""), ("name", "kind · status"),
+                           ("result", "ms · tokens · cost"))  # fmt: skip
+    for row, step in zip(rows, steps, strict=True):
+        seq, kind, name, status, _, ms, tokens, cost = row
+        how = Text.assemble(kind, " · ", status, style="dim")
+        costs = f"{ms.plain} ms"
+        if step.get("kind") == "llm":
+            costs += f" · {tokens.plain} tokens · {cost.plain}"
+        if step.get("replayed"):
+            costs += " · replayed"
+        table.add_row(seq, whole(name, how), cut(_step_outcome(step), costs))
     return table
+
+
+def _step_cells(step: dict[str, Any]) -> list[Text]:
+    """#, kind, name, status, replayed, ms, tokens and cost of one step."""
+    llm = step.get("kind") == "llm"
+    tokens = f"{step.get('tokens_in', 0)}/{step.get('tokens_out', 0)}" if llm else "-"
+    failed = step.get("status") == "failed"
+    return [
+        Text(str(step.get("seq", ""))),
+        Text(str(step.get("kind", ""))),
+        whole(str(step.get("name", ""))),
+        Text(str(step.get("status", "")), style="red" if failed else ""),
+        Text("yes" if step.get("replayed") else "no"),
+        Text(f"{float(step.get('ms', 0.0)):.1f}"),
+        Text(tokens),
+        Text(f"{float(step.get('cost', 0.0)):.6f}" if llm else "-"),
+    ]
+
+
+def _step_outcome(step: dict[str, Any]) -> str:
+    failed = step.get("status") == "failed"
+    return compact(step.get("error") if failed else step.get("result"), limit=200)
 
 
 def _facts(*rows: tuple[str, Any]) -> Table:
     grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
+    grid.add_column(style="bold", no_wrap=True)
     grid.add_column(overflow="fold")
     for name, value in rows:
-        grid.add_row(name, Text("-" if value is None else str(value)))
+        grid.add_row(name, Text("-" if value is None else str(value), overflow="fold"))
     return grid
 
 
-def _when(stamp: str) -> str:
+def local_time(stamp: str) -> str:
     """An RFC 3339 UTC timestamp as short local time."""
     try:
         return datetime.fromisoformat(stamp).astimezone().strftime("%Y-%m-%d %H:%M:%S")
@@ -376,9 +604,12 @@ def _when(stamp: str) -> str:
 
 
 def _json_or_text(value: Any) -> RenderableType:
+    """A value in full: JSON wrapped to the width (Rich's JSON cuts long strings)."""
     if isinstance(value, str):
-        return Text(value)
+        return Text(value, overflow="fold")
     try:
-        return JSON(dumps(value))
+        rendered = JSON(dumps(value))
     except TypeError:
-        return Text(repr(value))
+        return Text(repr(value), overflow="fold")
+    rendered.text.no_wrap, rendered.text.overflow = False, "fold"
+    return rendered

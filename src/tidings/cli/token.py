@@ -30,6 +30,7 @@ def token(
         typer.Option(
             "--scope",
             "-s",
+            metavar="<scope>",
             help="A scope (repeatable): publish, invoke, tasks, stream or admin."
             " Default: all but admin.",
         ),
