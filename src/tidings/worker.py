@@ -4,6 +4,10 @@ Each agent, each tool, each agent's tool replies and the app's approval answers 
 `Processor` run by the one loop in `consumer.py`. Besides them a worker sweeps parked
 questions (`approvals.py`), the outbox (rows whose source event will not come back), and
 old records (retention).
+
+A started worker records its bus and store under its home (`publish_worker`) so the CLI
+in another terminal reads the same store; one on the embedded bus restarts that server
+if it dies under it.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import asyncio
 import signal
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import structlog
 
@@ -20,7 +25,7 @@ from tidings.app import App
 from tidings.bus.base import Bus
 from tidings.bus.connect import start_bus
 from tidings.client import Client
-from tidings.config import Settings
+from tidings.config import Settings, publish_worker, unpublish_worker
 from tidings.runtime.approvals import Answers, Sweeper
 from tidings.runtime.commits import Committer
 from tidings.runtime.consumer import Consumer, Processor
@@ -39,6 +44,7 @@ log = structlog.get_logger("tidings.worker")
 
 OUTBOX_SWEEP_S = 30.0  # how often a worker looks for outbox rows nobody will publish
 PRUNE_S = 3600.0
+EMBEDDED_CHECK_S = 1.0  # how often a worker on the embedded bus checks that the server runs
 
 
 def services_for(
@@ -71,15 +77,30 @@ class Worker:
         self._background: set[asyncio.Task[None]] = set()
         self._sweeper: Sweeper | None = None
         self.mcp: list[McpBridge] = []
+        self._phase: Literal["new", "starting", "started", "stopped"] = "new"
+        self._published: Path | None = None
 
     async def start(self) -> None:
         """Connect, migrate, serve tools, subscribe every agent, then run startup hooks."""
-        self.bus, self.embedded = await start_bus(self.settings)
+        # The store first: a bad URL or a missing driver is reported before anything starts.
+        store = open_store(self.settings.store_url)
+        self._phase = "starting"
         try:
+            self.bus, self.embedded = await start_bus(self.settings)
+            self.store = store
             await self._start_serving()
         except BaseException:
             await self.stop(grace=0)  # leave no connection or subprocess behind
             raise
+        if not (self.settings.bus or "").lower().startswith("memory:"):
+            self._published = publish_worker(self.settings, self.app.name)
+        if self.embedded is not None:
+            self._background.add(asyncio.create_task(self._keep_embedded_bus()))
+        self._phase = "started"
+        log.info(
+            "worker started", app=self.app.name, agents=list(self.runners),
+            tools=list(self.tool_runners),
+        )  # fmt: skip
 
     async def _consume(self, processor: Processor, *, helper: bool = False) -> Consumer:
         assert self.bus is not None and self.store is not None
@@ -92,8 +113,8 @@ class Worker:
         return consumer
 
     async def _start_serving(self) -> None:
-        assert self.bus is not None
-        self.store = store = open_store(self.settings.store_url)
+        assert self.bus is not None and self.store is not None
+        store = self.store
         await store.open()
         self.tools = dict(self.app.tools)
         if self.app.mcp_servers:
@@ -123,10 +144,6 @@ class Worker:
             self._background.add(asyncio.create_task(hook(client)))
         self._every(PRUNE_S, self._prune)
         self._every(OUTBOX_SWEEP_S, self._sweep_outbox)
-        log.info(
-            "worker started", app=self.app.name, agents=list(self.runners),
-            tools=list(self.tool_runners),
-        )  # fmt: skip
 
     def _every(self, period: float, chore: Callable[[], Awaitable[None]]) -> None:
         async def repeat() -> None:
@@ -139,6 +156,27 @@ class Worker:
 
         self._background.add(asyncio.create_task(repeat()))
 
+    async def _keep_embedded_bus(self) -> None:
+        """Restart the embedded server if it dies (same port: the bus reconnects by itself).
+
+        Without this a killed server would leave the bus retrying a dead port forever.
+        A failure is logged once, not on every check.
+        """
+        assert self.embedded is not None
+        reported: str | None = None
+        while True:
+            await asyncio.sleep(EMBEDDED_CHECK_S)
+            try:
+                if await asyncio.to_thread(self.embedded.revive):
+                    log.warning("the embedded nats-server had stopped; restarted it",
+                                url=self.embedded.url)  # fmt: skip
+                reported = None
+            except Exception as e:
+                if str(e) != reported:
+                    log.error("the embedded nats-server stopped and cannot be restarted",
+                              error=str(e))  # fmt: skip
+                    reported = str(e)
+
     def pipeline(self, agent: str) -> Pipeline:
         """The pipeline of one agent (for the gateway and tests)."""
         processor = self.runners[agent].processor
@@ -146,7 +184,17 @@ class Worker:
         return processor
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Finish or hand back in-flight work, then disconnect."""
+        """Finish or hand back in-flight work, then disconnect; again is a no-op.
+
+        Only a worker that had started says "worker stopped": one that failed to start
+        leaves the stage to its error.
+        """
+        phase, self._phase = self._phase, "stopped"
+        if phase in ("new", "stopped"):
+            return
+        if self._published is not None:
+            unpublish_worker(self._published)
+            self._published = None
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -154,8 +202,11 @@ class Worker:
             await self._disconnect(grace)
         finally:
             if self.embedded is not None:
-                self.embedded.stop()  # even when disconnecting failed: no orphaned server
-        log.info("worker stopped", app=self.app.name)
+                # Even when disconnecting failed: leave the server (stopping it if no one
+                # else uses it), never orphan it.
+                self.embedded.stop()
+        if phase == "started":
+            log.info("worker stopped", app=self.app.name)
 
     async def _disconnect(self, grace: float) -> None:
         if self._sweeper is not None:

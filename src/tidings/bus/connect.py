@@ -9,7 +9,7 @@ from __future__ import annotations
 from tidings.bus import open_bus
 from tidings.bus.base import Bus
 from tidings.bus.embedded import EmbeddedNats, discover_url
-from tidings.config import Settings
+from tidings.config import Settings, running_workers
 from tidings.errors import BusUnavailable
 
 
@@ -19,6 +19,13 @@ async def connect_bus(settings: Settings) -> Bus:
     if url is None:
         url = discover_url(settings.home_path)
         if url is None:
+            elsewhere = sorted({w.bus for w in running_workers(settings.home_path)} - {"embedded"})
+            if elsewhere:  # the worker of this folder runs on a bus of its own
+                raise BusUnavailable(
+                    f"no embedded bus is running under {settings.home_path}, but the worker"
+                    f" running there uses {' and '.join(elsewhere)}: set TIDINGS_BUS (or --bus)"
+                    " to its URL"
+                )
             raise BusUnavailable(
                 f"no bus is running (nothing under {settings.home_path}); start one with"
                 " `tidings run MODULE:APP` or set TIDINGS_BUS=nats://host:4222"
@@ -29,8 +36,8 @@ async def connect_bus(settings: Settings) -> Bus:
 async def start_bus(settings: Settings) -> tuple[Bus, EmbeddedNats | None]:
     """Connect to TIDINGS_BUS, else to the embedded server, starting it if none runs.
 
-    The second value is the embedded server this call started or joined (None for an
-    external bus); its owner stops it.
+    The second value is the embedded server this call started, joined or adopted (None for
+    an external bus); `EmbeddedNats.stop()` leaves it, stopping it if nobody else uses it.
     """
     if settings.bus is not None:
         return await _connected(settings.bus, settings), None

@@ -1,11 +1,17 @@
 """The embedded nats-server: a laptop needs no broker setup, yet gets the production bus.
 
 Under ``home`` (``.tidings/`` by default) live the JetStream data (``nats/``), the server
-log (``nats.log``) and ``nats.json`` (``{"url", "pid"}``), which tells other processes —
-a CLI in another terminal, a second worker — where the running server is. A file lock
-(``nats.lock``) makes "check, start, record" atomic, so concurrent starters end with one
-server. The server runs in its own session: Ctrl-C in the terminal reaches the runtime,
-which then drains and stops the server itself.
+log (``nats.log``), ``nats.json`` (``{"url", "pid"}``), which tells other processes — a
+CLI in another terminal, a second worker — where the running server is, and
+``nats.users/``, one file per process using it. A file lock (``nats.lock``) makes "check,
+start, record" and "leave, stop" atomic, so concurrent starters end with one server.
+
+The server belongs to the folder, not to the process that started it: it is detached (its
+own session, not our child), every user registers, and the last user to leave stops it. A
+user killed with SIGKILL is recognised by its dead pid, so a server nobody uses any more
+(an orphan) is adopted by the next user, which stops it when it leaves. A user whose
+server died restarts it on the same port and store, so every client reconnects to it and
+JetStream data survives.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import subprocess
 import sys
 import sysconfig
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
@@ -31,6 +39,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlparse
 
+from tidings.config import process_alive, process_start
 from tidings.errors import BusError, BusTooOld, BusUnavailable
 
 MIN_VERSION = (2, 10)
@@ -108,14 +117,8 @@ def _answers(url: str, timeout: float = 0.5) -> bool:
     return bool(info.get("jetstream"))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+ANSWER_PATIENCE_S = 2.0  # a loaded machine may take this long to greet; a hung one never does
+USERS_DIR = "nats.users"
 
 
 def _cmdline(pid: int) -> bytes | None:
@@ -126,6 +129,11 @@ def _cmdline(pid: int) -> bytes | None:
         return None
 
 
+def _running(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie does not)."""
+    return process_alive(pid)
+
+
 def _read_state(home: Path) -> dict[str, Any] | None:
     try:
         state = json.loads((home / "nats.json").read_text())
@@ -134,14 +142,33 @@ def _read_state(home: Path) -> dict[str, Any] | None:
     return state if isinstance(state, dict) and "url" in state and "pid" in state else None
 
 
-def _live_state(home: Path) -> dict[str, Any] | None:
+def _live_state(home: Path, patience: float = ANSWER_PATIENCE_S) -> dict[str, Any] | None:
     """The recorded server if it still runs; a kill -9 leaves a file whose pid or port is dead."""
     state = _read_state(home)
     if state is None:
         return None
-    if not _pid_alive(int(state["pid"])) or not _answers(str(state["url"])):
+    if not _running(int(state["pid"])) or not _answers(str(state["url"]), patience):
         return None
     return state
+
+
+def _users(home: Path, *, prune: bool = False) -> list[int]:
+    """The pids of the live processes registered as using the server under `home`.
+
+    With `prune` (only under the lock) the files of dead users are removed.
+    """
+    pids: list[int] = []
+    for path in sorted((home / USERS_DIR).glob("*.json")):
+        try:
+            entry = json.loads(path.read_text())
+            pid, start = int(entry["pid"]), entry.get("start")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if process_alive(pid, start):
+            pids.append(pid)
+        elif prune:
+            path.unlink(missing_ok=True)
+    return pids
 
 
 def discover_url(home: str | Path) -> str | None:
@@ -150,8 +177,35 @@ def discover_url(home: str | Path) -> str | None:
     return str(state["url"]) if state else None
 
 
+@dataclass(frozen=True, slots=True)
+class EmbeddedStatus:
+    """The embedded server under a home as `tidings doctor` shows it."""
+
+    url: str
+    pid: int
+    started_by: int | None  # the pid that started it
+    users: list[int]  # live processes using it
+
+    @property
+    def orphan(self) -> bool:
+        """Running with nobody using it: its users were killed without cleaning up."""
+        return not self.users
+
+
+def embedded_status(home: str | Path) -> EmbeddedStatus | None:
+    """The live embedded server under `home` and who uses it, or None if none runs."""
+    home = Path(home)
+    state = _live_state(home)
+    if state is None:
+        return None
+    owner = state.get("owner_pid")
+    return EmbeddedStatus(
+        str(state["url"]), int(state["pid"]), int(owner) if owner else None, _users(home)
+    )
+
+
 class EmbeddedNats:
-    """Starts (or joins) the nats-server under `home`; stops it only if it started it."""
+    """Starts (or joins, or adopts) the nats-server under `home`; the last user stops it."""
 
     def __init__(
         self,
@@ -167,8 +221,14 @@ class EmbeddedNats:
         self.start_timeout = start_timeout
         self.url: str | None = None
         self.pid: int | None = None
-        self.owned = False
-        self._process: subprocess.Popen[bytes] | None = None
+        self.owned = False  # this process started the server
+        self.adopted = False  # joined a server whose users had all gone (an orphan)
+        self._entry: Path | None = None  # our file in nats.users/ while we use it
+
+    @property
+    def in_use(self) -> bool:
+        """Whether this process is registered as using the server (between ensure and stop)."""
+        return self._entry is not None
 
     @property
     def state_file(self) -> Path:
@@ -186,33 +246,52 @@ class EmbeddedNats:
         return self.home / "nats"
 
     async def ensure(self) -> str:
-        """Reuse the live server recorded under `home`, else start one; return its URL."""
+        """Use the live server recorded under `home`, else start one; return its URL."""
         return await asyncio.to_thread(self._ensure, True)
 
     async def start(self) -> str:
-        """Start a server owned by this process; BusError if one already runs here."""
+        """Start a server and use it; BusError if one already runs here."""
         return await asyncio.to_thread(self._ensure, False)
 
     def stop(self) -> None:
-        """Stop the server if this process started it and forget it; else do nothing.
+        """Stop using the server; stop the server too if no other live process uses it.
 
         Synchronous so it also works in a `finally` outside the event loop (the supervisor).
         """
-        process, self._process = self._process, None
-        if not self.owned or process is None:
+        entry, self._entry = self._entry, None
+        if entry is None:
             return
-        self.owned = False
-        if process.poll() is None:
-            process.terminate()  # nats-server shuts down cleanly on SIGTERM
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
         with self._locked():
+            entry.unlink(missing_ok=True)
+            if _users(self.home, prune=True):
+                return  # someone else still uses it; the last one stops it
             state = _read_state(self.home)
-            if state is not None and state.get("pid") == process.pid:
+            if state is not None:
+                self._end(int(state["pid"]))
                 self.state_file.unlink(missing_ok=True)
+
+    def revive(self) -> bool:
+        """Restart the server if it died while this process uses it; True if restarted.
+
+        The same port, so this process's clients (and every other user's) reconnect by
+        themselves, and the same store, so the streams and their messages survive.
+        """
+        if self._entry is None or self.pid is None or self.url is None or _running(self.pid):
+            return False
+        with self._locked():
+            if not self.in_use:
+                return False  # stop() ran meanwhile: restarting now would leave an orphan
+            state = _read_state(self.home)
+            if state is not None and _running(int(state["pid"])):
+                if str(state["url"]) != self.url:
+                    raise BusUnavailable(
+                        f"the embedded nats-server moved to {state['url']}; this process"
+                        f" reconnects only to {self.url}: restart it"
+                    )
+                self.pid = int(state["pid"])  # another user restarted it already
+                return False
+            self._spawn(urlparse(self.url).port, only_that_port=True)
+            return True
 
     async def __aenter__(self) -> EmbeddedNats:
         await self.ensure()
@@ -245,66 +324,100 @@ class EmbeddedNats:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     def _ensure(self, reuse: bool) -> str:
-        if self._process is not None and self._process.poll() is None and self.url:
+        if self._entry is not None and self.url and self.pid and _running(self.pid):
             return self.url
         with self._locked():
             state = _live_state(self.home)
-            if state is None and (stale := _read_state(self.home)) is not None:
-                self._end_hung(int(stale["pid"]))
+            stale = _read_state(self.home) if state is None else None
+            if stale is not None:  # alive but not answering: two on one store corrupt it
+                self._end(int(stale["pid"]))
             if state is not None:
                 if not reuse:
                     raise BusError(
                         f"an embedded nats-server already runs at {state['url']} (pid"
                         f" {state['pid']}) for {self.home}; join it with ensure()"
                     )
+                self.adopted = not _users(self.home, prune=True)
                 self.url, self.pid, self.owned = str(state["url"]), int(state["pid"]), False
-                return self.url
-            return self._spawn()
+            else:
+                # The port it had, if free: clients of a server that died reconnect there.
+                self._spawn(urlparse(str(stale["url"])).port if stale else None)
+            self._register()
+            assert self.url is not None
+            return self.url
 
-    def _end_hung(self, pid: int) -> None:
-        """End a recorded server that lives but does not answer: two on one store corrupt it."""
+    def _register(self) -> None:
+        if self._entry is not None and self._entry.exists():
+            return  # already registered: one file per user, removed once by stop()
+        folder = self.home / USERS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        pid = os.getpid()
+        entry = folder / f"{pid}.{uuid.uuid4().hex[:8]}.json"
+        entry.write_text(json.dumps({"pid": pid, "start": process_start(pid)}))
+        self._entry = entry
+
+    def _ours(self, pid: int) -> bool:
+        """Whether `pid` is a nats-server on this store (not a reused pid); True without /proc."""
         cmdline = _cmdline(pid)
-        if (
-            not cmdline
-            or b"nats-server" not in cmdline
-            or str(self.store_dir).encode() not in cmdline
-        ):
+        if cmdline is None:
+            return _running(pid) and not Path("/proc/self").exists()
+        return b"nats-server" in cmdline and str(self.store_dir).encode() in cmdline
+
+    def _end(self, pid: int) -> None:
+        """Stop the server `pid` (SIGTERM: it shuts down cleanly), then SIGKILL if it hangs."""
+        if not self._ours(pid):
             return  # gone, a zombie, or the pid now belongs to something else
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        for sig, patience in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
                 os.kill(pid, signal.SIGCONT)  # a stopped process acts on TERM once resumed
-            deadline = time.monotonic() + 5
-            while _cmdline(pid) and time.monotonic() < deadline:
+            deadline = time.monotonic() + patience
+            while _running(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if not _cmdline(pid):
+            if not _running(pid):
                 return
 
-    def _spawn(self) -> str:
+    def _launch(self, binary: str, port: int) -> int:
+        """Start the server detached (not our child, own session); return its pid.
+
+        Not our child, so it can outlive us for the other users, and whoever stops it last
+        needs no process handle; its own session keeps a terminal's Ctrl-C away from it.
+        """
+        with open(self.log_file, "ab") as log:
+            log.write(f"--- tidings starting {binary} at {self.host}:{port}\n".encode())
+            log.flush()
+            try:
+                shell = subprocess.run(
+                    ["/bin/sh", "-c", '"$@" 1>&2 & echo $!', "nats-server", binary,
+                     "-a", self.host, "-p", str(port), "-js", "-sd", str(self.store_dir)],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                    start_new_session=True, timeout=30, check=True,
+                )  # fmt: skip
+                return int(shell.stdout)
+            except (OSError, subprocess.SubprocessError, ValueError) as e:
+                raise BusUnavailable(
+                    f"could not start the embedded nats-server {binary} ({e}); see"
+                    f" {self.log_file}, or set TIDINGS_BUS to a running nats-server"
+                ) from e
+
+    def _spawn(self, port: int | None = None, *, only_that_port: bool = False) -> None:
         binary = self.binary or find_nats_server()
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):  # a port taken between probing and binding: try another
-            port = _free_port(self.host)
+        tries: list[int | None] = [port] if port else []
+        if not only_that_port:
+            tries += [None, None, None]  # a port taken between probing and binding: another
+        for wanted in tries:
+            port = wanted or _free_port(self.host)
             url = f"nats://{self.host}:{port}"
-            with open(self.log_file, "ab") as log:
-                log.write(f"--- tidings starting {binary} at {url}\n".encode())
-                log.flush()
-                process = subprocess.Popen(
-                    [binary, "-a", self.host, "-p", str(port), "-js", "-sd", str(self.store_dir)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    start_new_session=True,
-                )
+            pid = self._launch(binary, port)
             deadline = time.monotonic() + self.start_timeout
-            while process.poll() is None and time.monotonic() < deadline:
+            while _running(pid) and time.monotonic() < deadline:
                 if _answers(url, timeout=0.2):
-                    self._record(url, process)
-                    return url
+                    self._record(url, pid)
+                    return
                 time.sleep(0.05)
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            if _running(pid):
+                self._end(pid)
                 raise BusUnavailable(
                     f"embedded nats-server did not answer at {url} within"
                     f" {self.start_timeout}s; see {self.log_file}"
@@ -312,19 +425,23 @@ class EmbeddedNats:
             tail = self.log_file.read_text(errors="replace")[-600:]
             if "address already in use" not in tail.lower():
                 raise BusUnavailable(
-                    f"embedded nats-server exited with {process.returncode}; see"
-                    f" {self.log_file}:\n{tail}"
+                    f"embedded nats-server exited at once; see {self.log_file}:\n{tail}"
                 )
+        if only_that_port:
+            raise BusUnavailable(
+                f"cannot restart the embedded nats-server at {self.host}:{port}: another"
+                f" program took the port; stop it, or restart this process (see {self.log_file})"
+            )
         raise BusUnavailable(f"embedded nats-server found no free port; see {self.log_file}")
 
-    def _record(self, url: str, process: subprocess.Popen[bytes]) -> None:
+    def _record(self, url: str, pid: int) -> None:
         state = {
             "url": url,
-            "pid": process.pid,
+            "pid": pid,
             "started": datetime.now(UTC).isoformat(timespec="seconds"),
             "owner_pid": os.getpid(),
         }
         tmp = self.state_file.with_name(f"nats.json.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.state_file)  # atomic: readers never see half a file
-        self.url, self.pid, self.owned, self._process = url, process.pid, True, process
+        self.url, self.pid, self.owned, self.adopted = url, pid, True, False

@@ -14,7 +14,7 @@ import sys
 import traceback
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tidings.app import App
-from tidings.config import Settings
+from tidings.config import RunningWorker, Settings, public_store_url, running_workers
 from tidings.errors import ConfigError, TidingsError
 
 T = TypeVar("T")
@@ -45,7 +45,21 @@ class GlobalOptions:
     home: str | None = None
 
     def settings(self) -> Settings:
-        """Settings with these options over env over ``tidings.toml``."""
+        """Settings with these options over env over ``tidings.toml``, then the worker's store.
+
+        A warning about the store (see `resolve`) is printed as one line on stderr.
+        """
+        resolved = self.resolve()
+        if resolved.warning is not None:
+            err_console.print(Text.assemble(("Warning: ", "bold yellow"), resolved.warning))
+        return resolved.settings
+
+    def resolve(self) -> Resolved:
+        """Settings, with the store of the worker running under this home when none is set.
+
+        Without it, a second terminal would silently read the default SQLite file while the
+        worker writes to PostgreSQL.
+        """
         settings = Settings.load(bus=self.bus, store=self.store, home=self.home)
         if (settings.bus or "").lower().startswith("memory:"):
             # Refused, never a fallback: no other process could see the events.
@@ -54,7 +68,40 @@ class GlobalOptions:
                 " (`tidings.testing.harness`); the CLI needs a bus other processes can reach:"
                 " unset TIDINGS_BUS for the embedded nats-server, or use nats:// or kafka://"
             )
-        return settings
+        return _with_workers_store(settings)
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """Settings as resolved for a command, and what the running workers had to do with it."""
+
+    settings: Settings
+    workers: list[RunningWorker]  # live workers under the home
+    store_from: RunningWorker | None = None  # the worker whose store is used (none was set)
+    warning: str | None = None  # one line: the store differs from the workers'
+
+
+def _with_workers_store(settings: Settings) -> Resolved:
+    """Use the running workers' store if the user set none; warn if theirs differs."""
+    workers = running_workers(settings.home_path)
+    mine, _ = public_store_url(settings.store_url)
+    theirs = {w.store: w for w in workers if not w.store.lower().startswith("sqlite:///:memory:")}
+    if not theirs or mine in theirs:
+        return Resolved(settings, workers)
+    if settings.store is None and len(theirs) == 1:
+        (worker,) = theirs.values()
+        if not worker.store_password:
+            return Resolved(replace(settings, store=worker.store), workers, store_from=worker)
+    listed = ", ".join(f"{w.shown_store} (pid {w.pid}, app {w.app})" for w in theirs.values())
+    who = "the running worker uses" if len(theirs) == 1 else "the running workers use"
+    origin = "your store setting" if settings.store is not None else "the default"
+    needs = " with its password" if any(w.store_password for w in theirs.values()) else ""
+    warning = (
+        f"{who} the store {listed}, but this command uses {redact(settings.store_url)}"
+        f" ({origin}); to read the worker's records, give its URL{needs} in TIDINGS_STORE"
+        " or --store"
+    )
+    return Resolved(settings, workers, warning=warning)
 
 
 def options_of(ctx: typer.Context) -> GlobalOptions:

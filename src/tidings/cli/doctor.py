@@ -17,7 +17,7 @@ from typing import Any
 import typer
 from rich.text import Text
 
-from tidings.cli.common import console, missing_sqlite_file, options_of, redact
+from tidings.cli.common import Resolved, console, missing_sqlite_file, options_of, redact
 from tidings.config import Settings
 from tidings.errors import TidingsError
 
@@ -38,12 +38,15 @@ def doctor(ctx: typer.Context) -> None:
     """Check settings, bus, store and the nats-server binary; exit 1 if anything fails."""
     options = options_of(ctx)
     try:
-        settings = options.settings()
+        resolved = options.resolve()
     except TidingsError as e:
         _report(Result(False, "settings", [str(e)], "correct the setting named above"))
         raise typer.Exit(1) from None
+    settings = resolved.settings
     overrides = {"bus": options.bus, "store": options.store, "home": options.home}
-    _report(_settings_result(settings, overrides))
+    _report(_settings_result(resolved, overrides))
+    if resolved.workers:
+        _report(_workers_result(resolved))
     failed = asyncio.run(_run_checks(settings))
     raise typer.Exit(1 if failed else 0)
 
@@ -51,8 +54,10 @@ def doctor(ctx: typer.Context) -> None:
 async def _run_checks(settings: Settings) -> bool:
     """Run and report each check in turn; True if any failed."""
     failed = False
-    for check in (_bus, _store, _binary):
+    for check in (_bus, _embedded, _store, _binary):
         result = await check(settings)
+        if result is None:
+            continue
         _report(result)
         failed = failed or result.ok is False
     return failed
@@ -70,8 +75,11 @@ def _report(result: Result) -> None:
 # -- the checks ---------------------------------------------------------------------------
 
 
-def _settings_result(settings: Settings, overrides: dict[str, str | None]) -> Result:
+def _settings_result(resolved: Resolved, overrides: dict[str, str | None]) -> Result:
+    settings = resolved.settings
     origins = _origins(overrides)
+    if resolved.store_from is not None:
+        origins["store"] = f"the running worker's, pid {resolved.store_from.pid}"
     details = []
     for name, value in (
         ("bus", settings.bus or f"embedded nats-server under {settings.home_path}"),
@@ -81,6 +89,18 @@ def _settings_result(settings: Settings, overrides: dict[str, str | None]) -> Re
     ):
         details.append(f"{name:<10} {value}  ({origins.get(name, 'default')})")
     return Result(True, "settings resolved", details)
+
+
+def _workers_result(resolved: Resolved) -> Result:
+    """The workers running under the home, and whether this CLI reads the store they write."""
+    details = [
+        f"pid {w.pid}  app {w.app}  bus {w.bus}  namespace {w.namespace}  store {w.shown_store}"
+        for w in resolved.workers
+    ]
+    if resolved.warning is not None:
+        details.append(resolved.warning)
+        return Result(None, "running workers use another store", details)
+    return Result(True, "running workers", details)
 
 
 def _origins(overrides: dict[str, str | None]) -> dict[str, str]:
@@ -123,6 +143,31 @@ async def _bus(settings: Settings) -> Result:
     if settings.bus is None:
         where = f"embedded nats-server at {where} (found under {settings.home_path})"
     return Result(True, title, [where, *_server_lines(info)])
+
+
+async def _embedded(settings: Settings) -> Result | None:
+    """Who uses the embedded server; one that nobody uses was left by killed processes."""
+    if settings.bus is not None:
+        return None
+    from tidings.bus.embedded import embedded_status
+
+    status = await asyncio.to_thread(embedded_status, settings.home_path)
+    if status is None:
+        return None
+    if not status.orphan:
+        users = ", ".join(str(pid) for pid in status.users)
+        return Result(True, "embedded nats-server in use", [f"pid {status.pid}, used by {users}"])
+    starter = f"pid {status.started_by}" if status.started_by else "a process"
+    return Result(
+        None,
+        "embedded nats-server left running (an orphan)",
+        [
+            f"pid {status.pid} at {status.url} was started by {starter}, which is gone;"
+            " no tidings process uses it"
+        ],
+        f"the next `tidings run` adopts it and stops it when it ends; or stop it now:"
+        f" kill {status.pid}",
+    )
 
 
 async def _store(settings: Settings) -> Result:

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,23 +32,32 @@ from tidings.worker import Worker
 class _ObservedWorker(Worker):
     """A worker that says when it is up, so the display starts with the real bus URL."""
 
-    def __init__(self, app: App, settings: Settings) -> None:
+    def __init__(
+        self, app: App, settings: Settings, gateway_socket: socket.socket | None = None
+    ) -> None:
         super().__init__(app, settings)
         self.started = asyncio.Event()
         self.gateway: Any = None
+        self.gateway_socket = gateway_socket  # bound before anything started
 
     async def start(self) -> None:
         await super().start()
         if self.settings.gateway:
             from tidings.gateway.server import GatewayServer
 
-            self.gateway = GatewayServer(self)
-            await self.gateway.start()
+            sock, self.gateway_socket = self.gateway_socket, None
+            gateway = GatewayServer(self, sock=sock)
+            await gateway.start()
+            self.gateway = gateway  # only a started gateway is stopped
         self.started.set()
 
     async def stop(self, grace: float = 10.0) -> None:
-        if self.gateway is not None:
-            await self.gateway.stop()
+        gateway, self.gateway = self.gateway, None
+        if gateway is not None:
+            await gateway.stop()
+        if self.gateway_socket is not None:  # the worker never got to serve it
+            self.gateway_socket.close()
+            self.gateway_socket = None
         await super().stop(grace)
 
     def bus_description(self) -> str:
@@ -55,8 +65,12 @@ class _ObservedWorker(Worker):
         url = self.bus.url if self.bus is not None else "?"
         if self.settings.bus is not None:
             return url
-        joined = self.embedded is None or not self.embedded.owned
-        how = "joined, started by another process" if joined else "started here"
+        if self.embedded is not None and self.embedded.owned:
+            how = "started here"
+        elif self.embedded is not None and self.embedded.adopted:
+            how = "adopted: left running by a process that is gone"
+        else:
+            how = "joined, started by another process"
         return f"embedded nats-server at {url} ({how}; data in {self.settings.home_path})"
 
 
@@ -96,40 +110,68 @@ def run(
             help="Serve the HTTP gateway (TIDINGS_GATEWAY_HOST/PORT, default 127.0.0.1:8000).",
         ),
     ] = None,
+    gateway_port: Annotated[
+        int | None,
+        typer.Option(
+            "--gateway-port",
+            min=0,
+            max=65535,
+            help="Port of the gateway; overrides TIDINGS_GATEWAY_PORT (default 8000).",
+        ),
+    ] = None,
 ) -> None:
     """Run the agents of an app until Ctrl-C or SIGTERM (then stop gracefully)."""
+    gateway_socket = None
     with guarded():
         settings = options_of(ctx).settings()
         if gateway is not None:
             settings = dataclasses.replace(settings, gateway=gateway)
+        if gateway_port is not None:
+            settings = dataclasses.replace(settings, gateway_port=gateway_port)
         app = load_app(target)
         if settings.gateway:
-            _check_gateway()
+            gateway_socket = _check_gateway(settings)
     app.settings = settings  # app.client() in user code then sees --bus/--store/--home too
     if workers > 1:
+        if gateway_socket is not None:
+            gateway_socket.close()  # the port was free; worker 1 binds it again
         raise typer.Exit(_supervise(target, app, settings, workers, grace, quiet))
     with guarded():
-        asyncio.run(_run_worker(app, settings, grace, quiet=quiet, label=label))
+        asyncio.run(
+            _run_worker(app, settings, grace, quiet=quiet, label=label, sock=gateway_socket)
+        )
 
 
-def _check_gateway() -> None:
+def _check_gateway(settings: Settings) -> socket.socket:
     """Check the gateway before anything starts: the extra, its configuration, credentials.
 
-    Without any credential every request would answer 401, so say how to make one.
+    Without any credential every request would answer 401, so say how to make one. The
+    port is bound here, so a taken one is reported before the bus and the workers start;
+    the socket is what the gateway then serves.
     """
     from tidings.gateway import GatewayConfig, credentials_warning, require_server
 
     require_server()
     warning = credentials_warning(GatewayConfig.load())
+    from tidings.gateway.server import bind_gateway
+
+    sock = bind_gateway(settings.gateway_host, settings.gateway_port)
     if warning is not None:
         err_console.print(Text.assemble(("Warning: ", "bold yellow"), warning))
+    return sock
 
 
 async def _run_worker(
-    app: App, settings: Settings, grace: float, *, quiet: bool, label: str
+    app: App,
+    settings: Settings,
+    grace: float,
+    *,
+    quiet: bool,
+    label: str,
+    sock: socket.socket | None = None,
 ) -> None:
     """Run one worker; the display follows it while it runs."""
-    worker = _ObservedWorker(app, settings)
+    worker = _ObservedWorker(app, settings, sock)
     running = asyncio.create_task(worker.run_until_signalled(grace))
     display = None if quiet else asyncio.create_task(_display(worker, label))
     try:
@@ -177,8 +219,13 @@ def _supervise(
             url = asyncio.run(embedded.ensure())
     try:
         env = dict(os.environ)
-        env["TIDINGS_BUS"] = url
+        if embedded is None:
+            env["TIDINGS_BUS"] = url
+        else:  # each worker joins the embedded server itself, so it counts as one of its users
+            env.pop("TIDINGS_BUS", None)
         env["TIDINGS_HOME"] = str(settings.home_path)
+        if settings.gateway:
+            env["TIDINGS_GATEWAY_PORT"] = str(settings.gateway_port)
         if settings.store is not None:
             env["TIDINGS_STORE"] = settings.store
         if not quiet:

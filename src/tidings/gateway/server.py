@@ -4,16 +4,54 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import socket
 from collections.abc import Iterator
 
 import structlog
 import uvicorn
 
+from tidings.errors import ConfigError
 from tidings.gateway.app import Gateway, create_app
 from tidings.gateway.config import GatewayConfig
 from tidings.worker import Worker
 
 log = structlog.get_logger("tidings.gateway")
+
+
+def bind_gateway(host: str, port: int) -> socket.socket:
+    """The gateway's socket, listening now: a taken port is one line naming the fix, early.
+
+    Bound by us rather than by uvicorn, which would log a traceback and exit the process.
+    Connections arriving before the gateway serves wait in the backlog.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is fine
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise _cannot_listen(host, port, e) from None
+    return sock
+
+
+def _cannot_listen(host: str, port: int, error: OSError) -> ConfigError:
+    other = port + 1 if 0 < port < 65535 else 8001
+    how = (
+        f"choose another with `tidings run --gateway --gateway-port {other}`"
+        f" (or TIDINGS_GATEWAY_PORT={other})"
+    )
+    if error.errno == errno.EADDRINUSE:
+        return ConfigError(
+            f"the gateway's port {port} on {host} is already in use (by another program, or"
+            f" another `tidings run --gateway`): {how}"
+        )
+    return ConfigError(
+        f"the gateway cannot listen on {host}:{port} ({error.strerror or error}): {how}, or"
+        " set TIDINGS_GATEWAY_HOST to an address of this machine"
+    )
 
 
 class SignalFreeServer(uvicorn.Server):
@@ -28,9 +66,16 @@ class SignalFreeServer(uvicorn.Server):
 class GatewayServer:
     """The gateway of a running worker, sharing its bus, store and agent pipelines."""
 
-    def __init__(self, worker: Worker, config: GatewayConfig | None = None) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        config: GatewayConfig | None = None,
+        *,
+        sock: socket.socket | None = None,
+    ) -> None:
         assert worker.bus is not None and worker.store is not None, "start the worker first"
         settings = worker.settings
+        self._socket = sock  # bound beforehand (`bind_gateway`), else bound by start()
         self.gateway = Gateway(
             worker.app,
             settings,
@@ -56,12 +101,24 @@ class GatewayServer:
 
     async def start(self) -> None:
         """Bind the port and serve in the background; returns once it accepts connections."""
-        self._task = asyncio.create_task(self.server.serve())
+        config = self.server.config
+        sock, self._socket = self._socket or bind_gateway(config.host, config.port), None
+        task = asyncio.create_task(self.server.serve(sockets=[sock]))
         while not self.server.started:
-            if self._task.done():
-                self._task.result()  # raises why it could not start (port in use, ...)
-                raise RuntimeError("the gateway stopped while starting")
+            if task.done():
+                sock.close()
+                try:
+                    task.result()
+                except OSError as e:
+                    raise _cannot_listen(config.host, config.port, e) from None
+                except SystemExit as e:  # uvicorn exits when the app's startup fails
+                    raise ConfigError(
+                        f"the gateway did not start (uvicorn exit code {e.code}); the lines"
+                        " above say why"
+                    ) from None
+                raise ConfigError("the gateway stopped while starting; the lines above say why")
             await asyncio.sleep(0.02)
+        self._task = task
         log.info("gateway serving", url=self.url)
 
     @property
