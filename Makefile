@@ -10,6 +10,7 @@ help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(BIN)/tidings:
+	@echo "Setting up: creating $(VENV) and installing Tidings with pip (a minute or so the first time)..."
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e .
@@ -23,6 +24,7 @@ research: install  ## Run the research-assistant example (tools, journaled LLM s
 	$(BIN)/tidings run examples.research:app
 
 dev: install  ## Install the test and lint tools (and the PostgreSQL driver)
+	@echo "Installing the test and lint tools with pip..."
 	$(BIN)/pip install --quiet -e '.[dev]'
 
 lint: dev  ## ruff (lint + format check)

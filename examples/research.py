@@ -5,9 +5,14 @@
 `agent.task.started` (a question) -> the `researcher` agent reports progress, calls the
 `corpus.search` tool over the bus (`tool.invoke.corpus.search` -> `tool.result...`),
 asks the model to summarise what it found, and emits `agent.task.completed` with the
-answer, or `agent.task.failed`. The `reporter` prints progress and answers. Every step
-is journaled: kill the worker mid-flight and restart it, and no search or model call is
-paid twice.
+answer, or `agent.task.failed`. When the corpus has nothing on a question, it asks a human
+(`tidings approvals ls`) whether to answer from the model alone. The `reporter` prints
+progress and answers. Every step is journaled: kill the worker mid-flight and restart it,
+and no search or model call is paid twice.
+
+Both agents start at the events published after they were first deployed (`start="new"`),
+not at whatever an earlier experiment left on the bus, and a task without a question is
+dead-lettered at once with the reason (`tidings dlq ls`), not retried.
 
 The model is scripted (no network needed). Set RESEARCH_MODEL=gpt-4o-mini (with
 OPENAI_API_KEY, and OPENAI_BASE_URL for a local server such as Ollama) to use a real one.
@@ -23,8 +28,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from tidings import App, Client, Context, Event
-from tidings.errors import ToolError
+from tidings.errors import ApprovalTimeout, ToolError
 from tidings.llm import FakeModel, Request
 
 app = App("research")
@@ -67,7 +74,7 @@ def scripted_summary(request: Request) -> str:
     prompt = str(request.messages[-1]["content"])
     sources = re.findall(r"^\[(.+?)\] (.+?\.)", prompt, flags=re.MULTILINE)
     if not sources:
-        return "I found nothing about that in the corpus."
+        return "The corpus has nothing on that; a real model would answer from what it knows."
     return " ".join(f"{text} ({title})" for title, text in sources)
 
 
@@ -80,21 +87,40 @@ else:
     app.llm.add(FakeModel(scripted_summary, name="scripted"))
 
 
+class Task(BaseModel):
+    """What `agent.task.started` must carry: a question."""
+
+    question: str = Field(min_length=1)
+
+
 @app.agent(
     "researcher",
     on="agent.task.started",
     emits=["agent.task.completed", "agent.task.failed"],
     max_attempts=3,
+    data_model=Task,  # a task without a question is dead-lettered at once, with the reason
+    start="new",  # a first run does not answer every task left on the bus before it
 )
 async def research(event: Event, ctx: Context) -> dict[str, Any]:
     """Searches the corpus for the question and summarises the best sources."""
-    question = str(event.data["question"])
+    question = event.data.question
     await ctx.progress(0.1, "searching the corpus")
     try:
         hits = await ctx.tool("corpus.search", {"query": question, "limit": 2}, timeout=30)
     except ToolError as e:
-        await ctx.emit("agent.task.failed", {"question": question, "error": str(e)})
-        return {"failed": str(e)}
+        return await _failed(ctx, question, str(e))
+    if not hits:
+        await ctx.progress(0.3, "nothing in the corpus; asking whether to answer anyway")
+        try:
+            go_on = await ctx.ask(
+                {"question": question, "ask": "The corpus has nothing on this. Answer from the"
+                 " model alone? (true/false)"},
+                timeout=3600,
+            )  # fmt: skip
+        except ApprovalTimeout:
+            go_on = False
+        if go_on is not True:
+            return await _failed(ctx, question, "nothing in the corpus, and no go-ahead")
     await ctx.progress(0.5, f"found {len(hits)} sources; summarising")
     sources = "\n".join(f"[{hit['title']}] {hit['text']}" for hit in hits)
     answer = await ctx.llm.complete(
@@ -114,8 +140,13 @@ async def research(event: Event, ctx: Context) -> dict[str, Any]:
     return result
 
 
+async def _failed(ctx: Context, question: str, error: str) -> dict[str, Any]:
+    await ctx.emit("agent.task.failed", {"question": question, "error": error})
+    return {"failed": error}
+
+
 @app.agent("reporter", on=["agent.task.progress", "agent.task.completed", "agent.task.failed"],
-           emits=[])  # fmt: skip
+           emits=[], start="new")  # fmt: skip
 async def report(event: Event, ctx: Context) -> None:
     """Prints what a user interface would show."""
     data = event.data

@@ -20,6 +20,20 @@ import pytest
 POSTGRES_URL = os.environ.get("TIDINGS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
+TEST_TIMEOUT_S = 120  # a hung test fails with a traceback instead of stalling the suite
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give every test without its own `timeout` mark the suite's bound (pytest-timeout).
+
+    Set here rather than in pyproject.toml, whose pytest settings a user's own test in this
+    checkout also reads: there, an option of a plugin they lack would be an error.
+    """
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TEST_TIMEOUT_S))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -86,6 +89,26 @@ async def test_the_example_in_docs_backends_md_runs() -> None:
     await namespace["test_a_very_large_payment_is_flagged"]()
 
 
+def test_a_users_harness_test_runs_with_only_pytest_and_pytest_asyncio(tmp_path: Path) -> None:
+    """The docs' test, as a user's file read with this checkout's pytest settings.
+
+    `-p no:timeout` and friends switch off every plugin of the dev extra but pytest-asyncio,
+    as for a user who installed only what docs/backends.md names.
+    """
+    text = DOCS.read_text()
+    (tmp_path / "test_fraud.py").write_text(text.split("```python\n", 1)[1].split("```", 1)[0])
+    root = DOCS.parents[1]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-c", str(root / "pyproject.toml"), "-p", "no:timeout",
+         "-p", "no:hypothesispytest", "-p", "no:schemathesis", "-p", "no:anyio",
+         "-p", "no:cacheprovider", str(tmp_path / "test_fraud.py")],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "1 passed" in run.stdout
+
+
 async def test_tools_llm_calls_and_approvals_run_in_the_harness() -> None:
     from examples.research import app as research
 
@@ -115,3 +138,14 @@ async def test_tools_llm_calls_and_approvals_run_in_the_harness() -> None:
         await t.settle()
         (paid,) = t.emitted("refund.paid")
         assert paid.data == {"amount": 30}
+
+
+def test_make_demo_says_what_it_does_before_pip_runs(tmp_path: Path) -> None:
+    root = DOCS.parents[1]
+    plan = subprocess.run(
+        ["make", "-n", "-C", str(root), "demo", f"VENV={tmp_path / 'venv'}"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    says = next(n for n, line in enumerate(plan) if line.startswith('echo "Setting up'))
+    installs = next(n for n, line in enumerate(plan) if "pip install" in line)
+    assert says < installs
