@@ -22,7 +22,7 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from tests.conftest import NatsServer
-from tests.integration.test_cli import Running, base_env, ok, tidings
+from tests.integration.test_cli import Running, base_env, ok, poll, tidings
 from tidings.cli import cli
 from tidings.cli.display import stats_view, summary_line
 from tidings.events import new_id, now
@@ -252,11 +252,6 @@ def command_paths(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[st
         yield from command_paths(sub, (*path, name))
 
 
-# run.py's gateway options name environment variables too long for the help column at 80
-# columns; their wording is changed there.
-CUT_ELSEWHERE = {("run",)}
-
-
 def test_every_help_reads_cleanly_at_80_columns() -> None:
     paths = list(command_paths(get_command(cli)))
     assert ("decisions", "show") in paths and ("tail",) in paths
@@ -268,8 +263,7 @@ def test_every_help_reads_cleanly_at_80_columns() -> None:
         assert "<bool>" not in text, f"{where}: a flag shown as taking a value\n{text}"
         assert "[[" not in text and "]...]" not in text, f"{where}: doubled brackets\n{text}"
         assert all(len(line) <= 80 for line in text.splitlines()), text
-        if path not in CUT_ELSEWHERE:
-            assert "…" not in text, f"{where}: help cut short\n{text}"
+        assert "…" not in text, f"{where}: help cut short\n{text}"
     tail = CliRunner().invoke(cli, ["tail", "--help"], env={"COLUMNS": "80"}).output
     assert "[PATTERN]..." in tail
     publish = CliRunner().invoke(cli, ["publish", "--help"], env={"COLUMNS": "80"}).output
@@ -338,7 +332,14 @@ def test_agents_tells_the_runtime_consumers_apart_and_run_counts_filter_errors(
         ok("publish", "payment.made", '{"amount": "lots"}', env=env, cwd=app_dir)
         worker.wait_for("filtered=1 filter_errors=1")
 
-        rows = {r["name"]: r for r in json.loads(ok("agents", "--json", env=env, cwd=app_dir))}
+        def agent_rows() -> dict[str, Any]:
+            return {r["name"]: r for r in json.loads(ok("agents", "--json", env=env, cwd=app_dir))}
+
+        # The worker reports the count to the store; any terminal's `agents` shows it.
+        rows = poll(lambda: (r := agent_rows())[AGENT].get("filter_errors") and r, "the count")
+        errors = rows[AGENT]["filter_errors"]
+        assert (errors["count"], errors["expression"]) == (1, "data.amount > 1000")
+        assert errors["latest_error"].startswith("data.amount = 'lots' (No matching overloads")
         assert rows[AGENT]["kind"] == "agent"
         assert rows[f"{AGENT}:replies"]["kind"] == "tool replies"
         assert rows["firsthour:approvals"]["kind"] == "approval answers"
@@ -349,6 +350,7 @@ def test_agents_tells_the_runtime_consumers_apart_and_run_counts_filter_errors(
         agents, runtime = shown.split("runtime consumers (internal)")
         runtime, declared = runtime.split("declared in firsthour:app")
         assert AGENT in agents and f"{AGENT}:replies" not in agents
+        assert f"{AGENT}: 1 filter errors" in " ".join(agents.split())
         for name in (f"{AGENT}:replies", "firsthour:approvals", "tool:lookup-customer-record"):
             assert name in runtime  # whole, on one line
         assert "records the" in runtime and "runs tool calls" in runtime

@@ -26,13 +26,15 @@ from tidings.cli.common import (
     guarded,
     list_table,
     load_app,
+    missing_sqlite_file,
     print_json,
 )
 from tidings.cli.display import describe_key, describe_where
 from tidings.client import Client
 from tidings.config import Settings
-from tidings.errors import MalformedEvent
+from tidings.errors import MalformedEvent, StoreError
 from tidings.events import Event, check_pattern, check_type, decode
+from tidings.store import FilterErrors, open_store
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -194,14 +196,15 @@ def agents(
         with guarded():
             app = load_app(target)
 
-    async def work(settings: Settings) -> list[ConsumerInfo]:
+    async def work(settings: Settings) -> tuple[list[ConsumerInfo], dict[str, FilterErrors]]:
         bus = await connect_bus(settings)
         try:
-            return await bus.consumers()
+            return await bus.consumers(), await _filter_errors(settings)
         finally:
             await bus.close()
 
-    consumers = {info.name: info for info in execute(ctx, work)}
+    found, filter_errors = execute(ctx, work)
+    consumers = {info.name: info for info in found}
     declared = app.agents if app is not None else {}
     rows: list[dict[str, Any]] = []
     for name in sorted(set(consumers) | set(declared)):
@@ -217,6 +220,12 @@ def agents(
                 in_flight=info.in_flight,
                 redelivered=info.redelivered,
             )
+        if (errors := filter_errors.get(name)) is not None:
+            row["filter_errors"] = {
+                "count": errors.count, "expression": errors.expression,
+                "latest_event_id": errors.event_id, "latest_error": errors.error,
+                "first_at": errors.first_at, "last_at": errors.last_at,
+            }  # fmt: skip
         if spec is not None:
             row.setdefault("patterns", list(spec.patterns))
             row.update(
@@ -236,6 +245,21 @@ def agents(
     _agents_table(rows, target=target)
 
 
+async def _filter_errors(settings: Settings) -> dict[str, FilterErrors]:
+    """Each agent's filter errors as the store counted them; none when there is no store."""
+    if missing_sqlite_file(settings.store_url) is not None:
+        return {}
+    store = open_store(settings.store_url)
+    try:
+        await store.open()
+        return {errors.agent: errors for errors in await store.filter_errors()}
+    except StoreError as e:
+        console.print(f"[yellow]filter errors unknown: {e}[/yellow]", soft_wrap=True)
+        return {}
+    finally:
+        await store.close()
+
+
 def _agents_table(rows: Sequence[dict[str, Any]], *, target: str | None) -> None:
     """The agents, the runtime's own consumers, then (with MODULE:APP) the declarations."""
     if not rows:
@@ -252,6 +276,16 @@ def _agents_table(rows: Sequence[dict[str, Any]], *, target: str | None) -> None
                 waiting = Text("no consumer yet", style="yellow")
                 table.add_row(Text(row["name"], overflow="fold"), patterns, waiting, "", "")
         console.print(table)
+        for row in agents:
+            if (errors := row.get("filter_errors")) is not None:
+                console.print(
+                    Text.assemble(
+                        (f"{row['name']}: {errors['count']} filter errors", "yellow"),
+                        f" (where={errors['expression']!r} could not be evaluated; such events"
+                        f" are filtered out). Latest, event {errors['latest_event_id']} at"
+                        f" {errors['last_at']}: {errors['latest_error']}",
+                    )
+                )
     helpers = [row for row in rows if row["kind"] != "agent"]
     if helpers:
         table = _counts_table("runtime consumers (internal)", ("consumer", "what it does"))

@@ -107,7 +107,8 @@ def run(
         bool | None,
         typer.Option(
             "--gateway/--no-gateway",
-            help="Serve the HTTP gateway (TIDINGS_GATEWAY_HOST/PORT, default 127.0.0.1:8000).",
+            help="Serve the HTTP gateway too, on 127.0.0.1:8000 unless the gateway_host and"
+            " gateway_port settings say otherwise.",
         ),
     ] = None,
     gateway_port: Annotated[
@@ -116,7 +117,8 @@ def run(
             "--gateway-port",
             min=0,
             max=65535,
-            help="Port of the gateway; overrides TIDINGS_GATEWAY_PORT (default 8000).",
+            metavar="PORT",
+            help="Port of the gateway, over the gateway_port setting (default 8000).",
         ),
     ] = None,
 ) -> None:
