@@ -25,7 +25,8 @@ from tidings.app import App
 from tidings.bus.base import Bus
 from tidings.bus.connect import start_bus
 from tidings.client import Client
-from tidings.config import Settings, publish_worker, unpublish_worker
+from tidings.config import Settings
+from tidings.home import publish_worker, unpublish_worker
 from tidings.runtime.approvals import Answers, Sweeper
 from tidings.runtime.commits import Committer
 from tidings.runtime.consumer import Consumer, Processor

@@ -9,8 +9,9 @@ from __future__ import annotations
 from tidings.bus import open_bus
 from tidings.bus.base import Bus
 from tidings.bus.embedded import EmbeddedNats, discover_url
-from tidings.config import Settings, running_workers
+from tidings.config import Settings
 from tidings.errors import BusUnavailable
+from tidings.home import running_workers
 
 
 async def connect_bus(settings: Settings) -> Bus:

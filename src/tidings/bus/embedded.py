@@ -39,8 +39,8 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlparse
 
-from tidings.config import process_alive, process_start
 from tidings.errors import BusError, BusTooOld, BusUnavailable
+from tidings.home import process_alive, process_start
 
 MIN_VERSION = (2, 10)
 _EXE = "nats-server.exe" if os.name == "nt" else "nats-server"

@@ -27,8 +27,9 @@ from rich.table import Table
 from rich.text import Text
 
 from tidings.app import App
-from tidings.config import RunningWorker, Settings, public_store_url, running_workers
+from tidings.config import Settings
 from tidings.errors import ConfigError, TidingsError
+from tidings.home import RunningWorker, public_store_url, running_workers
 
 T = TypeVar("T")
 
