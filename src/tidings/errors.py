@@ -10,6 +10,8 @@ TidingsError
 │   ├── StateConflict        optimistic version check failed; the event is retried
 │   └── AlreadyProcessed     (agent, event id) is already committed: a duplicate
 ├── MalformedEvent           bytes that are not a CloudEvent; dead-lettered at once
+│   └── EventTooLarge        an event the bus cannot carry (size, a name's length): refused
+│                            before it reaches the broker; `.limit` names what was exceeded
 ├── FilterError              a `where=` expression does not compile
 ├── PolicyViolation          an agent emitted a type it did not declare; not retried
 ├── DeterminismError         a re-run handler took a different step than the journal says
@@ -64,6 +66,18 @@ class AlreadyProcessed(StoreError):
 
 class MalformedEvent(TidingsError):
     """A message that cannot be decoded into a valid CloudEvent."""
+
+
+class EventTooLarge(MalformedEvent):
+    """An event the bus cannot carry: too big, or a type, id, subject or header too long.
+
+    Raised by `Bus.publish` before anything is sent, so the connection is never put at risk;
+    never worth retrying. `limit` names the bound (e.g. "max_payload 1048576 bytes").
+    """
+
+    def __init__(self, message: str, *, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class FilterError(TidingsError):

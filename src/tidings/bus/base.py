@@ -36,6 +36,14 @@ contract suite in ``tests/contract/test_bus.py`` checks against a real server:
     through `deliver`, which logs the exception and hands the delivery back with
     `nak(delay)`, the delay doubling with the attempt from 1 s up to 60 s, so a failing
     handler never spins; a delivery it settled before raising stays settled.
+12. **Limits are checked before sending.** `publish` (and `retry`, `dead_letter`) raises
+    `EventTooLarge`, naming the limit, for an event the broker would refuse or that would
+    break the connection: its whole message over the server's maximum payload, or a type,
+    id, subject or header value too long for the protocol. Nothing is sent, the connection
+    stays up, and other publishes carry on.
+13. **Reconnects by itself.** A lost connection is re-established without a restart, also
+    after a server restart at the same address; `connected` is False while it is down, so
+    a health check can say so. Publishes while it is down raise `BusUnavailable`.
 """
 
 from __future__ import annotations
@@ -214,6 +222,11 @@ class Bus(abc.ABC):
     @abc.abstractmethod
     async def server_info(self) -> dict[str, Any]:
         """Facts about the server for `tidings doctor` (version, features, limits)."""
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection to the broker is up now (guarantee 13)."""
+        return True
 
     async def __aenter__(self) -> Bus:
         await self.connect()
