@@ -40,7 +40,8 @@ contract suite in ``tests/contract/test_bus.py`` checks against a real server:
     `EventTooLarge`, naming the limit, for an event the broker would refuse or that would
     break the connection: its whole message over the server's maximum payload, or a type,
     id, subject or header value too long for the protocol. Nothing is sent, the connection
-    stays up, and other publishes carry on.
+    stays up, and other publishes carry on. `check(event)` runs the same test without
+    sending, for code that must refuse an event early (`ctx.emit`, before the commit).
 13. **Reconnects by itself.** A lost connection is re-established without a restart, also
     after a server restart at the same address; `connected` is False while it is down, so
     a health check can say so. Publishes while it is down raise `BusUnavailable`.
@@ -222,6 +223,9 @@ class Bus(abc.ABC):
     @abc.abstractmethod
     async def server_info(self) -> dict[str, Any]:
         """Facts about the server for `tidings doctor` (version, features, limits)."""
+
+    def check(self, event: Event) -> None:
+        """Raise `EventTooLarge` if `publish(event)` would (guarantee 12); send nothing."""
 
     @property
     def connected(self) -> bool:
