@@ -122,6 +122,7 @@ class Event:
     traceparent: str | None = None
     tenant: str | None = None
     user: str | None = None
+    depth: int = 0  # events between this one and the root of its causal chain
 
     @classmethod
     def create(
@@ -156,12 +157,14 @@ class Event:
         """A new event caused by this one: the one rule for every event made from another.
 
         It names this event as its cause and carries the correlation (this event's id
-        when it has none), tenant, user and trace context forward; `attributes` given
-        here win. Emit, tool calls and replies, progress and approvals all use it, so
-        one user action can be followed through every agent.
+        when it has none), tenant, user and trace context forward, one `depth` deeper
+        (which is how a causal loop is caught); `attributes` given here win. Emit, tool
+        calls and replies, progress and approvals all use it, so one user action can be
+        followed through every agent.
         """
         attributes.setdefault("correlationid", self.correlationid or self.id)
         attributes.setdefault("causationid", self.id)
+        attributes.setdefault("depth", self.depth + 1)
         for inherited in INHERITED:
             attributes.setdefault(inherited, getattr(self, inherited))
         return Event.create(type, data, source=source, id=id, **attributes)
@@ -177,6 +180,8 @@ class Event:
             for field in dataclasses.fields(self)
             if getattr(self, field.name) is not None
         }
+        if not self.depth:
+            del out["depth"]  # a root event: the usual case, left out as on the wire
         return out
 
     @classmethod
@@ -193,6 +198,7 @@ class Event:
             value = values.get(name)
             if value is not None and not isinstance(value, str):
                 raise MalformedEvent(f"attribute {name!r} must be a string")
+        values["depth"] = _depth(values.get("depth"))
         return cls(**values)
 
 
@@ -212,11 +218,24 @@ def _require(attrs: Mapping[str, Any]) -> None:
         raise MalformedEvent(f"invalid event type {attrs['type']!r}")
 
 
+def _depth(value: object) -> int:
+    """The ``depth`` extension as given (a number, or its text on the wire); 0 if absent."""
+    if value is None or value == "":
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 10:
+        return int(value)
+    raise MalformedEvent(f"attribute 'depth' must be a whole number from 0, got {value!r}")
+
+
 def encode(event: Event) -> tuple[dict[str, str], bytes]:
     """Binary content mode: attributes as ``ce-`` headers, the data as the body."""
     headers = {
         "ce-" + name: value for name in ATTRIBUTES if (value := getattr(event, name)) is not None
     }
+    if event.depth:
+        headers["ce-depth"] = str(event.depth)
     content_type = event.datacontenttype or JSON
     headers["content-type"] = content_type
     data = event.data
@@ -254,7 +273,8 @@ def decode(headers: Mapping[str, str] | None, body: bytes) -> Event:
             raise MalformedEvent(f"data is declared JSON but does not parse: {e}") from e
     else:
         data = body
-    return Event(data=data, datacontenttype=content_type or JSON, **attrs)  # type: ignore[arg-type]
+    depth = _depth(get("ce-depth"))
+    return Event(data=data, datacontenttype=content_type or JSON, depth=depth, **attrs)  # type: ignore[arg-type]
 
 
 def lookup(event: Event, path: str) -> Any:

@@ -119,3 +119,23 @@ def test_patterns(pattern: str, event_type: str, expected: bool) -> None:
 def test_bad_patterns_name_the_rule(bad: str) -> None:
     with pytest.raises(ValueError, match="pattern"):
         check_pattern(bad)
+
+
+def test_depth_counts_the_causal_chain_and_travels_in_both_modes() -> None:
+    root = Event.create("order.placed", {"n": 1}, source="/t")
+    child = root.derive("order.checked", None, source="/a")
+    grandchild = child.derive("order.shipped", None, source="/b")
+    assert (root.depth, child.depth, grandchild.depth) == (0, 1, 2)
+    headers, body = encode(grandchild)
+    assert headers["ce-depth"] == "2" and "ce-depth" not in encode(root)[0]
+    assert decode(headers, body).depth == 2
+    assert "depth" not in root.to_dict()
+    assert Event.from_dict(grandchild.to_dict()).depth == 2
+    assert Event.from_dict({**grandchild.to_dict(), "depth": "2"}).depth == 2
+
+
+@pytest.mark.parametrize("bad", ["-1", "x", "1.5", "99999999999", -3, True])
+def test_a_bad_depth_is_a_malformed_event(bad: object) -> None:
+    raw = {**Event.create("order.placed", source="/t").to_dict(), "depth": bad}
+    with pytest.raises(MalformedEvent, match="depth"):
+        Event.from_dict(raw)
