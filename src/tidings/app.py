@@ -9,12 +9,16 @@ from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from tidings.config import Settings
 from tidings.errors import ConfigError
-from tidings.events import Event, check_pattern
+from tidings.events import Event, check_pattern, matches
 from tidings.runtime.filters import Predicate, compile_filter
 from tidings.runtime.outcomes import Backoff
-from tidings.runtime.spec import AgentSpec, Handler, Start
+from tidings.runtime.spec import DEFAULT_MAX_DEPTH, AgentSpec, Handler, Start
+
+log = structlog.get_logger("tidings.app")
 
 if TYPE_CHECKING:
     from tidings.client import Client
@@ -134,6 +138,7 @@ class App:
         version: str | None = None,
         data_model: type[Any] | None = None,
         start: Start = "all",
+        max_depth: int = DEFAULT_MAX_DEPTH,
     ) -> Callable[[Handler], Handler]:
         """Declare an agent: `handler(event, ctx)` runs for each matching event.
 
@@ -145,7 +150,8 @@ class App:
         validates `event.data` (invalid data is dead-lettered, not retried); `start` where
         a new agent's consumer begins: ``"all"`` the whole history, ``"new"`` only events
         published from now on, or a timezone-aware `datetime` (an agent that already has
-        a consumer keeps its place).
+        a consumer keeps its place); `max_depth` how deep in a causal chain an event may
+        be before the agent dead-letters it as a loop.
         """
         if not _NAME_RE.match(name):
             raise ConfigError(f"agent name {name!r}: use letters, digits, '-' and '_'")
@@ -159,8 +165,11 @@ class App:
                 check_pattern(pattern)
             except ValueError as e:
                 raise ConfigError(f"agent {name!r}: {e}") from e
-        if max_attempts < 1 or concurrency < 1:
-            raise ConfigError(f"agent {name!r}: max_attempts and concurrency must be >= 1")
+        if max_attempts < 1 or concurrency < 1 or max_depth < 1:
+            raise ConfigError(
+                f"agent {name!r}: max_attempts, concurrency and max_depth must be >= 1"
+            )
+        _warn_if_it_feeds_itself(name, patterns, emits)
         if isinstance(start, datetime):
             if start.tzinfo is None:
                 raise ConfigError(
@@ -189,6 +198,7 @@ class App:
                 data_model=data_model,
                 description=(inspect.getdoc(handler) or "").split("\n", 1)[0],
                 start=start,
+                max_depth=max_depth,
             )
             return handler
 
@@ -204,6 +214,21 @@ class App:
         from tidings.client import Client
 
         return Client(settings=self.settings, source=f"/{self.name}")
+
+
+def _warn_if_it_feeds_itself(
+    name: str, patterns: tuple[str, ...], emits: Sequence[str] | None
+) -> None:
+    """An agent that may emit what it consumes can loop: say so when it is declared."""
+    for emitted in emits or ():
+        fed = next((p for p in patterns if matches(p, emitted)), None)
+        if fed is not None:
+            log.warning(
+                "agent consumes what it emits: each of its events may cause another",
+                agent=name, emits=emitted, on=fed,
+                fix="narrow on= (or where=) so its own output does not match; a runaway"
+                " chain is dead-lettered past max_depth",
+            )  # fmt: skip
 
 
 def _code_version(handler: Handler) -> str:

@@ -222,6 +222,32 @@ async def test_a_data_model_agent_filters_on_the_validated_data(
     assert seen == [Payment(customer_id="c1", amount=2000)]
 
 
+async def test_an_agent_fed_by_its_own_output_is_warned_about_and_stopped_past_max_depth(
+    bus_url: str, namespace: str, tmp_path: Path, store_url: str
+) -> None:
+    app = App("test")
+    with structlog.testing.capture_logs() as logs:
+
+        @app.agent("looper", on="job.*", emits=["job.done"], max_depth=5)
+        async def looper(event: Event, ctx: Context) -> None:
+            await ctx.emit("job.done", {"n": event.depth})
+
+    (warning,) = [e for e in logs if e["event"].startswith("agent consumes what it emits")]
+    assert (warning["agent"], warning["emits"], warning["on"]) == ("looper", "job.done", "job.*")
+
+    settings = settings_for(bus_url, namespace, tmp_path, store_url)
+    async with running(app, settings) as worker, Client(settings) as client:
+        root = await client.publish("job.started", {})
+        await eventually(lambda: worker.stats()["looper"].dead_lettered == 1, message="stopped")
+        assert worker.store is not None
+        (letter,) = await worker.store.list_dead_letters("looper")
+        stats = worker.stats()["looper"]
+    assert stats.handled == 6  # depths 0 to 5; the event at depth 6 is refused
+    assert letter.error.startswith("CausalLoop: event ")
+    assert f"6 events deep in the chain of correlation {root.id}" in letter.error
+    assert "max_depth=5" in letter.error
+
+
 async def test_poison_input_is_dead_lettered_and_the_stream_keeps_flowing(
     bus_url: str, namespace: str, tmp_path: Path, store_url: str
 ) -> None:

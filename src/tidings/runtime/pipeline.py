@@ -115,6 +115,8 @@ class Pipeline:
             event = decode(delivery.headers, delivery.body)
         except MalformedEvent as e:
             return DeadLetter(describe(e), None)
+        if event.depth > self.spec.max_depth:
+            return DeadLetter(self._loop(event), None)
         predicate = self.spec.predicate
         if predicate is not None:
             try:
@@ -127,6 +129,15 @@ class Pipeline:
                 self.stats.filtered += 1
                 return Ack("filtered")
         return event
+
+    def _loop(self, event: Event) -> str:
+        return (
+            f"CausalLoop: event {event.id} ({event.type}) is {event.depth} events deep in the"
+            f" chain of correlation {event.correlationid}, past max_depth={self.spec.max_depth}"
+            f" of agent {self.spec.name!r}: agents are probably feeding each other (or this"
+            " one its own output). Narrow their on= or where=, or raise max_depth if the"
+            " chain is meant to be this long"
+        )
 
     def _as_filtered(self, event: Event) -> Event:
         """The event as the filter sees it: with a data model, its data as validated.

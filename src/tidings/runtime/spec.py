@@ -22,6 +22,10 @@ Handler = Callable[[Event, "Context"], Awaitable[Any]]
 # Where a new agent's consumer starts reading: the whole history, only events published
 # from now on, or events stored at or after a time. An existing consumer keeps its place.
 Start = Literal["all", "new"] | datetime
+# How many events may lie between an event and the root of its causal chain before an
+# agent refuses it as a loop (an agent whose output matches its own input, or two agents
+# feeding each other). Real chains are a handful of events long.
+DEFAULT_MAX_DEPTH = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +46,7 @@ class AgentSpec:
     data_model: type[Any] | None = None
     description: str = field(default="")
     start: Start = "all"
+    max_depth: int = DEFAULT_MAX_DEPTH
 
     def key_of(self, event: Event) -> str:
         """The entity key of `event` for this agent ('' when the agent is not keyed)."""
