@@ -222,6 +222,36 @@ def test_publish_rejects_bad_input(env: dict[str, str], tmp_path: Path) -> None:
     assert "invalid event type" in bad_type.stderr
 
 
+def test_publish_reads_data_too_large_for_argv_from_stdin_or_a_file(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    big = {"text": "x" * 300_000}  # past what one argv string may hold (128 KiB)
+    piped = subprocess.run(
+        [sys.executable, "-m", "tidings.cli", "publish", "doc.created", "-", "--id", "doc-1"],
+        input=json.dumps(big), env=env, cwd=tmp_path, capture_output=True, text=True,
+        timeout=30,
+    )  # fmt: skip
+    assert piped.returncode == 0, piped.stderr
+    (tmp_path / "doc.json").write_text(json.dumps({"n": 2}))
+    ok(
+        "publish",
+        "doc.created",
+        f"@{tmp_path / 'doc.json'}",
+        "--id",
+        "doc-2",
+        env=env,
+        cwd=tmp_path,
+    )
+    lines = ok("tail", "doc.>", "--last", "2", "--count", "2", "--json", env=env, cwd=tmp_path)
+    assert [json.loads(line)["data"] for line in lines.splitlines()] == [big, {"n": 2}]
+
+    missing = tidings("publish", "doc.created", "@nowhere.json", env=env, cwd=tmp_path)
+    assert missing.returncode == 1 and "cannot read the data file nowhere.json" in missing.stderr
+    (tmp_path / "bad.json").write_text("{nope")
+    bad = tidings("publish", "doc.created", "@bad.json", env=env, cwd=tmp_path)
+    assert bad.returncode == 1 and "the data in bad.json is not valid JSON" in bad.stderr
+
+
 # -- run, dead letters, decisions, agents ------------------------------------------------
 
 

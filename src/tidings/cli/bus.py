@@ -6,8 +6,10 @@ finds the embedded bus of a running `tidings run` through TIDINGS_HOME.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
@@ -45,7 +47,11 @@ def publish(
         str, typer.Argument(metavar="TYPE", help="Event type, e.g. payment.transaction.created.")
     ],
     data: Annotated[
-        str, typer.Argument(metavar="JSON", help="The event data as JSON (default: {}).")
+        str,
+        typer.Argument(
+            metavar="JSON",
+            help="The event data as JSON (default: {}); - reads it from stdin, @FILE from a file.",
+        ),
     ] = "{}",
     event_id: Annotated[
         str | None,
@@ -61,12 +67,16 @@ def publish(
         check_type(event_type)
     except ValueError as e:
         fail(str(e))
+    text, where = _data_text(data)
     try:
-        payload = orjson.loads(data)
+        payload = orjson.loads(text)
     except orjson.JSONDecodeError as e:
+        if where != "the argument":
+            fail(f"the data in {where} is not valid JSON ({e})")
         fail(
             f"the data is not valid JSON ({e}); quote it for the shell, e.g."
-            f" tidings publish {event_type} '{{\"amount\": 5000}}'"
+            f" tidings publish {event_type} '{{\"amount\": 5000}}', or give - (stdin) or"
+            " @FILE"
         )
 
     async def work(settings: Settings) -> Event:
@@ -75,6 +85,23 @@ def publish(
 
     event = execute(ctx, work)
     typer.echo(event.id)
+
+
+def _data_text(data: str) -> tuple[bytes | str, str]:
+    """The JSON text of `data`: itself, stdin for ``-``, a file for ``@FILE``; and where from.
+
+    Data too large for a command line (argv holds about 128 KiB per argument) comes in
+    through stdin or a file.
+    """
+    if data == "-":
+        return sys.stdin.buffer.read(), "stdin"
+    if data.startswith("@") and len(data) > 1:
+        path = Path(data[1:]).expanduser()
+        try:
+            return path.read_bytes(), str(path)
+        except OSError as e:
+            fail(f"cannot read the data file {path}: {e.strerror}")
+    return data, "the argument"
 
 
 def tail(
