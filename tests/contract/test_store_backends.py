@@ -39,6 +39,7 @@ from tidings.store import (
 from tidings.store import postgres as pg_backend
 from tidings.store import sqlite as sqlite_backend
 from tidings.store.postgres import PostgresStore, split_url
+from tidings.store.records import PublishClaim
 from tidings.store.schema import TABLES
 from tidings.store.sqlite import SqliteStore, database_path
 
@@ -305,6 +306,7 @@ INSERT INTO tidings_journal (agent, event_id, seq, kind, name, args_hash, status
 INSERT INTO tidings_replies (id, status, value, created_at) VALUES
   ('call-old', 'ok', '1', '{T1}'), ('call-new', 'error', '"x"', '{T3}');
 INSERT INTO tidings_tools (name, app, registered_at) VALUES ('risk.score', 'shop', '{T2}');
+INSERT INTO tidings_publishes (event_id, recorded_at) VALUES ('order-17', '{T1}');
 """
 
 
@@ -325,7 +327,7 @@ async def test_a_store_at_schema_2_upgrades_with_its_rows_and_their_order(
     await raw_script(store_url, SCHEMA_2_ROWS.replace("BLOB", "X'00'" if sqlite else "'\\x00'"))
 
     async with open_store(store_url) as store:
-        assert await store.schema_version() == latest_version(store_url) == 4
+        assert await store.schema_version() == latest_version(store_url) == 5
         assert await columns_in(store_url) == declared(store_url)
         # the tables of migration 1
         assert (await store.load_state(AGENT, "acct-1")).values == {"n": 1}
@@ -349,6 +351,9 @@ async def test_a_store_at_schema_2_upgrades_with_its_rows_and_their_order(
         assert reply is not None and (reply.value, reply.created_at) == (1, T1)
         assert [s.status for s in await store.load_journal(AGENT, "ev-c")] == ["pending"]
         assert await store.served_tools() == ["risk.score"]
+        # the publish ledger of migration 1: published, by nobody in particular (5)
+        assert await store.was_published("order-17")
+        assert await store.claim_publish("order-17", "acme") == PublishClaim("", True)
         # compared as times, to the microsecond: at T1 nothing is older than T1
         nothing = {"journal": 0, "replies": 0, "parked": 0}
         assert await store.prune_steps(moment(T1)) == nothing

@@ -20,7 +20,7 @@ from tests.contract.conftest import (
     outbox_event,
 )
 from tidings.events import now
-from tidings.store import FilterErrors, Store
+from tidings.store import FilterErrors, PublishClaim, Store
 
 # -- 1. dead letters and decisions --------------------------------------------------------
 
@@ -125,6 +125,7 @@ async def test_prune_deletes_old_rows_but_never_pending_work(store: Store) -> No
     await store.commit(old)
     await store.mark_published([sent_event.event_id])
     await store.record_publish("explicit-old")
+    await store.claim_correlation("corr-old", "alice")
     await asyncio.sleep(0.01)
     cutoff = datetime.now(UTC)
     await asyncio.sleep(0.01)
@@ -132,12 +133,13 @@ async def test_prune_deletes_old_rows_but_never_pending_work(store: Store) -> No
     await store.commit(new)
     await store.mark_published([fresh.event_id])
     await store.record_publish("explicit-new")
+    await store.claim_correlation("corr-new", "alice")
 
     assert await store.prune(datetime.now(UTC) - timedelta(days=1)) == {
-        "processed": 0, "outbox": 0, "decisions": 0, "publishes": 0,
+        "processed": 0, "outbox": 0, "decisions": 0, "publishes": 0, "correlations": 0,
     }  # fmt: skip
     assert await store.prune(cutoff) == {
-        "processed": 1, "outbox": 1, "decisions": 1, "publishes": 1,
+        "processed": 1, "outbox": 1, "decisions": 1, "publishes": 1, "correlations": 1,
     }  # fmt: skip
     assert not await store.is_processed(AGENT, "old")
     assert await store.get_decision(old.decision.id) is None
@@ -146,10 +148,14 @@ async def test_prune_deletes_old_rows_but_never_pending_work(store: Store) -> No
     assert await store.is_processed(AGENT, "new")
     assert await store.list_decisions() == [new.decision]
     assert await store.was_published("explicit-new")
+    assert await store.correlation_owner("corr-old") is None
+    assert await store.correlation_owner("corr-new") == "alice"
 
     # Everything is old now; unpublished events and dead letters still stay.
     counts = await store.prune(datetime.now(UTC) + timedelta(days=1))
-    assert counts == {"processed": 1, "outbox": 1, "decisions": 1, "publishes": 1}
+    assert counts == {
+        "processed": 1, "outbox": 1, "decisions": 1, "publishes": 1, "correlations": 1,
+    }  # fmt: skip
     assert await store.unpublished(AGENT, "old") == [pending_event]
     assert await store.list_dead_letters() == [kept_letter]
     # State is memory, not history: retention never touches it.
@@ -171,6 +177,50 @@ async def test_publish_ledger_is_idempotent(store: Store, make_store: StoreFacto
     assert await store.was_published("p1")
     assert not await store.was_published("p2")
     assert await (await make_store()).was_published("p1")
+
+
+async def test_an_id_belongs_to_its_first_claimant(store: Store, make_store: StoreFactory) -> None:
+    other = await make_store()  # another worker or gateway on the same database
+    assert await store.claim_publish("order-17", "tenant-b") == PublishClaim("tenant-b", False)
+    # Someone else asking learns whose it is, and the claim does not change hands.
+    assert await other.claim_publish("order-17", "tenant-a") == PublishClaim("tenant-b", False)
+    assert not await store.was_published("order-17")
+    await other.record_publish("order-17")
+    assert await store.was_published("order-17")
+    assert await store.claim_publish("order-17", "tenant-b") == PublishClaim("tenant-b", True)
+    assert await store.claim_publish("order-17", "tenant-a") == PublishClaim("tenant-b", True)
+    # Recording without a claim claims it for the recorder; a second record changes nothing.
+    await store.record_publish("direct", "code")
+    await store.record_publish("direct", "someone")
+    assert await other.claim_publish("direct", "someone") == PublishClaim("code", True)
+
+
+async def test_concurrent_claims_of_one_id_leave_one_owner(make_store: StoreFactory) -> None:
+    stores = [await make_store() for _ in range(4)]
+    claims = await asyncio.gather(
+        *(stores[n % 4].claim_publish("contested", f"owner-{n}") for n in range(20))
+    )
+    assert len({c.owner for c in claims}) == 1
+    owners = await asyncio.gather(
+        *(stores[n % 4].claim_correlation("corr", f"owner-{n}") for n in range(20))
+    )
+    assert len(set(owners)) == 1
+
+
+# -- 5. correlation owners ----------------------------------------------------------------
+
+
+async def test_the_first_claim_of_a_correlation_stands(
+    store: Store, make_store: StoreFactory
+) -> None:
+    assert await store.correlation_owner("task-1") is None
+    assert await store.claim_correlation("task-1", '["acme","alice"]') == '["acme","alice"]'
+    assert await store.claim_correlation("task-1", '["acme","bob"]') == '["acme","alice"]'
+    assert await (await make_store()).correlation_owner("task-1") == '["acme","alice"]'
+    # However many others claim after, nothing is forgotten or handed over.
+    for n in range(200):
+        await store.claim_correlation(f"other-{n}", '["acme","bob"]')
+    assert await store.correlation_owner("task-1") == '["acme","alice"]'
 
 
 # -- 4. filter errors ---------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The store seam, in three parts, each with what every backend must guarantee.
 
 - `Effects`, the exactly-once core: the inbox marker, state, the outbox, the commit;
-- `Records`, what operators read: dead letters, decisions, the publish ledger;
+- `Records`, what operators read: dead letters, decisions, the publish ledger, who owns
+  a correlation;
 - `StepJournal`, what lets a handler run resume: steps, tool replies, parked questions.
 
 `Store` is all three plus opening, closing and migrating; a backend (SQLite, PostgreSQL)
@@ -29,6 +30,7 @@ from tidings.store.records import (
     OutboxEvent,
     Parked,
     PrefixMatches,
+    PublishClaim,
     RecordKind,
     Reply,
     StateSnapshot,
@@ -86,15 +88,24 @@ class Records(abc.ABC):
        with the newest few and the shortest prefix unique to each; `count_decisions()` is
        how many `list_decisions()` would list without a limit.
     2. **Retention.** `prune(before)` deletes processed markers, published outbox rows,
-       decisions and publish records older than `before`, never unpublished outbox rows,
-       dead letters or state.
-    3. **Publish ledger.** After `record_publish(id)`, `was_published(id)` is true, so a
-       client can make explicit-id publishes idempotent beyond the broker's dedupe window
-       (check, publish, record: a crash in between re-publishes inside the window, which
-       dedupes).
+       decisions, publish records and correlation owners older than `before`, never
+       unpublished outbox rows, dead letters or state.
+    3. **Publish ledger.** An explicit event id belongs to the first owner that claims
+       it: `claim_publish(id, owner)` records the claim unless one exists and returns the
+       one that stands, so a publisher who finds someone else's owner refuses to publish
+       (it would be dropped by the broker as a duplicate) instead of losing the event.
+       Claim first, publish, then `record_publish(id)`: a retry by the owner finds its
+       claim unpublished and publishes again (inside the broker's dedupe window a copy
+       is dropped; beyond it, only a mark lost after a successful publish repeats it),
+       and finds it published once recorded, so explicit-id publishes stay idempotent
+       beyond the dedupe window. `was_published(id)` says whether it was recorded.
     4. **Filter errors.** `count_filter_errors(report)` adds `report.count` to the agent's
        total in one statement, so reports of several workers at once all count; it keeps
        the first `first_at` and the latest case. `filter_errors()` lists every agent's.
+    5. **Correlation owners.** `claim_correlation(id, owner)` makes `owner` the owner of a
+       correlation id unless it has one, and returns the owner that stands: the first
+       claim wins, in every process sharing the store, until `prune` drops claims older
+       than its cutoff (so ownership lasts `retention_days` from the first claim).
     """
 
     @abc.abstractmethod
@@ -151,12 +162,24 @@ class Records(abc.ABC):
         """Each agent's filter errors: total, first and last time, the latest case."""
 
     @abc.abstractmethod
+    async def claim_publish(self, event_id: str, owner: str) -> PublishClaim:
+        """Claim `event_id` for `owner` unless claimed; the claim that stands (guarantee 3)."""
+
+    @abc.abstractmethod
     async def was_published(self, event_id: str) -> bool:
         """Whether an explicit-id publish of `event_id` was recorded (guarantee 3)."""
 
     @abc.abstractmethod
-    async def record_publish(self, event_id: str) -> None:
-        """Record an explicit-id publish after it succeeded; idempotent."""
+    async def record_publish(self, event_id: str, owner: str = "") -> None:
+        """Record that `event_id` reached the bus (claiming it for `owner` if unclaimed)."""
+
+    @abc.abstractmethod
+    async def claim_correlation(self, correlation_id: str, owner: str) -> str:
+        """Make `owner` the owner of `correlation_id` unless it has one; the owner (5)."""
+
+    @abc.abstractmethod
+    async def correlation_owner(self, correlation_id: str) -> str | None:
+        """The owner of `correlation_id`, if claimed and not pruned (guarantee 5)."""
 
     @abc.abstractmethod
     async def prune(self, before: datetime) -> dict[str, int]:

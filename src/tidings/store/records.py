@@ -29,6 +29,17 @@ class StateSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class PublishClaim:
+    """Who holds an explicit event id in the publish ledger, and whether it went out.
+
+    `owner` is '' for ids recorded before owners were (schema 5): anyone's.
+    """
+
+    owner: str
+    published: bool
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxEvent:
     """An emitted event waiting to be (or already) published; `headers`+`body` are its wire form."""
 

@@ -98,7 +98,12 @@ DEAD_LETTERS = _table(
     C("subject", TEXT), C("headers", JSON), C("body", BLOB), C("error", TEXT),
     C("traceback", TEXT, True), C("attempts", INTEGER), C("created_at", TIMESTAMP),
 )  # fmt: skip
-PUBLISHES = _table("tidings_publishes", C("event_id", TEXT), C("recorded_at", TIMESTAMP))
+# recorded_at: when the id was claimed; published_at: when its event reached the bus.
+PUBLISHES = _table(
+    "tidings_publishes",
+    C("event_id", TEXT), C("recorded_at", TIMESTAMP), C("owner", TEXT),
+    C("published_at", TIMESTAMP, nullable=True),
+)  # fmt: skip
 JOURNAL = _table(
     "tidings_journal",
     C("agent", TEXT), C("event_id", TEXT), C("seq", INTEGER), C("kind", TEXT), C("name", TEXT),
@@ -122,11 +127,14 @@ FILTER_ERRORS = _table(
     C("agent", TEXT), C("count", BIGINT), C("expression", TEXT), C("event_id", TEXT),
     C("error", TEXT), C("first_at", TIMESTAMP), C("last_at", TIMESTAMP),
 )  # fmt: skip
+CORRELATIONS = _table(
+    "tidings_correlations", C("correlation_id", KEY), C("owner", TEXT), C("claimed_at", TIMESTAMP)
+)
 MIGRATIONS_LEDGER = _table(MIGRATIONS_TABLE, C("version", INTEGER), C("applied_at", TIMESTAMP))
 
 TABLES: Final = (
     STATE, INBOX, OUTBOX, DECISIONS, DEAD_LETTERS, PUBLISHES, JOURNAL, REPLIES, PARKED, TOOLS,
-    FILTER_ERRORS, MIGRATIONS_LEDGER,
+    FILTER_ERRORS, CORRELATIONS, MIGRATIONS_LEDGER,
 )  # fmt: skip
 
 
@@ -240,6 +248,20 @@ SQLITE_MIGRATIONS: Final[tuple[Migration, ...]] = (
                 last_at TEXT NOT NULL)""",
         ),
     ),
+    # Rows of the ledger from before 5 have owner '' (anyone's) and were published.
+    Migration(
+        5,
+        "publish ledger owners, correlation owners",
+        (
+            "ALTER TABLE tidings_publishes ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE tidings_publishes ADD COLUMN published_at TEXT",
+            "UPDATE tidings_publishes SET published_at = recorded_at",
+            """CREATE TABLE tidings_correlations (
+                correlation_id TEXT PRIMARY KEY, owner TEXT NOT NULL,
+                claimed_at TEXT NOT NULL)""",
+            "CREATE INDEX tidings_correlations_claimed_at ON tidings_correlations (claimed_at)",
+        ),
+    ),
 )
 
 
@@ -344,6 +366,20 @@ POSTGRES_MIGRATIONS: Final[tuple[Migration, ...]] = (
                 agent text PRIMARY KEY, count bigint NOT NULL, expression text NOT NULL,
                 event_id text NOT NULL, error text NOT NULL, first_at timestamptz NOT NULL,
                 last_at timestamptz NOT NULL)""",
+        ),
+    ),
+    # Rows of the ledger from before 5 have owner '' (anyone's) and were published.
+    Migration(
+        5,
+        "publish ledger owners, correlation owners",
+        (
+            "ALTER TABLE tidings_publishes ADD COLUMN owner text NOT NULL DEFAULT '',"
+            " ADD COLUMN published_at timestamptz",
+            "UPDATE tidings_publishes SET published_at = recorded_at",
+            """CREATE TABLE tidings_correlations (
+                correlation_id text COLLATE "C" PRIMARY KEY, owner text NOT NULL,
+                claimed_at timestamptz NOT NULL)""",
+            "CREATE INDEX tidings_correlations_claimed_at ON tidings_correlations (claimed_at)",
         ),
     ),
 )

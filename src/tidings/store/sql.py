@@ -65,12 +65,14 @@ from tidings.store.records import (
     OutboxEvent,
     Parked,
     PrefixMatches,
+    PublishClaim,
     RecordKind,
     Reply,
     StateSnapshot,
     Step,
 )
 from tidings.store.schema import (
+    CORRELATIONS,
     DEAD_LETTERS,
     DECISIONS,
     FILTER_ERRORS,
@@ -223,12 +225,14 @@ SELECT_STALE_OUTBOX = (
 # What prune() deletes: result key, table, and the time column compared with `before`.
 # The outbox compares published_at, which is NULL (never older than anything) until the
 # row is published, so pending events survive any prune. The publish ledger is pruned
-# too: it only has to outlive the broker's dedupe window, and would otherwise grow forever.
+# too: it only has to outlive the broker's dedupe window, and would otherwise grow forever;
+# so are correlation owners (documented: ownership lasts `retention_days`).
 PRUNED = (
     ("processed", "tidings_inbox", "processed_at"),
     ("outbox", "tidings_outbox", "published_at"),
     ("decisions", "tidings_decisions", "created_at"),
     ("publishes", "tidings_publishes", "recorded_at"),
+    ("correlations", "tidings_correlations", "claimed_at"),
 )
 
 _PARKED = f"SELECT {PARKED.column_list()} FROM tidings_parked"
@@ -509,19 +513,81 @@ class SqlStore(Store):
         )
         return [filter_errors_from_row(r) for r in rows]
 
+    async def claim_publish(self, event_id: str, owner: str) -> PublishClaim:
+        """Claim `event_id` for `owner` unless claimed, in one transaction; the standing claim."""
+        row = ordered(
+            PUBLISHES,
+            {"event_id": event_id, "recorded_at": self._now(), "owner": owner,
+             "published_at": None},
+        )  # fmt: skip
+        sql = self.dialect.sql
+        _, found = await self._run(
+            "claim_publish",
+            [
+                Query(sql(f"{insert_into(PUBLISHES)} ON CONFLICT DO NOTHING"), tuple(row), False),
+                Query(
+                    sql("SELECT owner, published_at FROM tidings_publishes WHERE event_id = ?"),
+                    (event_id,),
+                ),
+            ],
+            write=True,
+        )
+        stored = found.rows[0]
+        return PublishClaim(str(stored["owner"]), stored["published_at"] is not None)
+
     async def was_published(self, event_id: str) -> bool:
         """Whether an explicit-id publish of `event_id` was recorded."""
         rows = await self._select(
-            "was_published", "SELECT 1 FROM tidings_publishes WHERE event_id = ?", event_id
+            "was_published",
+            "SELECT 1 FROM tidings_publishes WHERE event_id = ? AND published_at IS NOT NULL",
+            event_id,
         )
         return bool(rows)
 
-    async def record_publish(self, event_id: str) -> None:
-        """Record an explicit-id publish after it succeeded; idempotent."""
-        row = ordered(PUBLISHES, {"event_id": event_id, "recorded_at": self._now()})
-        await self._change(
-            "record_publish", f"{insert_into(PUBLISHES)} ON CONFLICT DO NOTHING", *row
+    async def record_publish(self, event_id: str, owner: str = "") -> None:
+        """Record that `event_id` reached the bus; idempotent, the first time stands."""
+        now = self._now()
+        row = ordered(
+            PUBLISHES,
+            {"event_id": event_id, "recorded_at": now, "owner": owner, "published_at": now},
         )
+        await self._change(
+            "record_publish",
+            f"{insert_into(PUBLISHES)} ON CONFLICT (event_id) DO UPDATE SET published_at ="
+            " excluded.published_at WHERE tidings_publishes.published_at IS NULL",
+            *row,
+        )
+
+    async def claim_correlation(self, correlation_id: str, owner: str) -> str:
+        """Make `owner` the owner of `correlation_id` unless it has one; the owner."""
+        row = ordered(
+            CORRELATIONS,
+            {"correlation_id": correlation_id, "owner": owner, "claimed_at": self._now()},
+        )
+        sql = self.dialect.sql
+        _, found = await self._run(
+            "claim_correlation",
+            [
+                Query(
+                    sql(f"{insert_into(CORRELATIONS)} ON CONFLICT DO NOTHING"), tuple(row), False
+                ),
+                Query(
+                    sql("SELECT owner FROM tidings_correlations WHERE correlation_id = ?"),
+                    (correlation_id,),
+                ),
+            ],
+            write=True,
+        )
+        return str(found.rows[0]["owner"])
+
+    async def correlation_owner(self, correlation_id: str) -> str | None:
+        """The owner of `correlation_id`, if claimed and not pruned."""
+        rows = await self._select(
+            "correlation_owner",
+            "SELECT owner FROM tidings_correlations WHERE correlation_id = ?",
+            correlation_id,
+        )
+        return str(rows[0]["owner"]) if rows else None
 
     async def prune(self, before: datetime) -> dict[str, int]:
         """Delete rows older than `before` (aware): markers, published outbox, decisions, ledger."""
