@@ -7,9 +7,17 @@ from typing import Any
 from tidings.bus.base import Bus
 from tidings.bus.connect import connect_bus
 from tidings.config import Settings
+from tidings.errors import TidingsError
 from tidings.events import Event
 from tidings.store import open_store
 from tidings.store.base import Store
+
+
+class IdTaken(TidingsError):
+    """An explicit event id that another publisher used first; choose another id.
+
+    Publishing it anyway would be dropped by the broker's dedupe as a duplicate of theirs.
+    """
 
 
 class Client:
@@ -17,7 +25,9 @@ class Client:
 
     With no TIDINGS_BUS set it finds the embedded server of a running `tidings run`.
     A publish with an explicit `id` is idempotent: the same id twice is one event, also
-    after the broker's dedupe window has passed (the store keeps a publish ledger).
+    after the broker's dedupe window has passed (the store keeps a publish ledger). The
+    ledger records whose id it is (`owner`, by default every piece of the app's own
+    code alike); an id another owner used first raises `IdTaken`.
     """
 
     def __init__(
@@ -27,9 +37,11 @@ class Client:
         source: str = "/tidings/client",
         bus: Bus | None = None,
         store: Store | None = None,
+        owner: str = "code",
     ) -> None:
         self.settings = settings or Settings.load()
         self.source = source
+        self.owner = owner
         self._bus = bus
         self._store = store
         self._owns_bus = bus is None
@@ -86,16 +98,31 @@ class Client:
         await self.publish_event(event, explicit_id=id is not None)
         return event
 
-    async def publish_event(self, event: Event, *, explicit_id: bool = True) -> None:
-        """Publish a ready-made event; an explicit id is checked against the ledger."""
+    async def publish_event(
+        self, event: Event, *, explicit_id: bool = True, owner: str | None = None
+    ) -> bool:
+        """Publish a ready-made event; False if its explicit id was published before.
+
+        The id is claimed in the ledger before it is sent, so an event never reaches the
+        bus unrecorded (a store failure publishes nothing, and the retry is one copy).
+        Raises `IdTaken` when `owner` (default: this client's) is not the id's owner.
+        """
         if not explicit_id:
             await self.bus.publish(event)
-            return
+            return True
+        who = self.owner if owner is None else owner
         ledger = await self._ledger()
-        if await ledger.was_published(event.id):
-            return
+        claim = await ledger.claim_publish(event.id, who)
+        if claim.owner not in (who, ""):  # '' : recorded before the ledger kept owners
+            raise IdTaken(
+                f"event id {event.id[:80]!r} was already used by another publisher: choose"
+                " another id (explicit ids are unique across publishers)"
+            )
+        if claim.published:
+            return False
         await self.bus.publish(event)
-        await ledger.record_publish(event.id)
+        await ledger.record_publish(event.id, who)
+        return True
 
 
 def connect(url: str | None = None, **settings: Any) -> Client:

@@ -48,6 +48,15 @@ PRUNE_S = 3600.0
 EMBEDDED_CHECK_S = 1.0  # how often a worker on the embedded bus checks that the server runs
 
 
+def sweep_period(settings: Settings) -> float:
+    """How often to sweep the outbox: every 30 s, more often when rows go stale sooner.
+
+    A row is swept once it is `outbox_sweep_after` old, so it is published at most
+    about 1.5 times that after its commit (an invoke that lost the bus, a crash).
+    """
+    return min(OUTBOX_SWEEP_S, max(settings.outbox_sweep_after / 2, 0.5))
+
+
 def services_for(
     app: App, bus: Bus, store: Store, tools: Mapping[str, ToolSpec] | None = None
 ) -> Services:
@@ -144,7 +153,7 @@ class Worker:
         for hook in self.app.startup_hooks if self.startup_hooks else ():
             self._background.add(asyncio.create_task(hook(client)))
         self._every(PRUNE_S, self._prune)
-        self._every(OUTBOX_SWEEP_S, self._sweep_outbox)
+        self._every(sweep_period(self.settings), self._sweep_outbox)
 
     def _every(self, period: float, chore: Callable[[], Awaitable[None]]) -> None:
         async def repeat() -> None:

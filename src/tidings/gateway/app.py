@@ -10,33 +10,55 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import orjson
 import structlog
 from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
+from starlette.types import Receive, Scope, Send
 
 from tidings.app import App
 from tidings.bus.base import Bus
 from tidings.bus.connect import connect_bus
 from tidings.client import Client
 from tidings.config import Settings
-from tidings.errors import BusError, MalformedEvent, PolicyViolation, StateConflict, StoreError
+from tidings.errors import (
+    BusError,
+    EventTooLarge,
+    MalformedEvent,
+    PolicyViolation,
+    StateConflict,
+    StoreError,
+)
 from tidings.events import Event, matches, new_id
 from tidings.gateway import webhooks
 from tidings.gateway.auth import Authenticator, AuthError, Identity, bearer, origin_allowed
 from tidings.gateway.config import GatewayConfig
-from tidings.gateway.events import HttpError, parse_events, parse_json, read_body, stamp
-from tidings.gateway.streams import Hub, Lagged, StreamFilter, Subscriber, structured
+from tidings.gateway.events import (
+    HttpError,
+    check_event,
+    parse_events,
+    parse_json,
+    read_body,
+    stamp,
+    too_large,
+)
+from tidings.gateway.owners import invoked_id, publisher, reserved, webhook_publisher
+from tidings.gateway.streams import Hub, Lagged, StreamFilter, Subscriber, structured, uuid7_ms
+from tidings.runtime.commits import Committer
 from tidings.runtime.context import Services
-from tidings.runtime.pipeline import Pipeline
+from tidings.runtime.pipeline import Invoked, Pipeline
 from tidings.store import open_store
 from tidings.store.base import Store
-from tidings.worker import services_for
+from tidings.worker import services_for, sweep_period
 
 log = structlog.get_logger("tidings.gateway")
+
+MAX_INVOKE_ID = 200  # characters of an invoke's own id (its namespace makes it longer)
 
 
 class Gateway:
@@ -64,6 +86,9 @@ class Gateway:
         self._client: Client | None = None
         self._hub: Hub | None = None
         self._lock = asyncio.Lock()
+        self.max_body = self.config.max_body  # lowered to fit the broker once started
+        self._sweeper: asyncio.Task[None] | None = None
+        self._invoking: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
 
     async def start(self) -> None:
         """Connect what was not handed in and start the shared stream tail (idempotent)."""
@@ -77,11 +102,32 @@ class Gateway:
             if self._store is None:
                 self._store = open_store(self.settings.store_url)
                 await self._store.open()
-            self._hub = Hub(self._bus, self.config)
+            self.max_body = await _body_limit(self._bus, self.config.max_body)
+            self._hub = Hub(self._bus, self._store, self.config)
             self._hub.start()
+            if self._owns[1]:  # mounted: nobody else may sweep this store's outbox
+                self._sweeper = asyncio.create_task(self._sweep_outbox())
             self._client = Client(
                 self.settings, source=f"/{self.app.name}/gateway", bus=self._bus, store=self._store
             )
+
+    async def _sweep_outbox(self) -> None:
+        """Publish what an invoke committed but could not publish (the bus was away).
+
+        A worker does this for its own gateway; a mounted gateway does it itself, since
+        its app may run no worker on this store. Sweeping twice is harmless (dedupe ids).
+        """
+        settings = self.settings
+        period = sweep_period(settings)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                older_than = datetime.now(UTC) - timedelta(seconds=settings.outbox_sweep_after)
+                published = await Committer(self.bus, self.store).sweep(older_than)
+                if published:
+                    log.info("published outbox rows left behind", count=published)
+            except Exception as e:
+                log.warning("the outbox sweep failed; trying again", error=str(e))
 
     def is_started(self) -> bool:
         """Whether `start()` has completed."""
@@ -89,6 +135,11 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop the streams and close what this gateway opened itself."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         if self._hub is not None:
             await self._hub.stop()
         if self._owns[0] and self._bus is not None:
@@ -141,6 +192,46 @@ class Gateway:
             who.require(scope)
         return who
 
+    @contextlib.asynccontextmanager
+    async def invoking(self, agent: str, event_id: str) -> AsyncIterator[None]:
+        """One invoke of (agent, event id) at a time in this process.
+
+        So of concurrent invokes with one id the first runs and reports it, and the rest
+        wait and answer "duplicate" with its decision, instead of all racing to commit.
+        """
+        key = (agent, event_id)
+        lock, users = self._invoking.get(key, (asyncio.Lock(), 0))
+        self._invoking[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._invoking[key]
+            if users <= 1:
+                del self._invoking[key]
+            else:
+                self._invoking[key] = (lock, users - 1)
+
+
+async def _body_limit(bus: Bus, configured: int) -> int:
+    """`configured`, lowered to the broker's max_payload less room for the headers.
+
+    A body the broker cannot carry with its headers is refused while it is read (413),
+    rather than refused by the bus after it was parsed.
+    """
+    try:
+        info = await bus.server_info()
+    except Exception as e:  # the limit is a safeguard; the bus still checks each event
+        log.warning("cannot read the broker's limits; using max_body", error=str(e))
+        return configured
+    payload = info.get("max_payload")
+    if isinstance(payload, int) and payload > 2 * HEADER_ROOM:
+        return min(configured, payload - HEADER_ROOM)
+    return configured
+
+
+HEADER_ROOM = 64 * 1024  # bytes of a message kept for its headers (ce-* attributes)
+
 
 # -- request and response bodies (for the OpenAPI document) ------------------------------
 
@@ -160,11 +251,15 @@ class WebhookAccepted(BaseModel):
 
 
 class InvokeBody(BaseModel):
-    """An event to run an agent on; missing id, source and specversion are filled in."""
+    """An event to run an agent on; missing id, source and specversion are filled in.
 
-    type: str
+    The id is the caller's own: it runs as ``invoke:<caller>:<id>``, so it never meets
+    another caller's invoke or an event on the bus.
+    """
+
+    type: str = Field(min_length=1, max_length=255)
     data: Any = None
-    id: str | None = None
+    id: str | None = Field(default=None, min_length=1, max_length=MAX_INVOKE_ID)
     source: str | None = None
     subject: str | None = None
     correlationid: str | None = None
@@ -203,9 +298,26 @@ class ErrorBody(BaseModel):
     error: str
 
 
+class Unavailable(BaseModel):
+    """The bus or the store is away; an invoke names the id to retry with (one effect)."""
+
+    error: str
+    event_id: str | None = None
+    id: str | None = None
+
+
+class Health(BaseModel):
+    """Whether the gateway can publish: ok, or unhealthy with the reason."""
+
+    status: str
+    error: str | None = None
+
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 415, 422)
+    **{code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429)},
+    503: {"model": Unavailable},
 }
+
 _CLOUDEVENT_BODY = {
     "requestBody": {
         "required": True,
@@ -215,9 +327,9 @@ _CLOUDEVENT_BODY = {
                     "type": "object",
                     "required": ["id", "source", "type", "specversion"],
                     "properties": {
-                        "id": {"type": "string"},
-                        "source": {"type": "string"},
-                        "type": {"type": "string"},
+                        "id": {"type": "string", "minLength": 1, "maxLength": 255},
+                        "source": {"type": "string", "minLength": 1},
+                        "type": {"type": "string", "minLength": 1, "maxLength": 255},
                         "specversion": {"type": "string", "enum": ["1.0"]},
                         "subject": {"type": "string"},
                         "data": {},
@@ -225,7 +337,7 @@ _CLOUDEVENT_BODY = {
                 }
             },
             "application/cloudevents-batch+json": {
-                "schema": {"type": "array", "items": {"type": "object"}}
+                "schema": {"type": "array", "minItems": 1, "items": {"type": "object"}}
             },
         },
     }
@@ -250,11 +362,15 @@ def create_app(
         yield
         await gw.stop()
 
+    docs = cfg.openapi  # the documents list agents and webhook sources: off unless asked
     api = FastAPI(
         title=f"{app.name} gateway",
         version="1",
         description="Publish events, receive webhooks, invoke agents and follow live streams.",
         lifespan=lifespan,
+        openapi_url="/openapi.json" if docs else None,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
     )
     api.state.gateway = gw
     if cfg.allowed_origins:  # browsers on these origins may call the gateway (EventSource, fetch)
@@ -272,6 +388,18 @@ def create_app(
     async def _http_error(_: Request, exc: HttpError) -> JSONResponse:
         return JSONResponse({"error": exc.message}, exc.status)
 
+    @api.exception_handler(EventTooLarge)
+    async def _too_large(_: Request, exc: EventTooLarge) -> JSONResponse:
+        answer = too_large(exc)  # never worth retrying: not a 503
+        return JSONResponse({"error": answer.message}, answer.status)
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        reasons = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
+        )
+        return JSONResponse({"error": f"invalid request: {reasons}"}, 422)
+
     @api.exception_handler(BusError)
     @api.exception_handler(StoreError)
     async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
@@ -284,10 +412,17 @@ def create_app(
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse({"error": str(exc)}, exc.status, headers=headers)
 
-    @api.get("/v1/health", tags=["admin"])
-    async def health() -> dict[str, str]:
-        """Liveness: the gateway answers."""
-        return {"status": "ok"}
+    @api.get(
+        "/v1/health", tags=["admin"], response_model=Health, responses={503: {"model": Health}}
+    )
+    async def health(request: Request) -> JSONResponse:
+        """Whether the gateway can publish: 503 "unhealthy" while the bus is disconnected."""
+        g: Gateway = request.app.state.gateway
+        bus = g._bus
+        if bus is not None and not bus.connected:
+            reason = "the bus is disconnected; it reconnects by itself, publishes answer 503"
+            return JSONResponse({"status": "unhealthy", "error": reason}, 503)
+        return JSONResponse({"status": "ok"})
 
     @api.post(
         "/v1/events",
@@ -298,15 +433,30 @@ def create_app(
         tags=["events"],
     )
     async def publish(request: Request, g: Started, who: Publisher) -> Accepted:
-        """Publish CloudEvents (structured, binary or batch); idempotent on the event id."""
-        body = await read_body(request, cfg.max_body)
+        """Publish CloudEvents (structured, binary or batch); idempotent on the event id.
+
+        A batch is all or nothing as far as the gateway decides: every event is checked
+        (and its id claimed) before the first is published.
+        """
+        body = await read_body(request, g.max_body)
         events = parse_events(request.headers, body, cfg.max_batch)
-        events = [stamp(e, who.tenant, who.user, who.is_admin) for e in events]
-        for event in events:
-            _check_correlation(g, event, who)
-        for event in events:
-            await g.client.publish_event(event, explicit_id=True)
-        return Accepted(ids=[e.id for e in events])
+        batch = len(events) > 1 or request.headers.get("content-type", "").startswith(
+            "application/cloudevents-batch"
+        )
+        checked = []
+        for n, event in enumerate(events):
+            try:
+                event = stamp(event, who.tenant, who.user, who.is_admin)
+                why = None if who.is_admin else reserved(event.id)
+                if why is not None:
+                    raise HttpError(400, f"event id {event.id[:80]!r}: {why}")
+                check_event(event, g.bus)
+                await _check_correlation(g, event, who)
+            except HttpError as e:
+                raise _at(e, n, batch) from None
+            checked.append(event)
+        await _publish(g, checked, publisher(who), batch)
+        return Accepted(ids=[e.id for e in checked])
 
     @api.post(
         "/v1/webhooks/{source}",
@@ -321,13 +471,12 @@ def create_app(
         configured = cfg.webhooks.get(source)
         if configured is None:
             raise HttpError(404, f"no webhook source named {source!r}")
-        body = await read_body(request, cfg.max_body)
+        body = await read_body(request, g.max_body)
         event = webhooks.to_event(source, configured, request.headers, body)
-        if await g.store.was_published(event.id):
-            answer = WebhookAccepted(id=event.id, type=event.type, duplicate=True)
-            return JSONResponse(answer.model_dump(), 200)
-        await g.client.publish_event(event, explicit_id=True)
-        return JSONResponse(WebhookAccepted(id=event.id, type=event.type).model_dump(), 202)
+        check_event(event, g.bus)
+        published = await _publish(g, [event], webhook_publisher(source), batch=False)
+        answer = WebhookAccepted(id=event.id, type=event.type, duplicate=not published)
+        return JSONResponse(answer.model_dump(), 202 if published else 200)
 
     @api.post(
         "/v1/agents/{name}/invoke",
@@ -336,44 +485,53 @@ def create_app(
         openapi_extra=_JSON_BODY,
         tags=["agents"],
     )
-    async def invoke(name: str, request: Request, g: Started, who: Invoker) -> InvokeResult:
+    async def invoke(
+        name: str, request: Request, g: Started, who: Invoker
+    ) -> InvokeResult | JSONResponse:
         """Run agent `name` on an event now and return its result; what it emits is published."""
         pipeline = g.pipeline(name)
-        raw = parse_json(await read_body(request, cfg.max_body))
+        raw = parse_json(await read_body(request, g.max_body))
         if not isinstance(raw, dict):
             raise HttpError(400, "the body must be a JSON object: an event with at least a type")
         try:
             body = InvokeBody.model_validate(raw)
+            given = body.id or new_id()
+            event_id = invoked_id(who, given)
             event = Event.create(
                 body.type,
                 body.data,
                 source=body.source or f"/{g.app.name}/gateway",
-                id=body.id,
+                id=event_id,
                 subject=body.subject,
-                correlationid=body.correlationid or body.id,
+                correlationid=body.correlationid or event_id,
             )
         except ValueError as e:
             raise HttpError(400, f"invalid event: {e}") from e
         event = stamp(event, who.tenant, who.user, who.is_admin)
-        _check_correlation(g, event, who)
+        check_event(event, g.bus)
+        await _check_correlation(g, event, who)
         if not any(matches(p, event.type) for p in pipeline.spec.patterns):
             raise HttpError(
                 422, f"agent {name!r} does not consume {event.type!r} (on={pipeline.spec.patterns})"
             )
-        for attempt in range(1, 4):
-            try:
-                invoked = await pipeline.invoke(event)
-                break
-            except StateConflict:
-                if attempt == 3:
-                    raise HttpError(409, "the agent's state kept changing; try again") from None
-            except (PolicyViolation, MalformedEvent, ValidationError) as e:
-                raise HttpError(422, f"{type(e).__name__}: {e}") from e
-            except (BusError, StoreError):
-                raise  # answered 503 by the handler above
-            except Exception as e:  # the agent failed: nothing was committed
-                log.warning("invoke failed", agent=name, event_id=event.id, error=repr(e))
-                raise HttpError(500, f"agent {name!r} failed: {type(e).__name__}: {e}") from e
+        try:
+            async with g.invoking(name, event.id):
+                invoked = await _run(pipeline, event)
+        except (BusError, StoreError) as e:
+            # Perhaps committed already: the same id again runs it at most once, and
+            # publishes what this run could not (so does the outbox sweep, later).
+            log.warning("invoke unavailable", agent=name, event_id=event.id, error=str(e))
+            return JSONResponse(
+                {
+                    "error": f"unavailable: {e}. The invoke may have been committed: retry"
+                    f' with "id": {given!r} (it runs at most once, and publishes what it'
+                    " emitted)",
+                    "event_id": event.id,
+                    "id": given,
+                },
+                503,
+                headers={"Retry-After": "1"},
+            )
         decision = invoked.decision
         if decision is None:  # filtered out, or a duplicate whose record was pruned
             return InvokeResult(status=invoked.status, event_id=event.id)
@@ -406,8 +564,9 @@ def create_app(
             tenant=who.tenant,
             user=who.user,
         )
-        g.hub.claim(task_id, who.audience)
-        await g.client.publish_event(event, explicit_id=True)
+        check_event(event, g.bus)
+        await g.hub.owners.claim(task_id, who.audience)
+        await _publish(g, [event], publisher(who), batch=False)
         root = str(request.scope.get("root_path", "")).rstrip("/")  # mounted under a prefix
         return TaskAccepted(
             task_id=task_id,
@@ -432,9 +591,9 @@ def create_app(
 
         Browsers cannot set headers on EventSource, so `access_token` may carry the token.
         """
-        credential = bearer(request.headers.get("authorization")) or access_token
+        credential = _credential(request.headers) or access_token
         who = await g.identify(credential, "stream")
-        sub = _open(g, who, correlation, types, after or request.headers.get("last-event-id"))
+        sub = await _open(g, who, correlation, types, after or request.headers.get("last-event-id"))
         hub = g.hub  # kept: a stream may end after the gateway stopped and let go of it
 
         async def lines() -> AsyncIterator[bytes]:
@@ -454,11 +613,9 @@ def create_app(
                         yield b"id: " + item.token.encode() + b"\ndata: " + data + b"\n\n"
             except Exception as e:
                 yield b"event: error\ndata: " + orjson.dumps({"error": str(e)}) + b"\n\n"
-            finally:
-                hub.close(sub)
 
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-        return StreamingResponse(lines(), media_type="text/event-stream", headers=headers)
+        return _Stream(lines(), lambda: hub.close(sub), headers=headers)
 
     @api.websocket("/v1/ws")
     async def websocket(
@@ -472,22 +629,23 @@ def create_app(
         g = ws.app.state.gateway
         await g.start()
         if not origin_allowed(
-            ws.headers.get("origin"), ws.headers.get("host"), cfg.allowed_origins
+            ws.headers.get("origin"), ws.headers.get("host"), cfg.allowed_origins, ws.url.scheme
         ):
             await ws.close(code=1008, reason="origin not allowed")
             return
-        credential = bearer(ws.headers.get("authorization")) or access_token
+        credential = _credential(ws.headers) or access_token
         try:
             who = await g.identify(credential, "stream")
-            sub = _open(g, who, correlation, types, after)
+            sub = await _open(g, who, correlation, types, after)
         except (AuthError, HttpError) as e:
             await ws.close(code=1008, reason=str(e)[:120])
             return
         hub = g.hub  # kept: a stream may end after the gateway stopped and let go of it
-        await ws.accept()
-        listener = asyncio.create_task(_until_closed(ws))
-        listener.add_done_callback(lambda _: sub.fail(ConnectionResetError("client left")))
+        listener: asyncio.Task[None] | None = None
         try:
+            await ws.accept()
+            listener = asyncio.create_task(_until_closed(ws))
+            listener.add_done_callback(lambda _: sub.fail(ConnectionResetError("client left")))
             while not listener.done():
                 item = await sub.get(cfg.keepalive)
                 if item is None:
@@ -503,8 +661,12 @@ def create_app(
                 await ws.send_text(orjson.dumps(message).decode())
         except (WebSocketDisconnect, ConnectionResetError, RuntimeError):
             pass
+        except Exception as e:  # a history read that gave up: say why, then close
+            with contextlib.suppress(Exception):
+                await ws.close(code=1011, reason=str(e)[:120])
         finally:
-            listener.cancel()
+            if listener is not None:
+                listener.cancel()
             hub.close(sub)
 
     @api.get("/v1/admin/streams", tags=["admin"], responses=_ERRORS)
@@ -513,6 +675,77 @@ def create_app(
         return g.hub.stats()
 
     return api
+
+
+class _Stream(StreamingResponse):
+    """A streaming response that lets go of its subscriber however it ends.
+
+    Also when the client leaves before the first byte, when the body generator never
+    started and so never runs its own cleanup.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Any, **kw: Any) -> None:
+        super().__init__(content, media_type="text/event-stream", **kw)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+async def _run(pipeline: Pipeline, event: Event) -> Invoked:
+    """`Pipeline.invoke` with its outcomes as answers; bus and store trouble propagate."""
+    name = pipeline.spec.name
+    for attempt in range(1, 4):
+        try:
+            return await pipeline.invoke(event)
+        except StateConflict:
+            if attempt == 3:
+                raise HttpError(409, "the agent's state kept changing; try again") from None
+        except EventTooLarge as e:  # what the agent emitted cannot be sent
+            raise too_large(e) from e
+        except (PolicyViolation, MalformedEvent, ValidationError) as e:
+            raise HttpError(422, f"{type(e).__name__}: {e}") from e
+        except (BusError, StoreError):
+            raise
+        except Exception as e:  # the agent failed: nothing was committed
+            log.warning("invoke failed", agent=name, event_id=event.id, error=repr(e))
+            raise HttpError(500, f"agent {name!r} failed: {type(e).__name__}: {e}") from e
+    raise AssertionError("unreachable")
+
+
+def _at(error: HttpError, n: int, batch: bool) -> HttpError:
+    """`error` naming the batch index it is about (a single event: as it is)."""
+    return HttpError(error.status, f"event {n} of the batch: {error.message}") if batch else error
+
+
+async def _publish(g: Gateway, events: list[Event], owner: str, batch: bool) -> bool:
+    """Publish explicit-id events for `owner`: claim every id, then send; False if all done.
+
+    The claims come first, so nothing reaches the bus that the ledger does not know
+    (a store failure is a 503 before any event is out, and the retry is one copy), and
+    an id someone else holds is a 409 before any event of the batch is out.
+    """
+    store = g.store
+    claims = await asyncio.gather(*(store.claim_publish(e.id, owner) for e in events))
+    for n, (event, claim) in enumerate(zip(events, claims, strict=True)):
+        if claim.owner not in (owner, ""):
+            raise _at(
+                HttpError(
+                    409,
+                    f"event id {event.id[:80]!r} is already used by another publisher;"
+                    " choose another id (ids are unique across publishers)",
+                ),
+                n,
+                batch,
+            )
+    fresh = [e for e, claim in zip(events, claims, strict=True) if not claim.published]
+    for event in fresh:
+        await g.bus.publish(event)
+    await asyncio.gather(*(store.record_publish(e.id, owner) for e in fresh))
+    return bool(fresh)
 
 
 def _openapi(api: FastAPI, gw: Gateway) -> dict[str, Any]:
@@ -546,12 +779,16 @@ async def _started(request: Request) -> Gateway:
 Started = Annotated[Gateway, Depends(_started)]
 
 
+def _credential(headers: Mapping[str, str]) -> str | None:
+    """The credential of a request: ``Authorization: Bearer`` or ``X-API-Key``."""
+    return bearer(headers.get("authorization")) or headers.get("x-api-key") or None
+
+
 def caller(scope: str | None) -> Any:
     """A dependency: the authenticated caller, who must have `scope`."""
 
     async def dependency(request: Request, g: Started) -> Identity:
-        credential = bearer(request.headers.get("authorization"))
-        return await g.identify(credential or request.headers.get("x-api-key"), scope)
+        return await g.identify(_credential(request.headers), scope)
 
     return Depends(dependency)
 
@@ -562,11 +799,10 @@ Tasker = Annotated[Identity, caller("tasks")]
 Admin = Annotated[Identity, caller("admin")]
 
 
-def _open(
+async def _open(
     g: Gateway, who: Identity, correlation: str | None, types: str | None, after: str | None
 ) -> Subscriber:
     from tidings.events import check_pattern
-    from tidings.gateway.streams import uuid7_ms
 
     patterns = tuple(t.strip() for t in (types or "").split(",") if t.strip())
     try:
@@ -575,23 +811,29 @@ def _open(
     except ValueError as e:
         raise HttpError(400, str(e)) from e
     since = None
-    if correlation is not None and after is None:
-        owner = g.hub.owner(correlation)
+    if correlation is not None:
+        if len(correlation) > 255:
+            raise HttpError(400, "a correlation id has at most 255 characters")
+        owner = await g.hub.owners.owner(correlation)
         if owner is not None and owner != who.audience:
             raise HttpError(403, "this correlation id belongs to someone else")
         created = uuid7_ms(correlation)
-        if created is not None:  # a task or event id: its whole story, from the start
-            from datetime import UTC, datetime
-
+        if created is not None and after is None:  # a task or event id: its whole story
             since = datetime.fromtimestamp(created / 1000, UTC)
     flt = StreamFilter(correlation=correlation, types=patterns)
     return g.hub.open(who.audience, flt, after, since)
 
 
-def _check_correlation(g: Gateway, event: Event, who: Identity) -> None:
-    """Nobody but its owner (or an admin) may add events to a correlation."""
-    owner = g.hub.owner(event.correlationid) if event.correlationid else None
-    if owner is not None and owner != who.audience and not who.is_admin:
+async def _check_correlation(g: Gateway, event: Event, who: Identity) -> None:
+    """Nobody but its owner (or an admin) may add events to a correlation.
+
+    The first caller to use a correlation id claims it, in the store, so every gateway
+    process sharing the store agrees, and a restart forgets nothing.
+    """
+    if not event.correlationid or who.is_admin:
+        return
+    owner = await g.hub.owners.claim(event.correlationid, who.audience)
+    if owner != who.audience:
         raise HttpError(403, "this correlation id belongs to someone else")
 
 

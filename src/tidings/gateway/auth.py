@@ -77,7 +77,7 @@ class Authenticator:
             "audience": config.jwt_audience or None,
             "issuer": config.jwt_issuer or None,
             "options": options,
-            "leeway": 30,
+            "leeway": config.jwt_leeway,  # clock skew between the issuer and us
         }
         try:
             if self._jwks is not None:
@@ -113,15 +113,19 @@ def bearer(authorization: str | None) -> str | None:
     return value.strip() if scheme.lower() == "bearer" else None
 
 
-def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
+def origin_allowed(
+    origin: str | None, host: str | None, allowed: tuple[str, ...], scheme: str = "ws"
+) -> bool:
     """Whether a WebSocket from `origin` may connect.
 
     No Origin header: not a browser, so no cross-site risk. Otherwise the origin must be
-    the gateway's own host or listed in `allowed_origins` ('*' allows any).
+    listed in `allowed_origins` ('*' allows any) or be the gateway's own: the same host
+    and port *and* scheme (https for wss, http for ws), so a page served over plain http
+    cannot reach a gateway behind TLS.
     """
     if origin is None:
         return True
     if "*" in allowed or origin in allowed:
         return True
-    _, _, rest = origin.partition("://")
-    return bool(host) and rest == host
+    own = "https" if scheme in ("wss", "https") else "http"
+    return bool(host) and origin == f"{own}://{host}"

@@ -92,12 +92,21 @@ class GatewayConfig:
     api_keys: tuple[ApiKey, ...] = ()
     webhooks: Mapping[str, WebhookSource] = field(default_factory=dict)
     allowed_origins: tuple[str, ...] = ()  # WebSocket origins besides the gateway's own
-    max_body: int = 1_048_576  # bytes per request body
+    # Bytes per request body; never more than the broker's max_payload less 64 KiB for
+    # the headers (read from the bus when the gateway starts).
+    max_body: int = 1_048_576
     max_batch: int = 1000  # events per batch publish
     client_queue: int = 1000  # events buffered per stream client before it is "lagged"
     ring_size: int = 10_000  # recent events kept for fast resumes
     resume_margin: float = 5.0  # seconds re-read before a resume point (clock skew)
     keepalive: float = 15.0  # seconds between SSE comments on a quiet stream
+    history_readers: int = 4  # resumes reading the bus's history at once (others wait)
+    history_per_user: int = 2  # of those per user; more answer 429
+    history_scan: int = 100_000  # stored events one resume reads before giving up
+    jwt_leeway: float = 30.0  # seconds an expired (or not yet valid) token is still taken
+    # Serve /docs and /openapi.json (they list agents and webhook sources) without
+    # credentials: for development; off unless set.
+    openapi: bool = False
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> GatewayConfig:
@@ -131,10 +140,22 @@ class GatewayConfig:
             else:
                 kind = type(getattr(self, name))
                 try:
-                    changes[name] = kind(value)
+                    changes[name] = _flag(value) if kind is bool else kind(value)
                 except (TypeError, ValueError) as e:
                     raise ConfigError(f"gateway setting {name!r}: {e}") from e
         return replace(self, **changes)
+
+
+def _flag(value: Any) -> bool:
+    """A boolean setting from TOML (a bool) or the environment (text)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
 
 
 def _api_keys(value: Any) -> tuple[ApiKey, ...]:

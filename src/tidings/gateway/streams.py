@@ -14,6 +14,11 @@ history hands over to the shared tail as soon as it reaches an event the ring ho
 
 A client's buffer holds `client_queue` events; a client that falls further behind gets
 a "lagged" message with its last token and is disconnected: it resumes from there.
+
+Reading history is the expensive part (every stored event since the point is read), so
+at most `history_readers` run at once (others wait their turn), each caller may have
+`history_per_user` at a time, each yields to the other clients as it goes, and one that
+reads `history_scan` events without catching up is ended with the reason.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import asyncio
 import base64
 import contextlib
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -31,15 +36,22 @@ from typing import Any
 import structlog
 
 from tidings.bus.base import Bus, RawMessage
-from tidings.errors import MalformedEvent
+from tidings.errors import MalformedEvent, StoreError
 from tidings.events import Event, decode, matches
 from tidings.gateway.config import GatewayConfig
 from tidings.gateway.events import HttpError
+from tidings.gateway.owners import INVOKED, Audience, Owners
+from tidings.store.base import Records
 
 log = structlog.get_logger("tidings.gateway")
 
-Audience = tuple[str | None, str]
-_OWNERS = 100_000  # correlation ids whose owner is remembered (oldest forgotten first)
+_MAX_MS = 253_402_300_799_999  # the last millisecond of year 9999: any later is no time
+_YIELD_EVERY = 64  # history events read between turns given to other clients
+_QUIET = 1.0  # seconds without a stored event after which a resume point is given up
+
+
+class ResumeTooFar(Exception):
+    """A history read went through `history_scan` events without catching up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,19 +87,22 @@ class StreamFilter:
 def parse_token(token: str) -> tuple[str, int]:
     """(event id, broker ms) from a resume token; a bare UUIDv7 uses its creation time."""
     event_id, sep, ms = token.partition("~")
-    if sep:
-        try:
-            return event_id, int(ms)
-        except ValueError:
-            pass
+    if sep and ms.isascii() and ms.isdigit() and len(ms) <= 15 and int(ms) <= _MAX_MS:
+        return event_id, int(ms)
     created = uuid7_ms(event_id)
     if created is None:
-        raise HttpError(400, f"invalid resume token {token!r}")
+        raise HttpError(
+            400,
+            f"invalid resume token {token[:80]!r}: send back an id the stream gave"
+            " (<event id>~<broker ms>) or an event's UUIDv7",
+        )
     return event_id, created
 
 
 def uuid7_ms(value: str) -> int | None:
-    """The creation time in ms of a UUIDv7, or None if `value` is not one."""
+    """The creation time in ms of a UUIDv7 (or an invoked id made of one), else None."""
+    if value.startswith(INVOKED):
+        value = value.split(":", 2)[-1]
     try:
         parsed = uuid.UUID(value)
     except ValueError:
@@ -95,12 +110,18 @@ def uuid7_ms(value: str) -> int | None:
     return parsed.int >> 80 if parsed.version == 7 else None
 
 
-def _ms(raw: RawMessage, event: Event) -> int:
-    stamp = raw.time or event.time
+def _ms(raw: RawMessage, event: Event | None) -> int:
+    stamp = raw.time or (event.time if event is not None else None)
     if stamp:
         with contextlib.suppress(ValueError):
             return int(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() * 1000)
     return int(datetime.now(UTC).timestamp() * 1000)
+
+
+def _foreign(raw: RawMessage, audience: Audience) -> bool:
+    """Whether a stored message is addressed to another user (so not worth decoding)."""
+    user = raw.headers.get("ce-user")
+    return user is not None and (raw.headers.get("ce-tenant"), user) != audience
 
 
 class Subscriber:
@@ -171,14 +192,16 @@ class Subscriber:
 class Hub:
     """The shared tail of one gateway process and the clients it feeds."""
 
-    def __init__(self, bus: Bus, config: GatewayConfig) -> None:
+    def __init__(self, bus: Bus, store: Records, config: GatewayConfig) -> None:
         self.bus = bus
         self.config = config
         self.clients: dict[Audience, set[Subscriber]] = {}
         self.ring: deque[Item] = deque()
         self._ring_ids: set[str] = set()
-        self.owners: OrderedDict[str, Audience] = OrderedDict()
+        self.owners = Owners(store)
         self.subscribers: set[Subscriber] = set()
+        self._history = asyncio.Semaphore(config.history_readers)
+        self._reading: dict[Audience, int] = {}
         self.lagged_total = 0
         self.delivered_total = 0
         self._task: asyncio.Task[None] | None = None
@@ -208,7 +231,7 @@ class Hub:
                 tail = self.bus.tail([">"], since=since)
                 async with contextlib.aclosing(tail):
                     async for raw in tail:
-                        item = self._item(raw)
+                        item = await self._item(raw)
                         if item is not None and item.event.id not in self._ring_ids:
                             since = datetime.fromtimestamp(
                                 int(item.token.split("~")[1]) / 1000, UTC
@@ -221,33 +244,28 @@ class Hub:
                 await asyncio.sleep(1.0)
                 since -= timedelta(seconds=self.config.resume_margin)
 
-    def _item(self, raw: RawMessage) -> Item | None:
+    async def _item(self, raw: RawMessage) -> Item | None:
         try:
             event = decode(raw.headers, raw.body)
         except MalformedEvent:
             return None
-        return Item(event, f"{event.id}~{_ms(raw, event)}", self._audience(event))
+        return Item(event, f"{event.id}~{_ms(raw, event)}", await self._audience(event))
 
-    def _audience(self, event: Event) -> Audience | None:
+    async def _audience(self, event: Event) -> Audience | None:
+        """Who may see `event`: its own user, or for a user-less one its correlation's owner."""
         correlation = event.correlationid
-        if event.user is not None:
-            audience = (event.tenant, event.user)
-            if correlation and correlation not in self.owners:
-                self.claim(correlation, audience)
-            return audience
-        return self.owners.get(correlation) if correlation else None
-
-    def claim(self, correlation: str, audience: Audience) -> None:
-        """Make `audience` the owner of `correlation` (first claim wins)."""
-        if correlation in self.owners:
-            return
-        self.owners[correlation] = audience
-        if len(self.owners) > _OWNERS:
-            self.owners.popitem(last=False)
-
-    def owner(self, correlation: str) -> Audience | None:
-        """Who owns `correlation`, if this process knows."""
-        return self.owners.get(correlation)
+        try:
+            if event.user is not None:
+                audience = (event.tenant, event.user)
+                if correlation:  # the first user in a correlation owns it (if none does)
+                    await self.owners.claim(correlation, audience)
+                return audience
+            if not correlation:
+                return None
+            return await self.owners.owner(correlation, trust_absence=True)
+        except StoreError as e:  # nobody is told what might not be theirs
+            log.warning("correlation owner unknown: the store failed", error=str(e))
+            return (event.tenant, event.user) if event.user is not None else None
 
     def _dispatch(self, item: Item) -> None:
         self.ring.append(item)
@@ -268,23 +286,36 @@ class Hub:
     def open(
         self, audience: Audience, flt: StreamFilter, after: str | None, since: datetime | None
     ) -> Subscriber:
-        """A client's subscription: live from now, or from a resume token or a time."""
+        """A client's subscription: live from now, or from a resume token or a time.
+
+        Everything that can refuse the open (a bad token, too many history reads) is
+        checked before the client is registered, so a refused open leaves nothing behind.
+        """
+        last_id, last_ms = parse_token(after) if after else (None, None)
         self.start()
         sub = Subscriber(audience, flt, self.config.client_queue)
-        self.subscribers.add(sub)
         if after is None and since is None:
+            self.subscribers.add(sub)
             self._register(sub, ())
             return sub
-        last_id, last_ms = parse_token(after) if after else (None, None)
         if last_id is not None:
             backlog = self._ring_after(last_id)
             if backlog is not None:  # served from memory, registered in the same step
+                self.subscribers.add(sub)
                 self._register(sub, backlog)
                 return sub
+        if self._reading.get(audience, 0) >= self.config.history_per_user:
+            raise HttpError(
+                429,
+                f"{self.config.history_per_user} resumes from history are already running for"
+                " you; wait for one to catch up, or resume from a later point",
+            )
         if since is None:
             assert last_ms is not None
             since = datetime.fromtimestamp(last_ms / 1000, UTC)
         since -= timedelta(seconds=self.config.resume_margin)
+        self.subscribers.add(sub)
+        self._reading[audience] = self._reading.get(audience, 0) + 1
         sub.reader = asyncio.create_task(self._read_history(sub, since, last_id, last_ms))
         return sub
 
@@ -318,42 +349,90 @@ class Hub:
     async def _read_history(
         self, sub: Subscriber, since: datetime, last_id: str | None, last_ms: int | None
     ) -> None:
-        """Replay from `since`, skipping through `last_id`, until the ring takes over."""
-        skipping = last_id is not None
-        held: list[Item] = []  # read while skipping, in case the resume point is gone
+        """Replay from `since`, skipping through `last_id`, until the ring takes over.
+
+        One of at most `history_readers` at a time, yielding to other clients as it goes.
+        """
+        try:
+            async with self._history:
+                await self._replay(sub, since, last_id, last_ms)
+        except asyncio.CancelledError:
+            raise
+        except ResumeTooFar as e:
+            sub.fail(e)
+        except Exception as e:
+            log.warning("stream history failed", error=str(e))
+            sub.fail(e)
+        finally:
+            left = self._reading.get(sub.audience, 1) - 1
+            if left > 0:
+                self._reading[sub.audience] = left
+            else:
+                self._reading.pop(sub.audience, None)
+
+    async def _replay(
+        self, sub: Subscriber, since: datetime, last_id: str | None, last_ms: int | None
+    ) -> None:
+        skip = _Skip(last_id is not None)
         give_up_ms = (last_ms or 0) + int(2 * self.config.resume_margin * 1000)
+        limit = self.config.history_scan
+        scanned = 0
+        watchdog = asyncio.create_task(self._give_up_when_quiet(sub, skip)) if skip.on else None
         try:
             tail = self.bus.tail([">"], since=since)
             async with contextlib.aclosing(tail):
                 async for raw in tail:
-                    item = self._item(raw)
-                    if item is None:
-                        continue
-                    if skipping:
-                        if item.event.id == last_id:
-                            skipping, held = False, []
+                    skip.progress()
+                    scanned += 1
+                    if scanned % _YIELD_EVERY == 0:
+                        await asyncio.sleep(0)  # a long history must not starve the others
+                    if scanned > limit:
+                        raise ResumeTooFar(
+                            f"the resume point is more than {limit:,} events back; open a new"
+                            " stream (or ask the operator to raise history_scan)"
+                        )
+                    event_id = raw.headers.get("ce-id")
+                    mine = not _foreign(raw, sub.audience)
+                    if skip.on:
+                        if event_id == last_id:
+                            skip.stop()
                             continue
-                        if sub.wants(item):
-                            held.append(item)
-                        if int(item.token.split("~")[1]) > give_up_ms or len(held) > sub.capacity:
+                        item = await self._item(raw) if mine else None
+                        if item is not None and sub.wants(item):
+                            skip.held.append(item)
+                        if _ms(raw, item.event if item else None) > give_up_ms or (
+                            len(skip.held) > sub.capacity
+                        ):
                             # The resume point is no longer stored: deliver what might be
                             # missing rather than lose it (the client may see repeats).
-                            skipping = False
-                            for kept in held:
+                            for kept in skip.stop():
                                 await sub.put(kept)
-                            held = []
                         continue
-                    if sub.wants(item):
-                        await sub.put(item)
-                    backlog = self._ring_after(item.event.id)
+                    if mine:
+                        item = await self._item(raw)
+                        if item is not None and sub.wants(item):
+                            await sub.put(item)
+                    backlog = self._ring_after(event_id) if event_id else None
                     if backlog is not None:  # caught up with the shared tail
                         self._register(sub, backlog)
                         return
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            log.warning("stream history failed", error=str(e))
-            sub.fail(e)
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+
+    async def _give_up_when_quiet(self, sub: Subscriber, skip: _Skip) -> None:
+        """A resume point that never comes on a quiet stream: deliver what was held.
+
+        The reader waits for the next stored event to judge how far past the point it is;
+        with none coming, the events it holds would wait with it.
+        """
+        quiet = min(_QUIET, self.config.resume_margin)
+        loop = asyncio.get_running_loop()
+        while skip.on:
+            await asyncio.sleep(quiet / 2)
+            if skip.on and loop.time() - skip.last > quiet:
+                for kept in skip.stop():
+                    await sub.put(kept)
 
     def stats(self) -> dict[str, Any]:
         """Numbers for the admin endpoint."""
@@ -365,6 +444,23 @@ class Hub:
             "lagged_total": self.lagged_total,
             "delivered_total": self.delivered_total,
         }
+
+
+class _Skip:
+    """A history reader looking for its resume point, and what it holds meanwhile."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+        self.held: list[Item] = []  # read while skipping, in case the point is gone
+        self.last = asyncio.get_running_loop().time()
+
+    def progress(self) -> None:
+        self.last = asyncio.get_running_loop().time()
+
+    def stop(self) -> list[Item]:
+        """Stop skipping; what was held, to deliver (once)."""
+        held, self.held, self.on = self.held, [], False
+        return held
 
 
 def structured(event: Event) -> dict[str, Any]:

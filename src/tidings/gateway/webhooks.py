@@ -42,20 +42,19 @@ def _verify_standard(source: WebhookSource, headers: Mapping[str, str], body: by
     signatures = headers.get("webhook-signature")
     if not msg_id or not stamp or not signatures:
         raise HttpError(401, "unsigned: webhook-id, webhook-timestamp and webhook-signature needed")
-    try:
-        sent = int(stamp)
-    except ValueError:
-        raise HttpError(401, "webhook-timestamp is not a Unix time in seconds") from None
+    if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):  # no float overflow
+        raise HttpError(401, "webhook-timestamp is not a Unix time in seconds")
+    sent = int(stamp)
     if abs(time.time() - sent) > source.tolerance:
         raise HttpError(401, f"stale: webhook-timestamp is more than {source.tolerance:g}s off")
     signed = f"{msg_id}.{stamp}.".encode() + body
     offered = [
-        value
+        value.encode()  # bytes: compare_digest refuses non-ASCII text
         for version, _, value in (s.partition(",") for s in signatures.split())
         if version == "v1"
     ]
     for secret in source.secrets:
-        expected = base64.b64encode(hmac.digest(_standard_key(secret), signed, "sha256")).decode()
+        expected = base64.b64encode(hmac.digest(_standard_key(secret), signed, "sha256"))
         if any(hmac.compare_digest(expected, value) for value in offered):
             return msg_id
     raise HttpError(401, "invalid signature")
@@ -75,7 +74,7 @@ def _verify_github(source: WebhookSource, headers: Mapping[str, str], body: byte
         raise HttpError(401, "unsigned: X-Hub-Signature-256 and X-GitHub-Delivery needed")
     for secret in source.secrets:
         expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-        if hmac.compare_digest(expected, offered):
+        if hmac.compare_digest(expected.encode(), offered.encode()):
             return delivery
     raise HttpError(401, "invalid signature")
 
@@ -100,10 +99,21 @@ def to_event(name: str, source: WebhookSource, headers: Mapping[str, str], body:
     if source.type:
         kind: Any = source.type
     elif source.type_header:
-        kind = source.type_prefix + headers.get(source.type_header.lower(), "")
+        value = headers.get(source.type_header.lower())
+        if not value:
+            raise HttpError(422, f"the {source.type_header} header is missing: no event type")
+        kind = source.type_prefix + value
     else:
         found = lookup(probe, f"data.{source.type_field}")
-        kind = None if found is None else source.type_prefix + str(found)
+        if found is None or isinstance(found, dict | list) or found == "":
+            raise HttpError(
+                422,
+                f"the payload has no {source.type_field!r} to make the event type of (or set"
+                f" type = ... on [gateway.webhooks.{name}] for a source with one type)",
+            )
+        kind = source.type_prefix + str(found)
+    if len(str(kind)) > 255:
+        raise HttpError(400, f"the event type is {len(str(kind)):,} characters; at most 255")
     try:
         check_type(str(kind))
     except ValueError as e:
