@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import uuid_utils
 
-from tidings.errors import MalformedEvent
+from tidings.errors import EventTooLarge, MalformedEvent
 
 SPECVERSION = "1.0"
 JSON = "application/json"
@@ -28,6 +28,22 @@ STRUCTURED = "application/cloudevents"
 _TOKEN = r"[A-Za-z0-9_-]+"
 _TYPE_RE = re.compile(rf"^{_TOKEN}(\.{_TOKEN})*$")
 _PATTERN_RE = re.compile(rf"^({_TOKEN}|\*)(\.({_TOKEN}|\*))*(\.>)?$|^>$")
+
+# Bounds every backend enforces before sending (guarantee 12; docs/backends.md, "Limits").
+# Far inside what NATS (4096-byte control line) and Kafka (249-character topic names,
+# 1 MiB records) accept, and long enough for any name a person would choose.
+MAX_ID = 255
+MAX_TYPE = 255
+MAX_SUBJECT = 1024
+MAX_ATTRIBUTE = 4096  # source, dataschema, traceparent, tenant, user, ...
+MAX_PAYLOAD = 1024 * 1024  # nats-server's default max_payload; the memory bus's limit
+_BOUNDS = {"id": MAX_ID, "type": MAX_TYPE, "subject": MAX_SUBJECT}
+_FIXES = {
+    "id": "use a short unique id (the default is a UUIDv7)",
+    "type": "use a short dotted name such as 'order.created' and put variable parts in data",
+    "subject": "use a short key such as an order id and put long values in data",
+}
+_LARGE_FIX = "put large data elsewhere (object storage) and send a reference"
 
 # Attributes in the order they are written to headers.
 ATTRIBUTES = (
@@ -248,6 +264,69 @@ def encode(event: Event) -> tuple[dict[str, str], bytes]:
     else:
         body = str(data).encode()
     return headers, body
+
+
+def check_attributes(event: Event) -> None:
+    """Raise `EventTooLarge` for an id, type, subject or other attribute over its bound.
+
+    The same bounds on every backend, so an app tested on one behaves alike on another.
+    """
+    for name in (*ATTRIBUTES, "datacontenttype"):
+        value = getattr(event, name)
+        if not isinstance(value, str):
+            continue
+        bound = _BOUNDS.get(name, MAX_ATTRIBUTE)
+        if len(value) > bound:
+            fix = _FIXES.get(name, "keep attributes short and put long values in data")
+            raise EventTooLarge(
+                f"event {name} is {len(value):,} characters ({value[:40]!r}...); the bus takes"
+                f" at most {bound:,}: {fix}",
+                limit=f"{name} {bound} characters",
+            )
+
+
+def message_size(headers: Mapping[str, str], body: bytes) -> int:
+    """Bytes of `headers` + `body` as NATS frames them, the size max_payload applies to."""
+    if not headers:
+        return len(body)
+    size = 12  # "NATS/1.0\r\n" and the blank line after the headers
+    for key, value in headers.items():
+        size += len(key.encode()) + len(value.encode()) + 4  # ": " and "\r\n"
+    return size + len(body)
+
+
+def too_large(size: int, limit: int, what: str) -> EventTooLarge:
+    """The error for a message of `size` bytes over `limit` (`what` names the setting)."""
+    return EventTooLarge(
+        f"event is {size:,} bytes with its headers; the bus takes at most {limit:,}"
+        f" ({what}): {_LARGE_FIX}",
+        limit=f"{what} {limit} bytes",
+    )
+
+
+def check_size(headers: Mapping[str, str], body: bytes, limit: int, what: str) -> None:
+    """Raise `EventTooLarge` if the message is over `limit` bytes."""
+    if (size := message_size(headers, body)) > limit:
+        raise too_large(size, limit, what)
+
+
+def fit_letter(
+    headers: dict[str, str], body: bytes, reason: str, limit: int, extra: int = 0
+) -> bytes:
+    """Add `reason` as ``tidings-error``, cut to fit `limit`; the body it can carry.
+
+    A dead letter must land: one the broker refused would be retried forever. The reason
+    is cut first; a body that leaves no room even then is dropped (and said so), the
+    store's dead-letter record and the events stream keep it.
+    """
+    reason = reason.replace("\r", "").replace("\n", "\\n")[:4000]
+    room = limit - extra - message_size(headers, body) - len("tidings-error") - 4
+    if room < 200:
+        headers["tidings-body-dropped"] = f"{len(body)} bytes, too large for a dead letter"
+        body = b""
+        room = limit - extra - message_size(headers, body) - len("tidings-error") - 4
+    headers["tidings-error"] = reason.encode()[: max(room, 0)].decode(errors="ignore")
+    return body
 
 
 def decode(headers: Mapping[str, str] | None, body: bytes) -> Event:

@@ -1,4 +1,4 @@
-"""The bus contract (guarantees 1-11 in `tidings.bus.base`), against a real broker.
+"""The bus contract (guarantees 1-13 in `tidings.bus.base`), against a real broker.
 
 Every test breaks something on purpose: duplicate ids, withheld acks, naks, two
 "processes" (two bus objects) on one consumer, a held-up handler, a deleted consumer, a
@@ -36,8 +36,8 @@ from tidings.bus.memory import MemoryBus
 from tidings.bus.names import agent_token
 from tidings.bus.nats import NatsBus, normalize_patterns
 from tidings.config import Settings
-from tidings.errors import BusError, BusTooOld, BusUnavailable, ConfigError
-from tidings.events import Event, decode
+from tidings.errors import BusError, BusTooOld, BusUnavailable, ConfigError, EventTooLarge
+from tidings.events import MAX_PAYLOAD, Event, decode
 
 # -- helpers ----------------------------------------------------------------------------
 
@@ -864,6 +864,131 @@ async def test_connect_fails_fast_with_a_fix_when_no_bus_answers(backend: Backen
     bus = backend.unreachable_bus()
     with pytest.raises(BusUnavailable, match="tidings run"):
         await bus.connect()
+
+
+# -- 12. limits checked before sending ---------------------------------------------------
+
+
+def _oversized() -> dict[str, tuple[Event, str]]:
+    """Events no backend may send, each with a word its refusal must name."""
+    near = b"x" * (MAX_PAYLOAD - 64)  # under the limit alone, over it with the headers
+    octets = "application/octet-stream"
+    return {
+        "body": (ev("lim.big", blob="x" * MAX_PAYLOAD), "object storage"),
+        "headers": (Event.create("lim.big", near, source="/c", datacontenttype=octets), "bytes"),
+        "type": (ev("lim." + "t" * 4100), "type"),
+        "id": (ev("lim.id").replace(id="i" * 300), "id"),
+        "subject": (ev("lim.subject").replace(subject="s" * 5000), "subject"),
+        "header": (ev("lim.header").replace(tenant="h" * 5000), "tenant"),
+    }
+
+
+async def test_an_event_the_broker_cannot_carry_is_refused_and_the_bus_carries_on(
+    bus: Bus,
+) -> None:
+    seen = Recorder()
+    await bus.subscribe(ConsumerSpec("limited", ["lim.>"]), seen)
+    before = ev("lim.before")
+    await bus.publish(before)
+    await eventually(lambda: seen.count(before) == 1)
+    for case, (event, named) in _oversized().items():
+        with pytest.raises(EventTooLarge, match=named) as refused:
+            bus.check(event)
+        assert refused.value.limit, case
+        with pytest.raises(EventTooLarge):
+            await bus.publish(event)
+        with pytest.raises(EventTooLarge):
+            await bus.retry("limited", event)
+    bus.check(before)  # an ordinary event passes
+    # Nothing reached the broker and the connection stayed up: the same bus carries on.
+    assert bus.connected
+    after = ev("lim.after")
+    await bus.publish(after)
+    await eventually(lambda: seen.count(after) == 1, message="a delivery after the refusals")
+    assert seen.types() == ["lim.before", "lim.after"]
+
+
+async def test_a_dead_letter_of_a_message_near_the_limit_still_lands(
+    backend: Backend, bus: Bus
+) -> None:
+    got: list[Delivery] = []
+
+    async def handler(d: Delivery) -> None:
+        got.append(d)
+
+    await bus.subscribe(ConsumerSpec("lettered", ["big.>"]), handler)
+    near = Event.create("big.one", b"y" * (MAX_PAYLOAD - 2048), source="/c",
+                        datacontenttype="application/octet-stream")  # fmt: skip
+    await bus.publish(near)
+    await eventually(lambda: len(got) == 1)
+    await bus.dead_letter("lettered", got[0], "Traceback: " + "long reason " * 1000)
+    await got[0].term()
+    letters = [m for m in await backend.dead_letters() if m.headers.get("ce-id") == near.id]
+    assert len(letters) == 1
+    assert letters[0].headers["tidings-error"].startswith("Traceback: long reason")
+
+
+# -- 13. reconnecting by itself ----------------------------------------------------------
+
+
+@pytest.fixture
+async def own_nats(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    """A nats-server of this test's own, to kill and restart without disturbing the others."""
+    server = NatsServer(tmp_path / "jetstream")
+    server.start()
+    yield server
+    server.stop(kill=True)
+
+
+@pytest.mark.nats
+@pytest.mark.chaos
+async def test_nats_reconnects_after_a_restart_and_after_the_server_drops_it(
+    own_nats: NatsServer, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = NatsBus(own_nats.url, namespace=namespace, heartbeat=0.5, timeout=2.0)
+    await bus.connect()
+    try:
+        seen = Recorder()
+        await bus.subscribe(ConsumerSpec("phoenix", ["rc.>"]), seen)
+        first = ev("rc.first")
+        await bus.publish(first)
+        await eventually(lambda: seen.count(first) == 1)
+
+        # An oversized publish is refused here and leaves the very same connection up.
+        client = bus._nc
+        assert client is not None
+        with pytest.raises(EventTooLarge):
+            await bus.publish(ev("rc.big", blob="x" * MAX_PAYLOAD))
+        assert bus._nc is client and bus.connected and client.stats["reconnects"] == 0
+
+        # The server goes away: publishes fail at once, the log does not fill up.
+        caplog.set_level("WARNING", logger="tidings.bus.nats")
+        await asyncio.to_thread(own_nats.stop, True)
+        await eventually(lambda: not bus.connected, message="connected=False while down")
+        with pytest.raises(BusUnavailable, match="safe"):
+            await bus.publish(ev("rc.lost"))
+        await eventually(lambda: bus._say._held >= 3, timeout=30, message="failed tries")
+        noisy = [r for r in caplog.records if r.name == "tidings.bus.nats"]
+        assert len(noisy) <= 2, [r.getMessage() for r in noisy]  # "disconnected" + one failure
+
+        # Back at the same address: the same bus object reconnects and delivers again.
+        await asyncio.to_thread(own_nats.start)
+        await eventually(lambda: bus.connected, timeout=30, message="reconnected")
+        second = ev("rc.second")
+        await publish_eventually(bus, second)
+        await eventually(lambda: seen.count(second) == 1, timeout=30, message="after restart")
+
+        # A protocol error makes the server close the connection and nats-py give up for
+        # good: sent raw, past every check, a subject longer than the control line does.
+        await bus._client().publish("rc." + "x" * 5000, b"")
+        await eventually(lambda: bus._nc is not client and bus.connected, timeout=30,
+                         message="a new connection")  # fmt: skip
+        third = ev("rc.third")
+        await publish_eventually(bus, third)
+        await eventually(lambda: seen.count(third) == 1, timeout=30, message="after the drop")
+        assert seen.count(first) == 1
+    finally:
+        await bus.close()
 
 
 # -- NATS specifics ---------------------------------------------------------------------

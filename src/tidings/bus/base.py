@@ -36,15 +36,19 @@ contract suite in ``tests/contract/test_bus.py`` checks against a real server:
     through `deliver`, which logs the exception and hands the delivery back with
     `nak(delay)`, the delay doubling with the attempt from 1 s up to 60 s, so a failing
     handler never spins; a delivery it settled before raising stays settled.
-12. **Limits are checked before sending.** `publish` (and `retry`, `dead_letter`) raises
-    `EventTooLarge`, naming the limit, for an event the broker would refuse or that would
-    break the connection: its whole message over the server's maximum payload, or a type,
-    id, subject or header value too long for the protocol. Nothing is sent, the connection
-    stays up, and other publishes carry on. `check(event)` runs the same test without
-    sending, for code that must refuse an event early (`ctx.emit`, before the commit).
+12. **Limits are checked before sending.** `publish` and `retry` raise `EventTooLarge`,
+    naming the limit and the fix, for an event the broker would refuse or that would break
+    the connection: its whole message (headers + body) over the server's maximum payload,
+    or a type, id, subject or other attribute over the bounds in `tidings.events` (the same
+    on every backend; docs/backends.md, "Limits"). Nothing is sent, the connection stays
+    up, and other publishes carry on. `check(event)` runs the same test without sending,
+    for code that must refuse an event early (`ctx.emit`, before the commit).
+    `dead_letter` cuts its copy to fit (the reason, then the body) so that it always lands.
 13. **Reconnects by itself.** A lost connection is re-established without a restart, also
-    after a server restart at the same address; `connected` is False while it is down, so
-    a health check can say so. Publishes while it is down raise `BusUnavailable`.
+    after a server restart at the same address and after the server closed the connection
+    over a protocol error; subscriptions resume. `connected` is False while it is down, so
+    a health check can say so. Publishes while it is down raise `BusUnavailable` within a
+    bounded time, and the log says so without repeating every failed try.
 """
 
 from __future__ import annotations
@@ -224,6 +228,7 @@ class Bus(abc.ABC):
     async def server_info(self) -> dict[str, Any]:
         """Facts about the server for `tidings doctor` (version, features, limits)."""
 
+    @abc.abstractmethod
     def check(self, event: Event) -> None:
         """Raise `EventTooLarge` if `publish(event)` would (guarantee 12); send nothing."""
 

@@ -52,7 +52,8 @@ try:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
     from aiokafka.abc import ConsumerRebalanceListener
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import KafkaError, KafkaTimeoutError
+    from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
 except ImportError as e:  # pragma: no cover - depends on the installed extras
     from tidings.errors import ConfigError
 
@@ -84,8 +85,17 @@ from tidings.bus.kafka_layout import (
     to_kafka_headers,
 )
 from tidings.bus.names import agent_token
-from tidings.errors import BusError, BusUnavailable, ConfigError
-from tidings.events import Event, check_pattern, encode, matches
+from tidings.errors import BusError, BusUnavailable, ConfigError, EventTooLarge
+from tidings.events import (
+    MAX_PAYLOAD,
+    Event,
+    check_attributes,
+    check_pattern,
+    encode,
+    fit_letter,
+    matches,
+    too_large,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +105,11 @@ _RETRY_AT = "tidings-retry-at"
 _INTERNAL = (_RETRY_ATTEMPT, _RETRY_AT)
 _NO_IDEMPOTENCE: set[str] = set()  # brokers that refused it once in this process
 _CLOSE_WAIT = 5.0  # seconds close() gives each of: draining, leaving, the last publishes
+# aiokafka's max_request_size default, just under the broker's message.max.bytes default
+# (1048588): the producer itself refuses a bigger record.
+MAX_RECORD = MAX_PAYLOAD
+_MAX_RECORD_WHAT = "aiokafka max_request_size, Kafka's default max.message.bytes"
+MAX_TOPIC = 249  # Kafka's bound on a topic name
 
 
 class KafkaDelivery(Delivery):
@@ -622,6 +637,13 @@ class KafkaBus(Bus):
                 return await producer.send_and_wait(
                     topic, body, key=key, partition=partition, headers=to_kafka_headers(headers)
                 )
+            except MessageSizeTooLargeError as e:  # a broker or topic set below the default
+                raise EventTooLarge(
+                    f"{self._safe_url} refused a record for {topic} as too large ({e}); the"
+                    " broker's or topic's max.message.bytes is below 1 MiB: put large data"
+                    " elsewhere (object storage) and send a reference",
+                    limit="max.message.bytes",
+                ) from e
             except KafkaTimeoutError as e:
                 raise BusUnavailable(
                     f"{self._safe_url} did not confirm a publish to {topic}; publishing the"
@@ -637,17 +659,57 @@ class KafkaBus(Bus):
 
     # -- publishing -----------------------------------------------------------------------
 
-    async def publish(self, event: Event) -> None:
-        """Store `event` in its domain topic, keyed by its subject."""
+    @property
+    def connected(self) -> bool:
+        """Best effort: connected, and some client of this bus holds a live broker connection.
+
+        aiokafka reconnects by itself and closes idle connections, so this can only say
+        whether a connection is up now, not whether the next request gets an answer.
+        """
+        if not self._connected or self._admin is None:
+            return False
+        clients = [self._admin._client]
+        if self._producer is not None:
+            clients.append(self._producer.client)
+        clients += [s.consumer._client for s in self._subscriptions if s.consumer is not None]
+        conns = [conn for client in clients for conn in client._conns.values()]
+        return not conns or any(conn.connected() for conn in conns)
+
+    def check(self, event: Event) -> None:
+        """Refuse a record the producer or broker would refuse (guarantee 12)."""
+        self._record(event, self.event_topic(event.type))
+
+    def _record(self, event: Event, topic: str) -> tuple[dict[str, str], bytes, bytes | None]:
+        check_attributes(event)
         headers, body = encode(event)
         key = event.subject.encode() if event.subject else None
-        await self._send(self.event_topic(event.type), headers, body, key)
+        self._check_record(topic, headers, body, key)
+        return headers, body, key
+
+    def _check_record(
+        self, topic: str, headers: dict[str, str], body: bytes, key: bytes | None
+    ) -> None:
+        if len(topic) > MAX_TOPIC:
+            raise EventTooLarge(
+                f"topic {topic[:60]!r}... is {len(topic)} characters; Kafka takes at most"
+                f" {MAX_TOPIC}: shorten the namespace or the event type's first token",
+                limit=f"topic name {MAX_TOPIC} characters",
+            )
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+            key, body, to_kafka_headers(headers)
+        )
+        if size > MAX_RECORD:
+            raise too_large(size, MAX_RECORD, _MAX_RECORD_WHAT)
+
+    async def publish(self, event: Event) -> None:
+        """Store `event` in its domain topic, keyed by its subject."""
+        topic = self.event_topic(event.type)
+        await self._send(topic, *self._record(event, topic))
 
     async def retry(self, agent: str, event: Event) -> None:
         """Put `event` on the agent's retry topic: only that agent's group reads it."""
-        headers, body = encode(event)
-        key = event.subject.encode() if event.subject else None
-        await self._send(f"{self.namespace}.retry.{agent_token(agent)}", headers, body, key)
+        topic = f"{self.namespace}.retry.{agent_token(agent)}"
+        await self._send(topic, *self._record(event, topic))
 
     async def dead_letter(self, agent: str, delivery: Delivery, reason: str) -> None:
         """Copy the message to the dead-letter topic (once per agent and message here)."""
@@ -655,11 +717,14 @@ class KafkaBus(Bus):
         if (agent, original) in self._lettered:
             return
         headers = {k: v for k, v in delivery.headers.items() if k not in _INTERNAL}
-        headers["tidings-error"] = reason.replace("\r", "").replace("\n", "\\n")[:4000]
         headers["tidings-agent"] = agent
         headers["tidings-original-subject"] = delivery.subject
         headers["tidings-attempt"] = str(delivery.attempt)
-        await self._send(self.dlq_topic, headers, delivery.body, agent.encode())
+        key = agent.encode()
+        # Cut to fit (a dead letter must land); the margin covers Kafka's record framing.
+        body = fit_letter(headers, delivery.body, reason, MAX_RECORD, extra=len(key) + 256)
+        self._check_record(self.dlq_topic, headers, body, key)
+        await self._send(self.dlq_topic, headers, body, key)
         if len(self._lettered) > 10_000:  # only a crash-and-retry repeats one soon after
             self._lettered.clear()
         self._lettered.add((agent, original))

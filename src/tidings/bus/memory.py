@@ -35,7 +35,19 @@ from tidings.bus.base import (
     deliver,
 )
 from tidings.errors import BusUnavailable
-from tidings.events import Event, check_pattern, encode, matches
+from tidings.events import (
+    MAX_PAYLOAD,
+    Event,
+    check_attributes,
+    check_pattern,
+    check_size,
+    encode,
+    fit_letter,
+    matches,
+)
+
+# Named like nats-server's limit: tests written on memory refuse what production refuses.
+_WHAT = "memory bus max_payload, as nats-server's default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,11 +301,17 @@ class MemoryBus(Bus):
     """An in-process bus; see the module docstring for what it shares and with whom."""
 
     def __init__(
-        self, url: str = "memory://", *, namespace: str = "tidings", dedupe_window: float = 120.0
+        self,
+        url: str = "memory://",
+        *,
+        namespace: str = "tidings",
+        dedupe_window: float = 120.0,
+        max_payload: int = MAX_PAYLOAD,
     ) -> None:
         self.url = url
         self.namespace = namespace
         self.dedupe_window = dedupe_window
+        self.max_payload = max_payload
         self._broker: MemoryBroker | None = None
         self._subscriptions: set[MemorySubscription] = set()
 
@@ -322,8 +340,19 @@ class MemoryBus(Bus):
         name = self.url.split("://", 1)[1].strip("/") or "default"
         _BROKERS.pop((name, self.namespace), None)
 
+    def check(self, event: Event) -> None:
+        """Refuse what nats-server would refuse by default (guarantee 12)."""
+        self._message(event)
+
+    def _message(self, event: Event) -> tuple[dict[str, str], bytes]:
+        check_attributes(event)
+        headers, body = encode(event)
+        check_size(headers, body, self.max_payload, _WHAT)
+        return headers, body
+
     async def publish(self, event: Event) -> None:
         """Store `event` unless its id was stored within the dedupe window."""
+        headers, body = self._message(event)
         broker = self.broker
         now = time.monotonic()
         while broker.seen and next(iter(broker.seen.values())) < now - self.dedupe_window:
@@ -331,7 +360,6 @@ class MemoryBus(Bus):
         if event.id in broker.seen:
             return
         broker.seen[event.id] = now
-        headers, body = encode(event)
         subject = f"{self.namespace}.events.{event.type}"
         broker.append(broker.message(subject, event.type, headers, body, None))
 
@@ -351,8 +379,8 @@ class MemoryBus(Bus):
 
     async def retry(self, agent: str, event: Event) -> None:
         """Deliver `event` to `agent` only, ignoring the dedupe window."""
+        headers, body = self._message(event)
         broker = self.broker
-        headers, body = encode(event)
         subject = f"{self.namespace}.retry.{agent}"
         broker.append(broker.message(subject, event.type, headers, body, target=agent))
 
@@ -363,18 +391,19 @@ class MemoryBus(Bus):
         original = headers.get("ce-id") or f"body-{hash(delivery.body)}"
         if (agent, original) in broker.lettered:
             return
-        broker.lettered.add((agent, original))
-        headers["tidings-error"] = reason.replace("\r", "").replace("\n", "\\n")[:4000]
         headers["tidings-agent"] = agent
         headers["tidings-original-subject"] = delivery.subject
         headers["tidings-attempt"] = str(delivery.attempt)
+        body = fit_letter(headers, delivery.body, reason, self.max_payload)
+        check_size(headers, body, self.max_payload, _WHAT)
+        broker.lettered.add((agent, original))
         subject = f"{self.namespace}.dlq.{agent}"
         letter = StoredMessage(
             len(broker.dead_letters) + 1,
             subject,
             headers.get("ce-type", ""),
             headers,
-            delivery.body,
+            body,
             datetime.now(UTC),
         )
         broker.dead_letters.append(letter)

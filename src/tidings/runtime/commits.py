@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import structlog
+
 from tidings.bus.base import Bus
-from tidings.errors import AlreadyProcessed
+from tidings.errors import AlreadyProcessed, EventTooLarge
 from tidings.events import decode
 from tidings.store.base import Store
 from tidings.store.records import Commit, OutboxEvent
+
+log = structlog.get_logger("tidings.commits")
 
 
 class Committer:
@@ -49,11 +53,22 @@ class Committer:
         return True
 
     async def publish(self, outbox: list[OutboxEvent]) -> None:
-        """Publish outbox rows with their own ids (the broker's dedupe id), then mark them."""
+        """Publish outbox rows with their own ids (the broker's dedupe id), then mark them.
+
+        A row the bus refuses as too large (committed before `ctx.emit` checked) can never
+        be published: it is logged once and marked too, so neither step 3 nor the sweep
+        tries it forever. The rows after it still go out.
+        """
         if not outbox:
             return
         for entry in outbox:
-            await self.bus.publish(decode(entry.headers, entry.body))
+            try:
+                await self.bus.publish(decode(entry.headers, entry.body))
+            except EventTooLarge as e:
+                log.error(
+                    "outbox event can never be published; dropped",
+                    event_id=entry.event_id, event_type=entry.event_type, error=str(e),
+                )  # fmt: skip
         await self.store.mark_published([entry.event_id for entry in outbox])
 
     async def sweep(self, older_than: datetime, limit: int = 500) -> int:

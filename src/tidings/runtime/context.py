@@ -11,7 +11,15 @@ import orjson
 import structlog
 
 from tidings.errors import PolicyViolation
-from tidings.events import Event, check_type, encode, matches
+from tidings.events import (
+    MAX_PAYLOAD,
+    Event,
+    check_attributes,
+    check_size,
+    check_type,
+    encode,
+    matches,
+)
 from tidings.runtime.steps import Journal
 from tidings.store.base import Store
 from tidings.store.records import OutboxEvent
@@ -219,7 +227,8 @@ class Context:
         """Emit an event caused by the current one; it is published only after commit.
 
         The new event carries the correlation id, tenant, user and trace context forward
-        and names the current event as its cause.
+        and names the current event as its cause. One the bus cannot carry raises
+        `EventTooLarge` here, before the commit: committed, it would fail at every publish.
         """
         check_type(type)
         declared = self._spec.emits
@@ -234,6 +243,11 @@ class Context:
             headers, body = encode(event)
         except TypeError as e:
             raise TypeError(f"data of emitted {type!r} must be JSON-serialisable: {e}") from e
+        if self._services is not None:
+            self._services.bus.check(event)
+        else:  # a handler run without a bus (a bare Pipeline): the memory bus's limits
+            check_attributes(event)
+            check_size(headers, body, MAX_PAYLOAD, "the bus's default max_payload")
         self.emitted.append(event)
         self.outbox.append(OutboxEvent(event.id, type, headers, body))
         return event

@@ -112,6 +112,8 @@ async def call_tool(ctx: Context, name: str, args: Any, timeout: float) -> Any: 
                     " an app that a worker runs (`tidings run`), or check the name",
                 )
             deadline = time.time() + timeout
+            # Refuse arguments the bus cannot carry before journaling a call never sent.
+            services.bus.check(_invoke_event(ctx, call_id, invoke_type(name), args, name, deadline))
             # Journal the call before sending it: a crash after the send then waits for
             # the reply on the re-run instead of calling the tool a second time.
             await ctx.journal.save(_step(ctx, seq, "tool", name, digest, "pending",
