@@ -60,3 +60,16 @@ def test_bad_configuration_names_the_problem(tmp_path: Path, table: str) -> None
     toml.write_text(table)
     with pytest.raises(ConfigError):
         GatewayConfig.load(toml)
+
+
+def test_the_api_documents_are_off_unless_switched_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert GatewayConfig.load(tmp_path / "none.toml").openapi is False
+    monkeypatch.setenv("TIDINGS_GATEWAY_OPENAPI", "1")
+    assert GatewayConfig.load(tmp_path / "none.toml").openapi is True
+    monkeypatch.setenv("TIDINGS_GATEWAY_OPENAPI", "off")
+    assert GatewayConfig.load(tmp_path / "none.toml").openapi is False
+    monkeypatch.setenv("TIDINGS_GATEWAY_OPENAPI", "maybe")
+    with pytest.raises(ConfigError, match="openapi"):
+        GatewayConfig.load(tmp_path / "none.toml")
