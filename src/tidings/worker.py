@@ -151,7 +151,8 @@ class Worker:
         client = Client(settings=self.settings, source=f"/{self.app.name}", bus=self.bus,
                         store=store)  # fmt: skip
         for hook in self.app.startup_hooks if self.startup_hooks else ():
-            self._background.add(asyncio.create_task(hook(client)))
+            name = f"startup hook {getattr(hook, '__qualname__', hook)}"
+            self._background.add(asyncio.create_task(hook(client), name=name))
         self._every(PRUNE_S, self._prune)
         self._every(sweep_period(self.settings), self._sweep_outbox)
 
@@ -205,9 +206,7 @@ class Worker:
         if self._published is not None:
             unpublish_worker(self._published)
             self._published = None
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._stop_background(grace)
         try:
             await self._disconnect(grace)
         finally:
@@ -217,6 +216,26 @@ class Worker:
                 self.embedded.stop()
         if phase == "started":
             log.info("worker stopped", app=self.app.name)
+
+    async def _stop_background(self, grace: float) -> None:
+        """Cancel the startup hooks and chores, again until they end, for `grace` at most.
+
+        Cancelling once is not enough: a hook inside a library call that swallows the
+        cancel (nats-py's flush does) carries on, and a feed loop would then run forever.
+        """
+        pending = {task for task in self._background if not task.done()}
+        deadline = asyncio.get_running_loop().time() + max(grace, 0.5)
+        while pending:
+            for task in pending:
+                task.cancel()
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                log.warning(
+                    "startup hooks did not stop when cancelled; leaving them",
+                    hooks=sorted(task.get_name() for task in pending),
+                )
+                return
+            _, pending = await asyncio.wait(pending, timeout=min(0.2, left))
 
     async def _disconnect(self, grace: float) -> None:
         if self._sweeper is not None:

@@ -202,3 +202,39 @@ async def _has_status(store: object, agent: str, status: str) -> bool:
 
 async def _dead(store: object, agent: str) -> bool:
     return bool(await store.list_dead_letters(agent))  # type: ignore[attr-defined]
+
+
+async def test_stopping_ends_a_startup_hook_that_swallows_a_cancel(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """nats-py's flush swallows a cancel that lands in it; a feed must still end on stop."""
+    app = App("stubborn")
+    ticks: list[int] = []
+    swallowed: list[int] = []
+
+    @app.agent("sink", on="feed.tick")
+    async def sink(event: Event, ctx: Context) -> None:
+        pass
+
+    @app.on_startup
+    async def feed(client: Client) -> None:
+        while True:
+            try:
+                await client.publish("feed.tick", {"n": len(ticks)})
+                ticks.append(len(ticks))
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                swallowed.append(1)
+                if len(swallowed) > 3:
+                    raise
+
+    from tidings.worker import Worker
+
+    worker = Worker(app, settings_for(nats_url, namespace, tmp_path))
+    await worker.start()
+    await eventually(lambda: len(ticks) > 5, message="the feed runs")
+    await asyncio.wait_for(worker.stop(grace=5), timeout=60)
+    assert len(swallowed) == 4  # cancelled again after each swallowed cancel
+    stopped_at = len(ticks)
+    await asyncio.sleep(0.2)
+    assert len(ticks) == stopped_at
