@@ -285,14 +285,18 @@ async def test_history_resumes_are_capped_per_user_and_in_length(small_history: 
     first = Event.create("note.posted", {"n": 0}, user="alice", tenant="acme")
     await bus.publish(first)
     for n in range(1, 60):
-        await bus.publish(Event.create("note.posted", {"n": n}, user="bob", tenant="acme"))
+        await bus.publish(last := Event.create("note.posted", {"n": n}, user="bob", tenant="acme"))
+    hub = g.server.gateway.hub
+    # Once the ring holds the newest events, the resume below must read history to them.
+    await eventually(lambda: bool(hub.ring) and hub.ring[-1].event.id == last.id, message="ring")
     async with g.client() as http:
         # More than history_scan events after the point: the stream says so and ends.
         async with sse(http, f"/v1/stream?after={first.id}", auth("alice")) as messages:
             (ended,) = await asyncio.wait_for(take(messages, 1), 30)
             assert ended.event == "error" and "30 events back" in ended.data["error"]
         # One history read per user at a time: a second is 429 while the first runs.
-        quiet = f"{uuid.uuid4()}~{int(time.time() * 1000)}"
+        # A point no stored event is after: the read waits for new ones, and stays running.
+        quiet = f"{uuid.uuid4()}~{int(time.time() * 1000) + 60_000}"
         async with sse(http, f"/v1/stream?after={quiet}", auth("carol")):
             r = await http.get(f"/v1/stream?after={quiet}", headers=auth("carol"))
             assert r.status_code == 429 and "resumes" in r.json()["error"], r.text
