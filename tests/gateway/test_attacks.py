@@ -500,3 +500,38 @@ async def test_the_body_limit_sits_below_the_brokers_payload(
     finally:
         await server.stop()
         await worker.stop(grace=5)
+
+
+async def test_an_invoked_agent_emitting_what_the_bus_cannot_carry_is_a_400(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    app = App("gw")
+
+    @app.agent("labeller", on="label.request", emits=["label.made"])
+    async def labeller(event: Event, ctx: Context) -> str:
+        await ctx.emit("label.made", {}, subject=event.data["name"])  # taken from the data
+        return "labelled"
+
+    worker, server = await start_gateway(app, nats_url, namespace, tmp_path, gateway_config())
+    try:
+        async with httpx.AsyncClient(base_url=server.url, headers=auth("al"), timeout=30) as h:
+            r = await h.post(
+                "/v1/agents/labeller/invoke",
+                json={"type": "label.request", "data": {"name": "n" * 5000}},
+            )
+            assert r.status_code == 400, r.text
+            assert "subject" in r.json()["error"] and "limit" in r.json()["error"]
+            r = await h.post(
+                "/v1/agents/labeller/invoke",
+                json={"type": "label.request", "data": {"name": "short"}},
+            )
+            assert r.status_code == 200 and r.json()["status"] == "ok", r.text
+            assert (await h.get("/v1/health")).json() == {"status": "ok"}
+
+        async def one() -> bool:
+            return await stored(nats_url, namespace, "label.made") == 1
+
+        await eventually(one, message="the short one published; the bus still up")
+    finally:
+        await server.stop()
+        await worker.stop(grace=5)
