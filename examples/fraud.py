@@ -84,7 +84,8 @@ async def feed(client: Client) -> None:
         return
     rng = random.Random()
     customers = [f"c{n:03d}" for n in range(1, 41)]
-    home = {c: rng.choice(COUNTRIES) for c in customers}
+    # Fixed per customer, so every worker and every restart agree on where each one lives.
+    home = {c: COUNTRIES[n % len(COUNTRIES)] for n, c in enumerate(customers)}
     sent = 0
     while count is None or sent < count:
         customer = rng.choice(customers)

@@ -121,7 +121,8 @@ async def research(event: Event, ctx: Context) -> dict[str, Any]:
             go_on = False
         if go_on is not True:
             return await _failed(ctx, question, "nothing in the corpus, and no go-ahead")
-    await ctx.progress(0.5, f"found {len(hits)} sources; summarising")
+    found = f"{len(hits)} source{'' if len(hits) == 1 else 's'}"
+    await ctx.progress(0.5, f"found {found}; summarising")
     sources = "\n".join(f"[{hit['title']}] {hit['text']}" for hit in hits)
     answer = await ctx.llm.complete(
         [

@@ -23,12 +23,15 @@ POSTGRES_URL = os.environ.get("TIDINGS_TEST_POSTGRES", "postgresql://postgres@12
 TEST_TIMEOUT_S = 120  # a hung test fails with a traceback instead of stalling the suite
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Give every test without its own `timeout` mark the suite's bound (pytest-timeout).
 
     Set here rather than in pyproject.toml, whose pytest settings a user's own test in this
-    checkout also reads: there, an option of a plugin they lack would be an error.
+    checkout also reads: there, an option of a plugin they lack would be an error. Without
+    the plugin (only pytest and pytest-asyncio installed) no mark is added either.
     """
+    if not config.pluginmanager.hasplugin("timeout"):
+        return
     for item in items:
         if item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(TEST_TIMEOUT_S))

@@ -161,6 +161,17 @@ async def test_lists_keep_ids_and_names_whole_and_show_prints_long_values_in_ful
     assert asked.count("deadline in") == 1  # only the question still waiting has one
     assert "approvals (4)" in asked
 
+    long_question = question(question={"question": ANSWER, "ask": "Answer from the model?"})
+    async with open_store(store_url) as store:
+        await store.park(long_question)
+    shown_question = plain("approvals", "show", long_question.id[:-4], env=env, cwd=tmp_path)
+    assert squash(ANSWER) in squash(shown_question)  # the whole question, not cut
+    assert "deadline in" in shown_question
+    assert squash(f"tidings approvals answer {long_question.id} ANSWER") in squash(shown_question)
+    assert all(len(line) <= 80 for line in shown_question.splitlines())
+    shown_answered = plain("approvals", "show", answered.id, env=env, cwd=tmp_path)
+    assert "answered by alice" in shown_answered and "approvals answer" not in shown_answered
+
 
 async def test_a_list_cut_by_its_limit_says_of_how_many(store_url: str, tmp_path: Path) -> None:
     made = [decision(), decision(), decision(), decision(agent="notifier")]
@@ -350,7 +361,7 @@ def test_agents_tells_the_runtime_consumers_apart_and_run_counts_filter_errors(
         agents, runtime = shown.split("runtime consumers (internal)")
         runtime, declared = runtime.split("declared in firsthour:app")
         assert AGENT in agents and f"{AGENT}:replies" not in agents
-        assert f"{AGENT}: 1 filter errors" in " ".join(agents.split())
+        assert f"{AGENT}: 1 filter error " in " ".join(agents.split())
         for name in (f"{AGENT}:replies", "firsthour:approvals", "tool:lookup-customer-record"):
             assert name in runtime  # whole, on one line
         assert "records the" in runtime and "runs tool calls" in runtime

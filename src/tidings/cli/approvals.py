@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 import orjson
 import typer
+from rich.console import Group
+from rich.panel import Panel
 
 from tidings.bus.connect import connect_bus
 from tidings.cli.common import body_value, compact, console, execute, fail, list_table, print_json
@@ -19,7 +21,9 @@ from tidings.cli.records import (
     counted,
     cut,
     existing_store,
+    facts_table,
     fits,
+    json_or_text,
     local_time,
     two_line_table,
     unresolved,
@@ -31,7 +35,7 @@ from tidings.store.base import Store
 from tidings.store.records import Parked
 
 approvals = typer.Typer(
-    help="Questions agents wait on (ctx.ask): list them and answer one.",
+    help="Questions agents wait on (ctx.ask): list them, show one, answer one.",
     no_args_is_help=True,
 )
 
@@ -131,6 +135,34 @@ def approvals_ls(
 
 def _question(entry: Parked) -> str:
     return compact(entry.question, limit=200)
+
+
+@approvals.command("show")
+def approvals_show(ctx: typer.Context, parked_id: IdArgument, as_json: JsonOption = False) -> None:
+    """Show one question in full: what is asked, its state, and the event that waits."""
+
+    async def work(settings: Settings) -> Parked:
+        async with existing_store(settings) as store:
+            return await _parked(store, parked_id)
+
+    entry = execute(ctx, work)
+    if as_json:
+        print_json(parked_json(entry))
+        return
+    facts = facts_table(
+        ("id", entry.id),
+        ("agent", entry.agent),
+        ("event", f"{entry.headers.get('ce-type', '?')} {entry.event_id}"),
+        ("status", entry.status),
+        ("state", state_of(entry, time.time())),
+        ("asked", local_time(entry.created_at)),
+        ("answered by", entry.answered_by),
+        ("answer", None if entry.status == "waiting" else compact(entry.answer)),
+    )
+    question = Panel(json_or_text(entry.question), title="question", title_align="left")
+    console.print(Group(facts, question))
+    if entry.status == "waiting":
+        console.print(f"Answer it: tidings approvals answer {entry.id} ANSWER", markup=False)
 
 
 @approvals.command("answer")

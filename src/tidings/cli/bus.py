@@ -272,6 +272,10 @@ def agents(
     _agents_table(rows, target=target)
 
 
+def _errors(count: int) -> str:
+    return f"{count} filter error{'' if count == 1 else 's'}"
+
+
 async def _filter_errors(settings: Settings) -> dict[str, FilterErrors]:
     """Each agent's filter errors as the store counted them; none when there is no store."""
     if missing_sqlite_file(settings.store_url) is not None:
@@ -307,7 +311,7 @@ def _agents_table(rows: Sequence[dict[str, Any]], *, target: str | None) -> None
             if (errors := row.get("filter_errors")) is not None:
                 console.print(
                     Text.assemble(
-                        (f"{row['name']}: {errors['count']} filter errors", "yellow"),
+                        (f"{row['name']}: {_errors(errors['count'])}", "yellow"),
                         f" (where={errors['expression']!r} could not be evaluated; such events"
                         f" are filtered out). Latest, event {errors['latest_event_id']} at"
                         f" {errors['last_at']}: {errors['latest_error']}",

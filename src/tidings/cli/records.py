@@ -176,7 +176,7 @@ def dlq_show(ctx: typer.Context, dead_letter_id: IdArgument, as_json: JsonOption
     if as_json:
         print_json(dead_letter_json(record))
         return
-    facts = _facts(
+    facts = facts_table(
         ("id", record.id),
         ("agent", record.agent),
         ("event id", record.event_id),
@@ -185,11 +185,11 @@ def dlq_show(ctx: typer.Context, dead_letter_id: IdArgument, as_json: JsonOption
         ("attempts", record.attempts),
         ("when", record.created_at),
     )
-    headers = _facts(*sorted(record.headers.items()))
+    headers = facts_table(*sorted(record.headers.items()))
     parts: list[RenderableType] = [
         facts,
         Panel(headers, title="headers", title_align="left"),
-        Panel(_json_or_text(body_value(record.body)), title="body", title_align="left"),
+        Panel(json_or_text(body_value(record.body)), title="body", title_align="left"),
         Panel(Text(record.error, style="red"), title="error", title_align="left"),
     ]
     if record.traceback:
@@ -362,7 +362,7 @@ def decisions_show(
     if as_json:
         print_json(record)
         return
-    facts = _facts(
+    facts = facts_table(
         ("id", record.id),
         ("agent", f"{record.agent} (version {record.agent_version})"),
         ("event", f"{record.event_type} {record.event_id}"),
@@ -388,7 +388,7 @@ def decisions_show(
         ("emitted", record.emitted),
         ("steps", record.steps),
     ):
-        parts.append(Panel(_json_or_text(value), title=title, title_align="left"))
+        parts.append(Panel(json_or_text(value), title=title, title_align="left"))
     console.print(Group(*parts))
 
 
@@ -586,7 +586,8 @@ def _step_outcome(step: dict[str, Any]) -> str:
     return compact(step.get("error") if failed else step.get("result"), limit=200)
 
 
-def _facts(*rows: tuple[str, Any]) -> Table:
+def facts_table(*rows: tuple[str, Any]) -> Table:
+    """Label and value pairs, each value folded in full ("-" for None)."""
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column(overflow="fold")
@@ -603,7 +604,7 @@ def local_time(stamp: str) -> str:
         return stamp
 
 
-def _json_or_text(value: Any) -> RenderableType:
+def json_or_text(value: Any) -> RenderableType:
     """A value in full: JSON wrapped to the width (Rich's JSON cuts long strings)."""
     if isinstance(value, str):
         return Text(value, overflow="fold")
