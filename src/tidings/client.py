@@ -7,17 +7,10 @@ from typing import Any
 from tidings.bus.base import Bus
 from tidings.bus.connect import connect_bus
 from tidings.config import Settings
-from tidings.errors import TidingsError
+from tidings.errors import IdTaken
 from tidings.events import Event
 from tidings.store import open_store
 from tidings.store.base import Store
-
-
-class IdTaken(TidingsError):
-    """An explicit event id that another publisher used first; choose another id.
-
-    Publishing it anyway would be dropped by the broker's dedupe as a duplicate of theirs.
-    """
 
 
 class Client:

@@ -12,6 +12,7 @@ TidingsError
 ├── MalformedEvent           bytes that are not a CloudEvent; dead-lettered at once
 │   └── EventTooLarge        an event the bus cannot carry (size, a name's length): refused
 │                            before it reaches the broker; `.limit` names what was exceeded
+├── IdTaken                  an explicit event id another publisher used first: choose another
 ├── FilterError              a `where=` expression does not compile
 ├── PolicyViolation          an agent emitted a type it did not declare; not retried
 ├── DeterminismError         a re-run handler took a different step than the journal says
@@ -78,6 +79,13 @@ class EventTooLarge(MalformedEvent):
     def __init__(self, message: str, *, limit: str) -> None:
         super().__init__(message)
         self.limit = limit
+
+
+class IdTaken(TidingsError):
+    """An explicit event id that another publisher used first; choose another id.
+
+    Publishing it anyway would be dropped by the broker's dedupe as a duplicate of theirs.
+    """
 
 
 class FilterError(TidingsError):

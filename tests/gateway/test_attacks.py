@@ -30,7 +30,8 @@ from tests.gateway.conftest import (
 from tests.gateway.sse import sse, take
 from tests.helpers import eventually, settings_for, subject_counts
 from tidings import App, Context, Event
-from tidings.client import Client, IdTaken
+from tidings.client import Client
+from tidings.errors import IdTaken
 from tidings.events import new_id
 from tidings.gateway.server import GatewayServer
 from tidings.store.sqlite import database_path

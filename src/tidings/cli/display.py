@@ -61,7 +61,13 @@ def _describe(declared: object) -> str:
 
 
 def startup_panel(
-    app: App, bus: str, store: str, workers: int = 1, *, gateway: str | None = None
+    app: App,
+    bus: str,
+    store: str,
+    workers: int = 1,
+    *,
+    gateway: str | None = None,
+    api_docs: bool = False,
 ) -> Panel:
     """App, bus, store, the gateway's address and the declared agents, shown at startup."""
     facts = Table.grid(padding=(0, 2))
@@ -73,7 +79,8 @@ def startup_panel(
     if workers > 1:
         facts.add_row("workers", str(workers))
     if gateway is not None:
-        facts.add_row("gateway", Text(f"{gateway} (API docs at {gateway}/docs)"))
+        docs = f" (API docs at {gateway}/docs)" if api_docs else ""
+        facts.add_row("gateway", Text(f"{gateway}{docs}"))
     agents = Table(box=None, pad_edge=False, show_edge=False)
     for title in ("agent", "on", "where", "key"):
         agents.add_column(title, style="cyan" if title == "agent" else None, overflow="fold")

@@ -188,6 +188,7 @@ async def _run_worker(
 async def _display(worker: _ObservedWorker, label: str) -> None:
     await worker.started.wait()
     gateway = worker.gateway.url if worker.gateway is not None else None
+    api_docs = worker.gateway is not None and worker.gateway.gateway.config.openapi
     if label:
         serving = f", gateway at {gateway}" if gateway else ""
         console.print(
@@ -198,7 +199,11 @@ async def _display(worker: _ObservedWorker, label: str) -> None:
     else:
         console.print(
             startup_panel(
-                worker.app, worker.bus_description(), worker.settings.store_url, gateway=gateway
+                worker.app,
+                worker.bus_description(),
+                worker.settings.store_url,
+                gateway=gateway,
+                api_docs=api_docs,
             )
         )
     await show_stats(console, worker.stats, label)
