@@ -288,5 +288,13 @@ def _spawn_and_wait(commands: list[list[str]], env: dict[str, str]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    failed = any(child.returncode not in (0, None) for child in children)
+    # A child that the forwarded signal reached before it set its own handlers (still
+    # importing or starting) ends by that signal: asked to stop, it stopped.
+    asked = {-signal.SIGINT, -signal.SIGTERM} if stopping else set()
+    failed = [child for child in children if child.returncode not in (0, None, *asked)]
+    for child in failed:
+        err_console.print(
+            f"worker {children.index(child) + 1} (pid {child.pid}) exited with code"
+            f" {child.returncode}", style="red",
+        )  # fmt: skip
     return code or (1 if failed else 0)
