@@ -266,15 +266,26 @@ def encode(event: Event) -> tuple[dict[str, str], bytes]:
     return headers, body
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def check_attributes(event: Event) -> None:
     """Raise `EventTooLarge` for an id, type, subject or other attribute over its bound.
 
     The same bounds on every backend, so an app tested on one behaves alike on another.
+    An attribute the wire would change (headers lose surrounding whitespace, line breaks
+    become spaces) is a `MalformedEvent`: the id a publisher claimed, or the correlation
+    it was checked against, must be the one every consumer sees.
     """
     for name in (*ATTRIBUTES, "datacontenttype"):
         value = getattr(event, name)
         if not isinstance(value, str):
             continue
+        if value != value.strip() or _CONTROL.search(value) is not None:
+            raise MalformedEvent(
+                f"event {name} {value[:40]!r} has surrounding whitespace or a control"
+                " character, which the bus would change: remove them"
+            )
         bound = _BOUNDS.get(name, MAX_ATTRIBUTE)
         if len(value) > bound:
             fix = _FIXES.get(name, "keep attributes short and put long values in data")

@@ -142,8 +142,9 @@ async def test_run_gateway_names_its_address_and_warns_without_credentials(
     started: tuple[str, Path],
 ) -> None:
     url, log = started
-    shown = f"{url}/docs"  # the startup panel names the address
+    shown = f"gateway  {url}"  # the startup panel names the address
     await eventually(lambda: shown in log.read_text(), timeout=60, message="the address shown")
     output = log.read_text()
+    assert f"{url}/docs" not in output  # the API documents are off unless the setting is on
     assert "Warning: the gateway has no credentials configured" in output
     assert "TIDINGS_GATEWAY_JWT_SECRET" in output and "tidings token" in output

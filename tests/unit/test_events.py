@@ -139,3 +139,14 @@ def test_a_bad_depth_is_a_malformed_event(bad: object) -> None:
     raw = {**Event.create("order.placed", source="/t").to_dict(), "depth": bad}
     with pytest.raises(MalformedEvent, match="depth"):
         Event.from_dict(raw)
+
+
+@pytest.mark.parametrize("value", ["order-7 ", " order-7", "order\n7", "order\x007", "a\tb"])
+def test_an_attribute_the_wire_would_change_is_refused_before_sending(value: str) -> None:
+    from tidings.events import check_attributes
+
+    check_attributes(Event.create("order.placed", id="order-7", subject="fine", source="/t"))
+    for attribute in ("id", "subject", "correlationid", "source"):
+        event = Event.create("order.placed", source="/t").replace(**{attribute: value})
+        with pytest.raises(MalformedEvent, match="whitespace or a control character"):
+            check_attributes(event)

@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from tidings.app import App
@@ -47,7 +48,13 @@ from tidings.gateway.events import (
     stamp,
     too_large,
 )
-from tidings.gateway.owners import invoked_id, publisher, reserved, webhook_publisher
+from tidings.gateway.owners import (
+    invoked_id,
+    publisher,
+    reserved,
+    webhook_audience,
+    webhook_publisher,
+)
 from tidings.gateway.streams import Hub, Lagged, StreamFilter, Subscriber, structured, uuid7_ms
 from tidings.runtime.commits import Committer
 from tidings.runtime.context import Services
@@ -400,6 +407,11 @@ def create_app(
         )
         return JSONResponse({"error": f"invalid request: {reasons}"}, 422)
 
+    @api.exception_handler(StarletteHTTPException)
+    async def _starlette_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown paths, wrong methods, bodies FastAPI could not parse: the same shape.
+        return JSONResponse({"error": str(exc.detail)}, exc.status_code, headers=exc.headers)
+
     @api.exception_handler(BusError)
     @api.exception_handler(StoreError)
     async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
@@ -447,9 +459,11 @@ def create_app(
         for n, event in enumerate(events):
             try:
                 event = stamp(event, who.tenant, who.user, who.is_admin)
-                why = None if who.is_admin else reserved(event.id)
-                if why is not None:
-                    raise HttpError(400, f"event id {event.id[:80]!r}: {why}")
+                for name in ("id", "correlationid"):
+                    value = getattr(event, name)
+                    why = None if who.is_admin or not value else reserved(value)
+                    if why is not None:
+                        raise HttpError(400, f"event {name} {value[:80]!r}: {why}")
                 check_event(event, g.bus)
                 await _check_correlation(g, event, who)
             except HttpError as e:
@@ -474,6 +488,9 @@ def create_app(
         body = await read_body(request, g.max_body)
         event = webhooks.to_event(source, configured, request.headers, body)
         check_event(event, g.bus)
+        # Its correlation is the source's, claimed before anyone could: a delivery id is
+        # guessable, and whoever owned the correlation would receive the event.
+        await g.hub.owners.claim(event.correlationid or event.id, webhook_audience(source))
         published = await _publish(g, [event], webhook_publisher(source), batch=False)
         answer = WebhookAccepted(id=event.id, type=event.type, duplicate=not published)
         return JSONResponse(answer.model_dump(), 202 if published else 200)

@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
 
 from tidings.gateway.config import GatewayConfig
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class AuthError(Exception):
@@ -102,7 +105,14 @@ class Authenticator:
             raise AuthError("invalid token: 'scope' must be a string or a list of strings")
         if tenant is not None and not isinstance(tenant, str):
             raise AuthError(f"invalid token: {config.tenant_claim!r} must be a string")
-        return Identity(str(claims["sub"]), tenant, frozenset(scopes))
+        user = str(claims["sub"])
+        for claim, value in (("sub", user), (config.tenant_claim, tenant)):
+            if value is not None and (value != value.strip() or _CONTROL.search(value)):
+                # They travel as event headers, which the bus would change.
+                raise AuthError(
+                    f"invalid token: {claim!r} has surrounding spaces or control characters"
+                )
+        return Identity(user, tenant, frozenset(scopes))
 
 
 def bearer(authorization: str | None) -> str | None:

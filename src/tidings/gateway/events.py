@@ -170,6 +170,8 @@ def check_sendable(event: Event, bus: Bus) -> None:
         bus.check(event)
     except EventTooLarge as e:
         raise too_large(e) from e
+    except MalformedEvent as e:  # an attribute the wire would change
+        raise HttpError(400, str(e)) from e
 
 
 def too_large(error: EventTooLarge) -> HttpError:

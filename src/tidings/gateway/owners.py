@@ -35,6 +35,11 @@ def webhook_publisher(source: str) -> str:
     return orjson.dumps(["webhook", source]).decode()
 
 
+def webhook_audience(source: str) -> Audience:
+    """Who owns a webhook delivery's correlation: no client (no token names a NUL user)."""
+    return (None, f"\x00webhook:{source}")
+
+
 def audience_key(audience: Audience) -> str:
     """An audience as the store keeps it."""
     return orjson.dumps(list(audience)).decode()
@@ -75,7 +80,7 @@ def given_id(event_id: str) -> str:
 
 
 def reserved(event_id: str) -> str | None:
-    """Why a publisher may not choose `event_id`, or None.
+    """Why a publisher may not choose `event_id` (as an id or a correlation id), or None.
 
     Invoked ids and webhook deliveries' ids (UUIDv8, derived from a guessable webhook id)
     are made by the gateway; taking one first would pre-empt someone else's event.

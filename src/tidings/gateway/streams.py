@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterable
@@ -107,7 +108,11 @@ def uuid7_ms(value: str) -> int | None:
         parsed = uuid.UUID(value)
     except ValueError:
         return None
-    return parsed.int >> 80 if parsed.version == 7 else None
+    if parsed.version != 7:
+        return None
+    ms = parsed.int >> 80
+    # A time more than a day ahead is no id made here (and past year 9999 is no date).
+    return ms if ms <= (time.time() + 86_400) * 1000 else None
 
 
 def _ms(raw: RawMessage, event: Event | None) -> int:
