@@ -98,11 +98,13 @@ class GatewayConfig:
     max_batch: int = 1000  # events per batch publish
     client_queue: int = 1000  # events buffered per stream client before it is "lagged"
     ring_size: int = 10_000  # recent events kept for fast resumes
+    ring_bytes: int = 64 * 1024 * 1024  # and at most this many bytes of them
     resume_margin: float = 5.0  # seconds re-read before a resume point (clock skew)
     keepalive: float = 15.0  # seconds between SSE comments on a quiet stream
     history_readers: int = 4  # resumes reading the bus's history at once (others wait)
     history_per_user: int = 2  # of those per user; more answer 429
     history_scan: int = 100_000  # stored events one resume reads before giving up
+    history_patience: float = 10.0  # seconds a resume waits on a client that reads nothing
     jwt_leeway: float = 30.0  # seconds an expired (or not yet valid) token is still taken
     # Serve /docs and /openapi.json (they list agents and webhook sources) without
     # credentials: for development; off unless set.

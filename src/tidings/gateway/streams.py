@@ -55,6 +55,10 @@ class ResumeTooFar(Exception):
     """A history read went through `history_scan` events without catching up."""
 
 
+class ClientStalled(Exception):
+    """A client read nothing while its history reader waited to hand it more."""
+
+
 @dataclass(frozen=True, slots=True)
 class Item:
     """One event as a stream delivers it, with the token to resume after it."""
@@ -62,6 +66,7 @@ class Item:
     event: Event
     token: str
     audience: Audience | None
+    size: int = 0  # bytes on the wire, for the ring's byte bound
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,11 +167,19 @@ class Subscriber:
         """Wake a waiting reader for items added straight to the buffer (ring history)."""
         self._more.set()
 
-    async def put(self, item: Item) -> None:
-        """An event read from history; waits for room (the reader is paced by the client)."""
+    async def put(self, item: Item, patience: float) -> None:
+        """An event read from history; waits for room (the reader is paced by the client).
+
+        A client that makes no room for `patience` seconds raises `ClientStalled`: its
+        reader lets go of its history slot, and the client is told it lagged.
+        """
         while len(self.buffer) >= self.capacity:
             self._room.clear()
-            await self._room.wait()
+            try:
+                async with asyncio.timeout(patience):
+                    await self._room.wait()
+            except TimeoutError:
+                raise ClientStalled from None
         self.buffer.append(item)
         self._more.set()
 
@@ -203,6 +216,7 @@ class Hub:
         self.clients: dict[Audience, set[Subscriber]] = {}
         self.ring: deque[Item] = deque()
         self._ring_ids: set[str] = set()
+        self._ring_bytes = 0
         self.owners = Owners(store)
         self.subscribers: set[Subscriber] = set()
         self._history = asyncio.Semaphore(config.history_readers)
@@ -254,7 +268,9 @@ class Hub:
             event = decode(raw.headers, raw.body)
         except MalformedEvent:
             return None
-        return Item(event, f"{event.id}~{_ms(raw, event)}", await self._audience(event))
+        size = len(raw.body) + sum(len(k) + len(v) for k, v in raw.headers.items())
+        token = f"{event.id}~{_ms(raw, event)}"
+        return Item(event, token, await self._audience(event), size)
 
     async def _audience(self, event: Event) -> Audience | None:
         """Who may see `event`: its own user, or for a user-less one its correlation's owner."""
@@ -275,8 +291,13 @@ class Hub:
     def _dispatch(self, item: Item) -> None:
         self.ring.append(item)
         self._ring_ids.add(item.event.id)
-        if len(self.ring) > self.config.ring_size:
-            self._ring_ids.discard(self.ring.popleft().event.id)
+        self._ring_bytes += item.size
+        while len(self.ring) > 1 and (
+            len(self.ring) > self.config.ring_size or self._ring_bytes > self.config.ring_bytes
+        ):  # bounded in count and in bytes: a few huge events cannot fill the memory
+            gone = self.ring.popleft()
+            self._ring_ids.discard(gone.event.id)
+            self._ring_bytes -= gone.size
         if item.audience is None:
             return
         for sub in self.clients.get(item.audience, ()):
@@ -365,6 +386,10 @@ class Hub:
             raise
         except ResumeTooFar as e:
             sub.fail(e)
+        except ClientStalled:
+            # The slot goes to the next resume; this client resumes from what it last got.
+            sub.lagged = True
+            sub.offer_backlog()
         except Exception as e:
             log.warning("stream history failed", error=str(e))
             sub.fail(e)
@@ -411,12 +436,12 @@ class Hub:
                             # The resume point is no longer stored: deliver what might be
                             # missing rather than lose it (the client may see repeats).
                             for kept in skip.stop():
-                                await sub.put(kept)
+                                await sub.put(kept, self.config.history_patience)
                         continue
                     if mine:
                         item = await self._item(raw)
                         if item is not None and sub.wants(item):
-                            await sub.put(item)
+                            await sub.put(item, self.config.history_patience)
                     backlog = self._ring_after(event_id) if event_id else None
                     if backlog is not None:  # caught up with the shared tail
                         self._register(sub, backlog)
@@ -436,8 +461,12 @@ class Hub:
         while skip.on:
             await asyncio.sleep(quiet / 2)
             if skip.on and loop.time() - skip.last > quiet:
-                for kept in skip.stop():
-                    await sub.put(kept)
+                try:
+                    for kept in skip.stop():
+                        await sub.put(kept, self.config.history_patience)
+                except ClientStalled:
+                    sub.lagged = True
+                    sub.offer_backlog()
 
     def stats(self) -> dict[str, Any]:
         """Numbers for the admin endpoint."""
