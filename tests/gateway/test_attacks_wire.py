@@ -131,3 +131,10 @@ async def test_every_error_has_the_same_shape(gateway: Running) -> None:
     assert 400 <= deep.status_code < 500, deep.text
     for r in (missing, wrong, deep):
         assert set(r.json()) == {"error"}, r.text
+
+
+async def test_an_unknown_agent_is_a_404_that_lists_nothing(gateway: Running) -> None:
+    async with gateway.client() as http:
+        r = await http.post("/v1/agents/nobody/invoke", json={"type": "x.y"}, headers=ALICE)
+    assert r.status_code == 404
+    assert r.json() == {"error": "no agent named 'nobody'"}  # the app's agents stay unlisted

@@ -185,7 +185,9 @@ class Gateway:
         """The pipeline of agent `name` (the worker's own when running inside one)."""
         spec = self.app.agents.get(name)
         if spec is None:
-            raise HttpError(404, f"no agent named {name!r}; known: {sorted(self.app.agents)}")
+            # The app's agents are listed only where the API documents are served anyway.
+            known = f"; known: {sorted(self.app.agents)}" if self.config.openapi else ""
+            raise HttpError(404, f"no agent named {name!r}{known}")
         if name not in self._pipelines:
             if self._services is None:  # mounted: the same services a worker gives agents
                 self._services = services_for(self.app, self.bus, self.store)
