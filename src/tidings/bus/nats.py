@@ -58,14 +58,14 @@ from tidings.events import (
 
 log = logging.getLogger(__name__)
 
-MIN_SERVER = (2, 10)
+MIN_SERVER = (2, 10)  # multiple filter subjects per consumer arrived in 2.10
 _RECONNECT_WAIT = 0.5  # seconds between tries while the server is away
 _LOG_EVERY = 30.0  # seconds between repeats of one connection warning
 # nats-server's default max_control_line is 4096 bytes (not in INFO); a publish's control
 # line is "HPUB <subject> <reply inbox> <header bytes> <total bytes>", so the subject gets
 # what the reply (about 60 bytes) and the sizes leave, with room to spare.
 MAX_CONTROL_LINE = 4096
-MAX_SUBJECT_BYTES = MAX_CONTROL_LINE - 256  # multiple filter subjects per consumer arrived in 2.10
+MAX_SUBJECT_BYTES = MAX_CONTROL_LINE - 256
 _STREAM_EXISTS = 10058  # "stream name already in use with a different configuration"
 _ACK, _WPI, _TERM, _NAK = b"+ACK", b"+WPI", b"+TERM", b"-NAK"
 
