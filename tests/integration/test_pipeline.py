@@ -151,7 +151,8 @@ async def test_filtered_events_touch_no_store(
             await client.publish("payment.card.created", {"amount": amount})
         await eventually(lambda: len(handled) == 2, message="big ones handled")
         assert "commit" in spy.calls
-    assert handled == [5000, 2000]
+    # A keyless agent runs its events in parallel: both are handled, in either order.
+    assert sorted(handled) == [2000, 5000]
 
 
 async def test_filter_errors_are_logged_once_in_a_while_and_all_counted_in_the_store(
