@@ -10,15 +10,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
 
+from tidings.events import survives_the_wire
 from tidings.gateway.config import GatewayConfig
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class AuthError(Exception):
@@ -107,7 +105,7 @@ class Authenticator:
             raise AuthError(f"invalid token: {config.tenant_claim!r} must be a string")
         user = str(claims["sub"])
         for claim, value in (("sub", user), (config.tenant_claim, tenant)):
-            if value is not None and (value != value.strip() or _CONTROL.search(value)):
+            if value is not None and not survives_the_wire(value):
                 # They travel as event headers, which the bus would change.
                 raise AuthError(
                     f"invalid token: {claim!r} has surrounding spaces or control characters"
