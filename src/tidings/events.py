@@ -9,7 +9,9 @@ content mode*: every attribute is a ``ce-<name>`` header, ``content-type`` carri
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
+import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -69,6 +71,18 @@ _HEADERS = tuple((name, "ce-" + name) for name in ATTRIBUTES)
 def new_id() -> str:
     """A time-sortable unique id (UUIDv7), so ids order like the events were made."""
     return str(uuid_utils.uuid7())
+
+
+def derived_id(*parts: str) -> str:
+    """A deterministic event id made from `parts` (a webhook delivery, a trigger's tick).
+
+    A UUIDv8 from a hash of the parts alone: a retry of the same thing makes the same id,
+    so the broker and the publish ledger drop the copy.
+    """
+    raw = bytearray(hashlib.sha256("\n".join(parts).encode()).digest()[:16])
+    raw[6] = (raw[6] & 0x0F) | 0x80
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    return str(uuid.UUID(bytes=bytes(raw)))
 
 
 def now() -> str:

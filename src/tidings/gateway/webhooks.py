@@ -20,11 +20,10 @@ import binascii
 import hashlib
 import hmac
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from tidings.events import Event, check_type, lookup
+from tidings.events import Event, check_type, derived_id, lookup
 from tidings.gateway.config import WebhookSource
 from tidings.gateway.events import HttpError, parse_json
 
@@ -82,13 +81,10 @@ def _verify_github(source: WebhookSource, headers: Mapping[str, str], body: byte
 def event_id(source_name: str, webhook_id: str) -> str:
     """A deterministic event id for one delivery, so a replay or a retry is a duplicate.
 
-    A UUIDv8 made from a hash of (source, webhook id) alone: a sender's retry carries the
-    same webhook id with a new timestamp, so no time may go into it.
+    Made from (source, webhook id) alone: a sender's retry carries the same webhook id
+    with a new timestamp, so no time may go into it.
     """
-    raw = bytearray(hashlib.sha256(f"{source_name}\n{webhook_id}".encode()).digest()[:16])
-    raw[6] = (raw[6] & 0x0F) | 0x80
-    raw[8] = (raw[8] & 0x3F) | 0x80
-    return str(uuid.UUID(bytes=bytes(raw)))
+    return derived_id(source_name, webhook_id)
 
 
 def to_event(name: str, source: WebhookSource, headers: Mapping[str, str], body: bytes) -> Event:

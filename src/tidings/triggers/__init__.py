@@ -1,0 +1,1 @@
+"""Triggers: schedules, file drops, email, MQTT, database changes and alerts as events."""
