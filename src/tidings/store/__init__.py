@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tidings.errors import ConfigError
-from tidings.store.base import Effects, Records, StepJournal, Store
+from tidings.store.base import Effects, Records, Schemas, StepJournal, Store
 from tidings.store.parking import ParkedStatus
 from tidings.store.records import (
     Commit,
@@ -18,6 +18,7 @@ from tidings.store.records import (
     RecordKind,
     Reply,
     ReplyStatus,
+    SchemaRecord,
     StateSnapshot,
     Step,
     StepStatus,
@@ -39,6 +40,8 @@ __all__ = [
     "Records",
     "Reply",
     "ReplyStatus",
+    "SchemaRecord",
+    "Schemas",
     "StateSnapshot",
     "Step",
     "StepJournal",

@@ -1,11 +1,12 @@
-"""The store seam, in three parts, each with what every backend must guarantee.
+"""The store seam, in four parts, each with what every backend must guarantee.
 
 - `Effects`, the exactly-once core: the inbox marker, state, the outbox, the commit;
 - `Records`, what operators read: dead letters, decisions, the publish ledger, who owns
   a correlation;
-- `StepJournal`, what lets a handler run resume: steps, tool replies, parked questions.
+- `StepJournal`, what lets a handler run resume: steps, tool replies, parked questions;
+- `Schemas`, the schema registry: event types, their versions and JSON Schemas.
 
-`Store` is all three plus opening, closing and migrating; a backend (SQLite, PostgreSQL)
+`Store` is all four plus opening, closing and migrating; a backend (SQLite, PostgreSQL)
 is chosen by URL scheme (`tidings.store.open_store`). Each part's guarantees are checked
 against real databases by its own contract suite, ``tests/contract/test_store_<part>.py``.
 
@@ -33,6 +34,7 @@ from tidings.store.records import (
     PublishClaim,
     RecordKind,
     Reply,
+    SchemaRecord,
     StateSnapshot,
     Step,
 )
@@ -272,7 +274,32 @@ class StepJournal(abc.ABC):
         """Delete old journal rows, replies and parked entries (guarantee 5); counts."""
 
 
-class Store(Effects, Records, StepJournal):
+class Schemas(abc.ABC):
+    """The schema registry: each event type's versions, their JSON Schemas and history.
+
+    1. **Idempotent registration.** `register_schema(record)` stores (type, version) once;
+       registering the same schema again (any key order: schemas are compared as
+       canonical JSON) changes nothing and returns the stored record, its first
+       registrant and time included.
+    2. **A version is immutable.** Registering a different schema for a stored (type,
+       version) writes nothing and returns the stored record, so the caller sees the
+       conflict and refuses; a stored version's schema never changes.
+    3. **Concurrent registration is safe.** Of several stores (workers) registering one
+       (type, version) at once, exactly one record stands and every caller gets it back.
+    4. **History.** `list_schemas(type)` returns a type's versions oldest first;
+       `list_schemas()` every type's, by type then version. Nothing is ever pruned.
+    """
+
+    @abc.abstractmethod
+    async def register_schema(self, record: SchemaRecord) -> SchemaRecord:
+        """Store (type, version) unless stored; the record that stands (guarantees 1-3)."""
+
+    @abc.abstractmethod
+    async def list_schemas(self, event_type: str | None = None) -> list[SchemaRecord]:
+        """Registered versions of one type (or all), by type then version (guarantee 4)."""
+
+
+class Store(Effects, Records, StepJournal, Schemas):
     """Durable agent memory, idempotency inbox, outbox, decision ledger and dead letters."""
 
     url: str

@@ -25,6 +25,7 @@ from tidings.store.records import (
     OutboxEvent,
     Parked,
     Reply,
+    SchemaRecord,
     StateSnapshot,
     Step,
 )
@@ -319,4 +320,30 @@ def filter_errors_from_row(row: Row) -> FilterErrors:
         agent=row["agent"], count=int(row["count"]), expression=row["expression"],
         event_id=row["event_id"], error=row["error"], first_at=ts_text(row["first_at"]),
         last_at=ts_text(row["last_at"]),
+    )  # fmt: skip
+
+
+def canonical_schema(schema: Any) -> str:
+    """A JSON Schema as canonical text (sorted keys): one schema, one text, in any order."""
+    try:
+        return orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError as e:
+        raise StoreError(f"the JSON Schema cannot be stored as JSON ({e})") from e
+
+
+def schema_values(record: SchemaRecord, registered_at: object) -> dict[str, Any]:
+    """The columns of a registered schema version."""
+    return {
+        "event_type": record.event_type, "version": record.version,
+        "schema": canonical_schema(record.schema), "mode": record.mode,
+        "registered_by": record.registered_by, "registered_at": registered_at,
+    }  # fmt: skip
+
+
+def schema_from_row(row: Row) -> SchemaRecord:
+    """A row of ``tidings_schemas`` as a `SchemaRecord`."""
+    return SchemaRecord(
+        event_type=row["event_type"], version=int(row["version"]), schema=loads(row["schema"]),
+        mode=row["mode"], registered_by=row["registered_by"],
+        registered_at=ts_text(row["registered_at"]),
     )  # fmt: skip

@@ -111,6 +111,23 @@ class DeadLetter:
 
 
 @dataclass(frozen=True, slots=True)
+class SchemaRecord:
+    """One registered version of an event type: its JSON Schema and who registered it.
+
+    `schema` is stored as canonical JSON (sorted keys), so the same schema written in
+    another key order is the same registration; `mode` is the type's compatibility
+    mode when this version was registered; `registered_by` names the app and process.
+    """
+
+    event_type: str
+    version: int
+    schema: dict[str, Any]
+    mode: str
+    registered_by: str
+    registered_at: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class FilterErrors:
     """How often an agent's filter could not be evaluated on an event, and the latest case.
 

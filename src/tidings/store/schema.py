@@ -130,11 +130,16 @@ FILTER_ERRORS = _table(
 CORRELATIONS = _table(
     "tidings_correlations", C("correlation_id", KEY), C("owner", TEXT), C("claimed_at", TIMESTAMP)
 )
+SCHEMAS = _table(
+    "tidings_schemas",
+    C("event_type", TEXT), C("version", INTEGER), C("schema", JSON_TEXT), C("mode", TEXT),
+    C("registered_by", TEXT), C("registered_at", TIMESTAMP),
+)  # fmt: skip
 MIGRATIONS_LEDGER = _table(MIGRATIONS_TABLE, C("version", INTEGER), C("applied_at", TIMESTAMP))
 
 TABLES: Final = (
     STATE, INBOX, OUTBOX, DECISIONS, DEAD_LETTERS, PUBLISHES, JOURNAL, REPLIES, PARKED, TOOLS,
-    FILTER_ERRORS, CORRELATIONS, MIGRATIONS_LEDGER,
+    FILTER_ERRORS, CORRELATIONS, SCHEMAS, MIGRATIONS_LEDGER,
 )  # fmt: skip
 
 
@@ -262,6 +267,16 @@ SQLITE_MIGRATIONS: Final[tuple[Migration, ...]] = (
             "CREATE INDEX tidings_correlations_claimed_at ON tidings_correlations (claimed_at)",
         ),
     ),
+    Migration(
+        6,
+        "the schema registry",
+        (
+            """CREATE TABLE tidings_schemas (
+                event_type TEXT NOT NULL, version INTEGER NOT NULL, schema TEXT NOT NULL,
+                mode TEXT NOT NULL, registered_by TEXT NOT NULL, registered_at TEXT NOT NULL,
+                PRIMARY KEY (event_type, version))""",
+        ),
+    ),
 )
 
 
@@ -380,6 +395,16 @@ POSTGRES_MIGRATIONS: Final[tuple[Migration, ...]] = (
                 correlation_id text COLLATE "C" PRIMARY KEY, owner text NOT NULL,
                 claimed_at timestamptz NOT NULL)""",
             "CREATE INDEX tidings_correlations_claimed_at ON tidings_correlations (claimed_at)",
+        ),
+    ),
+    Migration(
+        6,
+        "the schema registry",
+        (
+            """CREATE TABLE tidings_schemas (
+                event_type text NOT NULL, version integer NOT NULL, schema text NOT NULL,
+                mode text NOT NULL, registered_by text NOT NULL,
+                registered_at timestamptz NOT NULL, PRIMARY KEY (event_type, version))""",
         ),
     ),
 )

@@ -43,6 +43,8 @@ from tidings.store.codecs import (
     prefix_range,
     reply_from_row,
     reply_values,
+    schema_from_row,
+    schema_values,
     shared_length,
     snapshot_from_rows,
     step_from_row,
@@ -68,6 +70,7 @@ from tidings.store.records import (
     PublishClaim,
     RecordKind,
     Reply,
+    SchemaRecord,
     StateSnapshot,
     Step,
 )
@@ -83,6 +86,7 @@ from tidings.store.schema import (
     PARKED,
     PUBLISHES,
     REPLIES,
+    SCHEMAS,
     TOOLS,
     Table,
 )
@@ -274,6 +278,9 @@ ANSWER_PARKED = _answer_statements()
 MARK_RESUMED = (
     f"UPDATE tidings_parked SET resumed_at = ? WHERE id = ? AND {in_stages(sources('resume'))}"
 )
+_SCHEMAS = f"SELECT {SCHEMAS.column_list()} FROM tidings_schemas"
+INSERT_SCHEMA = f"{insert_into(SCHEMAS)} ON CONFLICT DO NOTHING"
+SELECT_SCHEMA = f"{_SCHEMAS} WHERE event_type = ? AND version = ?"
 SELECT_PARKED_TO_SWEEP = (
     f"{_PARKED} WHERE ({in_stages(sources('time_out'))} AND deadline IS NOT NULL"
     f" AND deadline <= ?) OR {in_stages(sources('resume'))} ORDER BY created_at LIMIT 500"
@@ -741,3 +748,31 @@ class SqlStore(Store):
         queries = [Query(self.dialect.sql(sql), (cutoff,), False) for _, sql in STEP_PRUNES]
         results = await self._run("prune_steps", queries, write=True)
         return {name: r.rowcount for (name, _), r in zip(STEP_PRUNES, results, strict=True)}
+
+    # -- the schema registry ----------------------------------------------------------
+
+    async def register_schema(self, record: SchemaRecord) -> SchemaRecord:
+        """Store (type, version) unless stored, in one transaction; the record that stands.
+
+        The insert does nothing on a conflict, so of concurrent registrations the first
+        stands and every caller reads it back in the same transaction.
+        """
+        row = ordered(SCHEMAS, schema_values(record, self._now()))
+        sql = self.dialect.sql
+        _, found = await self._run(
+            "register_schema",
+            [
+                Query(sql(INSERT_SCHEMA), row, False),
+                Query(sql(SELECT_SCHEMA), (record.event_type, record.version)),
+            ],
+            write=True,
+        )
+        return schema_from_row(found.rows[0])
+
+    async def list_schemas(self, event_type: str | None = None) -> list[SchemaRecord]:
+        """Registered versions of one type (or all), by type then version."""
+        where, params = ("WHERE event_type = ?", (event_type,)) if event_type else ("", ())
+        rows = await self._select(
+            "list_schemas", f"{_SCHEMAS} {where} ORDER BY event_type, version", *params
+        )
+        return [schema_from_row(r) for r in rows]
