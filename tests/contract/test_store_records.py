@@ -7,6 +7,7 @@ server is unreachable those tests fail.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -18,9 +19,11 @@ from tests.contract.conftest import (
     decision,
     make_commit,
     outbox_event,
+    parked,
 )
 from tidings.events import now
 from tidings.store import FilterErrors, PublishClaim, Store
+from tidings.store.records import EventRecords
 
 # -- 1. dead letters and decisions --------------------------------------------------------
 
@@ -261,3 +264,58 @@ async def test_filter_error_reports_of_many_workers_at_once_all_count(
     )
     (total,) = await store.filter_errors()
     assert total.count == 3 * sum(range(1, 21))
+
+
+# -- 6. records about events --------------------------------------------------------------
+
+
+async def test_records_about_events_and_a_correlation(store: Store) -> None:
+    root = "evt-root"
+    emitted = outbox_event("invoice.created")
+    handled = make_commit(root, correlation_id=root, outbox=[emitted])
+    await store.commit(handled)
+    await store.mark_published([emitted.event_id])
+    child = decision(emitted.event_id, "mailer", correlation_id=root, status="dead_lettered")
+    await store.add_decision(child)
+    letter = dead_letter("mailer", event_id=emitted.event_id)
+    await store.add_dead_letter(letter)
+    question = replace(parked(agent="approver"), event_id=root)
+    await store.park(question)
+    await store.add_decision(decision(root, "approver", correlation_id=root, status="parked"))
+    # Records of another correlation and another event are never mixed in.
+    other = make_commit("evt-other", correlation_id="evt-other", outbox=[outbox_event()])
+    await store.commit(other)
+    await store.add_dead_letter(dead_letter())
+    await store.park(parked())
+
+    by_correlation = await store.records_about([], correlation_id=root)
+    assert [d.agent for d in by_correlation.decisions] == [AGENT, "mailer", "approver"]
+    assert (by_correlation.dead_letters, by_correlation.parked) == ([], [])
+
+    found = await store.records_about([root, emitted.event_id], correlation_id=root)
+    assert found.decisions == by_correlation.decisions  # found twice, kept once
+    assert found.dead_letters == [letter]
+    (entry,) = found.parked
+    assert (entry.id, entry.status, entry.question) == (question.id, "waiting", question.question)
+    (row,) = found.outbox  # the row itself and the row emitted for the root: one row
+    assert (row.event_id, row.agent, row.source_event_id) == (emitted.event_id, AGENT, root)
+    assert (row.headers, row.body) == (emitted.headers, emitted.body)
+    assert row.published_at is not None and row.created_at <= row.published_at
+
+    by_event = await store.records_about([root])
+    assert [d.agent for d in by_event.decisions] == [AGENT, "approver"]
+    assert [r.event_id for r in by_event.outbox] == [emitted.event_id]  # emitted for it
+    assert await store.records_about(["evt-absent"], correlation_id="absent") == EventRecords(
+        [], [], [], []
+    )
+    assert await store.records_about([]) == EventRecords([], [], [], [])
+
+
+async def test_records_about_many_events_are_capped_oldest_first(store: Store) -> None:
+    ids = [f"evt-{n:04d}" for n in range(1200)]  # more than one IN list holds on SQLite
+    for event_id in ids[::100]:
+        await store.add_decision(decision(event_id))
+    found = await store.records_about(ids)
+    assert [d.event_id for d in found.decisions] == ids[::100]
+    capped = await store.records_about(ids, limit=3)
+    assert [d.event_id for d in capped.decisions] == ids[:300:100]

@@ -20,6 +20,7 @@ against real databases by its own contract suite, ``tests/contract/test_store_<p
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from datetime import datetime
 
 from tidings.store.parking import AnswerStatus, ParkedStatus
@@ -27,6 +28,7 @@ from tidings.store.records import (
     Commit,
     DeadLetter,
     Decision,
+    EventRecords,
     FilterErrors,
     OutboxEvent,
     Parked,
@@ -108,6 +110,12 @@ class Records(abc.ABC):
        correlation id unless it has one, and returns the owner that stands: the first
        claim wins, in every process sharing the store, until `prune` drops claims older
        than its cutoff (so ownership lasts `retention_days` from the first claim).
+    6. **Records about events.** `records_about(event_ids, correlation_id=)` returns the
+       decisions about any of `event_ids` or in `correlation_id`, the dead letters and
+       parked entries (any status) of any of `event_ids`, and the outbox rows that are
+       one of them or were emitted while handling one (published or not): each list
+       oldest first, without repeats, at most `limit` long. Every part is an index
+       lookup, so its time does not grow with the number of records kept.
     """
 
     @abc.abstractmethod
@@ -182,6 +190,12 @@ class Records(abc.ABC):
     @abc.abstractmethod
     async def correlation_owner(self, correlation_id: str) -> str | None:
         """The owner of `correlation_id`, if claimed and not pruned (guarantee 5)."""
+
+    @abc.abstractmethod
+    async def records_about(
+        self, event_ids: Sequence[str], *, correlation_id: str | None = None, limit: int = 1000
+    ) -> EventRecords:
+        """What the store keeps about these events or this correlation (guarantee 6)."""
 
     @abc.abstractmethod
     async def prune(self, before: datetime) -> dict[str, int]:

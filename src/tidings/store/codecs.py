@@ -23,6 +23,7 @@ from tidings.store.records import (
     Decision,
     FilterErrors,
     OutboxEvent,
+    OutboxRecord,
     Parked,
     Reply,
     SchemaRecord,
@@ -237,6 +238,16 @@ def outbox_from_row(row: Row) -> OutboxEvent:
     return OutboxEvent(
         row["event_id"], row["event_type"], loads(row["headers"]), bytes(row["body"])
     )
+
+
+def outbox_record_from_row(row: Row) -> OutboxRecord:
+    """A whole row of ``tidings_outbox`` as an `OutboxRecord`."""
+    return OutboxRecord(
+        event_id=row["event_id"], event_type=row["event_type"], agent=row["agent"],
+        source_event_id=row["source_event_id"], headers=loads(row["headers"]),
+        body=bytes(row["body"]), created_at=ts_text(row["created_at"]),
+        published_at=_optional_ts(row["published_at"]),
+    )  # fmt: skip
 
 
 def dead_letter_values(d: DeadLetter, created_at: object) -> dict[str, Any]:

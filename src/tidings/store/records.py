@@ -50,6 +50,20 @@ class OutboxEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class OutboxRecord:
+    """An outbox row as operators read it: what was emitted, by whom, while handling what."""
+
+    event_id: str
+    event_type: str
+    agent: str
+    source_event_id: str  # the event being handled when it was emitted (its causation)
+    headers: dict[str, str]
+    body: bytes
+    created_at: str
+    published_at: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """One handled event: what the agent read, did and produced (the decision ledger)."""
 
@@ -153,6 +167,19 @@ class PrefixMatches:
 
 
 RecordKind = Literal["decision", "dead_letter", "parked"]
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecords:
+    """Everything the store keeps about some events: what `tidings trace` starts from.
+
+    Each list is oldest first; `Records.records_about` says which rows it holds.
+    """
+
+    decisions: list[Decision]
+    dead_letters: list[DeadLetter]
+    parked: list[Parked]
+    outbox: list[OutboxRecord]
 
 
 @dataclass(frozen=True, slots=True)

@@ -277,6 +277,15 @@ SQLITE_MIGRATIONS: Final[tuple[Migration, ...]] = (
                 PRIMARY KEY (event_type, version))""",
         ),
     ),
+    Migration(
+        7,
+        "indexes for tracing: dead letters, parked entries and outbox rows by event",
+        (
+            "CREATE INDEX tidings_dead_letters_event ON tidings_dead_letters (event_id)",
+            "CREATE INDEX tidings_parked_event ON tidings_parked (event_id)",
+            "CREATE INDEX tidings_outbox_caused_by ON tidings_outbox (source_event_id)",
+        ),
+    ),
 )
 
 
@@ -405,6 +414,15 @@ POSTGRES_MIGRATIONS: Final[tuple[Migration, ...]] = (
                 event_type text NOT NULL, version integer NOT NULL, schema text NOT NULL,
                 mode text NOT NULL, registered_by text NOT NULL,
                 registered_at timestamptz NOT NULL, PRIMARY KEY (event_type, version))""",
+        ),
+    ),
+    Migration(
+        7,
+        "indexes for tracing: dead letters, parked entries and outbox rows by event",
+        (
+            "CREATE INDEX tidings_dead_letters_event ON tidings_dead_letters (event_id)",
+            "CREATE INDEX tidings_parked_event ON tidings_parked (event_id)",
+            "CREATE INDEX tidings_outbox_caused_by ON tidings_outbox (source_event_id)",
         ),
     ),
 )

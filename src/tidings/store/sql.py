@@ -37,6 +37,7 @@ from tidings.store.codecs import (
     format_ts,
     ordered,
     outbox_from_row,
+    outbox_record_from_row,
     parked_from_row,
     parked_values,
     parse_ts,
@@ -49,6 +50,7 @@ from tidings.store.codecs import (
     snapshot_from_rows,
     step_from_row,
     step_values,
+    ts_text,
     utc_now,
 )
 from tidings.store.parking import (
@@ -63,6 +65,7 @@ from tidings.store.parking import (
 from tidings.store.records import (
     DeadLetter,
     Decision,
+    EventRecords,
     FilterErrors,
     OutboxEvent,
     Parked,
@@ -240,6 +243,8 @@ PRUNED = (
 )
 
 _PARKED = f"SELECT {PARKED.column_list()} FROM tidings_parked"
+_DEAD_LETTERS = f"SELECT {DEAD_LETTERS.column_list()} FROM tidings_dead_letters"
+_OUTBOX_ROWS = f"SELECT {OUTBOX.column_list()} FROM tidings_outbox"
 _ID_TABLES: dict[RecordKind, str] = {
     "decision": "tidings_decisions",
     "dead_letter": "tidings_dead_letters",
@@ -595,6 +600,57 @@ class SqlStore(Store):
             correlation_id,
         )
         return str(rows[0]["owner"]) if rows else None
+
+    async def records_about(
+        self, event_ids: Sequence[str], *, correlation_id: str | None = None, limit: int = 1000
+    ) -> EventRecords:
+        """What the store keeps about these events or this correlation, in one read.
+
+        Every statement is an index lookup (decisions by event and correlation, dead
+        letters, parked entries and outbox rows by event, outbox rows by the event they
+        were emitted for), run in one hop; rows found twice are kept once.
+        """
+        ids, dialect, cap = list(dict.fromkeys(event_ids)), self.dialect, max(limit, 0)
+        kinds: list[str] = []
+        queries: list[Query] = []
+
+        def add(kind: str, sql: str, *params: Any) -> None:
+            kinds.append(kind)
+            queries.append(Query(dialect.sql(f"{sql} LIMIT ?"), (*params, cap)))
+
+        decisions = "SELECT id, created_at, record FROM tidings_decisions WHERE"
+        if correlation_id is not None:
+            add("decision", f"{decisions} correlation_id = ?", correlation_id)
+        step = dialect.max_texts or max(len(ids), 1)
+        for start in range(0, len(ids), step):
+            chunk = ids[start : start + step]
+            by_event, texts = dialect.in_texts("event_id", len(chunk)), dialect.texts(chunk)
+            add("decision", f"{decisions} {by_event}", *texts)
+            add("dead_letter", f"{_DEAD_LETTERS} WHERE {by_event}", *texts)
+            add("parked", f"{_PARKED} WHERE {by_event}", *texts)
+            add("outbox", f"{_OUTBOX_ROWS} WHERE {by_event}", *texts)
+            caused = dialect.in_texts("source_event_id", len(chunk))
+            add("outbox", f"{_OUTBOX_ROWS} WHERE {caused}", *texts)
+        if not queries:
+            return EventRecords([], [], [], [])
+        results = await self._run("records_about", queries, write=False)
+        found: dict[str, dict[str, tuple[tuple[str, str], Row]]] = {
+            kind: {} for kind in ("decision", "dead_letter", "parked", "outbox")
+        }
+        for kind, result in zip(kinds, results, strict=True):
+            for row in result.rows:
+                id_ = str(row["event_id" if kind == "outbox" else "id"])
+                found[kind][id_] = ((ts_text(row["created_at"]), id_), row)
+
+        def oldest(kind: str) -> list[Row]:
+            return [row for _, row in sorted(found[kind].values(), key=lambda f: f[0])][:cap]
+
+        return EventRecords(
+            decisions=[decision_from_json(r["record"]) for r in oldest("decision")],
+            dead_letters=[dead_letter_from_row(r) for r in oldest("dead_letter")],
+            parked=[parked_from_row(r) for r in oldest("parked")],
+            outbox=[outbox_record_from_row(r) for r in oldest("outbox")],
+        )
 
     async def prune(self, before: datetime) -> dict[str, int]:
         """Delete rows older than `before` (aware): markers, published outbox, decisions, ledger."""
