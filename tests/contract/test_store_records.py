@@ -50,6 +50,16 @@ async def test_dead_letters_newest_first_filtered_fetched_and_dropped(store: Sto
     assert await store.list_dead_letters() == [letters[2], letters[0]]
 
 
+async def test_dead_letters_counted_per_agent(store: Store) -> None:
+    assert await store.count_dead_letters() == {}
+    letters = [dead_letter(agent) for agent in ("billing", "shipping", "billing")]
+    for letter in letters:
+        await store.add_dead_letter(letter)
+    assert await store.count_dead_letters() == {"billing": 2, "shipping": 1}
+    assert await store.delete_dead_letter(letters[1].id)
+    assert await store.count_dead_letters() == {"billing": 2}
+
+
 async def test_ambiguous_prefix_matches_nothing(store: Store) -> None:
     for suffix in ("1", "2"):
         await store.add_dead_letter(dead_letter(id=f"dlq-abcdef-{suffix}"))

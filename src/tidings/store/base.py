@@ -90,7 +90,8 @@ class Records(abc.ABC):
        lists; one is found by its id or by a unique prefix of at least 6 characters.
        `prefix_matches()` says how many ids of a kind (parked entries too) a prefix fits,
        with the newest few and the shortest prefix unique to each; `count_decisions()` is
-       how many `list_decisions()` would list without a limit.
+       how many `list_decisions()` would list without a limit, `count_dead_letters()`
+       the same for `list_dead_letters()`, per agent.
     2. **Retention.** `prune(before)` deletes processed markers, published outbox rows,
        decisions, publish records and correlation owners older than `before`, never
        unpublished outbox rows, dead letters or state.
@@ -135,6 +136,10 @@ class Records(abc.ABC):
     @abc.abstractmethod
     async def delete_dead_letter(self, dead_letter_id: str) -> bool:
         """Drop a dead letter by its full id; False if there was none with that id."""
+
+    @abc.abstractmethod
+    async def count_dead_letters(self) -> dict[str, int]:
+        """How many dead letters each agent (or tool) has kept (guarantee 1)."""
 
     @abc.abstractmethod
     async def add_decision(self, decision: Decision) -> None:

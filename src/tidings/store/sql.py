@@ -430,6 +430,13 @@ class SqlStore(Store):
         )
         return result.rowcount > 0
 
+    async def count_dead_letters(self) -> dict[str, int]:
+        """How many dead letters are kept, per agent."""
+        rows = await self._select(
+            "count_dead_letters", "SELECT agent, count(*) FROM tidings_dead_letters GROUP BY agent"
+        )
+        return {str(agent): int(n) for agent, n in rows}
+
     async def add_decision(self, decision: Decision) -> None:
         """Record a decision outside a commit (e.g. a dead-lettered attempt)."""
         row = decision_row(decision, decision_to_json(decision), self._now())
