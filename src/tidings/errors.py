@@ -10,8 +10,9 @@ TidingsError
 │   ├── StateConflict        optimistic version check failed; the event is retried
 │   └── AlreadyProcessed     (agent, event id) is already committed: a duplicate
 ├── MalformedEvent           bytes that are not a CloudEvent; dead-lettered at once
-│   └── EventTooLarge        an event the bus cannot carry (size, a name's length): refused
-│                            before it reaches the broker; `.limit` names what was exceeded
+│   ├── EventTooLarge        an event the bus cannot carry (size, a name's length): refused
+│   │                        before it reaches the broker; `.limit` names what was exceeded
+│   └── SchemaViolation      data that breaks its event type's schema; `.pointer`, `.rule`
 ├── IdTaken                  an explicit event id another publisher used first: choose another
 ├── FilterError              a `where=` expression does not compile
 ├── PolicyViolation          an agent emitted a type it did not declare; not retried
@@ -79,6 +80,20 @@ class EventTooLarge(MalformedEvent):
     def __init__(self, message: str, *, limit: str) -> None:
         super().__init__(message)
         self.limit = limit
+
+
+class SchemaViolation(MalformedEvent, ValueError):
+    """Event data that breaks its type's JSON Schema: refused at publish, dead-lettered inbound.
+
+    `pointer` is the JSON pointer of the offending value ("" = the data itself), `rule`
+    the schema keyword it breaks (e.g. "minimum"), `message` what is wrong with it.
+    """
+
+    def __init__(self, pointer: str, rule: str, message: str) -> None:
+        super().__init__(f"{pointer or '(root)'}: {message} ({rule})")
+        self.pointer = pointer
+        self.rule = rule
+        self.message = message
 
 
 class IdTaken(TidingsError):

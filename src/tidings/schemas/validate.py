@@ -1,0 +1,59 @@
+"""Validating event data against its JSON Schema, compiled once per schema.
+
+jsonschema-rs was chosen by measuring (benchmarks/validation.py): a 10-field payload
+validates in well under a microsecond, against about 1.5 µs for fastjsonschema, 4 µs for
+pydantic and 40 µs for jsonschema. Valid data, the common case, costs one `is_valid` call;
+only invalid data pays for building the error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jsonschema_rs
+import orjson
+
+from tidings.errors import SchemaViolation
+
+__all__ = ["SchemaViolation", "pointer", "validator"]
+
+
+def pointer(parts: Any) -> str:
+    """A JSON pointer (RFC 6901) from path parts: ["items", 0, "sku"] -> "/items/0/sku"."""
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def validator(schema: Mapping[str, Any] | bool) -> Callable[[Any], None]:
+    """Compile `schema` once; the function returned raises `SchemaViolation` on bad data.
+
+    Formats (`date-time`, `email`, `uuid`, ...) are checked, as pydantic checks them.
+    Python values JSON has no type for (datetime, UUID, Decimal) are compared in the form
+    they take on the wire.
+    """
+    compiled = jsonschema_rs.validator_for(
+        schema if isinstance(schema, bool) else dict(schema), validate_formats=True
+    )
+    is_valid = compiled.is_valid
+
+    def validate(data: Any) -> None:
+        try:
+            if is_valid(data):
+                return
+        except ValueError:  # "Unsupported type": a value orjson writes as JSON
+            data = orjson.loads(orjson.dumps(data))
+            if is_valid(data):
+                return
+        error = _first_error(compiled, data)
+        if error is not None:
+            raise error
+
+    return validate
+
+
+def _first_error(compiled: Any, data: Any) -> SchemaViolation | None:
+    for error in compiled.iter_errors(data):
+        keywords = [p for p in error.schema_path if isinstance(p, str)]
+        rule = keywords[-1] if keywords else "schema"
+        return SchemaViolation(pointer(error.instance_path), rule, error.message)
+    return None
