@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tidings.errors import ConfigError
-from tidings.store.base import Effects, Records, Schemas, StepJournal, Store
+from tidings.store.base import Effects, Records, Schemas, StepJournal, Store, Triggers
 from tidings.store.parking import ParkedStatus
 from tidings.store.records import (
     Commit,
@@ -22,6 +22,8 @@ from tidings.store.records import (
     StateSnapshot,
     Step,
     StepStatus,
+    TriggerRecord,
+    TriggerState,
 )
 
 __all__ = [
@@ -47,6 +49,9 @@ __all__ = [
     "StepJournal",
     "StepStatus",
     "Store",
+    "TriggerRecord",
+    "TriggerState",
+    "Triggers",
     "open_store",
 ]
 

@@ -1,12 +1,13 @@
-"""The store seam, in four parts, each with what every backend must guarantee.
+"""The store seam, in five parts, each with what every backend must guarantee.
 
 - `Effects`, the exactly-once core: the inbox marker, state, the outbox, the commit;
 - `Records`, what operators read: dead letters, decisions, the publish ledger, who owns
   a correlation;
 - `StepJournal`, what lets a handler run resume: steps, tool replies, parked questions;
-- `Schemas`, the schema registry: event types, their versions and JSON Schemas.
+- `Schemas`, the schema registry: event types, their versions and JSON Schemas;
+- `Triggers`, what triggers keep: their status, cursors and leases.
 
-`Store` is all four plus opening, closing and migrating; a backend (SQLite, PostgreSQL)
+`Store` is all five plus opening, closing and migrating; a backend (SQLite, PostgreSQL)
 is chosen by URL scheme (`tidings.store.open_store`). Each part's guarantees are checked
 against real databases by its own contract suite, ``tests/contract/test_store_<part>.py``.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from tidings.store.parking import AnswerStatus, ParkedStatus
 from tidings.store.records import (
@@ -39,6 +41,7 @@ from tidings.store.records import (
     SchemaRecord,
     StateSnapshot,
     Step,
+    TriggerRecord,
 )
 
 
@@ -318,7 +321,54 @@ class Schemas(abc.ABC):
         """Registered versions of one type (or all), by type then version (guarantee 4)."""
 
 
-class Store(Effects, Records, StepJournal, Schemas):
+class Triggers(abc.ABC):
+    """What triggers keep between runs and show to operators (`tidings.triggers.base`).
+
+    1. **Status.** `save_trigger_status(record)` keeps one row per (trigger, worker),
+       replacing that worker's previous one and stamping `updated_at`;
+       `trigger_statuses()` lists every row, by trigger then worker.
+    2. **Cursors.** `save_trigger_cursor(name, value)` keeps one JSON value per trigger,
+       durable when it returns and shared by every worker; the last write wins, and
+       `trigger_cursor(name)` reads it back (None if never written).
+    3. **Leases.** `claim_trigger_lease(name, holder, ttl_s)` is True when `holder`
+       holds the trigger's lease for the next `ttl_s` seconds: it was free, expired, or
+       already `holder`'s (then renewed). While one holder's claim is unexpired, every
+       other holder's claim is False. `release_trigger_lease(name, holder)` frees it if
+       `holder` holds it, so a standby takes over at once instead of after `ttl_s`.
+    4. **Retention.** `prune_trigger_statuses(before)` deletes status rows not updated
+       since `before` (workers that are gone), never cursors or leases.
+    """
+
+    @abc.abstractmethod
+    async def save_trigger_status(self, record: TriggerRecord) -> None:
+        """Keep `record` as its worker's status of its trigger (guarantee 1)."""
+
+    @abc.abstractmethod
+    async def trigger_statuses(self) -> list[TriggerRecord]:
+        """Every trigger's status rows, by trigger then worker (guarantee 1)."""
+
+    @abc.abstractmethod
+    async def save_trigger_cursor(self, name: str, value: Any) -> None:
+        """Keep `value` (JSON types) as trigger `name`'s cursor (guarantee 2)."""
+
+    @abc.abstractmethod
+    async def trigger_cursor(self, name: str) -> Any:
+        """Trigger `name`'s cursor, or None if it never saved one (guarantee 2)."""
+
+    @abc.abstractmethod
+    async def claim_trigger_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew trigger `name`'s lease for `holder`; whether it holds it (3)."""
+
+    @abc.abstractmethod
+    async def release_trigger_lease(self, name: str, holder: str) -> None:
+        """Free trigger `name`'s lease if `holder` holds it (guarantee 3)."""
+
+    @abc.abstractmethod
+    async def prune_trigger_statuses(self, before: datetime) -> int:
+        """Delete status rows not updated since `before` (aware); how many (guarantee 4)."""
+
+
+class Store(Effects, Records, StepJournal, Schemas, Triggers):
     """Durable agent memory, idempotency inbox, outbox, decision ledger and dead letters."""
 
     url: str

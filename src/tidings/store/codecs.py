@@ -29,6 +29,7 @@ from tidings.store.records import (
     SchemaRecord,
     StateSnapshot,
     Step,
+    TriggerRecord,
 )
 from tidings.store.schema import DECISIONS, OUTBOX, Table
 
@@ -357,4 +358,25 @@ def schema_from_row(row: Row) -> SchemaRecord:
         event_type=row["event_type"], version=int(row["version"]), schema=loads(row["schema"]),
         mode=row["mode"], registered_by=row["registered_by"],
         registered_at=ts_text(row["registered_at"]),
+    )  # fmt: skip
+
+
+def trigger_status_values(record: TriggerRecord, updated_at: object, ts: Any) -> dict[str, Any]:
+    """The columns of a trigger's status; `ts` turns its RFC 3339 times into parameters."""
+    values = dataclasses.asdict(record)
+    values["description"] = dumps(record.description, f"trigger {record.name}'s description")
+    values["since"] = ts(parse_ts(record.since)) if record.since else updated_at
+    values["last_event_at"] = ts(parse_ts(record.last_event_at)) if record.last_event_at else None
+    values["updated_at"] = updated_at
+    return values
+
+
+def trigger_status_from_row(row: Row) -> TriggerRecord:
+    """A row of ``tidings_trigger_status`` as a `TriggerRecord`."""
+    return TriggerRecord(
+        name=row["name"], worker=row["worker"], kind=row["kind"], state=row["state"],
+        events=int(row["events"]), duplicates=int(row["duplicates"]),
+        last_event_id=row["last_event_id"], last_event_at=_optional_ts(row["last_event_at"]),
+        lag_s=row["lag_s"], error=row["error"], description=loads(row["description"]),
+        since=ts_text(row["since"]), updated_at=ts_text(row["updated_at"]),
     )  # fmt: skip

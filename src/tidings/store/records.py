@@ -233,3 +233,26 @@ class Parked:
     created_at: str = ""
     answered_at: str | None = None
     resumed_at: str | None = None
+
+
+# What a trigger is doing: "standby" waits for another worker's lease (a schedule).
+TriggerState = Literal["starting", "running", "standby", "failing", "stopped"]
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerRecord:
+    """One trigger's status as one worker last wrote it, for `tidings triggers`."""
+
+    name: str
+    worker: str  # host/pid of the process running it
+    kind: str
+    state: TriggerState
+    events: int = 0
+    duplicates: int = 0  # publishes the ledger found already published (a copy dropped)
+    last_event_id: str | None = None
+    last_event_at: str | None = None
+    lag_s: float | None = None  # how far behind its source, where the source says
+    error: str | None = None
+    description: dict[str, Any] = field(default_factory=dict)  # what it watches
+    since: str = ""  # when this worker started it
+    updated_at: str = ""  # when the store last heard from it

@@ -135,11 +135,26 @@ SCHEMAS = _table(
     C("event_type", TEXT), C("version", INTEGER), C("schema", JSON_TEXT), C("mode", TEXT),
     C("registered_by", TEXT), C("registered_at", TIMESTAMP),
 )  # fmt: skip
+# Triggers: each one's status per worker, its cursor, and who holds its lease.
+TRIGGER_STATUS = _table(
+    "tidings_trigger_status",
+    C("name", TEXT), C("worker", TEXT), C("kind", TEXT), C("state", TEXT), C("events", BIGINT),
+    C("duplicates", BIGINT), C("last_event_id", TEXT, True), C("last_event_at", TIMESTAMP, True),
+    C("lag_s", REAL, True), C("error", TEXT, True), C("description", JSON_TEXT),
+    C("since", TIMESTAMP), C("updated_at", TIMESTAMP),
+)  # fmt: skip
+TRIGGER_CURSORS = _table(
+    "tidings_trigger_cursors", C("name", TEXT), C("value", JSON_TEXT), C("updated_at", TIMESTAMP)
+)
+TRIGGER_LEASES = _table(
+    "tidings_trigger_leases", C("name", TEXT), C("holder", TEXT), C("expires_at", TIMESTAMP)
+)
 MIGRATIONS_LEDGER = _table(MIGRATIONS_TABLE, C("version", INTEGER), C("applied_at", TIMESTAMP))
 
 TABLES: Final = (
     STATE, INBOX, OUTBOX, DECISIONS, DEAD_LETTERS, PUBLISHES, JOURNAL, REPLIES, PARKED, TOOLS,
-    FILTER_ERRORS, CORRELATIONS, SCHEMAS, MIGRATIONS_LEDGER,
+    FILTER_ERRORS, CORRELATIONS, SCHEMAS, TRIGGER_STATUS, TRIGGER_CURSORS, TRIGGER_LEASES,
+    MIGRATIONS_LEDGER,
 )  # fmt: skip
 
 
@@ -286,6 +301,22 @@ SQLITE_MIGRATIONS: Final[tuple[Migration, ...]] = (
             "CREATE INDEX tidings_outbox_caused_by ON tidings_outbox (source_event_id)",
         ),
     ),
+    Migration(
+        8,
+        "triggers: status per worker, cursors, leases",
+        (
+            """CREATE TABLE tidings_trigger_status (
+                name TEXT NOT NULL, worker TEXT NOT NULL, kind TEXT NOT NULL,
+                state TEXT NOT NULL, events INTEGER NOT NULL, duplicates INTEGER NOT NULL,
+                last_event_id TEXT, last_event_at TEXT, lag_s REAL, error TEXT,
+                description TEXT NOT NULL, since TEXT NOT NULL, updated_at TEXT NOT NULL,
+                PRIMARY KEY (name, worker))""",
+            """CREATE TABLE tidings_trigger_cursors (
+                name TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at TEXT NOT NULL)""",
+            """CREATE TABLE tidings_trigger_leases (
+                name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at TEXT NOT NULL)""",
+        ),
+    ),
 )
 
 
@@ -423,6 +454,22 @@ POSTGRES_MIGRATIONS: Final[tuple[Migration, ...]] = (
             "CREATE INDEX tidings_dead_letters_event ON tidings_dead_letters (event_id)",
             "CREATE INDEX tidings_parked_event ON tidings_parked (event_id)",
             "CREATE INDEX tidings_outbox_caused_by ON tidings_outbox (source_event_id)",
+        ),
+    ),
+    Migration(
+        8,
+        "triggers: status per worker, cursors, leases",
+        (
+            """CREATE TABLE tidings_trigger_status (
+                name text NOT NULL, worker text NOT NULL, kind text NOT NULL,
+                state text NOT NULL, events bigint NOT NULL, duplicates bigint NOT NULL,
+                last_event_id text, last_event_at timestamptz, lag_s double precision,
+                error text, description text NOT NULL, since timestamptz NOT NULL,
+                updated_at timestamptz NOT NULL, PRIMARY KEY (name, worker))""",
+            """CREATE TABLE tidings_trigger_cursors (
+                name text PRIMARY KEY, value text NOT NULL, updated_at timestamptz NOT NULL)""",
+            """CREATE TABLE tidings_trigger_leases (
+                name text PRIMARY KEY, holder text NOT NULL, expires_at timestamptz NOT NULL)""",
         ),
     ),
 )

@@ -18,7 +18,7 @@ import abc
 import dataclasses
 import re
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any, ClassVar, NamedTuple, get_args
 
@@ -35,6 +35,7 @@ from tidings.store.codecs import (
     dumps,
     filter_errors_from_row,
     format_ts,
+    loads,
     ordered,
     outbox_from_row,
     outbox_record_from_row,
@@ -50,6 +51,8 @@ from tidings.store.codecs import (
     snapshot_from_rows,
     step_from_row,
     step_values,
+    trigger_status_from_row,
+    trigger_status_values,
     ts_text,
     utc_now,
 )
@@ -76,6 +79,7 @@ from tidings.store.records import (
     SchemaRecord,
     StateSnapshot,
     Step,
+    TriggerRecord,
 )
 from tidings.store.schema import (
     CORRELATIONS,
@@ -91,6 +95,9 @@ from tidings.store.schema import (
     REPLIES,
     SCHEMAS,
     TOOLS,
+    TRIGGER_CURSORS,
+    TRIGGER_LEASES,
+    TRIGGER_STATUS,
     Table,
 )
 
@@ -286,6 +293,23 @@ MARK_RESUMED = (
 _SCHEMAS = f"SELECT {SCHEMAS.column_list()} FROM tidings_schemas"
 INSERT_SCHEMA = f"{insert_into(SCHEMAS)} ON CONFLICT DO NOTHING"
 SELECT_SCHEMA = f"{_SCHEMAS} WHERE event_type = ? AND version = ?"
+_KEEP_LATEST = ", ".join(
+    f"{c} = excluded.{c}" for c in TRIGGER_STATUS.names if c not in ("name", "worker")
+)
+SAVE_TRIGGER_STATUS = (
+    f"{insert_into(TRIGGER_STATUS)} ON CONFLICT (name, worker) DO UPDATE SET {_KEEP_LATEST}"
+)
+SAVE_TRIGGER_CURSOR = (
+    f"{insert_into(TRIGGER_CURSORS)} ON CONFLICT (name) DO UPDATE SET value = excluded.value,"
+    " updated_at = excluded.updated_at"
+)
+# Taken when free, expired or already the claimer's; no row comes back when another
+# holder's claim still runs (the conditional update does nothing).
+CLAIM_TRIGGER_LEASE = (
+    f"{insert_into(TRIGGER_LEASES)} ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,"
+    " expires_at = excluded.expires_at WHERE tidings_trigger_leases.holder = excluded.holder"
+    " OR tidings_trigger_leases.expires_at <= ? RETURNING holder"
+)
 SELECT_PARKED_TO_SWEEP = (
     f"{_PARKED} WHERE ({in_stages(sources('time_out'))} AND deadline IS NOT NULL"
     f" AND deadline <= ?) OR {in_stages(sources('resume'))} ORDER BY created_at LIMIT 500"
@@ -839,3 +863,63 @@ class SqlStore(Store):
             "list_schemas", f"{_SCHEMAS} {where} ORDER BY event_type, version", *params
         )
         return [schema_from_row(r) for r in rows]
+
+    # -- triggers ---------------------------------------------------------------------
+
+    async def save_trigger_status(self, record: TriggerRecord) -> None:
+        """Keep `record` as its worker's status of its trigger, stamped now."""
+        values = trigger_status_values(record, self._now(), self.dialect.timestamp)
+        await self._change(
+            "save_trigger_status", SAVE_TRIGGER_STATUS, *ordered(TRIGGER_STATUS, values)
+        )
+
+    async def trigger_statuses(self) -> list[TriggerRecord]:
+        """Every trigger's status rows, by trigger then worker."""
+        rows = await self._select(
+            "trigger_statuses",
+            f"SELECT {TRIGGER_STATUS.column_list()} FROM tidings_trigger_status"
+            " ORDER BY name, worker",
+        )
+        return [trigger_status_from_row(r) for r in rows]
+
+    async def save_trigger_cursor(self, name: str, value: Any) -> None:
+        """Keep `value` as trigger `name`'s cursor; the last write wins."""
+        text = dumps(value, f"trigger {name}'s cursor")
+        row = ordered(TRIGGER_CURSORS, {"name": name, "value": text, "updated_at": self._now()})
+        await self._change("save_trigger_cursor", SAVE_TRIGGER_CURSOR, *row)
+
+    async def trigger_cursor(self, name: str) -> Any:
+        """Trigger `name`'s cursor, or None."""
+        rows = await self._select(
+            "trigger_cursor", "SELECT value FROM tidings_trigger_cursors WHERE name = ?", name
+        )
+        return loads(rows[0]["value"]) if rows else None
+
+    async def claim_trigger_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew the lease in one statement: whether `holder` holds it now."""
+        now = utc_now()
+        until = self.dialect.timestamp(now + timedelta(seconds=max(ttl_s, 0.0)))
+        row = ordered(TRIGGER_LEASES, {"name": name, "holder": holder, "expires_at": until})
+        result = await self._change(
+            "claim_trigger_lease", CLAIM_TRIGGER_LEASE, *row, self.dialect.timestamp(now),
+            rows=True,
+        )  # fmt: skip
+        return bool(result.rows)
+
+    async def release_trigger_lease(self, name: str, holder: str) -> None:
+        """Free the lease if `holder` holds it."""
+        await self._change(
+            "release_trigger_lease",
+            "DELETE FROM tidings_trigger_leases WHERE name = ? AND holder = ?",
+            name,
+            holder,
+        )
+
+    async def prune_trigger_statuses(self, before: datetime) -> int:
+        """Delete status rows not updated since `before`."""
+        result = await self._change(
+            "prune_trigger_statuses",
+            "DELETE FROM tidings_trigger_status WHERE updated_at < ?",
+            self.dialect.timestamp(before),
+        )
+        return result.rowcount
