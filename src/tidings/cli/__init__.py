@@ -21,6 +21,7 @@ from tidings.cli.doctor import doctor
 from tidings.cli.records import decisions, dlq
 from tidings.cli.run import run
 from tidings.cli.token import token
+from tidings.cli.trace import trace, why
 from tidings.logs import configure_logging
 
 __all__ = ["cli", "main"]
@@ -108,6 +109,8 @@ cli.add_typer(decisions, name="decisions", cls=Commands)
 cli.add_typer(approvals, name="approvals", cls=Commands)
 cli.command()(asyncapi)
 cli.command()(token)
+cli.command()(trace)
+cli.command()(why)
 
 
 def main() -> None:

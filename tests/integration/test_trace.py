@@ -1,0 +1,176 @@
+"""`tidings trace` and `tidings why` on one correlation, against a real nats-server.
+
+The app is the first code block of docs/observability.md: one payment reaches an agent
+that handles it (with a tool call and an emit), one whose filter drops it, one that
+dead-letters it, one that parks on a question, and the emitted event reaches an agent
+denied by policy. The CLI runs as a subprocess, as a user would run it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import eventually, running, settings_for
+from tidings import App
+from tidings.client import Client
+from tidings.config import Settings
+from tidings.store.base import Store
+
+pytestmark = pytest.mark.nats
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "observability.md"
+
+
+def docs_app(folder: Path) -> App:
+    """The page's app, written to `folder` (for the CLI's --app) and loaded here."""
+    code = re.search(r"```python\n(.*?)```", DOCS.read_text(), flags=re.DOTALL)
+    assert code is not None
+    (folder / "payments.py").write_text(code.group(1))
+    namespace: dict[str, Any] = {"__name__": "docs_observability"}
+    exec(compile(code.group(1), str(DOCS), "exec"), namespace)
+    app = namespace["app"]
+    assert isinstance(app, App)
+    return app
+
+
+def cli_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIDINGS_")}
+    env.update(
+        TIDINGS_BUS=str(settings.bus), TIDINGS_NAMESPACE=settings.namespace,
+        TIDINGS_STORE=settings.store_url, TIDINGS_HOME=str(settings.home_path),
+        COLUMNS="200", PYTHONUNBUFFERED="1",
+    )  # fmt: skip
+    return env
+
+
+async def tidings(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run the CLI off the event loop, so the worker in this process keeps running."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "tidings.cli", *args],
+        env=env, cwd=cwd, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+async def ok(*args: str, env: dict[str, str], cwd: Path) -> str:
+    result = await tidings(*args, env=env, cwd=cwd)
+    assert result.returncode == 0, f"tidings {' '.join(args)}:\n{result.stdout}{result.stderr}"
+    assert "Traceback" not in result.stderr
+    return result.stdout
+
+
+async def settled(store: Store | None, event_id: str) -> None:
+    """Wait until the four agents on the payment and the one on its output have decided."""
+    assert store is not None
+    wanted = {("scorer", "ok"), ("ledger", "dead_lettered"), ("approver", "parked"),
+              ("notifier", "dead_lettered")}  # fmt: skip
+
+    async def done() -> bool:
+        found = await store.records_about([], correlation_id=event_id)
+        return wanted <= {(d.agent, d.status) for d in found.decisions}
+
+    await eventually(done, timeout=30, message="the decisions of the correlation")
+
+
+def by_agent(node: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {v["agent"]: v for v in node["agents"]}
+
+
+async def test_trace_shows_every_verdict_of_a_correlation(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    app = docs_app(tmp_path)
+    settings = settings_for(nats_url, namespace, tmp_path)
+    env = cli_env(settings)
+    async with running(app, settings) as worker, Client(settings) as client:
+        payment = await client.publish("payment.created", {"id": "p-1", "amount": 250})
+        await settled(worker.store, payment.id)
+
+        tree = await ok("trace", payment.id, "--app", "payments:app", env=env, cwd=tmp_path)
+        app_args = ("--app", "payments:app")
+        found = json.loads(
+            await ok("trace", payment.id, *app_args, "--json", env=env, cwd=tmp_path)
+        )
+        lines = {}
+        for agent in ("scorer", "fraud-check", "ledger", "approver", "shipping"):
+            said = await ok("why", payment.id, agent, *app_args, env=env, cwd=tmp_path)
+            lines[agent] = said.splitlines()[0]
+        (root,) = found["events"]
+        (scored,) = root["emitted"]
+        denied = json.loads(
+            await ok("why", scored["id"], "notifier", "--json", env=env, cwd=tmp_path)
+        )
+        stored_only = await ok("trace", scored["id"], env=env, cwd=tmp_path)
+        unknown = await tidings("trace", "01a00000-0000-7000-8000-000000000000", env=env,
+                                cwd=tmp_path)  # fmt: skip
+        not_an_event = await tidings("why", payment.id, "nobody", "--app", "payments:app",
+                                     env=env, cwd=tmp_path)  # fmt: skip
+
+    # The tree: one line per agent, the dropped one with the values that decided it.
+    text = " ".join(tree.split())
+    assert "handled scorer ok" in text
+    assert 'tool risk.score done -> {"score":0.2}' in text
+    assert "dropped fraud-check data.amount > 1000 was false (data.amount = 250)" in text
+    assert "[re-evaluated now]" in text and "nothing is stored for dropped events" in text
+    assert "dead-lettered ledger after 1 attempt: RuntimeError: the ledger is read-only" in text
+    assert 'parked approver waiting for an answer to {"approve payment":"p-1"}' in text
+    assert "not subscribed: notifier, shipping" in text
+    assert "denied by policy notifier agent 'notifier' emitted 'customer.notified'" in text
+
+    # The same in JSON, with the records and the re-evaluated values.
+    assert found["matched"] == "correlation" and found["correlations"] == [payment.id]
+    assert root["id"] == payment.id and root["found_in"] == "bus"
+    verdicts = by_agent(root)
+    assert {a: v["verdict"] for a, v in verdicts.items()} == {
+        "scorer": "handled", "fraud-check": "dropped", "ledger": "dead_lettered",
+        "approver": "parked", "notifier": "not_subscribed", "shipping": "not_subscribed",
+    }  # fmt: skip
+    dropped = verdicts["fraud-check"]
+    assert dropped["re_evaluated"] is True and dropped["where"] == "data.amount > 1000"
+    assert dropped["values"] == {"data.amount": 250} and dropped["missing"] == []
+    handled = verdicts["scorer"]
+    assert handled["decision"]["result"] == {"score": 0.2}
+    (call,) = handled["tool_calls"]
+    assert (call["name"], call["result"], call["served"]["status"]) == (
+        "risk.score", {"score": 0.2}, "ok",
+    )  # fmt: skip
+    letter = verdicts["ledger"]["dead_letter"]
+    assert "read-only" in letter["error"] and letter["attempts"] == 1
+    assert verdicts["approver"]["parked"]["status"] == "waiting"
+    assert verdicts["approver"]["parked"]["question"] == {"approve payment": "p-1"}
+    assert scored["type"] == "payment.scored" and scored["emitted_by"] == "scorer"
+    assert by_agent(scored)["notifier"]["verdict"] == "denied"
+    assert found["window"]["cut"] is False
+
+    # `why`: the verdict in one line first.
+    assert lines["fraud-check"] == "dropped: data.amount > 1000 was false (data.amount = 250)"
+    assert lines["scorer"].startswith("handled: ok in ")
+    assert lines["ledger"] == (
+        "dead-lettered: after 1 attempt: RuntimeError: the ledger is read-only"
+    )
+    assert lines["approver"].startswith("parked: waiting for an answer to")
+    assert lines["shipping"] == "not subscribed: on=order.placed does not match payment.created"
+    assert denied["line"].startswith("denied by policy: agent 'notifier' emitted")
+    assert denied["agent"]["decision"]["status"] == "dead_lettered"
+
+    # Without the app: the stored verdicts, and what the filter verdicts need.
+    flat = " ".join(stored_only.split())
+    assert "handled scorer" in flat and "fraud-check" not in flat
+    assert "give --app MODULE:APP" in flat
+
+    # An id nothing knows, and an agent the app does not declare, say what to do.
+    assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
+    message = " ".join(unknown.stderr.split())
+    assert "no correlation, event or trace '01a00000-0000-7000-8000-000000000000'" in message
+    assert "tidings decisions ls" in message and "--since 24h" in message
+    assert not_an_event.returncode == 1
+    assert "declares no agent 'nobody'" in " ".join(not_an_event.stderr.split())
