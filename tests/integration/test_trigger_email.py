@@ -1,0 +1,295 @@
+"""The SMTP trigger on a real nats-server, sent to with smtplib: 250 only after the bus.
+
+The bus is killed while 50 mails arrive (each refused with 451, then accepted once it is
+back: exactly 50 events); attachments land under the home by sha256; a mail over the
+size limit is refused with 552 and publishes nothing; AUTH is required when declared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import smtplib
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from tests.conftest import NatsServer
+from tests.helpers import settings_for
+from tidings import Settings
+from tidings.client import Client
+from tidings.errors import ConfigError
+from tidings.events import Event, decode
+from tidings.triggers.base import Runner, Sink, TriggerStatus, TriggerUnavailable, source_id
+from tidings.triggers.email import EmailTrigger, html_to_text
+
+pytestmark = pytest.mark.nats
+
+
+@asynccontextmanager
+async def listening(trigger: EmailTrigger, settings: Settings) -> AsyncIterator[Runner]:
+    """The trigger run by its `Runner` on a client of `settings`, once it is bound."""
+    async with Client(settings) as client:
+        runner = Runner(trigger, client)
+        runner.start()
+        try:
+            await asyncio.wait_for(trigger.listening(), 20)
+            yield runner
+        finally:
+            await runner.stop()
+
+
+async def stored_events(nats_url: str, namespace: str, type_: str) -> list[Event]:
+    """Every event of `type_` in the namespace's stream, repeats included, in order."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        stream = f"{namespace.upper()}_EVENTS"
+        subject = f"{namespace}.events.{type_}"
+        info = await js.stream_info(stream, subjects_filter=subject)
+        total = sum((info.state.subjects or {}).values())
+        events: list[Event] = []
+        if total == 0:
+            return events
+        sub = await js.subscribe(subject, ordered_consumer=True)
+        try:
+            while len(events) < total:
+                msg = await sub.next_msg(timeout=10)
+                events.append(decode(msg.headers, msg.data))
+        finally:
+            await sub.unsubscribe()
+        return events
+    finally:
+        await nc.close()
+
+
+def mail(n: int, *, message_id: bool = True, size: int = 0) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = "sender@example.org"
+    message["To"] = "inbox@example.org"
+    message["Subject"] = f"mail {n}"
+    if message_id:
+        message["Message-ID"] = f"<mail-{n}@example.org>"
+    message.set_content(f"body of mail {n}\n" + ("x" * 69 + "\n") * (size // 70))
+    return message
+
+
+def send(port: int, message: EmailMessage, **login: str) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        if login:
+            smtp.login(login["user"], login["password"])
+        smtp.send_message(message)
+
+
+@pytest.fixture
+def own_nats(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server for this test alone, with its data on disk: it gets killed."""
+    server = NatsServer(tmp_path / "jetstream")
+    server.start()
+    yield server
+    server.stop(kill=True)
+
+
+@pytest.mark.slow
+@pytest.mark.chaos
+async def test_fifty_mails_while_the_bus_is_down_are_refused_451_then_exactly_fifty_events(
+    own_nats: NatsServer, namespace: str, tmp_path: Path
+) -> None:
+    settings = settings_for(own_nats.url, namespace, tmp_path)
+    trigger = EmailTrigger("inbox", port=0, publish_timeout=5)
+    async with listening(trigger, settings) as runner:
+        # One mail first: the stream exists and the client is connected.
+        await asyncio.to_thread(send, trigger.port, mail(0))
+        own_nats.stop(kill=True)
+        down_at = time.monotonic()
+
+        refused: list[int] = []  # the 451s, over every try of every mail
+
+        def first_pass() -> list[int]:
+            """All 50 mails once, while the bus is down: each should be refused."""
+            left = []
+            for n in range(1, 51):
+                try:
+                    send(trigger.port, mail(n))
+                except smtplib.SMTPResponseException as e:
+                    assert e.smtp_code == 451, e
+                    assert b"try again later" in e.smtp_error
+                    refused.append(n)
+                    left.append(n)
+            return left
+
+        left = await asyncio.to_thread(first_pass)
+        assert len(refused) == 50  # the bus was down for all of them
+
+        await asyncio.sleep(max(0.0, 5 - (time.monotonic() - down_at)))
+        own_nats.start()
+
+        def retry(left: list[int]) -> None:
+            """Each refused mail again, as a sending server would, until it is accepted."""
+            deadline = time.monotonic() + 60
+            while left:
+                assert time.monotonic() < deadline, f"still refused: {left}"
+                n = left[0]
+                try:
+                    send(trigger.port, mail(n))
+                    left.pop(0)
+                except smtplib.SMTPResponseException as e:
+                    assert e.smtp_code == 451, e
+                    refused.append(n)
+                    time.sleep(0.2)
+
+        await asyncio.to_thread(retry, left)
+        assert runner.status.events == 51
+
+    events = await stored_events(own_nats.url, namespace, "email.received")
+    assert len(events) == 51
+    expected = {source_id("inbox", f"<mail-{n}@example.org>") for n in range(51)}
+    assert {e.id for e in events} == expected
+    assert sorted(e.data["subject"] for e in events) == sorted(f"mail {n}" for n in range(51))
+
+
+async def test_a_mail_with_attachments_carries_their_metadata_and_a_path_to_their_content(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    settings = settings_for(nats_url, namespace, tmp_path)
+    trigger = EmailTrigger("attached", port=0, inline_limit=1024)
+    big = bytes(range(256)) * 400  # 100 KiB: referenced only
+    small = b"tiny,csv\n1,2\n"  # inlined as well
+    message = mail(1)
+    message.add_attachment(big, maintype="application", subtype="pdf", filename="report.pdf")
+    message.add_attachment(small, maintype="text", subtype="csv", filename="data.csv")
+    async with listening(trigger, settings) as runner:
+        await asyncio.to_thread(send, trigger.port, message)
+        await asyncio.to_thread(send, trigger.port, message)  # a sender's retry: one event
+        assert (runner.status.events, runner.status.duplicates) == (1, 1)
+
+    [event] = await stored_events(nats_url, namespace, "email.received")
+    assert event.id == source_id("attached", "<mail-1@example.org>")
+    data = event.data
+    assert data["text"].startswith("body of mail 1")
+    assert data["headers"]["subject"] == "mail 1"
+    assert data["envelope"]["rcpt_to"] == ["inbox@example.org"]
+    pdf, csv = data["attachments"]
+    assert (pdf["filename"], pdf["content_type"], pdf["size"]) == (
+        "report.pdf", "application/pdf", len(big),
+    )  # fmt: skip
+    for meta, content in ((pdf, big), (csv, small)):
+        assert meta["sha256"] == hashlib.sha256(content).hexdigest()
+        path = Path(meta["path"])
+        assert path.name == meta["sha256"]
+        assert path.is_relative_to(settings.home_path)
+        stored = await asyncio.to_thread(path.read_bytes)
+        assert hashlib.sha256(stored).hexdigest() == meta["sha256"]
+    assert "content_base64" not in pdf
+    assert csv["content_base64"] == "dGlueSxjc3YKMSwyCg=="
+
+
+async def test_an_html_only_mail_in_latin_1_gives_its_text_and_no_message_id_gives_a_hash(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    settings = settings_for(nats_url, namespace, tmp_path)
+    trigger = EmailTrigger("html", port=0)
+    raw = (
+        b"From: a@example.org\r\nTo: b@example.org\r\nSubject: =?utf-8?q?caf=C3=A9?=\r\n"
+        b"MIME-Version: 1.0\r\nContent-Type: text/html; charset=iso-8859-1\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+        b"<html><head><style>p{}</style></head><body><p>Gr=FC=DFe</p>"
+        b"<p>a&amp;b<br>end</p></body></html>\r\n"
+    )
+
+    def send_raw() -> None:
+        with smtplib.SMTP("127.0.0.1", trigger.port, timeout=30) as smtp:
+            smtp.sendmail("a@example.org", ["b@example.org"], raw)
+
+    async with listening(trigger, settings):
+        await asyncio.to_thread(send_raw)
+    [event] = await stored_events(nats_url, namespace, "email.received")
+    assert event.data["subject"] == "café"
+    assert event.data["text"] == "Grüße\na&b\nend"
+    assert event.data["text_from_html"] is True
+    assert event.data["message_id"] is None
+    assert event.id == source_id("html", "sha256:" + hashlib.sha256(raw).hexdigest())
+    assert html_to_text("<ul><li>one</li><li>two</li></ul><script>x()</script>") == "one\ntwo"
+
+
+async def test_a_mail_over_the_size_limit_is_refused_552_and_publishes_nothing(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    settings = settings_for(nats_url, namespace, tmp_path)
+    trigger = EmailTrigger("small", port=0, max_size=20_000)
+    too_big = mail(1, size=40_000)
+    async with listening(trigger, settings) as runner:
+
+        def refusals() -> list[int]:
+            codes = []
+            with smtplib.SMTP("127.0.0.1", trigger.port, timeout=30) as smtp:
+                # smtplib declares SIZE: refused at MAIL FROM already.
+                try:
+                    smtp.send_message(too_big)
+                except smtplib.SMTPResponseException as e:
+                    codes.append(e.smtp_code)
+                # A sender that declares no size: refused at the end of DATA.
+                smtp.ehlo()
+                smtp.mail("sender@example.org")
+                smtp.rcpt("inbox@example.org")
+                code, _ = smtp.data(too_big.as_string())  # CRLF line ends
+                codes.append(code)
+                # The session goes on: a mail within the limit is accepted.
+                smtp.send_message(mail(2))
+            return codes
+
+        assert await asyncio.to_thread(refusals) == [552, 552]
+        assert runner.status.events == 1
+    events = await stored_events(nats_url, namespace, "email.received")
+    assert [e.data["subject"] for e in events] == ["mail 2"]
+
+
+async def test_auth_is_required_when_declared_and_wrong_credentials_are_refused(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    settings = settings_for(nats_url, namespace, tmp_path)
+    trigger = EmailTrigger("secured", port=0, credentials={"alice": "s3cret"})
+    async with listening(trigger, settings) as runner:
+
+        def attempts() -> dict[str, Any]:
+            seen: dict[str, Any] = {}
+            try:
+                send(trigger.port, mail(1))
+            except smtplib.SMTPResponseException as e:
+                seen["anonymous"] = e.smtp_code
+            try:
+                send(trigger.port, mail(2), user="alice", password="wrong")
+            except smtplib.SMTPAuthenticationError as e:
+                seen["wrong"] = e.smtp_code
+            send(trigger.port, mail(3), user="alice", password="s3cret")
+            return seen
+
+        assert await asyncio.to_thread(attempts) == {"anonymous": 530, "wrong": 535}
+        assert runner.status.events == 1
+    [event] = await stored_events(nats_url, namespace, "email.received")
+    assert event.data["subject"] == "mail 3"
+    # Beyond loopback, AUTH without TLS would send passwords in the clear.
+    with pytest.raises(ConfigError, match="tls_context"):
+        EmailTrigger("open", host="0.0.0.0", credentials={"alice": "s3cret"})
+
+
+async def test_a_port_in_use_is_a_trigger_unavailable_naming_the_fix(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        trigger = EmailTrigger("busy", port=port)
+        async with Client(settings_for(nats_url, namespace, tmp_path)) as client:
+            sink = Sink(client, TriggerStatus("busy", "email"))
+            with pytest.raises(TriggerUnavailable, match="already in use") as caught:
+                await trigger.run(sink)
+    assert "EmailTrigger(port=...)" in str(caught.value)
