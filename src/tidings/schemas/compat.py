@@ -527,10 +527,11 @@ class _Checker:
     ) -> list[Incompatibility]:
         found: list[Incompatibility] = []
         integer = branch["type"] == "integer"
-        if "integer" in _types_of(reader) and "number" not in _types_of(reader) and not integer:
+        kinds = _types_of(reader) if "type" in reader else {"number", "integer"}
+        if "number" not in kinds and not integer:
             multiple = branch.get("multipleOf")
             if not (isinstance(multiple, int | float) and float(multiple).is_integer()):
-                found.append(self._type_lost(path, ["number"], _types_of(reader)))
+                found.append(self._type_lost(path, ["number"], kinds))
         for side in ("minimum", "maximum"):
             wbound = _bound(branch, side, integer)
             rbound = _bound(reader, side, False)

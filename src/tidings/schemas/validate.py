@@ -34,26 +34,23 @@ def validator(schema: Mapping[str, Any] | bool) -> Callable[[Any], None]:
     compiled = jsonschema_rs.validator_for(
         schema if isinstance(schema, bool) else dict(schema), validate_formats=True
     )
-    is_valid = compiled.is_valid
+    check = compiled.validate
 
     def validate(data: Any) -> None:
         try:
-            if is_valid(data):
-                return
-        except ValueError:  # "Unsupported type": a value orjson writes as JSON
-            data = orjson.loads(orjson.dumps(data))
-            if is_valid(data):
-                return
-        error = _first_error(compiled, data)
-        if error is not None:
-            raise error
+            check(data)
+        except jsonschema_rs.ValidationError as error:
+            raise _violation(error) from None
+        except ValueError:  # "Unsupported type": a value that orjson writes as JSON
+            try:
+                check(orjson.loads(orjson.dumps(data)))
+            except jsonschema_rs.ValidationError as error:
+                raise _violation(error) from None
 
     return validate
 
 
-def _first_error(compiled: Any, data: Any) -> SchemaViolation | None:
-    for error in compiled.iter_errors(data):
-        keywords = [p for p in error.schema_path if isinstance(p, str)]
-        rule = keywords[-1] if keywords else "schema"
-        return SchemaViolation(pointer(error.instance_path), rule, error.message)
-    return None
+def _violation(error: jsonschema_rs.ValidationError) -> SchemaViolation:
+    keywords = [part for part in error.schema_path if isinstance(part, str)]
+    rule = keywords[-1] if keywords else "schema"
+    return SchemaViolation(pointer(error.instance_path), rule, error.message)
