@@ -7,7 +7,7 @@ import inspect
 import re
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
@@ -17,6 +17,7 @@ from tidings.events import Event, check_pattern, matches
 from tidings.runtime.filters import Predicate, compile_filter
 from tidings.runtime.outcomes import Backoff
 from tidings.runtime.spec import DEFAULT_MAX_DEPTH, AgentSpec, Handler, Start
+from tidings.triggers.base import Trigger
 
 log = structlog.get_logger("tidings.app")
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from tidings.tools import ToolSpec
 
 StartupHook = Callable[["Client"], Coroutine[Any, Any, None]]
+TriggerT = TypeVar("TriggerT", bound=Trigger)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
@@ -45,6 +47,7 @@ class App:
         self._settings = settings
         self.agents: dict[str, AgentSpec] = {}
         self.startup_hooks: list[StartupHook] = []
+        self.triggers: dict[str, Trigger] = {}  # outside sources: app.trigger(...)
         self.tools: dict[str, ToolSpec] = {}
         self.mcp_servers: list[McpServer] = []
         self._llm: Models | None = None
@@ -203,6 +206,20 @@ class App:
             return handler
 
         return register
+
+    def trigger(self, trigger: TriggerT) -> TriggerT:
+        """Declare a trigger: a source outside (a schedule, a folder...) that publishes events.
+
+        Every worker runs it (``tidings run``; ``--triggers-only`` in a process of its
+        own); ids from the source make each thing there one event however many run it.
+        """
+        name = trigger.name
+        if not _NAME_RE.match(name):
+            raise ConfigError(f"trigger name {name!r}: use letters, digits, '-' and '_'")
+        if name in self.triggers:
+            raise ConfigError(f"trigger {name!r} is declared twice in app {self.name!r}")
+        self.triggers[name] = trigger
+        return trigger
 
     def on_startup(self, hook: StartupHook) -> StartupHook:
         """Run `hook(client)` as a background task once the worker is up (e.g. a feed)."""

@@ -3,7 +3,8 @@
 Each agent, each tool, each agent's tool replies and the app's approval answers is a
 `Processor` run by the one loop in `consumer.py`. Besides them a worker sweeps parked
 questions (`approvals.py`), the outbox (rows whose source event will not come back), and
-old records (retention).
+old records (retention). It also runs the app's triggers (`tidings.triggers.base.Runner`),
+started after the consumers and stopped before them; ``--triggers-only`` runs only those.
 
 A started worker records its bus and store under its home (`publish_worker`) so the CLI
 in another terminal reads the same store; one on the embedded bus restarts that server
@@ -36,6 +37,7 @@ from tidings.runtime.tools import ReplyHub, ReplyRecorder, ToolService, ToolStat
 from tidings.store import open_store
 from tidings.store.base import Store
 from tidings.tools import ToolSpec
+from tidings.triggers.base import Runner
 
 if TYPE_CHECKING:
     from tidings.bus.embedded import EmbeddedNats
@@ -70,11 +72,20 @@ class Worker:
     """Runs all consumers of `app`: connects the bus (or the embedded one) and the store."""
 
     def __init__(
-        self, app: App, settings: Settings | None = None, *, startup_hooks: bool = True
+        self,
+        app: App,
+        settings: Settings | None = None,
+        *,
+        startup_hooks: bool = True,
+        consumers: bool = True,
+        triggers: bool = True,
     ) -> None:
         self.app = app
         self.settings = settings or app.settings
-        self.startup_hooks = startup_hooks  # off in tests that publish their own events
+        self.startup_hooks = startup_hooks and consumers  # off in tests that publish their own
+        self.consumes = consumers  # agents, tools and their helpers (off: --triggers-only)
+        self.runs_triggers = triggers  # off: --no-triggers
+        self.triggers: dict[str, Runner] = {}  # by trigger name
         self.runners: dict[str, Consumer] = {}  # agents, by agent name
         self.tool_runners: dict[str, Consumer] = {}  # tool services, by tool name
         self.consumers: list[Consumer] = []  # agents and tools: stopped first
@@ -109,7 +120,7 @@ class Worker:
         self._phase = "started"
         log.info(
             "worker started", app=self.app.name, agents=list(self.runners),
-            tools=list(self.tool_runners),
+            tools=list(self.tool_runners), triggers=list(self.triggers),
         )  # fmt: skip
 
     async def _consume(self, processor: Processor, *, helper: bool = False) -> Consumer:
@@ -126,8 +137,9 @@ class Worker:
         assert self.bus is not None and self.store is not None
         store = self.store
         await store.open()
-        self.tools = dict(self.app.tools)
-        if self.app.mcp_servers:
+        self.tools = dict(self.app.tools) if self.consumes else {}
+        agents = self.app.agents if self.consumes else {}
+        if self.app.mcp_servers and self.consumes:
             from tidings.mcp import McpBridge
 
             for server in self.app.mcp_servers:
@@ -139,17 +151,20 @@ class Worker:
             await service.register()
             self.tool_runners[tool.name] = await self._consume(service)
         self.services = services = services_for(self.app, self.bus, store, self.tools)
-        for spec in self.app.agents.values():
+        for spec in agents.values():
             # Replies before the agent, so a call made at once finds its reply recorded.
             await self._consume(ReplyRecorder(services.replies, spec.name), helper=True)
             pipeline = Pipeline(spec, services, self.app.name)
             self.runners[spec.name] = await self._consume(pipeline)
-        if self.app.agents:
+        if agents:
             await self._consume(Answers(store, self.bus, self.app.name), helper=True)
-            self._sweeper = Sweeper(store, self.bus, self.app.agents)
+            self._sweeper = Sweeper(store, self.bus, agents)
             self._sweeper.start()
         client = Client(settings=self.settings, source=f"/{self.app.name}", bus=self.bus,
                         store=store)  # fmt: skip
+        for trigger in self.app.triggers.values() if self.runs_triggers else ():
+            runner = self.triggers[trigger.name] = Runner(trigger, client, store)
+            runner.start()
         for hook in self.app.startup_hooks if self.startup_hooks else ():
             name = f"startup hook {getattr(hook, '__qualname__', hook)}"
             self._background.add(asyncio.create_task(hook(client), name=name))
@@ -206,6 +221,8 @@ class Worker:
         if self._published is not None:
             unpublish_worker(self._published)
             self._published = None
+        # Triggers first: nothing new comes in while the rest winds down.
+        await asyncio.gather(*(runner.stop() for runner in self.triggers.values()))
         await self._stop_background(grace)
         try:
             await self._disconnect(grace)
@@ -257,6 +274,7 @@ class Worker:
         before = datetime.now(UTC) - timedelta(days=self.settings.retention_days)
         removed = await self.store.prune(before)
         removed.update(await self.store.prune_steps(before))
+        removed["trigger_statuses"] = await self.store.prune_trigger_statuses(before)
         if any(removed.values()):
             log.info("pruned old records", **removed)
 

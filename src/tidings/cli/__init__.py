@@ -22,6 +22,7 @@ from tidings.cli.records import decisions, dlq
 from tidings.cli.run import run
 from tidings.cli.token import token
 from tidings.cli.trace import trace, why
+from tidings.cli.triggers import triggers
 from tidings.logs import configure_logging
 
 __all__ = ["cli", "main"]
@@ -109,6 +110,7 @@ cli.add_typer(decisions, name="decisions", cls=Commands)
 cli.add_typer(approvals, name="approvals", cls=Commands)
 cli.command()(asyncapi)
 cli.command()(token)
+cli.command()(triggers)
 cli.command()(trace)
 cli.command()(why)
 

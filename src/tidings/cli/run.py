@@ -26,6 +26,7 @@ from tidings.app import App
 from tidings.cli.common import console, err_console, guarded, load_app, options_of
 from tidings.cli.display import show_stats, startup_panel
 from tidings.config import Settings
+from tidings.errors import ConfigError
 from tidings.worker import Worker
 
 
@@ -35,7 +36,7 @@ class _ObservedWorker(Worker):
     def __init__(
         self, app: App, settings: Settings, gateway_socket: socket.socket | None = None
     ) -> None:
-        super().__init__(app, settings)
+        super().__init__(app, settings, **trigger_mode())
         self.started = asyncio.Event()
         self.gateway: Any = None
         self.gateway_socket = gateway_socket  # bound before anything started
@@ -103,6 +104,23 @@ def run(
     label: Annotated[
         str, typer.Option(hidden=True, help="Name of this worker in plain summaries.")
     ] = "",
+    triggers_only: Annotated[
+        bool,
+        typer.Option(
+            "--triggers-only",
+            envvar="TIDINGS_TRIGGERS_ONLY",
+            help="Run only the app's triggers, in processes of their own: no agents, tools"
+            " or startup hooks.",
+        ),
+    ] = False,
+    no_triggers: Annotated[
+        bool,
+        typer.Option(
+            "--no-triggers",
+            envvar="TIDINGS_NO_TRIGGERS",
+            help="Leave the app's triggers out (run them elsewhere with --triggers-only).",
+        ),
+    ] = False,
     gateway: Annotated[
         bool | None,
         typer.Option(
@@ -131,6 +149,7 @@ def run(
         if gateway_port is not None:
             settings = dataclasses.replace(settings, gateway_port=gateway_port)
         app = load_app(target)
+        _check_trigger_mode(app, triggers_only=triggers_only, no_triggers=no_triggers)
         if settings.gateway:
             gateway_socket = _check_gateway(settings)
     app.settings = settings  # app.client() in user code then sees --bus/--store/--home too
@@ -142,6 +161,32 @@ def run(
         asyncio.run(
             _run_worker(app, settings, grace, quiet=quiet, label=label, sock=gateway_socket)
         )
+
+
+def _check_trigger_mode(app: App, *, triggers_only: bool, no_triggers: bool) -> None:
+    """Refuse flags that cannot both hold; pass the choice on to this and child workers."""
+    if triggers_only and no_triggers:
+        raise ConfigError("--triggers-only and --no-triggers exclude each other: choose one")
+    if triggers_only and not app.triggers:
+        raise ConfigError(
+            f"--triggers-only: app {app.name!r} declares no triggers; declare one with"
+            " app.trigger(...) or run without the flag"
+        )
+    # Through the environment, as the options read it: `--workers N` children inherit it.
+    if triggers_only:
+        os.environ["TIDINGS_TRIGGERS_ONLY"] = "1"
+    if no_triggers:
+        os.environ["TIDINGS_NO_TRIGGERS"] = "1"
+
+
+def trigger_mode() -> dict[str, bool]:
+    """The worker's arguments for ``--triggers-only`` / ``--no-triggers``."""
+
+    def on(env: str) -> bool:
+        return os.environ.get(env, "").lower() in ("1", "true", "yes")
+
+    only, off = on("TIDINGS_TRIGGERS_ONLY"), on("TIDINGS_NO_TRIGGERS")
+    return {"consumers": not only, "triggers": not off}
 
 
 def _check_gateway(settings: Settings) -> socket.socket:
