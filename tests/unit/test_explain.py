@@ -1,0 +1,104 @@
+"""The verdicts of `tidings trace` and `tidings why`, built from records without any I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tidings import App, Context, Event
+from tidings.cli.explain import Gathered, Seen, evaluate, explain, referenced_paths
+from tidings.events import new_id, now
+from tidings.store.records import Decision, EventRecords
+
+
+def app() -> App:
+    shop = App("shop")
+
+    async def handler(event: Event, ctx: Context) -> None: ...
+
+    shop.agent("big", on="payment.*", where="data.amount > 1000 && data.currency == 'EUR'")(handler)
+    shop.agent("typed", on="payment.*", where="data.card.country == event.subject")(handler)
+    shop.agent("callable", on="payment.*", where=lambda e: bool(e.data.get("vip")))(handler)
+    shop.agent("orders", on="order.>")(handler)
+    shop.agent("all", on="payment.created")(handler)
+    return shop
+
+
+def test_the_paths_an_expression_reads() -> None:
+    assert referenced_paths("data.amount > 1000 && data.currency == 'EUR'") == [
+        "data.amount", "data.currency",
+    ]  # fmt: skip
+    # A method call is not a field, string literals are not paths, repeats count once.
+    assert referenced_paths("data.items.size() > 2 && 'data.x' != data.a.b && data.a.b") == [
+        "data.items", "data.a.b",
+    ]  # fmt: skip
+    assert referenced_paths("event.subject == 'x' && has(data.card)") == [
+        "event.subject", "data.card",
+    ]  # fmt: skip
+
+
+def test_a_false_filter_names_the_values_that_decided_it() -> None:
+    agents = app().agents
+    event = Event.create("payment.created", {"amount": 250, "currency": "EUR"}, subject="FR")
+    dropped = evaluate(agents["big"], event)
+    assert dropped is not None and dropped.verdict == "dropped" and dropped.re_evaluated
+    assert dropped.line == (
+        "dropped: data.amount > 1000 && data.currency == 'EUR' was false"
+        " (data.amount = 250, data.currency = 'EUR')"
+    )
+    assert dropped.values == {"data.amount": 250, "data.currency": "EUR"}
+    assert evaluate(agents["big"], event.replace(data={"amount": 5000, "currency": "EUR"})) is None
+
+
+def test_a_filter_that_cannot_be_evaluated_is_a_filter_error() -> None:
+    agents = app().agents
+    event = Event.create("payment.created", {"amount": 250}, subject="FR")
+    verdict = evaluate(agents["typed"], event)
+    assert verdict is not None and verdict.verdict == "filter_error"
+    assert verdict.missing == ["data.card.country"] and verdict.values == {"event.subject": "FR"}
+    assert "counted as filter errors" in verdict.summary
+    called = evaluate(agents["callable"], event)
+    assert called is not None and called.verdict == "dropped"
+    assert called.where is not None and called.where.endswith("<lambda>()")
+
+
+def decision(agent: str, event: Event, status: Any = "ok", **changes: Any) -> Decision:
+    values: dict[str, Any] = {
+        "id": new_id(), "agent": agent, "agent_version": "1", "event_id": event.id,
+        "event_type": event.type, "correlation_id": event.correlationid, "key": None,
+        "status": status, "result": {"ok": True}, "state_before": {}, "state_after": {},
+        "emitted": [], "steps": [], "attempts": 1, "started_at": now(), "duration_ms": 1.0,
+    }  # fmt: skip
+    values.update(changes)
+    return Decision(**values)
+
+
+def test_the_tree_links_events_by_cause_and_judges_every_agent() -> None:
+    agents = app().agents
+    root = Event.create("payment.created", {"amount": 250, "currency": "EUR", "vip": True})
+    child = root.derive("order.placed", {"n": 1}, source="all")
+    records = EventRecords(
+        decisions=[
+            decision("all", root, emitted=[{"id": child.id, "type": child.type}], attempts=3),
+            decision("callable", root, "dead_lettered", error="PolicyViolation: emitted x"),
+            decision("orders", child, "dead_lettered", error="RuntimeError: boom", attempts=5),
+        ],
+        dead_letters=[], parked=[], outbox=[],
+    )  # fmt: skip
+    # The child's data is not known (no bus, no outbox row): it hangs under its cause.
+    gathered = Gathered(records, {root.id: Seen(root, "bus")})
+    (tree,) = explain(gathered, agents)
+    verdicts = {v.agent: v for v in tree.agents}
+    assert {a: v.verdict for a, v in verdicts.items()} == {
+        "all": "handled", "big": "dropped", "callable": "denied", "orders": "not_subscribed",
+        "typed": "filter_error",
+    }  # fmt: skip
+    assert "on attempt 3 (retried 2 times)" in verdicts["all"].summary
+    (node,) = tree.children
+    assert (node.id, node.event, node.emitted_by) == (child.id, None, "all")
+    (ordered,) = [v for v in node.agents if v.agent == "orders"]
+    assert ordered.line == "dead-lettered: after 5 attempts: RuntimeError: boom"
+    # Without the app, only what the store recorded.
+    (bare,) = explain(gathered, None)
+    assert [v.agent for v in bare.agents] == ["all", "callable"]
+    (only,) = explain(gathered, agents, only="big")
+    assert [v.verdict for v in only.agents] == ["dropped"]
