@@ -9,6 +9,7 @@ from tidings.bus.connect import connect_bus
 from tidings.config import Settings
 from tidings.errors import IdTaken
 from tidings.events import Event
+from tidings.schemas.registry import EventTypes, dataschema
 from tidings.store import open_store
 from tidings.store.base import Store
 
@@ -21,6 +22,10 @@ class Client:
     after the broker's dedupe window has passed (the store keeps a publish ledger). The
     ledger records whose id it is (`owner`, by default every piece of the app's own
     code alike); an id another owner used first raises `IdTaken`.
+
+    With `schemas` (an app's declared event types: `app.client()` passes them), data is
+    validated before it is sent and stamped with its version (`SchemaViolation` names
+    the JSON pointer and the rule; nothing is published).
     """
 
     def __init__(
@@ -31,8 +36,10 @@ class Client:
         bus: Bus | None = None,
         store: Store | None = None,
         owner: str = "code",
+        schemas: EventTypes | None = None,
     ) -> None:
         self.settings = settings or Settings.load()
+        self.schemas = schemas
         self.source = source
         self.owner = owner
         self._bus = bus
@@ -84,11 +91,19 @@ class Client:
         source: str | None = None,
         **attributes: Any,
     ) -> Event:
-        """Publish a new event of `type` with `data` (a dict or a pydantic model)."""
+        """Publish a new event of `type` with `data` (a dict or a pydantic model).
+
+        A model declared with `@app.event` publishes as its version.
+        """
+        declared = self.schemas.of_model(data.__class__) if self.schemas is not None else None
+        if declared is not None and declared.event_type == type:
+            attributes.setdefault("dataschema", dataschema(type, declared.version))
         event = Event.create(
             type, data, source=source or self.source, id=id, subject=subject, **attributes
         )
-        await self.publish_event(event, explicit_id=id is not None)
+        if self.schemas:
+            event = self.schemas.outbound(event)
+        await self._send(event, explicit_id=id is not None, owner=None)
         return event
 
     async def publish_event(
@@ -100,6 +115,11 @@ class Client:
         bus unrecorded (a store failure publishes nothing, and the retry is one copy).
         Raises `IdTaken` when `owner` (default: this client's) is not the id's owner.
         """
+        if self.schemas:
+            event = self.schemas.outbound(event)
+        return await self._send(event, explicit_id=explicit_id, owner=owner)
+
+    async def _send(self, event: Event, *, explicit_id: bool, owner: str | None) -> bool:
         if not explicit_id:
             await self.bus.publish(event)
             return True

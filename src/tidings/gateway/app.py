@@ -29,9 +29,11 @@ from tidings.client import Client
 from tidings.config import Settings
 from tidings.errors import (
     BusError,
+    ConfigError,
     EventTooLarge,
     MalformedEvent,
     PolicyViolation,
+    SchemaViolation,
     StateConflict,
     StoreError,
 )
@@ -272,6 +274,9 @@ class InvokeBody(BaseModel):
     source: str | None = None
     subject: str | None = None
     correlationid: str | None = None
+    dataschema: str | None = Field(
+        default=None, description="the data's version, tidings:schema/<type>/<n>; default latest"
+    )
 
 
 class InvokeResult(BaseModel):
@@ -402,6 +407,12 @@ def create_app(
         answer = too_large(exc)  # never worth retrying: not a 503
         return JSONResponse({"error": answer.message}, answer.status)
 
+    @api.exception_handler(SchemaViolation)
+    async def _schema_violation(_: Request, exc: SchemaViolation) -> JSONResponse:
+        # The data breaks its type's declared schema: say where and which rule.
+        answer = {"error": f"invalid data: {exc}", "pointer": exc.pointer, "rule": exc.rule}
+        return JSONResponse(answer, 422)
+
     @api.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         reasons = "; ".join(
@@ -467,6 +478,7 @@ def create_app(
                     if why is not None:
                         raise HttpError(400, f"event {name} {value[:80]!r}: {why}")
                 check_event(event, g.bus)
+                event = _declared(g.app, event, n if batch else None)
                 await _check_correlation(g, event, who)
             except HttpError as e:
                 raise _at(e, n, batch) from None
@@ -523,11 +535,13 @@ def create_app(
                 id=event_id,
                 subject=body.subject,
                 correlationid=body.correlationid or event_id,
+                dataschema=body.dataschema,
             )
         except ValueError as e:
             raise HttpError(400, f"invalid event: {e}") from e
         event = stamp(event, who.tenant, who.user, who.is_admin)
         check_event(event, g.bus)
+        event = _declared(g.app, event, None)  # then the pipeline upcasts it, as on the bus
         await _check_correlation(g, event, who)
         if not any(matches(p, event.type) for p in pipeline.spec.patterns):
             raise HttpError(
@@ -733,6 +747,21 @@ async def _run(pipeline: Pipeline, event: Event) -> Invoked:
             log.warning("invoke failed", agent=name, event_id=event.id, error=repr(e))
             raise HttpError(500, f"agent {name!r} failed: {type(e).__name__}: {e}") from e
     raise AssertionError("unreachable")
+
+
+def _declared(app: App, event: Event, n: int | None) -> Event:
+    """`event` validated against its type's declared schema and stamped with its version.
+
+    A `SchemaViolation` (422 with the pointer) names the batch index when `n` is given.
+    """
+    try:
+        return app.schemas.outbound(event)
+    except SchemaViolation as e:
+        if n is None:
+            raise
+        raise SchemaViolation(e.pointer, e.rule, f"event {n} of the batch: {e.message}") from None
+    except ConfigError as e:  # a version the app does not declare
+        raise HttpError(422, str(e)) from None
 
 
 def _at(error: HttpError, n: int, batch: bool) -> HttpError:

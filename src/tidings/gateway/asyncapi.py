@@ -2,8 +2,10 @@
 
 One channel per event type or pattern (its address is the type, as on the bus), one
 `receive` operation per consumed pattern and one `send` operation per declared `emits`
-entry of each agent. Payload schemas come from the agents' `data_model` (pydantic); the
-CloudEvents attributes travel as ``ce-*`` headers (binary content mode). Each tool of
+entry of each agent. Payload schemas come from the declared event types (`@app.event`),
+one message per version, its ``ce-dataschema`` naming it; for an undeclared type, from the
+agents' `data_model` (pydantic). The CloudEvents attributes travel as ``ce-*`` headers
+(binary content mode). Each tool of
 ``app.tools`` is a request/reply operation: calls on ``tool.invoke.<tool>``, replies on
 the calling agent's ``tool.result.{agent}``.
 """
@@ -15,6 +17,7 @@ from typing import Any
 
 from tidings.app import App
 from tidings.events import ATTRIBUTES
+from tidings.schemas.registry import EventVersion
 from tidings.tools import RESULT, invoke_type
 
 _HEADERS = {
@@ -28,6 +31,8 @@ _HEADERS = {
 def build(app: App, *, server: str | None = None) -> dict[str, Any]:
     """The AsyncAPI 3.0.0 document of `app` as a JSON-ready dict."""
     doc = _Document(app)
+    for event_type in app.schemas.types():
+        doc.declared(event_type, app.schemas.versions(event_type))
     for spec in app.agents.values():
         model = _schema_of(doc, spec.data_model) if spec.data_model is not None else None
         for pattern in spec.patterns:
@@ -62,6 +67,7 @@ class _Document:
             "components": {"schemas": {"CloudEventHeaders": _HEADERS}},
         }
         self._ids: dict[str, str] = {}
+        self._declared: set[str] = set()  # channels whose messages are the declared versions
 
     def _id(self, name: str) -> str:
         if name not in self._ids:
@@ -73,10 +79,39 @@ class _Document:
             self._ids[name] = candidate
         return self._ids[name]
 
+    def declared(self, event_type: str, versions: list[EventVersion]) -> str:
+        """The channel of a declared type: one message per version, oldest first."""
+        cid = self._id(event_type)
+        self._declared.add(cid)
+        messages: dict[str, Any] = {}
+        for declared in versions:
+            mid = f"{cid}-v{declared.version}"
+            messages[mid] = {
+                "name": event_type,
+                "title": f"{event_type} version {declared.version}",
+                "summary": f"ce-dataschema: {declared.dataschema}",
+                "contentType": "application/json",
+                "headers": {"$ref": "#/components/schemas/CloudEventHeaders"},
+                "payload": self._payload(declared),
+            }
+        self.out["channels"][cid] = {"address": event_type, "messages": messages}
+        return cid
+
+    def _payload(self, declared: EventVersion) -> dict[str, Any]:
+        if declared.model is not None:
+            return _schema_of(self, declared.model)
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{declared.event_type}.v{declared.version}")
+        self.out["components"]["schemas"][name] = _rebased(
+            declared.schema, f"#/components/schemas/{name}/"
+        )
+        return {"$ref": f"#/components/schemas/{name}"}
+
     def channel(self, address: str, payload: dict[str, Any] | None) -> str:
         """The id of the channel for `address`, created on first use."""
         cid = self._id(address)
         channels = self.out["channels"]
+        if cid in self._declared:  # its payloads are the declared versions'
+            return cid
         if cid not in channels:
             channels[cid] = {
                 "address": address,
@@ -118,10 +153,11 @@ class _Document:
         }
 
     def operation(self, name: str, action: str, channel: str, summary: str) -> dict[str, Any]:
+        messages = self.out["channels"][channel]["messages"]
         op: dict[str, Any] = {
             "action": action,
             "channel": {"$ref": f"#/channels/{channel}"},
-            "messages": [{"$ref": f"#/channels/{channel}/messages/{channel}"}],
+            "messages": [{"$ref": f"#/channels/{channel}/messages/{mid}"} for mid in messages],
         }
         if summary:
             op["summary"] = summary
@@ -136,3 +172,16 @@ def _schema_of(doc: _Document, model: type[Any]) -> dict[str, Any]:
     schemas.update(schema.pop("$defs", {}))
     schemas[model.__name__] = schema
     return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _rebased(schema: Any, base: str) -> Any:
+    """`schema` with its local references (``#/$defs/...``) pointing under `base`."""
+    if isinstance(schema, dict):
+        return {
+            k: (base + v[2:] if k == "$ref" and isinstance(v, str) and v.startswith("#/") else
+                _rebased(v, base))
+            for k, v in schema.items()
+        }  # fmt: skip
+    if isinstance(schema, list):
+        return [_rebased(v, base) for v in schema]
+    return schema

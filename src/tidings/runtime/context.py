@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from tidings.llm import Completion, Message, Models
     from tidings.runtime.spec import AgentSpec
     from tidings.runtime.tools import ReplyHub
+    from tidings.schemas.registry import EventTypes
     from tidings.tools import ToolSpec
 
 
@@ -42,6 +43,7 @@ class Services:
     models: Models | None = None
     tools: Mapping[str, ToolSpec] = field(default_factory=dict)
     served: set[str] = field(default_factory=set)  # tool names known to be served
+    schemas: EventTypes | None = None  # the app's declared event types: emit validates
 
 
 _MISSING = object()
@@ -239,6 +241,9 @@ class Context:
             )
         event = self.event.derive(type, data, source=self._source, id=id, subject=subject,
                                   **attributes)  # fmt: skip
+        schemas = self._services.schemas if self._services is not None else None
+        if schemas:  # SchemaViolation: bad output is a bug, dead-lettered, never published
+            event = schemas.outbound(event)
         try:
             headers, body = encode(event)
         except TypeError as e:

@@ -1,6 +1,8 @@
 """The processing pipeline of design.md §3 for one agent: the agents' `Processor`.
 
     1. decode and validate the envelope        screen()   malformed -> dead letter, no retry
+       validate the data, upcast it to the     screen()   invalid -> dead letter, no retry
+       version the agent reads
     2. evaluate `where`                        screen()   false -> ack; no store access
        (the event now waits on its key's lane, see consumer.py)
     3. idempotency: already processed?         process()  yes -> re-publish its outbox, ack
@@ -24,7 +26,7 @@ import orjson
 import structlog
 
 from tidings.bus.base import ConsumerSpec, Delivery
-from tidings.errors import MalformedEvent
+from tidings.errors import ConfigError, MalformedEvent
 from tidings.events import Event, decode, encode, new_id, now
 from tidings.runtime.commits import Committer
 from tidings.runtime.consumer import Settled
@@ -81,6 +83,15 @@ class Pipeline:
             spec.where if isinstance(spec.where, str) else getattr(spec.where, "__qualname__", "")
         )
         self.filter_errors = FilterErrorReport(spec.name, where, services.store)
+        # The declared types this agent reads and as which version; a missing upcaster
+        # is a ConfigError now, at start, not a dead letter per event later.
+        self.schemas = services.schemas
+        self.reads: dict[str, int] = {}
+        if self.schemas:
+            self.reads = self.schemas.targets_of(
+                f"agent {spec.name!r}", spec.patterns, spec.data_version, spec.data_model
+            )
+            self.schemas.check_chains(self.reads)
 
     @property
     def store(self) -> Store:
@@ -117,6 +128,11 @@ class Pipeline:
             return DeadLetter(describe(e), None)
         if event.depth > self.spec.max_depth:
             return DeadLetter(self._loop(event), None)
+        if self.schemas is not None and event.type in self.reads:
+            try:  # the filter, like the handler, sees the version the agent reads
+                event = self.schemas.upcast(event, self.reads[event.type]).event
+            except (MalformedEvent, ConfigError) as e:  # SchemaViolation: names the pointer
+                return DeadLetter(describe(e), None)
         predicate = self.spec.predicate
         if predicate is not None:
             try:

@@ -6,7 +6,7 @@ without importing the app that declares agents.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -47,6 +47,9 @@ class AgentSpec:
     description: str = field(default="")
     start: Start = "all"
     max_depth: int = DEFAULT_MAX_DEPTH
+    # The version of each declared event type the handler reads: one for all, or per
+    # type; None: its data_model's declared version, else the latest (schemas/registry.py).
+    data_version: int | Mapping[str, int] | None = None
 
     def key_of(self, event: Event) -> str:
         """The entity key of `event` for this agent ('' when the agent is not keyed)."""

@@ -1,0 +1,590 @@
+"""Declared event types: their versions, schemas, modes and the upcasters between them.
+
+`EventTypes` is what `@app.event` and `@app.upcaster` fill, and what every path asks:
+
+- publishers (`Client.publish`, `ctx.emit`, the gateway) call `outbound`: the data is
+  validated against the version it names (the latest by default) and the event is
+  stamped with that version in `dataschema`;
+- consumers (the agents' pipeline, the gateway's invoke, `tidings tail`, replay) call
+  `upcast`: the data is validated against the version it came as, then carried up the
+  chain of upcasters to the version the consumer declares;
+- a starting worker calls `register`: each declared version is checked against the
+  registered history under the type's mode, then registered.
+
+On the wire a version is named ``dataschema = "tidings:schema/<type>/<version>"`` (a URI
+of its own scheme, so it never looks like a fetchable address). An event without one
+counts as the type's **oldest** version: every Tidings publisher stamps the version, so
+an unstamped event was published before the type was declared (or by a foreign producer
+that knows nothing of versions), and old events are what upcasters exist for.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from tidings.errors import ConfigError, SchemaViolation
+from tidings.events import Event, check_type, matches
+from tidings.schemas.compat import Incompatibility, Mode, check
+from tidings.schemas.validate import validator
+from tidings.store.base import Schemas
+from tidings.store.records import SchemaRecord
+
+__all__ = [
+    "DATASCHEMA",
+    "LOCK_FILE",
+    "EventTypes",
+    "EventVersion",
+    "IncompatibleSchema",
+    "Upcast",
+    "Upcaster",
+    "dataschema",
+    "lock_of",
+    "lock_problems",
+    "mode_of",
+    "parse_dataschema",
+    "registrant",
+]
+
+DATASCHEMA = "tidings:schema/"
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+Targets = int | Mapping[str, int] | None  # what an agent declares it reads (see `target`)
+
+
+def dataschema(event_type: str, version: int) -> str:
+    """The ``dataschema`` of a version: ``tidings:schema/order.placed/2``."""
+    return f"{DATASCHEMA}{event_type}/{version}"
+
+
+def parse_dataschema(value: str | None) -> tuple[str, int] | None:
+    """(type, version) from a ``dataschema`` Tidings wrote; None for any other value."""
+    if not value or not value.startswith(DATASCHEMA):
+        return None
+    event_type, _, version = value[len(DATASCHEMA) :].rpartition("/")
+    if not event_type or not version.isdigit():
+        return None
+    return event_type, int(version)
+
+
+def mode_of(mode: Mode | str | None) -> Mode:
+    """A compatibility mode from a `Mode` or its name ("BACKWARD", "full", ...)."""
+    if mode is None:
+        return Mode.BACKWARD
+    if isinstance(mode, Mode):
+        return mode
+    try:
+        return Mode[str(mode).upper()]
+    except KeyError:
+        names = ", ".join(m.name for m in Mode)
+        raise ConfigError(f"unknown compatibility mode {mode!r}: use one of {names}") from None
+
+
+# What is left of a mode to check for a version that an upcaster leads into.
+_FORWARD_PART = {
+    Mode.BACKWARD: Mode.NONE,
+    Mode.BACKWARD_TRANSITIVE: Mode.NONE,
+    Mode.FULL: Mode.FORWARD,
+    Mode.FULL_TRANSITIVE: Mode.FORWARD_TRANSITIVE,
+    Mode.FORWARD: Mode.FORWARD,
+    Mode.FORWARD_TRANSITIVE: Mode.FORWARD_TRANSITIVE,
+    Mode.NONE: Mode.NONE,
+}
+
+
+def canonical(schema: Any) -> bytes:
+    """A schema as canonical JSON: equal schemas, equal bytes, whatever the key order."""
+    return orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
+
+
+class IncompatibleSchema(ConfigError):
+    """A declared version breaks the registered history under its type's mode.
+
+    `problems` are the compatibility checker's findings, each with a path and a fix.
+    """
+
+    def __init__(self, event_type: str, version: int, mode: Mode, problems: list[Incompatibility]):
+        lines = "".join(f"\n  {p.path or '(root)'}: {p.change}; fix: {p.fix}" for p in problems)
+        hint = ""
+        if mode in (Mode.BACKWARD, Mode.BACKWARD_TRANSITIVE) and version > 1:
+            hint = (
+                f"\nOr convert older data for its readers with an upcaster:"
+                f" @app.upcaster({event_type!r}, {version - 1}, {version})"
+            )
+        super().__init__(
+            f"event type {event_type!r} version {version} is not {mode.name} compatible with"
+            f" the registered versions:{lines}{hint}"
+        )
+        self.event_type, self.version, self.problems = event_type, version, problems
+
+
+@dataclass(frozen=True, slots=True)
+class EventVersion:
+    """One declared version of an event type: its JSON Schema and, if any, its model."""
+
+    event_type: str
+    version: int
+    schema: dict[str, Any]
+    model: type[Any] | None = None
+
+    @property
+    def dataschema(self) -> str:
+        """How events of this version name it on the wire."""
+        return dataschema(self.event_type, self.version)
+
+
+@dataclass(frozen=True, slots=True)
+class Upcast:
+    """An event as a consumer reads it, and the version it arrived as (None: not versioned)."""
+
+    event: Event
+    arrived_as: int | None = None
+
+    @property
+    def upcast(self) -> bool:
+        """Whether the data was carried up from an older version."""
+        version = parse_dataschema(self.event.dataschema)
+        return version is not None and self.arrived_as not in (None, version[1])
+
+
+@dataclass(slots=True)
+class _Type:
+    versions: dict[int, EventVersion] = field(default_factory=dict)
+    upcasters: dict[int, dict[int, Upcaster]] = field(default_factory=dict)
+    mode: Mode | None = None
+
+
+class EventTypes:
+    """The declared event types of one app (``app.schemas``)."""
+
+    def __init__(self) -> None:
+        self._types: dict[str, _Type] = {}
+        self._models: dict[type[Any], EventVersion] = {}
+        self._validators: dict[tuple[str, int], Callable[[Any], None]] = {}
+        self._chains: dict[tuple[str, int, int], list[Upcaster]] = {}
+
+    # -- declaring ------------------------------------------------------------------
+
+    def declare(
+        self,
+        event_type: str,
+        version: int,
+        *,
+        schema: Mapping[str, Any] | None = None,
+        model: type[Any] | None = None,
+        mode: Mode | str | None = None,
+    ) -> EventVersion:
+        """Declare `version` of `event_type` by a JSON Schema or a pydantic model."""
+        self._check_name(event_type)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ConfigError(f"event type {event_type!r}: version must be a whole number >= 1")
+        if (schema is None) == (model is None):
+            raise ConfigError(
+                f"event type {event_type!r} version {version}: give a pydantic model"
+                " (@app.event on the class) or schema={...}, not both"
+            )
+        if model is not None:
+            if not hasattr(model, "model_json_schema"):
+                raise ConfigError(
+                    f"@app.event({event_type!r}) decorates {model!r}, which is no pydantic"
+                    " model; pass schema={...} for plain-dict payloads"
+                )
+            schema = model.model_json_schema()
+        assert schema is not None
+        try:
+            validator(schema)
+        except Exception as e:  # an invalid JSON Schema fails to compile
+            raise ConfigError(
+                f"event type {event_type!r} version {version}: not a valid JSON Schema ({e})"
+            ) from e
+        kind = self._types.setdefault(event_type, _Type())
+        if version in kind.versions:
+            raise ConfigError(f"event type {event_type!r} version {version} is declared twice")
+        if mode is not None:
+            chosen = mode_of(mode)
+            if kind.mode is not None and kind.mode != chosen:
+                raise ConfigError(
+                    f"event type {event_type!r} has mode {kind.mode.name} and {chosen.name}:"
+                    " the mode belongs to the type, so give it once (or the same everywhere)"
+                )
+            kind.mode = chosen
+        declared = EventVersion(event_type, version, dict(schema), model)
+        kind.versions[version] = declared
+        if model is not None:
+            self._models[model] = declared
+        self._chains.clear()
+        return declared
+
+    def add_upcaster(self, event_type: str, source: int, target: int, fn: Upcaster) -> None:
+        """Declare `fn` to turn version `source` data into version `target` data."""
+        self._check_name(event_type)
+        if not (isinstance(source, int) and isinstance(target, int) and 1 <= source < target):
+            raise ConfigError(
+                f"upcaster {event_type!r} {source} -> {target}: it goes from an older version"
+                " to a newer one, e.g. @app.upcaster('order.placed', 1, 2)"
+            )
+        kind = self._types.setdefault(event_type, _Type())
+        if target in kind.upcasters.get(source, {}):
+            raise ConfigError(f"upcaster {event_type!r} {source} -> {target} is declared twice")
+        kind.upcasters.setdefault(source, {})[target] = fn
+        self._chains.clear()
+
+    @staticmethod
+    def _check_name(event_type: str) -> None:
+        try:
+            check_type(event_type)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+    # -- reading the declarations ---------------------------------------------------
+
+    def __bool__(self) -> bool:
+        return bool(self._types)
+
+    def types(self) -> list[str]:
+        """Every declared event type, sorted."""
+        return sorted(t for t, kind in self._types.items() if kind.versions)
+
+    def versions(self, event_type: str) -> list[EventVersion]:
+        """The declared versions of `event_type`, oldest first."""
+        kind = self._types.get(event_type)
+        return [kind.versions[v] for v in sorted(kind.versions)] if kind else []
+
+    def get(self, event_type: str, version: int) -> EventVersion | None:
+        """One declared version, if declared."""
+        kind = self._types.get(event_type)
+        return kind.versions.get(version) if kind else None
+
+    def latest(self, event_type: str) -> EventVersion | None:
+        """The newest declared version of `event_type`."""
+        versions = self.versions(event_type)
+        return versions[-1] if versions else None
+
+    def mode(self, event_type: str) -> Mode:
+        """The compatibility mode of `event_type` (BACKWARD unless declared)."""
+        kind = self._types.get(event_type)
+        return kind.mode if kind is not None and kind.mode is not None else Mode.BACKWARD
+
+    def of_model(self, model: type[Any]) -> EventVersion | None:
+        """The version a pydantic model was declared as, if it was."""
+        return self._models.get(model)
+
+    def oldest(self, event_type: str) -> int | None:
+        """The oldest version known for `event_type`: declared, or an upcaster's source."""
+        kind = self._types.get(event_type)
+        if kind is None:
+            return None
+        known = set(kind.versions) | set(kind.upcasters)
+        return min(known) if known else None
+
+    def version_of(self, event: Event) -> int | None:
+        """The version `event` came as: its ``dataschema``, else the oldest (module doc)."""
+        named = parse_dataschema(event.dataschema)
+        if named is not None and named[0] == event.type:
+            return named[1]
+        return self.oldest(event.type)
+
+    def target(
+        self, event_type: str, wanted: Targets, model: type[Any] | None = None
+    ) -> int | None:
+        """The version a consumer reads `event_type` as.
+
+        `wanted` is an agent's ``data_version``: one number for every type it reads, or one
+        per type; else the version its `model` was declared as (for that model's type);
+        else the latest declared version. None: the type is not declared, nothing changes.
+        """
+        if isinstance(wanted, Mapping):
+            if event_type in wanted:
+                return wanted[event_type]
+        elif wanted is not None:
+            return wanted
+        declared = self.of_model(model) if model is not None else None
+        if declared is not None and declared.event_type == event_type:
+            return declared.version
+        latest = self.latest(event_type)
+        return latest.version if latest is not None else None
+
+    def targets_of(
+        self, reader: str, patterns: tuple[str, ...], wanted: Targets, model: type[Any] | None
+    ) -> dict[str, int]:
+        """The version of each declared type a consumer of `patterns` reads (see `target`).
+
+        A version it asks for explicitly must be declared: `ConfigError` naming `reader`.
+        """
+        out: dict[str, int] = {}
+        for event_type in sorted(self._types):
+            if not any(matches(p, event_type) for p in patterns):
+                continue
+            version = self.target(event_type, wanted, model)
+            if version is None:
+                continue
+            if self.get(event_type, version) is None:
+                declared = sorted(self._types[event_type].versions)
+                raise ConfigError(
+                    f"{reader} reads {event_type!r} as version {version}, which is not"
+                    f" declared (declared: {declared}); declare it with"
+                    f" @app.event({event_type!r}, version={version}) or change data_version"
+                )
+            out[event_type] = version
+        return out
+
+    # -- validating and upcasting ---------------------------------------------------
+
+    def validate(self, event_type: str, version: int, data: Any) -> None:
+        """Raise `SchemaViolation` if `data` breaks version `version` of `event_type`.
+
+        Validators are compiled once per (type, version). An undeclared version passes.
+        """
+        check = self._validators.get((event_type, version))
+        if check is None:
+            declared = self.get(event_type, version)
+            if declared is None:
+                return
+            check = self._validators[(event_type, version)] = validator(declared.schema)
+        try:
+            check(data)
+        except SchemaViolation as e:
+            raise SchemaViolation(
+                e.pointer, e.rule, f"{e.message} in {event_type!r} version {version}"
+            ) from None
+
+    def outbound(self, event: Event) -> Event:
+        """`event` validated against the version it names (default: the latest), stamped.
+
+        Raises `SchemaViolation` naming the JSON pointer and the rule; an event of an
+        undeclared type passes unchanged. A version it names must be declared.
+        """
+        kind = self._types.get(event.type)
+        if kind is None or not kind.versions:
+            return event
+        named = parse_dataschema(event.dataschema)
+        if named is not None and named[0] == event.type:
+            version = named[1]
+            if version not in kind.versions:
+                raise ConfigError(
+                    f"event {event.type!r} names version {version} in dataschema, which this"
+                    f" app does not declare (declared: {sorted(kind.versions)}); declare it"
+                    f" with @app.event({event.type!r}, version={version})"
+                )
+        else:
+            version = max(kind.versions)
+        self.validate(event.type, version, event.data)
+        if event.dataschema is None:
+            event = event.replace(dataschema=dataschema(event.type, version))
+        return event
+
+    def upcast(self, event: Event, target: int | None = None) -> Upcast:
+        """`event` as version `target` (default: the latest), validated as it came.
+
+        Data newer than `target` is handed over as it is (a FORWARD-compatible reader
+        reads it). Raises `SchemaViolation` for data that breaks the schema of the
+        version it came as, or that an upcaster turned into invalid data, and
+        `ConfigError` when no chain of upcasters leads from its version to `target`.
+        """
+        kind = self._types.get(event.type)
+        if kind is None:
+            return Upcast(event)
+        version = self.version_of(event)
+        if version is None:
+            return Upcast(event)
+        self.validate(event.type, version, event.data)
+        if target is None:
+            latest = self.latest(event.type)
+            target = latest.version if latest is not None else version
+        if version >= target:
+            return Upcast(event, version)
+        data = event.data
+        for step in self.chain(event.type, version, target):
+            if not isinstance(data, dict):
+                raise SchemaViolation("", "type", f"upcasting needs an object, got {data!r:.60}")
+            data = step(dict(data))
+        try:
+            self.validate(event.type, target, data)
+        except SchemaViolation as e:
+            raise SchemaViolation(
+                e.pointer, e.rule, f"{e.message}, after upcasting from version {version}"
+            ) from None
+        return Upcast(event.replace(data=data, dataschema=dataschema(event.type, target)), version)
+
+    def chain(self, event_type: str, source: int, target: int) -> list[Upcaster]:
+        """The upcasters that carry `source` data to `target`, in order (cached).
+
+        From each version the upcaster reaching furthest (not past `target`) is taken.
+        Where none starts, the next declared version is reached without one only if it
+        reads the older data as it is (BACKWARD compatible, e.g. it added an optional
+        field); otherwise that missing link is a `ConfigError` naming the upcaster to add.
+        """
+        key = (event_type, source, target)
+        cached = self._chains.get(key)
+        if cached is not None:
+            return cached
+        kind = self._types.get(event_type) or _Type()
+        steps: list[Upcaster] = []
+        at = source
+        while at < target:
+            reachable = [t for t in kind.upcasters.get(at, {}) if t <= target]
+            if reachable:
+                to = max(reachable)
+                steps.append(kind.upcasters[at][to])
+                at = to
+                continue
+            later = sorted(v for v in kind.versions if at < v <= target)
+            older, newer = kind.versions.get(at), kind.versions.get(later[0]) if later else None
+            if older is None or newer is None:
+                raise ConfigError(
+                    f"event type {event_type!r}: no upcaster from version {at} toward version"
+                    f" {target}: add @app.upcaster({event_type!r}, {at}, {at + 1}) (a function"
+                    f" (data: dict) -> dict)"
+                )
+            problems = check([older.schema], newer.schema, Mode.BACKWARD)
+            if problems:
+                first = problems[0]
+                raise ConfigError(
+                    f"event type {event_type!r}: no upcaster from version {at} to"
+                    f" {newer.version}, and version {newer.version} cannot read version-{at}"
+                    f" data as it is ({first.path or '(root)'}: {first.change}): add"
+                    f" @app.upcaster({event_type!r}, {at}, {newer.version})"
+                )
+            at = newer.version
+        self._chains[key] = steps
+        return steps
+
+    def check_chains(self, targets: Mapping[str, int]) -> None:
+        """Raise `ConfigError` if a known older version of a type cannot reach its target."""
+        for event_type, target in targets.items():
+            kind = self._types.get(event_type)
+            if kind is None:
+                continue
+            for source in sorted(set(kind.versions) | set(kind.upcasters)):
+                if source < target:
+                    self.chain(event_type, source, target)
+
+    # -- the registry in the store --------------------------------------------------
+
+    def incompatibilities(
+        self, event_type: str, history: Sequence[Mapping[str, Any]], new: EventVersion
+    ) -> list[Incompatibility]:
+        """What breaks if `new` follows `history` (oldest first) under the type's mode.
+
+        An upcaster into `new` stands in for backward compatibility: readers of `new`
+        get older data through it (and `upcast` validates what it makes), so only the
+        forward half of the mode is left to check (old readers of new data).
+        """
+        mode = self.mode(event_type)
+        kind = self._types.get(event_type)
+        if kind is not None and any(new.version in t for t in kind.upcasters.values()):
+            mode = _FORWARD_PART[mode]
+        return check([dict(h) for h in history], new.schema, mode)
+
+    async def register(self, store: Schemas, registrant: str) -> list[SchemaRecord]:
+        """Check every declared version against the store's history, then register it.
+
+        Raises `IncompatibleSchema` (naming the field and the fix) for a version that
+        breaks the history under its type's mode, and `ConfigError` for a version that
+        is registered with another schema. Returns the records it added.
+        """
+        added: list[SchemaRecord] = []
+        for event_type in self.types():
+            stored = {r.version: r for r in await store.list_schemas(event_type)}
+            mode = self.mode(event_type)
+            for declared in self.versions(event_type):
+                record = stored.get(declared.version)
+                if record is None:
+                    history = [stored[v].schema for v in sorted(stored) if v < declared.version]
+                    problems = self.incompatibilities(event_type, history, declared)
+                    if problems:
+                        raise IncompatibleSchema(event_type, declared.version, mode, problems)
+                    record = await store.register_schema(
+                        SchemaRecord(
+                            event_type, declared.version, declared.schema, mode.name, registrant
+                        )
+                    )
+                    if canonical(record.schema) == canonical(declared.schema):
+                        stored[declared.version] = record
+                        added.append(record)
+                        continue
+                if canonical(record.schema) != canonical(declared.schema):
+                    raise ConfigError(
+                        f"event type {event_type!r} version {declared.version} is registered"
+                        f" with another schema (by {record.registered_by} at"
+                        f" {record.registered_at}): a registered version never changes;"
+                        f" declare the change as version {max(stored) + 1}"
+                    )
+        return added
+
+
+def registrant(app_name: str) -> str:
+    """Who registers: the app and the process (``shop@host:pid``)."""
+    return f"{app_name}@{socket.gethostname()}:{os.getpid()}"
+
+
+# -- the lock file: declarations as committed, for CI ---------------------------------------
+
+LOCK_FILE = "tidings.schemas.lock"
+
+
+def lock_of(types: EventTypes) -> dict[str, Any]:
+    """The lock document of `types`: every type's mode and versions' schemas, sorted."""
+    return {
+        "tidings_schemas": 1,
+        "types": {
+            t: {
+                "mode": types.mode(t).name,
+                "versions": {str(v.version): v.schema for v in types.versions(t)},
+            }
+            for t in types.types()
+        },
+    }
+
+
+def lock_problems(types: EventTypes, lock: Mapping[str, Any]) -> list[str]:
+    """What differs between the declarations and a lock file, each naming the fix.
+
+    A locked version must keep its schema, a new version must be compatible with the
+    locked history under its type's mode (the finding names the field and the fix), and
+    must be locked; every locked version must still be declared (old events carry it).
+    """
+    locked: Mapping[str, Any] = lock.get("types", {})
+    problems: list[str] = []
+    for event_type in sorted(set(locked) | set(types.types())):
+        entry = locked.get(event_type, {})
+        history = {int(v): s for v, s in entry.get("versions", {}).items()}
+        declared = {v.version: v for v in types.versions(event_type)}
+        mode = types.mode(event_type)
+        if entry and entry.get("mode") != mode.name and declared:
+            problems.append(
+                f"{event_type}: mode {mode.name} is declared but {entry.get('mode')} is locked;"
+                " run `tidings schema lock` if the change is meant"
+            )
+        for version in sorted(set(history) | set(declared)):
+            at = f"{event_type} version {version}"
+            if version not in declared:
+                problems.append(
+                    f"{at} is locked but no longer declared: keep declaring it (stored events"
+                    " still carry it), or run `tidings schema lock` if none are left"
+                )
+            elif version in history:
+                if canonical(history[version]) != canonical(declared[version].schema):
+                    problems.append(
+                        f"{at} changed since it was locked: a published version never"
+                        f" changes; declare the change as version {max(history) + 1} with"
+                        f" an upcaster, or revert it"
+                    )
+            else:
+                older = [history[v] for v in sorted(history) if v < version]
+                found = types.incompatibilities(event_type, older, declared[version])
+                for p in found:
+                    problems.append(
+                        f"{at} is not {mode.name} compatible: {p.path or '(root)'}: {p.change};"
+                        f" fix: {p.fix}"
+                    )
+                if not found:
+                    problems.append(
+                        f"{at} is new and compatible but not locked: run `tidings schema lock`"
+                        " and commit the lock file"
+                    )
+    return problems

@@ -1,0 +1,332 @@
+"""The schema registry end to end, on real servers: upcasting stored events, the CI check and
+the worker's refusal, validation at every publisher, and invalid inbound data.
+
+The event type evolves as in docs/schemas.md: version 1 has `total`; version 2 renames it
+`amount` (an upcaster); version 3 makes `currency` required (an upcaster fills it in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import orjson
+import pytest
+from pydantic import BaseModel
+
+from tests.conftest import KafkaServer, NatsServer
+from tests.gateway.conftest import auth, gateway_config
+from tests.helpers import eventually, running, settings_for
+from tests.integration.test_cli import base_env, tidings
+from tidings import App, Context, Event, Settings
+from tidings.errors import ConfigError, SchemaViolation
+from tidings.gateway.server import GatewayServer
+from tidings.schemas.registry import IncompatibleSchema, dataschema
+from tidings.store import open_store
+from tidings.worker import Worker
+
+ORDER_V1 = {
+    "type": "object",
+    "properties": {"order_id": {"type": "string"}, "total": {"type": "number"}},
+    "required": ["order_id", "total"],
+}
+
+
+class OrderV2(BaseModel):
+    order_id: str
+    amount: float
+
+
+class OrderV3(BaseModel):
+    order_id: str
+    amount: float
+    currency: str
+
+
+def declare(app: App, up_to: int) -> None:
+    """Declare versions 1..`up_to` of order.placed, with the upcasters between them."""
+    app.event("order.placed", version=1, schema=ORDER_V1)
+    if up_to >= 2:
+        app.event("order.placed", version=2)(OrderV2)
+
+        @app.upcaster("order.placed", 1, 2)
+        def total_is_amount(data: dict[str, Any]) -> dict[str, Any]:
+            data["amount"] = data.pop("total")
+            return data
+
+    if up_to >= 3:
+        app.event("order.placed", version=3)(OrderV3)
+
+        @app.upcaster("order.placed", 2, 3)
+        def currency_was_euro(data: dict[str, Any]) -> dict[str, Any]:
+            return {**data, "currency": "EUR"}
+
+
+async def last_sequence(nats_url: str, namespace: str) -> int:
+    nc = await nats.connect(nats_url)
+    try:
+        info = await nc.jetstream().stream_info(f"{namespace.upper()}_EVENTS")
+        return int(info.state.last_seq)
+    finally:
+        await nc.close()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("nats", marks=pytest.mark.nats),
+        pytest.param("kafka", marks=pytest.mark.kafka),
+    ]
+)
+def broker(request: pytest.FixtureRequest) -> str:
+    if request.param == "nats":
+        server: NatsServer = request.getfixturevalue("nats_server")
+        return server.url
+    kafka: KafkaServer = request.getfixturevalue("kafka_server")
+    return f"{kafka.url}?metadata_max_age_ms=500"
+
+
+# -- upcasting what was stored before --------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_version_1_events_stored_before_a_version_3_agent_are_read_as_version_3(
+    broker: str, namespace: str, tmp_path: Path
+) -> None:
+    settings = settings_for(broker, namespace, tmp_path)
+    old = App("shop", settings=settings)
+    declare(old, 1)
+    async with old.client() as client:
+        ids = []
+        for start in range(0, 1000, 100):  # validated and stamped version 1 by the client
+            events = await asyncio.gather(
+                *(
+                    client.publish("order.placed", {"order_id": f"o{n}", "total": n})
+                    for n in range(start, start + 100)
+                )
+            )
+            ids += [e.id for e in events]
+    assert {e.dataschema for e in events} == {dataschema("order.placed", 1)}
+
+    new = App("shop")
+    declare(new, 3)
+    seen: list[tuple[str, float, str]] = []
+
+    # The filter names a field only version 3 has: it sees the version the agent reads.
+    @new.agent(
+        "orders", on="order.placed", where="data.currency == 'EUR'", key=lambda e: "all",
+        data_model=OrderV3,
+    )  # fmt: skip
+    async def orders(event: Event, ctx: Context) -> dict[str, Any]:
+        order: OrderV3 = event.data
+        seen.append((order.order_id, order.amount, order.currency))
+        await ctx.state.set("count", await ctx.state.get("count", 0) + 1)
+        return {"version": event.dataschema}
+
+    store = open_store(settings.store_url)
+    await store.open()
+    try:
+        async with running(new, settings):
+
+            async def done() -> bool:
+                return await store.count_decisions("orders") >= 1000
+
+            await eventually(done, timeout=120, message="1000 decisions")
+        state = await store.load_state("orders", "all")
+        assert state.values["count"] == 1000
+        decisions = await store.list_decisions("orders", 2000)
+        assert sorted(d.event_id for d in decisions) == sorted(ids)  # one each
+        assert {d.status for d in decisions} == {"ok"}
+        assert {d.result["version"] for d in decisions} == {dataschema("order.placed", 3)}
+        assert sorted(seen) == sorted((f"o{n}", float(n), "EUR") for n in range(1000))
+        registered = await store.list_schemas("order.placed")
+        assert [r.version for r in registered] == [1, 2, 3]
+    finally:
+        await store.close()
+
+
+# -- the CI check and the worker refuse an incompatible change -----------------------------
+
+APP_V1 = """
+from tidings import App
+
+app = App("shop")
+app.event("order.placed", version=1, schema={
+    "type": "object",
+    "properties": {"order_id": {"type": "string"}, "total": {"type": "number"}},
+    "required": ["order_id", "total"],
+})
+"""
+# Version 2 requires a field that version-1 events lack, and no upcaster fills it in.
+APP_V2 = (
+    APP_V1
+    + """
+app.event("order.placed", version=2, schema={
+    "type": "object",
+    "properties": {"order_id": {"type": "string"}, "total": {"type": "number"},
+                   "currency": {"type": "string"}},
+    "required": ["order_id", "total", "currency"],
+})
+"""
+)
+
+
+@pytest.mark.nats
+async def test_an_incompatible_change_fails_the_ci_check_and_the_worker_start(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    env = base_env(tmp_path)
+    module = tmp_path / "shopapp.py"
+    module.write_text(APP_V1)
+    locked = tidings("schema", "lock", "shopapp:app", env=env, cwd=tmp_path)
+    assert locked.returncode == 0, locked.stderr
+    lock = orjson.loads((tmp_path / "tidings.schemas.lock").read_bytes())
+    assert list(lock["types"]["order.placed"]["versions"]) == ["1"]
+    assert tidings("schema", "check", "shopapp:app", env=env, cwd=tmp_path).returncode == 0
+
+    settings = settings_for(nats_url, namespace, tmp_path)
+    async with running(_load(module, "v1"), settings):
+        pass  # registers version 1
+
+    module.write_text(APP_V2)
+    checked = tidings("schema", "check", "shopapp:app", env=env, cwd=tmp_path)
+    assert checked.returncode == 1
+    assert "order.placed version 2 is not BACKWARD compatible" in checked.stderr
+    assert "/currency" in checked.stderr and "fix:" in checked.stderr
+    assert "Traceback" not in checked.stderr
+
+    worker = Worker(_load(module, "v2"), settings)
+    with pytest.raises(IncompatibleSchema) as refused:
+        await worker.start()
+    assert "/currency" in str(refused.value) and "fix:" in str(refused.value)
+    assert refused.value.problems[0].path == "/currency"
+    store = open_store(settings.store_url)
+    async with store:
+        assert [r.version for r in await store.list_schemas("order.placed")] == [1]
+
+
+def _load(path: Path, name: str) -> App:
+    """The app of a module file, imported afresh under its own name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"shopapp_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    app = module.app
+    assert isinstance(app, App)
+    return app
+
+
+async def test_a_missing_upcaster_is_named_at_start(tmp_path: Path) -> None:
+    app = App("shop")
+    app.event("order.placed", version=1, schema=ORDER_V1, mode="NONE")
+    app.event("order.placed", version=2)(OrderV2)  # renames total: data must be converted
+
+    @app.agent("orders", on="order.placed", data_model=OrderV2)
+    async def orders(event: Event, ctx: Context) -> None: ...
+
+    worker = Worker(app, Settings(bus="memory://missing", store=f"sqlite:///{tmp_path}/s.db"))
+    with pytest.raises(ConfigError, match=r"@app.upcaster\('order.placed', 1, 2\)"):
+        await worker.start()
+
+
+# -- invalid data is never published ------------------------------------------------------
+
+
+@pytest.mark.nats
+async def test_invalid_data_is_refused_by_the_client_emit_and_the_gateway(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    app = App("shop")
+    declare(app, 2)
+    app.event("order.confirmed", version=1, schema=ORDER_V1)
+
+    @app.agent("confirmer", on="order.placed", emits=["order.confirmed"], max_attempts=3)
+    async def confirmer(event: Event, ctx: Context) -> None:
+        await ctx.emit("order.confirmed", {"order_id": event.data["order_id"], "total": "ten"})
+
+    app.settings = settings = settings_for(nats_url, namespace, tmp_path, gateway_port=0)
+    worker = Worker(app, settings)
+    await worker.start()
+    server = GatewayServer(worker, gateway_config())
+    await server.start()
+    try:
+        assert worker.store is not None
+        before = await last_sequence(nats_url, namespace)
+        async with app.client() as client:  # the client
+            with pytest.raises(SchemaViolation) as refused:
+                await client.publish("order.placed", {"order_id": "o1", "amount": "ten"})
+        assert refused.value.pointer == "/amount" and refused.value.rule == "type"
+        assert "/amount" in str(refused.value)
+        assert await last_sequence(nats_url, namespace) == before
+
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:  # the gateway
+            answer = await http.post(
+                "/v1/events",
+                json={"specversion": "1.0", "id": "g1", "source": "/t", "type": "order.placed",
+                      "data": {"order_id": "o2"}},
+                headers={"content-type": "application/cloudevents+json", **auth("alice")},
+            )  # fmt: skip
+            assert answer.status_code == 422, answer.text
+            assert answer.json()["pointer"] == "" and answer.json()["rule"] == "required"
+            assert "amount" in answer.json()["error"]
+            invoked = await http.post(
+                "/v1/agents/confirmer/invoke",
+                json={"type": "order.placed", "data": {"order_id": "o3", "amount": "x"}},
+                headers=auth("alice"),
+            )
+            assert invoked.status_code == 422 and invoked.json()["pointer"] == "/amount"
+        assert await last_sequence(nats_url, namespace) == before
+
+        async with app.client() as client:  # ctx.emit: the handler's output breaks its schema
+            await client.publish("order.placed", OrderV2(order_id="o4", amount=4.0))
+        published = before + 1
+        await eventually(
+            lambda: worker.store.list_dead_letters("confirmer"), timeout=20, message="dead letter"
+        )
+        (letter,) = await worker.store.list_dead_letters("confirmer")
+        assert letter.attempts == 1  # a bug in the output is not retried
+        assert "SchemaViolation" in letter.error and "/total" in letter.error
+        assert await last_sequence(nats_url, namespace) == published  # nothing emitted
+    finally:
+        await server.stop()
+        await worker.stop(grace=5)
+
+
+@pytest.mark.nats
+async def test_an_invalid_inbound_event_is_dead_lettered_with_its_pointer_once(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    app = App("shop")
+    declare(app, 3)
+    ran: list[Event] = []
+
+    @app.agent("orders", on="order.placed", data_model=OrderV3, max_attempts=5)
+    async def orders(event: Event, ctx: Context) -> None:
+        ran.append(event)
+
+    settings = settings_for(nats_url, namespace, tmp_path)
+    async with running(app, settings) as worker:
+        assert worker.store is not None
+        nc = await nats.connect(nats_url)  # a foreign producer: no validation, no dataschema
+        try:
+            headers = {"ce-id": "raw-1", "ce-source": "/legacy", "ce-type": "order.placed",
+                       "ce-specversion": "1.0", "content-type": "application/json"}  # fmt: skip
+            body = orjson.dumps({"order_id": "o1", "total": "lots"})  # read as version 1
+            await nc.jetstream().publish(f"{namespace}.events.order.placed", body, headers=headers)
+        finally:
+            await nc.close()
+        await eventually(
+            lambda: worker.store.list_dead_letters("orders"), timeout=20, message="dead letter"
+        )
+        await asyncio.sleep(1.0)  # a retry would have come back by now
+        (letter,) = await worker.store.list_dead_letters("orders")
+        assert letter.attempts == 1 and letter.event_id == "raw-1"
+        assert "/total" in letter.error and "(type)" in letter.error
+        assert "version 1" in letter.error
+        assert ran == []
