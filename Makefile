@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help demo install dev test lint typecheck pytest bench bench-steps bench-kafka clean research
+.PHONY: help demo install dev test lint typecheck pytest bench bench-steps bench-kafka bench-observability clean research
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ bench-steps: dev  ## Overhead of a journaled step and a bus tool call against a 
 
 bench-kafka: dev  ## Tidings on Kafka (a tansu broker) against raw aiokafka and confluent-kafka
 	$(BIN)/python benchmarks/kafka_throughput.py
+
+bench-observability: dev  ## Throughput with metrics and tracing on, against both off
+	$(BIN)/python benchmarks/observability.py
 
 clean:  ## Remove the virtualenv and local data
 	rm -rf $(VENV) .tidings .mypy_cache .ruff_cache .pytest_cache

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
 
@@ -27,6 +28,7 @@ from tidings.cli.common import console, err_console, guarded, load_app, options_
 from tidings.cli.display import show_stats, startup_panel
 from tidings.config import Settings
 from tidings.errors import ConfigError
+from tidings.observability import metrics as prometheus
 from tidings.worker import Worker
 
 
@@ -34,14 +36,30 @@ class _ObservedWorker(Worker):
     """A worker that says when it is up, so the display starts with the real bus URL."""
 
     def __init__(
-        self, app: App, settings: Settings, gateway_socket: socket.socket | None = None
+        self,
+        app: App,
+        settings: Settings,
+        gateway_socket: socket.socket | None = None,
+        metrics_at: tuple[str, int] | None = None,
     ) -> None:
         super().__init__(app, settings, **trigger_mode())
         self.started = asyncio.Event()
         self.gateway: Any = None
         self.gateway_socket = gateway_socket  # bound before anything started
+        self.metrics_at = metrics_at
+        self.metrics_url: str | None = None
 
     async def start(self) -> None:
+        # Metrics first, so a taken port is reported before the bus starts. Under a
+        # supervisor each worker serves on a loopback port of its own and announces it;
+        # the supervisor (and the gateway's /metrics) add the workers' numbers up.
+        peers = os.environ.get(prometheus.PEERS_ENV)
+        if peers:
+            self.metrics.peers = Path(peers)
+            url = self.metrics.serve("127.0.0.1", 0)
+            self.metrics.announce(Path(peers), url)
+        elif self.metrics_at is not None:
+            self.metrics_url = self.metrics.serve(*self.metrics_at)
         await super().start()
         if self.settings.gateway:
             from tidings.gateway.server import GatewayServer
@@ -59,7 +77,10 @@ class _ObservedWorker(Worker):
         if self.gateway_socket is not None:  # the worker never got to serve it
             self.gateway_socket.close()
             self.gateway_socket = None
-        await super().stop(grace)
+        try:
+            await super().stop(grace)
+        finally:
+            self.metrics.close()
 
     def bus_description(self) -> str:
         """The bus for people: which URL, and whether it is the embedded server."""
@@ -139,6 +160,26 @@ def run(
             help="Port of the gateway, over the gateway_port setting (default 8000).",
         ),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            max=65535,
+            metavar="PORT",
+            envvar="TIDINGS_METRICS_PORT",
+            help="Serve Prometheus metrics at http://HOST:PORT/metrics (all workers added up).",
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str,
+        typer.Option(
+            "--metrics-host",
+            metavar="HOST",
+            envvar="TIDINGS_METRICS_HOST",
+            help="Address the metrics listen on; loopback unless deliberately exposed.",
+        ),
+    ] = "127.0.0.1",
 ) -> None:
     """Run the agents of an app until Ctrl-C or SIGTERM (then stop gracefully)."""
     gateway_socket = None
@@ -153,14 +194,15 @@ def run(
         if settings.gateway:
             gateway_socket = _check_gateway(settings)
     app.settings = settings  # app.client() in user code then sees --bus/--store/--home too
+    metrics_at = (metrics_host, metrics_port) if metrics_port is not None else None
     if workers > 1:
         if gateway_socket is not None:
             gateway_socket.close()  # the port was free; worker 1 binds it again
-        raise typer.Exit(_supervise(target, app, settings, workers, grace, quiet))
+        raise typer.Exit(_supervise(target, app, settings, workers, grace, quiet, metrics_at))
     with guarded():
-        asyncio.run(
-            _run_worker(app, settings, grace, quiet=quiet, label=label, sock=gateway_socket)
-        )
+        run_one = _run_worker(app, settings, grace, quiet=quiet, label=label, sock=gateway_socket,
+                              metrics_at=metrics_at)  # fmt: skip
+        asyncio.run(run_one)
 
 
 def _check_trigger_mode(app: App, *, triggers_only: bool, no_triggers: bool) -> None:
@@ -216,9 +258,10 @@ async def _run_worker(
     quiet: bool,
     label: str,
     sock: socket.socket | None = None,
+    metrics_at: tuple[str, int] | None = None,
 ) -> None:
     """Run one worker; the display follows it while it runs."""
-    worker = _ObservedWorker(app, settings, sock)
+    worker = _ObservedWorker(app, settings, sock, metrics_at)
     running = asyncio.create_task(worker.run_until_signalled(grace))
     display = None if quiet else asyncio.create_task(_display(worker, label))
     try:
@@ -251,6 +294,8 @@ async def _display(worker: _ObservedWorker, label: str) -> None:
                 api_docs=api_docs,
             )
         )
+    if worker.metrics_url is not None:
+        console.print(f"Metrics at {worker.metrics_url}", markup=False, soft_wrap=True)
     await show_stats(console, worker.stats, label)
 
 
@@ -258,12 +303,24 @@ async def _display(worker: _ObservedWorker, label: str) -> None:
 
 
 def _supervise(
-    target: str, app: App, settings: Settings, workers: int, grace: float, quiet: bool
+    target: str,
+    app: App,
+    settings: Settings,
+    workers: int,
+    grace: float,
+    quiet: bool,
+    metrics_at: tuple[str, int] | None = None,
 ) -> int:
     """Start the bus if needed, run `workers` child processes, forward signals, wait."""
     embedded = None
     url = settings.bus
+    peers = prometheus.peers_folder(settings.home_path, os.getpid())
+    stop_metrics = None
     with guarded():
+        if metrics_at is not None:  # bound first: a taken port is reported before anything
+            prometheus.clean_peers(settings.home_path)
+            peers.mkdir(parents=True, exist_ok=True)
+            stop_metrics = prometheus.serve_merged(*metrics_at, peers)
         if url is None:
             from tidings.bus.embedded import EmbeddedNats
 
@@ -280,9 +337,16 @@ def _supervise(
             env["TIDINGS_GATEWAY_PORT"] = str(settings.gateway_port)
         if settings.store is not None:
             env["TIDINGS_STORE"] = settings.store
+        if metrics_at is not None or settings.gateway:  # one view: the workers announce
+            prometheus.clean_peers(settings.home_path)
+            peers.mkdir(parents=True, exist_ok=True)
+            env[prometheus.PEERS_ENV] = str(peers)
         if not quiet:
             where = f"embedded nats-server at {url}" if embedded is not None else url
             console.print(startup_panel(app, where, settings.store_url, workers))
+            if metrics_at is not None:
+                host, port = metrics_at
+                console.print(f"Metrics at http://{host}:{port}/metrics", markup=False)
         commands = []
         for n in range(1, workers + 1):
             extra = ["--quiet"] if quiet else ["--label", f"worker {n}"]
@@ -292,6 +356,13 @@ def _supervise(
             commands.append([*command, "--grace", str(grace), *extra])
         return _spawn_and_wait(commands, env)
     finally:
+        if stop_metrics is not None:
+            stop_metrics()
+        for path in peers.glob("*") if peers.is_dir() else ():
+            with contextlib.suppress(OSError):
+                path.unlink()
+        with contextlib.suppress(OSError):
+            peers.rmdir()
         if embedded is not None:
             embedded.stop()
 

@@ -31,8 +31,8 @@ def token(
             "--scope",
             "-s",
             metavar="<scope>",
-            help="A scope (repeatable): publish, invoke, tasks, stream or admin."
-            " Default: all but admin.",
+            help="A scope (repeatable): publish, invoke, tasks, stream, metrics or admin."
+            " Default: publish, invoke, tasks and stream.",
         ),
     ] = None,
     ttl: Annotated[

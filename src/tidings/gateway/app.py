@@ -58,6 +58,7 @@ from tidings.gateway.owners import (
     webhook_publisher,
 )
 from tidings.gateway.streams import Hub, Lagged, StreamFilter, Subscriber, structured, uuid7_ms
+from tidings.observability.metrics import CONTENT_TYPE, Backlog, Metrics, RequestCounter, Source
 from tidings.runtime.commits import Committer
 from tidings.runtime.context import Services
 from tidings.runtime.pipeline import Invoked, Pipeline
@@ -83,6 +84,7 @@ class Gateway:
         store: Store | None = None,
         pipelines: Mapping[str, Pipeline] | None = None,
         services: Services | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.app = app
         self.settings = settings or app.settings
@@ -98,6 +100,30 @@ class Gateway:
         self.max_body = self.config.max_body  # lowered to fit the broker once started
         self._sweeper: asyncio.Task[None] | None = None
         self._invoking: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+        self.requests: dict[tuple[str, str], int] = {}  # (route template, "2xx") -> count
+        # A worker's gateway adds to the worker's metrics; a mounted one reports its own
+        # agents (those it invoked) and reads the backlog itself.
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.add(
+            Source(
+                requests=lambda: self.requests,
+                streams=lambda: self._hub.stats() if self._hub is not None else {},
+            )
+        )
+        if metrics is None:
+            self.metrics.add(
+                Source(
+                    agents=lambda: {name: p.stats for name, p in self._pipelines.items()},
+                    models=lambda: self.app.llm.usage,
+                    backlog=self._backlog,
+                )
+            )
+
+    async def _backlog(self) -> Backlog:
+        consumers, dead_letters = await asyncio.gather(
+            self.bus.consumers(), self.store.count_dead_letters()
+        )
+        return Backlog(consumers, dead_letters)
 
     async def start(self) -> None:
         """Connect what was not handed in and start the shared stream tail (idempotent)."""
@@ -397,6 +423,7 @@ def create_app(
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-API-Key"],
         )
     api.openapi = lambda: _openapi(api, gw)  # type: ignore[method-assign]
+    api.add_middleware(RequestCounter, counts=gw.requests)
 
     @api.exception_handler(HttpError)
     async def _http_error(_: Request, exc: HttpError) -> JSONResponse:
@@ -448,6 +475,18 @@ def create_app(
             reason = "the bus is disconnected; it reconnects by itself, publishes answer 503"
             return JSONResponse({"status": "unhealthy", "error": reason}, 503)
         return JSONResponse({"status": "ok"})
+
+    @api.get(
+        "/metrics",
+        tags=["admin"],
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE: {}}}, **_ERRORS},
+    )
+    async def metrics(request: Request, g: Started) -> Response:
+        """Prometheus metrics; needs the metrics scope unless `metrics_public` is set."""
+        if not cfg.metrics_public:
+            await g.identify(_credential(request.headers), "metrics")
+        return Response(await g.metrics.render(), media_type=CONTENT_TYPE)
 
     @api.post(
         "/v1/events",

@@ -34,7 +34,7 @@ from typing import Any
 from tidings.errors import ConfigError
 
 # Scopes a token or key may carry; `admin` implies all of them.
-SCOPES = ("publish", "invoke", "tasks", "stream", "admin")
+SCOPES = ("publish", "invoke", "tasks", "stream", "metrics", "admin")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +109,9 @@ class GatewayConfig:
     # Serve /docs and /openapi.json (they list agents and webhook sources) without
     # credentials: for development; off unless set.
     openapi: bool = False
+    # Serve /metrics without credentials (for a scraper on a private network); otherwise
+    # it needs a token or key with the metrics (or admin) scope.
+    metrics_public: bool = False
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> GatewayConfig:

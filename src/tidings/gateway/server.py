@@ -84,6 +84,7 @@ class GatewayServer:
             store=worker.store,
             pipelines={name: worker.pipeline(name) for name in worker.runners},
             services=worker.services,
+            metrics=worker.metrics,
         )
         self.asgi = create_app(worker.app, gateway=self.gateway)
         self.server = SignalFreeServer(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tidings.errors import ConfigError, RateLimited
@@ -53,12 +54,24 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
+@dataclass(slots=True)
+class Usage:
+    """What one model was used for in this process, by its registered name (metrics)."""
+
+    calls: int = 0
+    failures: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost: float = 0.0
+
+
 class Models:
     """The models an app may call, by name, each with its limits (``app.llm``)."""
 
     def __init__(self) -> None:
         self._models: dict[str, tuple[Model, Limiter | None]] = {}
         self.default: str | None = None
+        self.usage: dict[str, Usage] = {}  # by registered name: a label with bounded values
 
     def add(
         self,
@@ -102,7 +115,24 @@ class Models:
 
         Only a wait longer than the model's `max_wait` raises `RateLimited`.
         """
-        _, model, limiter = self.resolve(name)
+        key, model, limiter = self.resolve(name)
+        usage = self.usage.get(key)
+        if usage is None:
+            usage = self.usage[key] = Usage()
+        usage.calls += 1
+        try:
+            completion = await self._complete(model, limiter, request)
+        except Exception:
+            usage.failures += 1
+            raise
+        usage.tokens_in += completion.tokens_in
+        usage.tokens_out += completion.tokens_out
+        usage.cost += completion.cost
+        return completion
+
+    async def _complete(
+        self, model: Model, limiter: Limiter | None, request: Request
+    ) -> Completion:
         if limiter is None:
             return await model.complete(request)
         size = sum(len(str(m.get("content", ""))) for m in request.messages)

@@ -19,7 +19,7 @@ Steps 1-2 are synchronous and cheap because most events stop there.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
@@ -28,6 +28,7 @@ import structlog
 from tidings.bus.base import ConsumerSpec, Delivery
 from tidings.errors import ConfigError, MalformedEvent
 from tidings.events import Event, decode, encode, new_id, now
+from tidings.observability.metrics import Histogram
 from tidings.runtime.commits import Committer
 from tidings.runtime.consumer import Settled
 from tidings.runtime.context import Context, Services
@@ -52,6 +53,7 @@ class AgentStats(Settled):
     duplicates: int = 0
     parked: int = 0
     handler_seconds: float = 0.0
+    latency: Histogram = field(default_factory=Histogram)  # per event, for the metrics
 
 
 InvokeStatus = Literal["ok", "parked", "duplicate", "filtered"]
@@ -195,6 +197,7 @@ class Pipeline:
             result = None
         elapsed = time.perf_counter() - started
         self.stats.handler_seconds += elapsed
+        self.stats.latency.observe(elapsed)
         if ctx.parked is not None:  # waiting on an answer: acked, not processed
             decision = self._decision(event, key, ctx, None, started_at, elapsed, "parked")
             await store.add_decision(decision)

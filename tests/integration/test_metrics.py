@@ -1,0 +1,398 @@
+"""Prometheus metrics: /metrics on the gateway, `tidings run --metrics-port`, one view of N.
+
+Every exposition is read with prometheus-client's own parser, and every count is checked
+against what the test made happen on a real nats-server and a real SQLite store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import free_port
+from tests.gateway.conftest import JWT_SECRET, auth, gateway_config, start_gateway
+from tests.helpers import eventually, running, settings_for
+from tidings import App, Backoff, Context, Event
+from tidings.client import Client
+from tidings.errors import ToolFailed
+from tidings.llm import FakeModel, Price
+from tidings.observability.metrics import merge
+
+FAST = Backoff(initial=0.05, maximum=0.2)
+ROOT = Path(__file__).resolve().parents[2]
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: str) -> Samples:
+    """Every sample of an exposition, by (sample name, sorted labels)."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def counted_app() -> App:
+    """10 events: n < 3 are filtered, n == 8 fails once, n == 9 is dead-lettered (2 tries)."""
+    app = App("metered")
+    app.llm.add(FakeModel(["fine thanks"], price=Price(input=1.0, output=2.0)))
+
+    @app.tool("lookup")
+    async def lookup(n: int) -> int:
+        if n == 3:
+            raise ValueError("no such n")
+        return n * 2
+
+    @app.agent(
+        "counted", on="metered.tick", where="data.n >= 3", key="data.key", max_attempts=2,
+        backoff=FAST,
+    )  # fmt: skip
+    async def counted(event: Event, ctx: Context) -> Any:
+        n = event.data["n"]
+        if n == 9:
+            raise RuntimeError("nine is poison")
+        if n == 8 and ctx.attempt == 1:
+            raise ConnectionError("flaky once")
+        try:
+            doubled = await ctx.tool("lookup", {"n": n})
+        except ToolFailed:
+            doubled = None
+        answer = await ctx.llm.complete([{"role": "user", "content": "how are you"}])
+        return {"doubled": doubled, "answer": answer.text}
+
+    return app
+
+
+@pytest.mark.nats
+async def test_gateway_metrics_count_what_happened(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    app = counted_app()
+    worker, server = await start_gateway(app, nats_url, namespace, tmp_path, gateway_config())
+    try:
+        async with Client(worker.settings) as client:
+            for n in range(10):
+                await client.publish("metered.tick", {"n": n, "key": f"k{n}"})
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            assert (await http.get("/metrics")).status_code == 401
+            lacking = await http.get("/metrics", headers=auth("alice"))
+            assert lacking.status_code == 403, lacking.text
+            assert "metrics" in lacking.json()["error"]
+            scraper = auth("prometheus", scopes="metrics")
+            samples: Samples = {}
+
+            async def settled() -> bool:
+                r = await http.get("/metrics", headers=scraper)
+                assert r.status_code == 200, r.text
+                assert r.headers["content-type"].startswith("text/plain")
+                samples.update(parse(r.text))
+                return (
+                    value(samples, "tidings_events_handled_total", agent="counted") == 6
+                    and value(samples, "tidings_events_dead_lettered_total", agent="counted") == 1
+                    and value(samples, "tidings_consumer_pending", consumer="counted") == 0
+                    and value(samples, "tidings_dlq_depth", agent="counted") == 1
+                )
+
+            await eventually(settled, timeout=30, message="all ten events settled")
+            await http.get("/no/such/path/abc123")
+            r = await http.get("/metrics", headers=scraper)
+            samples = parse(r.text)
+    finally:
+        await server.stop()
+        await worker.stop(grace=5)
+
+    agent = {"agent": "counted"}
+    assert value(samples, "tidings_events_received_total", **agent) == 12  # n=8, n=9 twice
+    assert value(samples, "tidings_events_filtered_total", **agent) == 3
+    assert value(samples, "tidings_filter_errors_total", **agent) == 0
+    assert value(samples, "tidings_events_retried_total", **agent) == 2
+    assert value(samples, "tidings_events_duplicate_total", **agent) == 0
+    assert value(samples, "tidings_handler_seconds_count", **agent) == 6
+    assert value(samples, "tidings_handler_seconds_bucket", le="+Inf", **agent) == 6
+    assert value(samples, "tidings_events_in_flight", **agent) == 0
+    assert value(samples, "tidings_consumer_lag", consumer="counted") == 0
+
+    tool = {"tool": "lookup"}
+    assert value(samples, "tidings_tool_calls_total", **tool) == 6
+    assert value(samples, "tidings_tool_failures_total", **tool) == 1
+    assert value(samples, "tidings_tool_dead_lettered_total", **tool) == 1
+    assert value(samples, "tidings_dlq_depth", agent="tool:lookup") == 1
+
+    model = {"model": "fake"}
+    assert value(samples, "tidings_llm_calls_total", **model) == 6
+    assert value(samples, "tidings_llm_failures_total", **model) == 0
+    assert value(samples, "tidings_llm_tokens_total", type="input", **model) == 6 * 3
+    assert value(samples, "tidings_llm_tokens_total", type="output", **model) == 6 * 2
+    assert value(samples, "tidings_llm_cost_usd_total", **model) == pytest.approx(
+        6 * (3 * 1.0 + 2 * 2.0) / 1_000_000
+    )
+
+    requests = {
+        labels: n
+        for (name, labels), n in samples.items()
+        if name == "tidings_gateway_requests_total"
+    }
+    assert requests[(("route", "/metrics"), ("status", "4xx"))] == 2
+    assert requests[(("route", "/metrics"), ("status", "2xx"))] >= 1
+    assert requests[(("route", "unmatched"), ("status", "4xx"))] == 1
+    assert not any("abc123" in v for labels in requests for _, v in labels)  # no raw path
+    assert value(samples, "tidings_gateway_stream_clients") == 0
+
+
+@pytest.mark.nats
+async def test_metrics_public_needs_no_credential(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    config = gateway_config(metrics_public=True)
+    worker, server = await start_gateway(counted_app(), nats_url, namespace, tmp_path, config)
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            r = await http.get("/metrics")
+    finally:
+        await server.stop()
+        await worker.stop(grace=5)
+    assert r.status_code == 200
+    assert value(parse(r.text), "tidings_events_received_total", agent="counted") == 0
+
+
+@pytest.mark.nats
+async def test_series_do_not_grow_with_keys_ids_or_paths(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    app = App("many")
+
+    @app.agent("keyed", on="many.thing", where="data.n % 10 == 0", key="data.key")
+    async def keyed(event: Event, ctx: Context) -> None:
+        await ctx.state.set("seen", True)
+
+    worker, server = await start_gateway(app, nats_url, namespace, tmp_path, gateway_config())
+    scraper = auth("prometheus", scopes="metrics")
+    total = 0
+
+    async def publish(client: Client, count: int) -> None:
+        nonlocal total
+        for start in range(total, total + count, 500):
+            await asyncio.gather(
+                *(
+                    client.publish("many.thing", {"n": n, "key": f"key-{n}"})
+                    for n in range(start, min(start + 500, total + count))
+                )
+            )
+        total += count
+
+    async def scrape(http: httpx.AsyncClient, handled: int) -> Samples:
+        samples: Samples = {}
+
+        async def done() -> bool:
+            samples.clear()
+            samples.update(parse((await http.get("/metrics", headers=scraper)).text))
+            return value(samples, "tidings_events_handled_total", agent="keyed") == handled
+
+        await eventually(done, timeout=90, interval=0.5, message=f"{handled} handled")
+        return samples
+
+    try:
+        async with (
+            Client(worker.settings) as client,
+            httpx.AsyncClient(base_url=server.url, timeout=30) as http,
+        ):
+            await publish(client, 10)
+            await http.get("/metrics", headers=scraper)  # so its own series exists before
+            await http.get("/no/such/path/0")
+            await http.post("/v1/agents/nobody-0/invoke", json={"type": "x"}, headers=auth("a"))
+            before = await scrape(http, 1)
+            await publish(client, 10_000)
+            for n in range(1, 50):
+                await http.get(f"/no/such/path/{n}")
+                await http.post(
+                    f"/v1/agents/nobody-{n}/invoke", json={"type": "x"}, headers=auth(f"u{n}")
+                )
+            after = await scrape(http, 1001)
+    finally:
+        await server.stop()
+        await worker.stop(grace=5)
+
+    assert set(after) == set(before), set(after) ^ set(before)
+    counts = {
+        name: value(after, f"tidings_events_{name}_total", agent="keyed")
+        for name in ("received", "filtered", "duplicate", "retried")
+    }
+    assert counts["received"] >= 10_010, counts  # redeliveries count too
+    assert counts["filtered"] >= 9009, counts
+    label_values = {v for _, labels in after for _, v in labels}
+    assert not any(v.startswith(("key-", "nobody-", "/no/")) for v in label_values)
+
+
+@pytest.mark.nats
+async def test_worker_without_gateway_reports_no_gateway_series(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    async with running(counted_app(), settings_for(nats_url, namespace, tmp_path)) as worker:
+        text = (await worker.metrics.render()).decode()
+    names = {family.name for family in text_string_to_metric_families(text)}
+    assert "tidings_events_handled" in names and "tidings_consumer_lag" in names
+    assert not any(name.startswith("tidings_gateway") for name in names)
+
+
+def test_merge_adds_counters_and_histograms_and_takes_bus_gauges_once() -> None:
+    one = (
+        "# TYPE tidings_events_handled_total counter\n"
+        'tidings_events_handled_total{agent="a"} 4\n'
+        "# TYPE tidings_handler_seconds histogram\n"
+        'tidings_handler_seconds_bucket{agent="a",le="0.1"} 3\n'
+        'tidings_handler_seconds_bucket{agent="a",le="+Inf"} 4\n'
+        'tidings_handler_seconds_count{agent="a"} 4\n'
+        'tidings_handler_seconds_sum{agent="a"} 0.5\n'
+        "# TYPE tidings_consumer_lag gauge\n"
+        'tidings_consumer_lag{consumer="a"} 7\n'
+        "# TYPE tidings_events_in_flight gauge\n"
+        'tidings_events_in_flight{agent="a"} 2\n'
+    )
+    two = one.replace("} 4\n", "} 6\n").replace("} 7\n", "} 9\n").replace("} 2\n", "} 1\n")
+    merged = parse(merge([one, two]).decode())
+    assert value(merged, "tidings_events_handled_total", agent="a") == 10
+    assert value(merged, "tidings_handler_seconds_bucket", agent="a", le="0.1") == 6
+    assert value(merged, "tidings_handler_seconds_bucket", agent="a", le="+Inf") == 10
+    assert value(merged, "tidings_handler_seconds_sum", agent="a") == 1.0
+    assert value(merged, "tidings_consumer_lag", consumer="a") == 9  # the same bus: once
+    assert value(merged, "tidings_events_in_flight", agent="a") == 3  # per process: added
+
+
+@pytest.mark.nats
+@pytest.mark.slow
+async def test_run_workers_metrics_port_gives_one_view(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    port, gateway_port = free_port(), free_port()
+    home = tmp_path / "home"
+    env = {
+        **os.environ,
+        "TIDINGS_BUS": nats_url,
+        "TIDINGS_NAMESPACE": namespace,
+        "TIDINGS_HOME": str(home),
+        "TIDINGS_STORE": f"sqlite:///{tmp_path / 'store.db'}",
+        "TIDINGS_GATEWAY_JWT_SECRET": JWT_SECRET,
+        "TIDINGS_GATEWAY_PORT": str(gateway_port),
+        "TIDINGS_GATEWAY_METRICS_PUBLIC": "true",
+    }
+    command = [sys.executable, "-m", "tidings.cli", "run", "tests.gateway.run_app:app",
+               "--quiet", "--workers", "2", "--metrics-port", str(port), "--gateway"]  # fmt: skip
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            *command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            announced: list[Path] = []
+
+            async def both_up() -> bool:
+                assert process.returncode is None, log.read_text()
+                announced[:] = list(home.glob("metrics/*/*.url"))
+                return len(announced) == 2
+
+            await eventually(both_up, timeout=60, message="both workers announce their metrics")
+            settings = settings_for(nats_url, namespace, tmp_path)
+            async with Client(settings) as client:
+                for n in range(40):
+                    await client.publish("echo.request", n)
+                    await client.publish("picky.request", {"ok": n % 4 == 0})
+            samples: Samples = {}
+
+            async def all_counted() -> bool:
+                samples.clear()
+                samples.update(parse((await http.get(url)).text))
+                return (
+                    value(samples, "tidings_events_handled_total", agent="echo") == 40
+                    and value(samples, "tidings_events_handled_total", agent="picky") == 10
+                )
+
+            await eventually(all_counted, timeout=60, interval=0.3, message="one view of 2")
+            each = [parse((await http.get(path.read_text())).text) for path in announced]
+            # The gateway (served by worker 1) answers with the same one view.
+            gateway = parse((await http.get(f"http://127.0.0.1:{gateway_port}/metrics")).text)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)
+            await asyncio.wait_for(process.wait(), 60)
+    assert process.returncode == 0, log.read_text()
+
+    for name, agent in [
+        ("tidings_events_received_total", "echo"),
+        ("tidings_events_handled_total", "echo"),
+        ("tidings_events_filtered_total", "picky"),
+        ("tidings_handler_seconds_count", "echo"),
+    ]:
+        parts = [value(s, name, agent=agent) for s in each]
+        assert sum(parts) == value(samples, name, agent=agent), (name, parts)
+        assert value(gateway, name, agent=agent) == value(samples, name, agent=agent), name
+    assert value(samples, "tidings_events_filtered_total", agent="picky") == 30
+    # Read from the bus: the same in both workers, reported once rather than doubled.
+    lag = [value(s, "tidings_consumer_lag", consumer="echo") for s in each]
+    assert value(samples, "tidings_consumer_lag", consumer="echo") == max(lag)
+    assert not list(home.glob("metrics/*/*.url"))  # the workers withdrew, the folder is gone
+
+
+def metrics_section() -> str:
+    text = (ROOT / "docs" / "observability.md").read_text()
+    start = text.index("## Metrics (Prometheus)")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def blocks(section: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", section, flags=re.DOTALL)
+
+
+@pytest.mark.nats
+async def test_docs_metrics_example_prints_what_the_page_shows(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    section = metrics_section()
+    namespace_: dict[str, Any] = {"__name__": "docs_metrics"}
+    exec(compile(blocks(section, "python")[0], "docs/observability.md", "exec"), namespace_)
+    app = namespace_["app"]
+    shell = blocks(section, "sh")[0]
+    assert "tidings run shop:app --metrics-port 9464" in shell
+    totals = [int(t) for t in re.findall(r'"total": (\d+)', shell)]
+    shown = blocks(section, "text")[0].splitlines()
+    lines: list[str] = []
+    async with running(app, settings_for(nats_url, namespace, tmp_path)) as worker:
+        async with Client(worker.settings) as client:
+            for total in totals:
+                await client.publish("order.placed", {"id": f"o-{total}", "total": total})
+
+        async def as_shown() -> bool:
+            text = (await worker.metrics.render()).decode()
+            lines[:] = [
+                line
+                for line in text.splitlines()
+                if "big-orders" in line and "_bucket" not in line and "_sum" not in line
+            ]
+            return lines == shown
+
+        await eventually(as_shown, message="the page's output")
+    assert lines == shown
+
+
+def test_docs_scrape_config_is_valid_yaml() -> None:
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load(blocks(metrics_section(), "yaml")[0])
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs["tidings-workers"]["static_configs"][0]["targets"] == ["127.0.0.1:9464"]
+    assert jobs["tidings-gateway"]["authorization"]["type"] == "Bearer"
