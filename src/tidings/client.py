@@ -9,6 +9,7 @@ from tidings.bus.connect import connect_bus
 from tidings.config import Settings
 from tidings.errors import IdTaken
 from tidings.events import Event
+from tidings.observability import tracing
 from tidings.schemas.registry import EventTypes, dataschema
 from tidings.store import open_store
 from tidings.store.base import Store
@@ -121,7 +122,7 @@ class Client:
 
     async def _send(self, event: Event, *, explicit_id: bool, owner: str | None) -> bool:
         if not explicit_id:
-            await self.bus.publish(event)
+            await tracing.publish(self.bus, event)
             return True
         who = self.owner if owner is None else owner
         ledger = await self._ledger()
@@ -133,7 +134,7 @@ class Client:
             )
         if claim.published:
             return False
-        await self.bus.publish(event)
+        await tracing.publish(self.bus, event)
         await ledger.record_publish(event.id, who)
         return True
 

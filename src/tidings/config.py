@@ -33,6 +33,10 @@ class Settings:
     gateway: bool = False  # serve the HTTP gateway from `tidings run` (see docs/gateway.md)
     gateway_host: str = "127.0.0.1"  # loopback unless deliberately exposed
     gateway_port: int = 8000
+    log_format: str = "console"  # or "json": one JSON object per log line (docs/observability.md)
+    # An event that waited longer than this many seconds (a resumed ctx.ask, a backlog)
+    # starts a trace of its own, linked to its producer's span rather than its child.
+    trace_link_after: float = 60.0
 
     @property
     def home_path(self) -> Path:

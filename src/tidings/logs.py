@@ -1,23 +1,56 @@
-"""Structured logs (structlog) on stderr, so stdout stays free for the CLI's own output."""
+"""Structured logs (structlog) on stderr, so stdout stays free for the CLI's own output.
+
+Every line logged while an event is processed carries `agent`, `event_id`,
+`correlation_id` and `trace_id`: the consumer loop binds them as structlog context
+variables around each event (`bind_event`), so a handler's own `structlog` lines, the
+retry warning and the dead-letter error all name the event they are about.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from collections.abc import Mapping
+from contextvars import Token
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from tidings.errors import ConfigError
+from tidings.observability.tracing import trace_id_of
 
-def configure_logging(level: str | None = None) -> None:
-    """Send structlog output to stderr at `level` (default: TIDINGS_LOG_LEVEL or INFO)."""
+if TYPE_CHECKING:
+    from tidings.events import Event
+
+FORMATS = ("console", "json")
+
+
+def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
+    """Send structlog output to stderr at `level` (default: TIDINGS_LOG_LEVEL or INFO).
+
+    `fmt` is ``console`` (default) or ``json``, one object per line for log collectors
+    (default: TIDINGS_LOG_FORMAT).
+    """
     name = (level or os.environ.get("TIDINGS_LOG_LEVEL", "INFO")).upper()
+    chosen = (fmt or os.environ.get("TIDINGS_LOG_FORMAT") or "console").strip().lower()
+    if chosen not in FORMATS:
+        raise ConfigError(f"unknown log format {chosen!r}: use {' or '.join(FORMATS)}")
+    render: list[Any] = (
+        [
+            structlog.processors.dict_tracebacks,
+            structlog.processors.EventRenamer("message"),
+            structlog.processors.JSONRenderer(sort_keys=False),
+        ]
+        if chosen == "json"
+        else [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
+    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()),
+            *render,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(name, logging.INFO)
@@ -25,6 +58,25 @@ def configure_logging(level: str | None = None) -> None:
         logger_factory=_StderrLogger,
         cache_logger_on_first_use=True,
     )
+
+
+def bind_event(agent: str, event: Event) -> Mapping[str, Token[Any]]:
+    """Name `event` on every log line until `unbind` (the consumer loop, around each event).
+
+    The trace id is the one the event carries; a processing span that starts a trace of
+    its own binds that one instead while it runs.
+    """
+    return structlog.contextvars.bind_contextvars(
+        agent=agent,
+        event_id=event.id,
+        correlation_id=event.correlationid,
+        trace_id=trace_id_of(event.traceparent),
+    )
+
+
+def unbind(tokens: Mapping[str, Token[Any]]) -> None:
+    """Undo `bind_event`."""
+    structlog.contextvars.reset_contextvars(**tokens)
 
 
 class _StderrLogger:

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.text import Text
@@ -28,7 +28,9 @@ from tidings.cli.common import console, err_console, guarded, load_app, options_
 from tidings.cli.display import show_stats, startup_panel
 from tidings.config import Settings
 from tidings.errors import ConfigError
+from tidings.logs import configure_logging
 from tidings.observability import metrics as prometheus
+from tidings.observability import tracing
 from tidings.worker import Worker
 
 
@@ -122,6 +124,14 @@ def run(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No startup panel and no live counters.")
     ] = False,
+    log_format: Annotated[
+        Literal["console", "json"] | None,
+        typer.Option(
+            "--log-format",
+            help="Log lines for people (console) or one JSON object each (json), over the"
+            " log_format setting.",
+        ),
+    ] = None,
     label: Annotated[
         str, typer.Option(hidden=True, help="Name of this worker in plain summaries.")
     ] = "",
@@ -189,6 +199,9 @@ def run(
             settings = dataclasses.replace(settings, gateway=gateway)
         if gateway_port is not None:
             settings = dataclasses.replace(settings, gateway_port=gateway_port)
+        if log_format is not None:
+            settings = dataclasses.replace(settings, log_format=log_format)
+        configure_logging(fmt=settings.log_format)
         app = load_app(target)
         _check_trigger_mode(app, triggers_only=triggers_only, no_triggers=no_triggers)
         if settings.gateway:
@@ -262,11 +275,15 @@ async def _run_worker(
 ) -> None:
     """Run one worker; the display follows it while it runs."""
     worker = _ObservedWorker(app, settings, sock, metrics_at)
+    # Spans are exported when the standard OTEL_* variables ask for it (the otel extra).
+    traced = tracing.configure_from_env(settings, service_name=app.name)
     running = asyncio.create_task(worker.run_until_signalled(grace))
     display = None if quiet else asyncio.create_task(_display(worker, label))
     try:
         await running
     finally:
+        if traced:  # the last spans still batched go out before the process ends
+            await asyncio.to_thread(tracing.shutdown)
         if display is not None:
             display.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -333,6 +350,7 @@ def _supervise(
         else:  # each worker joins the embedded server itself, so it counts as one of its users
             env.pop("TIDINGS_BUS", None)
         env["TIDINGS_HOME"] = str(settings.home_path)
+        env["TIDINGS_LOG_FORMAT"] = settings.log_format
         if settings.gateway:
             env["TIDINGS_GATEWAY_PORT"] = str(settings.gateway_port)
         if settings.store is not None:

@@ -59,6 +59,8 @@ from tidings.gateway.owners import (
 )
 from tidings.gateway.streams import Hub, Lagged, StreamFilter, Subscriber, structured, uuid7_ms
 from tidings.observability.metrics import CONTENT_TYPE, Backlog, Metrics, RequestCounter, Source
+from tidings.observability import tracing
+from tidings.observability.tracing import TracingMiddleware
 from tidings.runtime.commits import Committer
 from tidings.runtime.context import Services
 from tidings.runtime.pipeline import Invoked, Pipeline
@@ -420,9 +422,12 @@ def create_app(
             CORSMiddleware,
             allow_origins=list(cfg.allowed_origins),
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-API-Key"],
-        )
+            allow_headers=[
+                "Authorization", "Content-Type", "Last-Event-ID", "X-API-Key", "traceparent",
+            ],
+        )  # fmt: skip
     api.openapi = lambda: _openapi(api, gw)  # type: ignore[method-assign]
+    api.add_middleware(TracingMiddleware)  # a span per request, when tracing is on
     api.add_middleware(RequestCounter, counts=gw.requests)
 
     @api.exception_handler(HttpError)
@@ -830,7 +835,7 @@ async def _publish(g: Gateway, events: list[Event], owner: str, batch: bool) -> 
             )
     fresh = [e for e, claim in zip(events, claims, strict=True) if not claim.published]
     for event in fresh:
-        await g.bus.publish(event)
+        await tracing.publish(g.bus, event)
     await asyncio.gather(*(store.record_publish(e.id, owner) for e in fresh))
     return bool(fresh)
 

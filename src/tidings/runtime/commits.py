@@ -18,6 +18,7 @@ import structlog
 from tidings.bus.base import Bus
 from tidings.errors import AlreadyProcessed, EventTooLarge
 from tidings.events import decode
+from tidings.observability import tracing
 from tidings.store.base import Store
 from tidings.store.records import Commit, OutboxEvent
 
@@ -63,7 +64,7 @@ class Committer:
             return
         for entry in outbox:
             try:
-                await self.bus.publish(decode(entry.headers, entry.body))
+                await tracing.publish(self.bus, decode(entry.headers, entry.body))
             except EventTooLarge as e:
                 log.error(
                     "outbox event can never be published; dropped",

@@ -36,6 +36,7 @@ import structlog
 from tidings.bus.base import Bus, ConsumerSpec, Delivery, Subscription
 from tidings.errors import MalformedEvent
 from tidings.events import Event, decode, new_id, now
+from tidings.logs import bind_event, unbind
 from tidings.runtime.outcomes import Ack, Backoff, DeadLetter, Outcome, Retry, describe, outcome_for
 from tidings.runtime.upkeep import extend_deadlines, wind_down
 from tidings.store.base import Store
@@ -218,6 +219,7 @@ class Consumer:
 
     async def _run_one(self, delivery: Delivery, event: Event) -> None:
         self.in_flight.add(delivery)
+        bound = bind_event(self.name, event)  # every log line until settled names the event
         try:
             try:
                 outcome = await self.processor.process(delivery, event)
@@ -233,6 +235,7 @@ class Consumer:
             await self.settle(delivery, event, outcome)
         finally:
             self.in_flight.discard(delivery)
+            unbind(bound)
 
     async def settle(self, delivery: Delivery, event: Event | None, outcome: Outcome) -> None:
         """Carry out an outcome; a dead letter is stored before the ack."""

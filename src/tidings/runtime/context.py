@@ -20,6 +20,7 @@ from tidings.events import (
     encode,
     matches,
 )
+from tidings.observability import tracing
 from tidings.runtime.steps import Journal
 from tidings.store.base import Store
 from tidings.store.records import OutboxEvent
@@ -239,6 +240,9 @@ class Context:
                 f"agent {self.agent!r} emitted {type!r} but declares emits={list(declared)};"
                 " add it to emits= or emit a declared type"
             )
+        traceparent = tracing.current_traceparent()  # None unless tracing: then the run's span
+        if traceparent is not None:
+            attributes.setdefault("traceparent", traceparent)
         event = self.event.derive(type, data, source=self._source, id=id, subject=subject,
                                   **attributes)  # fmt: skip
         schemas = self._services.schemas if self._services is not None else None

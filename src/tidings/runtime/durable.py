@@ -27,6 +27,7 @@ from tidings.errors import (
     ToolTimeout,
 )
 from tidings.events import Event, encode
+from tidings.observability import tracing
 from tidings.runtime.steps import args_hash, derived_id, error_detail, replayed_error
 from tidings.store.records import Parked, Step, StepStatus
 
@@ -84,6 +85,13 @@ async def run_step(
 
 async def call_tool(ctx: Context, name: str, args: Any, timeout: float) -> Any:  # noqa: ASYNC109
     """`ctx.tool`: send `tool.invoke` once, wait for the reply, record it."""
+    if not tracing.active():
+        return await _call_tool(ctx, name, args, timeout)
+    with tracing.tool_call(name):  # the call's id is known once the journal numbered it
+        return await _call_tool(ctx, name, args, timeout)
+
+
+async def _call_tool(ctx: Context, name: str, args: Any, timeout: float) -> Any:  # noqa: ASYNC109
     from tidings.tools import invoke_type
 
     services = ctx.services
@@ -95,6 +103,7 @@ async def call_tool(ctx: Context, name: str, args: Any, timeout: float) -> Any: 
     started = time.perf_counter()
     seq, recorded = await ctx.journal.begin("tool", name, digest)
     call_id = derived_id(ctx.agent, ctx.event.id, seq, "tool")
+    tracing.annotate({"gen_ai.tool.call.id": call_id, "tidings.step": seq})
     replayed = recorded is not None
     if recorded is not None and recorded.status != "pending":
         ctx.journal.note(recorded, started, replayed=True, args=args)
@@ -127,7 +136,7 @@ async def call_tool(ctx: Context, name: str, args: Any, timeout: float) -> Any: 
             # tool's inbox past the dedupe window.
             invoke = _invoke_event(ctx, call_id, invoke_type(name), args, name, deadline)
             try:
-                await services.bus.publish(invoke)
+                await tracing.publish(services.bus, invoke)
             except BaseException:
                 services.replies.discard(call_id)
                 raise
@@ -162,12 +171,19 @@ async def _await_registration(services: Services, name: str, grace: float) -> No
 def _invoke_event(
     ctx: Context, call_id: str, type_: str, args: Any, tool: str, deadline: float
 ) -> Event:
-    return ctx.event.derive(
+    event = ctx.event.derive(
         type_,
         {"tool": tool, "args": args, "reply_to": ctx.agent, "deadline": deadline},
         source=ctx._source,
         id=call_id,
     )
+    return _stamped(event)
+
+
+def _stamped(event: Event) -> Event:
+    """`event` in the current span's trace (when tracing), not only its cause's."""
+    traceparent = tracing.current_traceparent()
+    return event if traceparent is None else event.replace(traceparent=traceparent)
 
 
 async def complete(
@@ -186,7 +202,7 @@ async def complete(
     services = ctx.services
     if services.models is None:
         raise ConfigError("no models: register one with app.llm.add(...)")
-    name, _, _ = services.models.resolve(model)
+    name, chat, _ = services.models.resolve(model)
     definitions = tool_definitions(services.tools, tools)
     digest = args_hash(name, messages, definitions, max_tokens, temperature, options)
     started = time.perf_counter()
@@ -195,7 +211,11 @@ async def complete(
         ctx.journal.note(recorded, started, replayed=True, messages=messages)
         return Completion.from_dict(recorded.result)
     request = Request(messages, definitions, max_tokens, temperature, options)
-    completion = await services.models.complete(name, request)
+    provider, asked = chat.provider, str(getattr(chat, "model", name))
+    with tracing.llm_call(provider, asked, max_tokens, temperature) as span:
+        completion = await services.models.complete(name, request)
+        tracing.llm_usage(span, completion.model, completion.tokens_in, completion.tokens_out,
+                          completion.cost)  # fmt: skip
     step = _step(ctx, seq, "llm", name, digest, "done", completion.to_dict(),
                  model=completion.model, tokens_in=completion.tokens_in,
                  tokens_out=completion.tokens_out, cost=completion.cost)  # fmt: skip
@@ -252,5 +272,4 @@ async def progress(ctx: Context, fraction: float, message: str, n: int) -> Event
         source=ctx._source,
         id=derived_id(ctx.agent, ctx.event.id, "progress", n),
     )
-    await ctx.services.bus.publish(event)
-    return event
+    return await tracing.publish(ctx.services.bus, _stamped(event))

@@ -28,6 +28,8 @@ import structlog
 from tidings.bus.base import ConsumerSpec, Delivery
 from tidings.errors import ConfigError, MalformedEvent
 from tidings.events import Event, decode, encode, new_id, now
+from tidings.logs import bind_event, unbind
+from tidings.observability import tracing
 from tidings.observability.metrics import Histogram
 from tidings.runtime.commits import Committer
 from tidings.runtime.consumer import Settled
@@ -180,6 +182,15 @@ class Pipeline:
 
     async def process(self, delivery: Delivery, event: Event) -> Outcome:
         """Run an event that passed the filter; exceptions are mapped by the caller."""
+        if not tracing.active():  # the fast path: not one call into OpenTelemetry
+            return await self._steps(delivery, event)
+        url = self.services.bus.url
+        with tracing.processing(event, self.spec.name, url, attempt=delivery.attempt) as span:
+            outcome = await self._steps(delivery, event)
+            tracing.outcome(span, outcome.reason if isinstance(outcome, Ack) else "retry")
+            return outcome
+
+    async def _steps(self, delivery: Delivery, event: Event) -> Outcome:
         spec, store = self.spec, self.store
         if await self.committer.replay(spec.name, event.id):  # 3
             self.stats.duplicates += 1
@@ -312,7 +323,11 @@ class Pipeline:
             raise MalformedEvent(screened.error)
         if not isinstance(screened, Event):
             return Invoked("filtered", None)
-        outcome = await self.process(delivery, screened)
+        bound = bind_event(self.spec.name, screened)  # its log lines name it, as on the bus
+        try:
+            outcome = await self.process(delivery, screened)
+        finally:
+            unbind(bound)
         assert isinstance(outcome, Ack), outcome  # process() raises rather than retry
         if outcome.reason == "duplicate":
             earlier = await self.store.list_decisions(self.spec.name, 5, event_id=event.id)

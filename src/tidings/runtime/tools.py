@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from tidings.bus.base import Bus, ConsumerSpec, Delivery
 from tidings.errors import MalformedEvent
 from tidings.events import Event, decode, encode, new_id, now
+from tidings.observability import tracing
 from tidings.runtime.commits import Committer
 from tidings.runtime.consumer import Settled, SimpleProcessor
 from tidings.runtime.outcomes import Ack, Backoff, DeadLetter, Outcome, describe
@@ -175,6 +176,17 @@ class ToolService:
 
     async def process(self, delivery: Delivery, event: Event) -> Outcome:
         """Run the call once (or re-send its reply), commit the reply with the marker."""
+        if not tracing.active():
+            return await self._serve(delivery, event)
+        about = tracing.tool_attributes(self.spec.name, event.id)
+        url = self.committer.bus.url
+        with tracing.processing(event, self.name, url, attempt=delivery.attempt,
+                                attributes=about) as span:  # fmt: skip
+            outcome = await self._serve(delivery, event)
+            tracing.outcome(span, outcome.reason if isinstance(outcome, Ack) else "retry")
+            return outcome
+
+    async def _serve(self, delivery: Delivery, event: Event) -> Outcome:
         if await self.committer.replay(self.name, event.id):  # a re-sent call: reply again
             self.stats.duplicates += 1
             return Ack("duplicate")
@@ -227,7 +239,7 @@ class ToolService:
         if event is None or not self._reply_to(event):
             return
         error = outcome.error.removeprefix("MalformedEvent: ")
-        await self.committer.bus.publish(self._reply(event, False, error))
+        await tracing.publish(self.committer.bus, self._reply(event, False, error))
         data = event.data if isinstance(event.data, dict) else {}
         await self.store.add_decision(
             Decision(

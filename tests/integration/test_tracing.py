@@ -1,0 +1,322 @@
+"""OpenTelemetry: one trace across the gateway, agents and tools, links for long waits.
+
+Spans go to the SDK's in-memory exporter; the bus is a real nats-server (and tansu for
+Kafka), the gateway a real uvicorn server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from tests.gateway.conftest import auth, gateway_config, start_gateway
+from tests.helpers import eventually, running, settings_for
+from tidings import App, Context, Event
+from tidings.bus.memory import MemoryBus
+from tidings.client import Client
+from tidings.llm import FakeModel, Price
+from tidings.observability import tracing
+from tidings.store.base import Store
+
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    tracing.configure(exporter, batch=False, link_after=2.0)
+    try:
+        yield exporter
+    finally:
+        tracing.disable()
+
+
+def find(spans: InMemorySpanExporter, name: str, **attributes: Any) -> list[ReadableSpan]:
+    return [
+        s
+        for s in spans.get_finished_spans()
+        if s.name == name
+        and all((s.attributes or {}).get(k.replace("__", ".")) == v for k, v in attributes.items())
+    ]
+
+
+async def span_of(spans: InMemorySpanExporter, name: str, **attributes: Any) -> ReadableSpan:
+    """The one finished span of that name (spans end after the work a test waits for)."""
+    await eventually(lambda: len(find(spans, name, **attributes)) >= 1, message=f"span {name}")
+    (span,) = find(spans, name, **attributes)
+    return span
+
+
+def parent_of(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent is not None else None
+
+
+async def decided(store: Store | None, agent: str, count: int = 1) -> None:
+    assert store is not None
+
+    async def enough() -> bool:
+        return len(await store.list_decisions(agent)) >= count
+
+    await eventually(enough, message=f"{count} decisions of {agent}")
+
+
+def scoring_app() -> App:
+    app = App("traced")
+    app.llm.add(FakeModel(["fine"], price=Price(input=1.0, output=2.0)))
+
+    @app.tool("risk.score")
+    async def score(amount: int) -> float:
+        return 0.5 if amount > 10 else 0.1
+
+    @app.agent("scorer", on="order.placed", emits=["order.scored"])
+    async def scorer(event: Event, ctx: Context) -> None:
+        risk = await ctx.tool("risk.score", {"amount": event.data["amount"]})
+        await ctx.llm.complete([{"role": "user", "content": "is this fine?"}])
+        await ctx.emit("order.scored", {"risk": risk})
+
+    @app.agent("notifier", on="order.scored")
+    async def notifier(event: Event, ctx: Context) -> Any:
+        return event.data
+
+    return app
+
+
+@pytest.mark.nats
+async def test_http_publish_agent_tool_agent_form_one_trace(
+    nats_url: str, namespace: str, tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    worker, server = await start_gateway(
+        scoring_app(), nats_url, namespace, tmp_path, gateway_config()
+    )
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            body = {"specversion": "1.0", "id": str(uuid.uuid4()), "source": "/shop",
+                    "type": "order.placed", "data": {"amount": 50}}  # fmt: skip
+            r = await http.post(
+                "/v1/events",
+                json=body,
+                headers={
+                    **auth("alice"),
+                    "content-type": "application/cloudevents+json",
+                    "traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01",
+                },
+            )
+            assert r.status_code == 202, r.text
+            await decided(worker.store, "notifier")
+
+            # A binary-mode event names its context in ce-traceparent alone: kept too.
+            other_trace, other_span = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+            r = await http.post(
+                "/v1/events",
+                content=b'{"risk": 0.9}',
+                headers={**auth("alice"), "content-type": "application/json",
+                         "ce-specversion": "1.0", "ce-id": str(uuid.uuid4()),
+                         "ce-source": "/elsewhere", "ce-type": "order.scored",
+                         "ce-traceparent": f"00-{other_trace}-{other_span}-01"},
+            )  # fmt: skip
+            assert r.status_code == 202, r.text
+            await decided(worker.store, "notifier", 2)
+    finally:
+        await server.stop()
+        await worker.stop(grace=5)
+
+    event_id = body["id"]
+    await eventually(lambda: len(find(spans, "POST /v1/events")) == 2, message="request spans")
+    request, request2 = sorted(find(spans, "POST /v1/events"), key=lambda s: s.start_time or 0)
+    placed = await span_of(spans, "publish order.placed")
+    scorer = await span_of(spans, "process order.placed", messaging__consumer__group__name="scorer")
+    call = await span_of(spans, "execute_tool risk.score")
+    invoke = await span_of(spans, "publish tool.invoke.risk.score")
+    served = await span_of(spans, "process tool.invoke.risk.score")
+    chat = await span_of(spans, "chat fake")
+    scored = await span_of(
+        spans, "publish order.scored", cloudevents__event_source="/traced/scorer"
+    )
+    notified = await span_of(
+        spans, "process order.scored", messaging__consumer__group__name="notifier",
+        cloudevents__event_source="/traced/scorer",
+    )  # fmt: skip
+
+    chain = [request, placed, scorer, call, invoke, served, chat, scored, notified]
+    assert {s.context.trace_id for s in chain} == {int(CLIENT_TRACE, 16)}
+    assert parent_of(request) == int(CLIENT_SPAN, 16)
+    assert parent_of(placed) == request.context.span_id
+    assert parent_of(scorer) == placed.context.span_id
+    assert parent_of(call) == scorer.context.span_id
+    assert parent_of(invoke) == call.context.span_id
+    assert parent_of(served) == invoke.context.span_id
+    assert parent_of(chat) == scorer.context.span_id
+    assert parent_of(scored) == scorer.context.span_id
+    assert parent_of(notified) == scored.context.span_id
+
+    assert request.kind is SpanKind.SERVER and request.attributes is not None
+    assert request.attributes["http.route"] == "/v1/events"
+    assert request.attributes["http.response.status_code"] == 202
+    assert placed.kind is SpanKind.PRODUCER and scorer.kind is SpanKind.CONSUMER
+    assert placed.attributes is not None and scorer.attributes is not None
+    for span in (placed, scorer):
+        assert span.attributes["messaging.message.id"] == event_id
+        assert span.attributes["messaging.system"] == "nats"
+        assert span.attributes["messaging.destination.name"] == "order.placed"
+    assert placed.attributes["messaging.operation.name"] == "publish"
+    assert scorer.attributes["messaging.operation.name"] == "process"
+    assert scorer.attributes["tidings.outcome"] == "handled"
+    assert call.attributes is not None and served.attributes is not None
+    assert call.attributes["gen_ai.tool.name"] == served.attributes["gen_ai.tool.name"]
+    assert call.attributes["gen_ai.tool.call.id"] == served.attributes["messaging.message.id"]
+    assert chat.attributes is not None and chat.kind is SpanKind.CLIENT
+    assert chat.attributes["gen_ai.system"] == "fake"
+    assert chat.attributes["gen_ai.request.model"] == "fake"
+    assert chat.attributes["gen_ai.usage.input_tokens"] > 0
+    assert chat.attributes["gen_ai.usage.output_tokens"] > 0
+    assert chat.attributes["tidings.llm.cost_usd"] > 0
+
+    placed2 = await span_of(spans, "publish order.scored", cloudevents__event_source="/elsewhere")
+    (notified2,) = [s for s in find(spans, "process order.scored") if s is not notified]
+    assert parent_of(request2) == int(other_span, 16)
+    assert parent_of(placed2) == request2.context.span_id
+    assert parent_of(notified2) == placed2.context.span_id
+    assert notified2.context.trace_id == int(other_trace, 16)
+
+
+@pytest.mark.nats
+@pytest.mark.slow
+async def test_an_answer_after_the_bound_links_to_the_question(
+    nats_url: str, namespace: str, tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    app = App("asking")
+
+    @app.agent("asker", on="refund.requested")
+    async def asker(event: Event, ctx: Context) -> Any:
+        return await ctx.ask({"approve": event.data})
+
+    settings = settings_for(nats_url, namespace, tmp_path)
+    async with running(app, settings) as worker, Client(settings) as client:
+        assert worker.store is not None and worker.bus is not None
+        event = await client.publish("refund.requested", {"order": "o1"})
+        parked: list[Any] = []
+
+        async def asked() -> bool:
+            parked[:] = await worker.store.list_parked("asker")  # type: ignore[union-attr]
+            return bool(parked)
+
+        await eventually(asked, message="the question")
+        first = await span_of(spans, "process refund.requested")
+        published = await span_of(spans, "publish refund.requested")
+        assert parent_of(first) == published.context.span_id  # a one-to-one hop: a child
+        assert first.attributes is not None and first.attributes["tidings.outcome"] == "parked"
+
+        # The answer comes after the bound (2 s in the fixture): the re-run links back.
+        assert event.time is not None
+        age = time.time() - datetime.fromisoformat(event.time).timestamp()
+        await asyncio.sleep(max(0.0, 2.3 - age))
+        from tidings.runtime.approvals import answer
+
+        assert await answer(worker.store, worker.bus, parked[0].id, True, by="ann")
+        await eventually(lambda: len(find(spans, "process refund.requested")) == 2,
+                         message="the resumed run's span")  # fmt: skip
+
+    (resumed,) = [s for s in find(spans, "process refund.requested") if s is not first]
+    assert resumed.parent is None  # a trace of its own ...
+    assert resumed.context.trace_id != published.context.trace_id
+    (link,) = resumed.links  # ... that links to the producer's span
+    assert link.context.span_id == published.context.span_id
+    assert link.attributes is not None and link.attributes["tidings.link"] == "waited"
+    assert resumed.attributes is not None
+    assert resumed.attributes["messaging.message.id"] == event.id
+    assert resumed.attributes["tidings.outcome"] == "handled"
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("nats", marks=pytest.mark.nats),
+        pytest.param("kafka", marks=[pytest.mark.kafka, pytest.mark.slow]),
+    ],
+)
+async def test_traceparent_survives_the_bus(
+    backend: str, request: pytest.FixtureRequest, namespace: str, tmp_path: Path
+) -> None:
+    if backend == "nats":
+        url = request.getfixturevalue("nats_url")
+    else:
+        url = f"{request.getfixturevalue('kafka_url')}?metadata_max_age_ms=500"
+    seen: dict[str, str | None] = {}
+    app = App("carried")
+
+    @app.agent("seer", on="probe.sent")
+    async def seer(event: Event, ctx: Context) -> None:
+        seen[event.data["n"]] = event.traceparent
+
+    given = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
+    exporter = InMemorySpanExporter()
+    settings = settings_for(url, namespace, tmp_path)
+    async with running(app, settings), Client(settings) as client:
+        # Tracing off: the attribute is carried as it is, byte for byte.
+        await client.publish("probe.sent", {"n": "off"}, traceparent=given)
+        await eventually(lambda: "off" in seen, timeout=60, message="the untraced event")
+        tracing.configure(exporter, batch=False)
+        try:
+            sent = await client.publish("probe.sent", {"n": "on"}, traceparent=given)
+            await eventually(lambda: "on" in seen, timeout=60, message="the traced event")
+            await eventually(lambda: len(exporter.get_finished_spans()) == 2, message="spans")
+        finally:
+            tracing.disable()
+    assert seen["off"] == given
+    by_kind = {s.kind: s for s in exporter.get_finished_spans()}
+    published, processed = by_kind[SpanKind.PRODUCER], by_kind[SpanKind.CONSUMER]
+    # The event crossed the bus carrying its publish span, a child of the given context.
+    assert parent_of(published) == int(CLIENT_SPAN, 16)
+    assert published.context.trace_id == int(CLIENT_TRACE, 16)
+    assert seen["on"] == f"00-{CLIENT_TRACE}-{published.context.span_id:016x}-01"
+    assert parent_of(processed) == published.context.span_id
+    assert processed.attributes is not None and published.attributes is not None
+    assert processed.attributes["messaging.system"] == backend
+    assert processed.attributes["messaging.message.id"] == sent.id
+
+
+def test_a_batch_starts_a_trace_linked_to_every_producer(spans: InMemorySpanExporter) -> None:
+    events = [
+        Event.create("reading.taken", {"n": n}, traceparent=f"00-{uuid.uuid4().hex}-{n:016x}-01")
+        for n in range(1, 4)
+    ]
+    with tracing.processing(events[-1], "windowed", "nats://127.0.0.1:4222", batch=events):
+        pass
+    (span,) = spans.get_finished_spans()
+    assert span.parent is None
+    assert sorted(link.context.span_id for link in span.links) == [1, 2, 3]
+    assert span.attributes is not None and span.attributes["messaging.batch.message_count"] == 3
+
+
+async def test_off_costs_no_span_and_no_copy() -> None:
+    assert not tracing.active()
+    bus = MemoryBus(f"memory://t{uuid.uuid4().hex[:12]}")
+    await bus.connect()
+    try:
+        event = Event.create("quiet.event", {})
+        assert await tracing.publish(bus, event) is event  # the very object: nothing made
+        assert tracing.current_traceparent() is None
+    finally:
+        await bus.close()
+
+
+def test_traceparents_that_are_not_w3c_are_ignored() -> None:
+    assert tracing.trace_id_of(f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01") == CLIENT_TRACE
+    for bad in ["", "00-ab-cd-01", f"00-{'0' * 32}-{CLIENT_SPAN}-01",
+                f"ff-{CLIENT_TRACE}-{CLIENT_SPAN}-01",
+                f"00-{CLIENT_TRACE.upper()}-{CLIENT_SPAN}-01",
+                f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01-extra"]:  # fmt: skip
+        assert tracing._parse(bad) is None, bad
+    assert tracing._parse(f"01-{CLIENT_TRACE}-{CLIENT_SPAN}-01-future") is not None
