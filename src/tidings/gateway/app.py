@@ -58,8 +58,8 @@ from tidings.gateway.owners import (
     webhook_publisher,
 )
 from tidings.gateway.streams import Hub, Lagged, StreamFilter, Subscriber, structured, uuid7_ms
-from tidings.observability.metrics import CONTENT_TYPE, Backlog, Metrics, RequestCounter, Source
 from tidings.observability import tracing
+from tidings.observability.metrics import CONTENT_TYPE, Backlog, Metrics, RequestCounter, Source
 from tidings.observability.tracing import TracingMiddleware
 from tidings.runtime.commits import Committer
 from tidings.runtime.context import Services
