@@ -7,7 +7,7 @@ import inspect
 import re
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import structlog
 
@@ -17,6 +17,8 @@ from tidings.events import Event, check_pattern, matches
 from tidings.runtime.filters import Predicate, compile_filter
 from tidings.runtime.outcomes import Backoff
 from tidings.runtime.spec import DEFAULT_MAX_DEPTH, AgentSpec, Handler, Start
+from tidings.schemas.compat import Mode
+from tidings.schemas.registry import EventTypes, EventVersion, Upcaster
 from tidings.triggers.base import Trigger
 
 log = structlog.get_logger("tidings.app")
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 
 StartupHook = Callable[["Client"], Coroutine[Any, Any, None]]
 TriggerT = TypeVar("TriggerT", bound=Trigger)
+ModelT = TypeVar("ModelT", bound=type[Any])
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
@@ -50,6 +53,7 @@ class App:
         self.triggers: dict[str, Trigger] = {}  # outside sources: app.trigger(...)
         self.tools: dict[str, ToolSpec] = {}
         self.mcp_servers: list[McpServer] = []
+        self.schemas = EventTypes()  # declared event types: @app.event, @app.upcaster
         self._llm: Models | None = None
 
     @property
@@ -99,6 +103,57 @@ class App:
 
         return register
 
+    @overload
+    def event(
+        self, type: str, *, version: int = 1, schema: None = None, mode: Mode | str | None = None
+    ) -> Callable[[ModelT], ModelT]: ...
+
+    @overload
+    def event(
+        self,
+        type: str,
+        *,
+        version: int = 1,
+        schema: dict[str, Any],
+        mode: Mode | str | None = None,
+    ) -> EventVersion: ...
+
+    def event(
+        self,
+        type: str,
+        *,
+        version: int = 1,
+        schema: dict[str, Any] | None = None,
+        mode: Mode | str | None = None,
+    ) -> Callable[[ModelT], ModelT] | EventVersion:
+        """Declare `version` of event type `type`: decorate a pydantic model, or give `schema`.
+
+        Publishers validate against it and consumers read it (docs/schemas.md); `mode` is
+        the type's compatibility mode (default BACKWARD), checked when a worker registers
+        a new version.
+        """
+        if schema is not None:
+            return self.schemas.declare(type, version, schema=schema, mode=mode)
+
+        def register(model: ModelT) -> ModelT:
+            self.schemas.declare(type, version, model=model, mode=mode)
+            return model
+
+        return register
+
+    def upcaster(self, type: str, source: int, target: int) -> Callable[[Upcaster], Upcaster]:
+        """Declare `fn(data) -> data` turning version `source` of `type` into `target`.
+
+        Upcasters chain, so a consumer of version 3 reads version-1 events through 1 -> 2
+        and 2 -> 3; they must be pure (no I/O), since they run on every read.
+        """
+
+        def register(fn: Upcaster) -> Upcaster:
+            self.schemas.add_upcaster(type, source, target, fn)
+            return fn
+
+        return register
+
     def mcp(
         self,
         prefix: str,
@@ -142,6 +197,7 @@ class App:
         data_model: type[Any] | None = None,
         start: Start = "all",
         max_depth: int = DEFAULT_MAX_DEPTH,
+        data_version: int | dict[str, int] | None = None,
     ) -> Callable[[Handler], Handler]:
         """Declare an agent: `handler(event, ctx)` runs for each matching event.
 
@@ -154,7 +210,9 @@ class App:
         a new agent's consumer begins: ``"all"`` the whole history, ``"new"`` only events
         published from now on, or a timezone-aware `datetime` (an agent that already has
         a consumer keeps its place); `max_depth` how deep in a causal chain an event may
-        be before the agent dead-letters it as a loop.
+        be before the agent dead-letters it as a loop; `data_version` the version of the
+        declared event types the handler reads (one number, or one per type; default:
+        `data_model`'s declared version, else the latest): older events are upcast.
         """
         if not _NAME_RE.match(name):
             raise ConfigError(f"agent name {name!r}: use letters, digits, '-' and '_'")
@@ -202,6 +260,7 @@ class App:
                 description=(inspect.getdoc(handler) or "").split("\n", 1)[0],
                 start=start,
                 max_depth=max_depth,
+                data_version=data_version,
             )
             return handler
 
@@ -230,7 +289,7 @@ class App:
         """A client that publishes onto this app's bus (``async with app.client() as c``)."""
         from tidings.client import Client
 
-        return Client(settings=self.settings, source=f"/{self.name}")
+        return Client(settings=self.settings, source=f"/{self.name}", schemas=self.schemas)
 
 
 def _warn_if_it_feeds_itself(

@@ -28,13 +28,13 @@ from tidings.bus.connect import start_bus
 from tidings.client import Client
 from tidings.config import Settings
 from tidings.home import publish_worker, unpublish_worker
-from tidings.observability.metrics import Backlog, Metrics, Source
 from tidings.runtime.approvals import Answers, Sweeper
 from tidings.runtime.commits import Committer
 from tidings.runtime.consumer import Consumer, Processor
 from tidings.runtime.context import Services
 from tidings.runtime.pipeline import AgentStats, Pipeline
 from tidings.runtime.tools import ReplyHub, ReplyRecorder, ToolService, ToolStats
+from tidings.schemas.registry import registrant
 from tidings.store import open_store
 from tidings.store.base import Store
 from tidings.tools import ToolSpec
@@ -65,8 +65,9 @@ def services_for(
 ) -> Services:
     """What agents of `app` need beyond the store; the same for a worker and a gateway."""
     return Services(
-        bus, store, ReplyHub(store), app.llm, dict(app.tools if tools is None else tools)
-    )
+        bus, store, ReplyHub(store), app.llm, dict(app.tools if tools is None else tools),
+        schemas=app.schemas,
+    )  # fmt: skip
 
 
 class Worker:
@@ -101,7 +102,6 @@ class Worker:
         self.mcp: list[McpBridge] = []
         self._phase: Literal["new", "starting", "started", "stopped"] = "new"
         self._published: Path | None = None
-        self.metrics = Metrics()  # read when scraped: `tidings run --metrics-port`, /metrics
 
     async def start(self) -> None:
         """Connect, migrate, serve tools, subscribe every agent, then run startup hooks."""
@@ -139,6 +139,11 @@ class Worker:
         assert self.bus is not None and self.store is not None
         store = self.store
         await store.open()
+        if self.app.schemas:  # refuse to start on an incompatible schema, before any consumer
+            added = await self.app.schemas.register(store, registrant(self.app.name))
+            if added:
+                log.info("registered event schemas",
+                         versions=[f"{r.event_type}/{r.version}" for r in added])  # fmt: skip
         self.tools = dict(self.app.tools) if self.consumes else {}
         agents = self.app.agents if self.consumes else {}
         if self.app.mcp_servers and self.consumes:
@@ -162,9 +167,8 @@ class Worker:
             await self._consume(Answers(store, self.bus, self.app.name), helper=True)
             self._sweeper = Sweeper(store, self.bus, agents)
             self._sweeper.start()
-        self.metrics.add(self.metric_source())
         client = Client(settings=self.settings, source=f"/{self.app.name}", bus=self.bus,
-                        store=store)  # fmt: skip
+                        store=store, schemas=self.app.schemas)  # fmt: skip
         for trigger in self.app.triggers.values() if self.runs_triggers else ():
             runner = self.triggers[trigger.name] = Runner(trigger, client, store)
             runner.start()
@@ -299,23 +303,6 @@ class Worker:
             assert isinstance(consumer.processor, ToolService)
             out[name] = consumer.processor.stats
         return out
-
-    def metric_source(self) -> Source:
-        """The numbers of this worker for its `Metrics`: live counters, read when scraped."""
-        return Source(
-            agents=self.stats,
-            in_flight=lambda: {name: len(c.in_flight) for name, c in self.runners.items()},
-            tools=self.tool_stats,
-            models=lambda: self.app.llm.usage,
-            backlog=self._backlog,
-        )
-
-    async def _backlog(self) -> Backlog:
-        assert self.bus is not None and self.store is not None
-        consumers, dead_letters = await asyncio.gather(
-            self.bus.consumers(), self.store.count_dead_letters()
-        )
-        return Backlog(consumers, dead_letters)
 
     async def run_until_signalled(self, grace: float = 10.0) -> None:
         """Start, wait for SIGINT/SIGTERM (or SIGHUP: the terminal went away), then stop."""

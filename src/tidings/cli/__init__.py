@@ -20,6 +20,7 @@ from tidings.cli.common import GlobalOptions
 from tidings.cli.doctor import doctor
 from tidings.cli.records import decisions, dlq
 from tidings.cli.run import run
+from tidings.cli.schema import schema
 from tidings.cli.token import token
 from tidings.cli.trace import trace, why
 from tidings.cli.triggers import triggers
@@ -108,6 +109,7 @@ cli.command()(doctor)
 cli.add_typer(dlq, name="dlq", cls=Commands)
 cli.add_typer(decisions, name="decisions", cls=Commands)
 cli.add_typer(approvals, name="approvals", cls=Commands)
+cli.add_typer(schema, name="schema", cls=Commands)
 cli.command()(asyncapi)
 cli.command()(token)
 cli.command()(triggers)
