@@ -28,6 +28,7 @@ from tidings.bus.connect import start_bus
 from tidings.client import Client
 from tidings.config import Settings
 from tidings.home import publish_worker, unpublish_worker
+from tidings.observability.metrics import Backlog, Metrics, Source
 from tidings.runtime.approvals import Answers, Sweeper
 from tidings.runtime.commits import Committer
 from tidings.runtime.consumer import Consumer, Processor
@@ -102,6 +103,7 @@ class Worker:
         self.mcp: list[McpBridge] = []
         self._phase: Literal["new", "starting", "started", "stopped"] = "new"
         self._published: Path | None = None
+        self.metrics = Metrics()  # read when scraped: `tidings run --metrics-port`, /metrics
 
     async def start(self) -> None:
         """Connect, migrate, serve tools, subscribe every agent, then run startup hooks."""
@@ -167,6 +169,7 @@ class Worker:
             await self._consume(Answers(store, self.bus, self.app.name), helper=True)
             self._sweeper = Sweeper(store, self.bus, agents)
             self._sweeper.start()
+        self.metrics.add(self.metric_source())
         client = Client(settings=self.settings, source=f"/{self.app.name}", bus=self.bus,
                         store=store, schemas=self.app.schemas)  # fmt: skip
         for trigger in self.app.triggers.values() if self.runs_triggers else ():
@@ -303,6 +306,23 @@ class Worker:
             assert isinstance(consumer.processor, ToolService)
             out[name] = consumer.processor.stats
         return out
+
+    def metric_source(self) -> Source:
+        """The numbers of this worker for its `Metrics`: live counters, read when scraped."""
+        return Source(
+            agents=self.stats,
+            in_flight=lambda: {name: len(c.in_flight) for name, c in self.runners.items()},
+            tools=self.tool_stats,
+            models=lambda: self.app.llm.usage,
+            backlog=self._backlog,
+        )
+
+    async def _backlog(self) -> Backlog:
+        assert self.bus is not None and self.store is not None
+        consumers, dead_letters = await asyncio.gather(
+            self.bus.consumers(), self.store.count_dead_letters()
+        )
+        return Backlog(consumers, dead_letters)
 
     async def run_until_signalled(self, grace: float = 10.0) -> None:
         """Start, wait for SIGINT/SIGTERM (or SIGHUP: the terminal went away), then stop."""
