@@ -1,0 +1,104 @@
+"""Structured logs: every line about an event names it, in JSON when asked."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import eventually, settings_for
+from tidings.client import Client
+
+pytestmark = [pytest.mark.nats, pytest.mark.slow]
+
+FLAKY_APP = """
+import structlog
+
+from tidings import App, Backoff
+
+app = App("logged")
+log = structlog.get_logger("logged")
+
+
+@app.agent("flaky", on="job.created", backoff=Backoff(initial=0.05, maximum=0.1))
+async def flaky(event, ctx):
+    log.info("handling the job", n=event.data["n"])
+    if ctx.attempt == 1:
+        raise RuntimeError("the first attempt fails")
+    return "done"
+"""
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+FIELDS = ("agent", "event_id", "correlation_id", "trace_id")
+
+
+def lines_of(path: Path) -> list[dict[str, Any]]:
+    found = []
+    for line in path.read_text().splitlines():
+        if line.startswith("{"):
+            found.append(json.loads(line))
+    return found
+
+
+async def test_handler_lines_and_retry_warnings_name_the_event_in_json(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    (tmp_path / "logged.py").write_text(FLAKY_APP)
+    settings = settings_for(nats_url, namespace, tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(
+        TIDINGS_BUS=nats_url,
+        TIDINGS_NAMESPACE=namespace,
+        TIDINGS_HOME=settings.home,
+        TIDINGS_STORE=settings.store_url,
+        PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]),
+    )
+    log = tmp_path / "run.log"
+    command = [sys.executable, "-m", "tidings.cli", "run", "logged:app", "--quiet",
+               "--log-format", "json"]  # fmt: skip
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            *command, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        await eventually(lambda: "worker started" in log.read_text(), timeout=60,
+                         message="the worker")  # fmt: skip
+        async with Client(settings) as client:
+            event = await client.publish("job.created", {"n": 7}, traceparent=TRACEPARENT)
+
+        def both() -> bool:
+            messages = [line.get("message") for line in lines_of(log)]
+            return messages.count("handling the job") == 2 and "retrying" in messages
+
+        await eventually(both, timeout=60, message="two handler lines and a retry warning")
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0, log.read_text()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    lines = lines_of(log)
+    about = [line for line in lines if line.get("message") in ("handling the job", "retrying")]
+    assert len(about) == 3
+    expected = {
+        "agent": "flaky",
+        "event_id": event.id,
+        "correlation_id": event.id,  # a new event starts its own correlation
+        "trace_id": "0af7651916cd43dd8448eb211c80319c",
+    }
+    for line in about:
+        assert {name: line.get(name) for name in FIELDS} == expected, line
+        assert line["level"] in ("info", "warning") and "timestamp" in line
+    (retry,) = [line for line in about if line["message"] == "retrying"]
+    assert "the first attempt fails" in retry["error"]
+    # Lines that are about no event carry none of it.
+    (started,) = [line for line in lines if line.get("message") == "worker started"]
+    assert "event_id" not in started
