@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import POSTGRES_URL, free_port
+from tests.helpers import subject_counts
 from tidings.bus.connect import connect_bus
 from tidings.client import Client
 from tidings.config import Settings
@@ -464,6 +465,10 @@ def workload(url: str, changes: int, rows: int = 5) -> list[tuple[int, str]]:
     return done
 
 
+async def published(nats_url: str, namespace: str) -> int:
+    return sum((await subject_counts(nats_url, namespace, f"{namespace}.events.db.>")).values())
+
+
 def per_row(events: list[Event]) -> dict[int, list[tuple[str, int | None]]]:
     rows: dict[int, list[tuple[str, int | None]]] = {}
     for e in events:
@@ -487,10 +492,17 @@ async def test_killed_twice_each_change_once_in_commit_order(
         assert await slot_active(database, slot, 60)
         start, _ = slot_state(database, slot)
         work = asyncio.create_task(asyncio.to_thread(workload, database, 1000))
+        seen = 0
         for _ in range(2):
-            await asyncio.sleep(1.0)
-            kill(process)  # -9: between a publish and the slot's feedback, somewhere
-            await asyncio.sleep(0.3)
+            # -9 while it streams: some changes are on the bus, more are on their way, and
+            # the slot's feedback lags the publishes somewhere in between
+            deadline = time.monotonic() + 60
+            while (now := await published(nats_url, namespace)) < seen + 50:
+                assert time.monotonic() < deadline, f"only {now} events"
+                await asyncio.sleep(0.05)
+            kill(process)
+            seen = await published(nats_url, namespace)
+            assert seen < 1000  # killed in the middle
             process = start_runner(database, settings)
         expected = await work
         events = await wait_for_events(settings, len(expected), 90)
@@ -556,3 +568,85 @@ def _more_after(url: str) -> int:
     for n in range(100, 150):
         sql(url, "INSERT INTO items VALUES (%s, 0, 'after', NULL)", (n,))
     return 50
+
+
+# -- declared on an app, run by workers ------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.nats
+@pytest.mark.timeout(180)
+async def test_workers_take_turns_on_the_slot_and_each_change_is_one_event(
+    database: str, nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    from tests.helpers import settings_for as worker_settings
+    from tidings import App
+    from tidings.worker import Worker
+
+    make_items(database)
+    app = App("shop")
+    app.trigger(PostgresChanges("items", database, tables=["items"]))
+    settings = worker_settings(nats_url, namespace, tmp_path)
+    slot = slot_name("shop", "items")
+    one, two = Worker(app, settings), Worker(app, settings)
+    await one.start()
+    try:
+        assert await slot_active(database, slot, 30)
+        await two.start()
+        states = lambda: {w.triggers["items"].status.state for w in (one, two)}  # noqa: E731
+        assert await wait_until(lambda: states() == {"running", "standby"}, 20), states()
+        streaming, standby = (
+            (one, two) if one.triggers["items"].status.state == "running" else (two, one)
+        )
+        for n in range(10):
+            sql(database, "INSERT INTO items VALUES (%s, 0, 'first', NULL)", (n,))
+        assert len(await wait_for_events(settings, 10, 30)) == 10
+        await streaming.stop(grace=5)  # the other one takes the lease and the slot over
+        for n in range(10, 20):
+            sql(database, "INSERT INTO items VALUES (%s, 0, 'second', NULL)", (n,))
+        events = await wait_for_events(settings, 20, 60)
+        assert standby.triggers["items"].status.state == "running"
+    finally:
+        await one.stop(grace=5)
+        await two.stop(grace=5)
+    assert sorted(e.data["key"]["id"] for e in events) == list(range(20))
+    assert len({e.id for e in events}) == 20
+
+
+def test_doctor_checks_a_declared_cdc_trigger(
+    database: str, nats_url: str, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from tidings.cli import cli
+
+    make_items(database)
+    module = "cdcapp_" + uuid.uuid4().hex[:8]
+    (tmp_path / f"{module}.py").write_text(
+        "from tidings import App\n"
+        "from tidings.triggers.postgres import PostgresChanges\n"
+        "app = App('shop')\n"
+        f"app.trigger(PostgresChanges('items', {database!r}, tables=['items']))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TIDINGS_BUS", nats_url)
+    monkeypatch.setenv("TIDINGS_NAMESPACE", namespace)
+    monkeypatch.setenv("TIDINGS_STORE", f"sqlite:///{tmp_path / 'store.db'}")
+    result = CliRunner().invoke(cli, ["doctor", f"{module}:app"])
+    assert "trigger items: wal_level" in result.stdout
+    assert "replica identity of public.items" in result.stdout and "FULL" in result.stdout
+    assert "not created yet" in result.stdout, result.stdout
+    assert result.exit_code == 0, result.stdout
+    try:
+        level = sql(POSTGRES_URL, "SHOW wal_level")[0][0]
+    except psycopg2.Error:
+        return
+    if level != "logical":  # the machine's own server: the check fails, naming the fix
+        (tmp_path / f"{module}_replica.py").write_text(
+            "from tidings import App\n"
+            "from tidings.triggers.postgres import PostgresChanges\n"
+            "app = App('shop')\n"
+            f"app.trigger(PostgresChanges('items', {POSTGRES_URL!r}, tables=['items']))\n"
+        )
+        result = CliRunner().invoke(cli, ["doctor", f"{module}_replica:app"])
+        assert result.exit_code == 1 and WAL_LEVEL_FIX in result.stdout, result.stdout

@@ -12,12 +12,20 @@ import subprocess
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.text import Text
 
-from tidings.cli.common import Resolved, console, missing_sqlite_file, options_of, redact
+from tidings.app import App
+from tidings.cli.common import (
+    Resolved,
+    console,
+    load_app,
+    missing_sqlite_file,
+    options_of,
+    redact,
+)
 from tidings.config import Settings
 from tidings.errors import TidingsError
 
@@ -34,7 +42,18 @@ class Result:
     fix: str | None = None
 
 
-def doctor(ctx: typer.Context) -> None:
+def doctor(
+    ctx: typer.Context,
+    target: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="MODULE:APP",
+            help="Also check what this app's triggers need (PostgreSQL CDC: wal_level,"
+            " replica identity, slot lag).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
     """Check settings, bus, store and the nats-server binary; exit 1 if anything fails."""
     options = options_of(ctx)
     try:
@@ -48,7 +67,34 @@ def doctor(ctx: typer.Context) -> None:
     if resolved.workers:
         _report(_workers_result(resolved))
     failed = asyncio.run(_run_checks(settings))
+    if target is not None:
+        failed = _app_checks(target) or failed
     raise typer.Exit(1 if failed else 0)
+
+
+def _app_checks(target: str) -> bool:
+    """Load the app and run its triggers' own checks; True if any failed."""
+    try:
+        app = load_app(target)
+    except TidingsError as e:
+        _report(Result(False, f"app {target}", [str(e)]))
+        return True
+    failed = False
+    for result in _trigger_results(app):
+        _report(result)
+        failed = failed or result.ok is False
+    return failed
+
+
+def _trigger_results(app: App) -> list[Result]:
+    from tidings.triggers.postgres import PostgresChanges
+
+    results = []
+    for trigger in app.triggers.values():
+        if isinstance(trigger, PostgresChanges):  # blocking psycopg2, so outside the loop
+            for f in trigger.diagnose(app.name):
+                results.append(Result(f.ok, f.title, f.details, f.fix))
+    return results
 
 
 async def _run_checks(settings: Settings) -> bool:
