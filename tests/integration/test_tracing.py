@@ -7,6 +7,12 @@ Kafka), the gateway a real uvicorn server.
 from __future__ import annotations
 
 import asyncio
+import http.server
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
@@ -320,3 +327,93 @@ def test_traceparents_that_are_not_w3c_are_ignored() -> None:
                 f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01-extra"]:  # fmt: skip
         assert tracing._parse(bad) is None, bad
     assert tracing._parse(f"01-{CLIENT_TRACE}-{CLIENT_SPAN}-01-future") is not None
+
+
+RUN_APP = """
+from tidings import App
+
+app = App("exported")
+
+
+@app.agent("counter", on="job.created")
+async def counter(event, ctx):
+    return event.data
+"""
+
+
+class Collector:
+    """An OTLP/HTTP receiver on loopback: keeps the span names of every export."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.services: set[str] = set()
+        collector = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                for resource in request.resource_spans:
+                    for kv in resource.resource.attributes:
+                        if kv.key == "service.name":
+                            collector.services.add(kv.value.string_value)
+                    for scope in resource.scope_spans:
+                        collector.names.extend(span.name for span in scope.spans)
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.nats
+@pytest.mark.slow
+async def test_tidings_run_exports_over_otlp_when_the_otel_variables_say_so(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    (tmp_path / "exported.py").write_text(RUN_APP)
+    settings = settings_for(nats_url, namespace, tmp_path)
+    collector = Collector()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(
+        TIDINGS_BUS=nats_url,
+        TIDINGS_NAMESPACE=namespace,
+        TIDINGS_HOME=settings.home,
+        TIDINGS_STORE=settings.store_url,
+        PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]),
+        OTEL_EXPORTER_OTLP_ENDPOINT=collector.url,
+        OTEL_TRACES_SAMPLER="parentbased_traceidratio",
+        OTEL_TRACES_SAMPLER_ARG="1.0",
+        OTEL_BSP_SCHEDULE_DELAY="100",
+    )
+    log = tmp_path / "run.log"
+    command = [sys.executable, "-m", "tidings.cli", "run", "exported:app", "--quiet"]
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            *command, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        await eventually(lambda: "worker started" in log.read_text(), timeout=60,
+                         message="the worker")  # fmt: skip
+        async with Client(settings) as client:
+            await client.publish("job.created", {"n": 1})
+        await eventually(lambda: "process job.created" in collector.names, timeout=30,
+                         message="the processing span at the collector")  # fmt: skip
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0, log.read_text()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        collector.close()
+    assert collector.services == {"exported"}  # the app's name, unless OTEL_SERVICE_NAME
