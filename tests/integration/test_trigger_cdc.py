@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import glob
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -650,3 +651,44 @@ def test_doctor_checks_a_declared_cdc_trigger(
         )
         result = CliRunner().invoke(cli, ["doctor", f"{module}_replica:app"])
         assert result.exit_code == 1 and WAL_LEVEL_FIX in result.stdout, result.stdout
+
+
+def docs_example() -> tuple[str, str]:
+    """The first Python block of the CDC section of docs/triggers.md, and the page's path."""
+    page = Path(__file__).resolve().parents[2] / "docs" / "triggers.md"
+    section = page.read_text().split("## PostgreSQL changes (CDC)", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    assert code is not None
+    return str(page), code.group(1)
+
+
+@pytest.mark.nats
+async def test_the_docs_example_runs(
+    database: str, nats_url: str, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.helpers import running as worker_running
+    from tests.helpers import settings_for as worker_settings
+    from tidings import App
+
+    page, code = docs_example()
+    sql(database, "CREATE TABLE orders (id int PRIMARY KEY, status text)")
+    sql(database, "ALTER TABLE orders REPLICA IDENTITY FULL")
+    monkeypatch.setenv("ORDERS_DATABASE_URL", database)
+    scope: dict[str, Any] = {"__name__": "docs_triggers_cdc"}
+    exec(compile(code, page, "exec"), scope)
+    app = scope["app"]
+    assert isinstance(app, App)
+    settings = worker_settings(nats_url, namespace, tmp_path)
+    async with worker_running(app, settings) as worker:
+        assert await slot_active(database, slot_name("shop", "orders-cdc"), 30)
+        sql(database, "INSERT INTO orders VALUES (1, 'new')")
+        sql(database, "UPDATE orders SET status = 'paid' WHERE id = 1")
+        sql(database, "DELETE FROM orders WHERE id = 1")
+        store = worker.store
+        assert store is not None
+        deadline = time.monotonic() + 30
+        while len(decisions := await store.list_decisions("order-watch")) < 3:
+            assert time.monotonic() < deadline, decisions
+            await asyncio.sleep(0.2)
+    results = sorted((d.result["op"], d.result["status"]) for d in decisions)
+    assert results == [("deleted", "paid"), ("inserted", "new"), ("updated", "paid")]

@@ -580,6 +580,12 @@ class _Stream:
         text = _first(error)
         if "is active for PID" in text:
             text += " (another worker streams from this slot; this one takes over if it stops)"
+        elif "can no longer get changes" in text or "has been invalidated" in text:
+            text += (
+                f" (it held back more WAL than max_slot_wal_keep_size allows): drop it with"
+                f" SELECT pg_drop_replication_slot('{self.slot}'); the next start makes a new"
+                " one, which captures changes from then on"
+            )
         return TriggerUnavailable(f"trigger {self.trigger.name!r}: PostgreSQL said: {text}")
 
     def _stream(self) -> None:
