@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,8 +16,7 @@ import pytest
 
 from tests.helpers import eventually, settings_for
 from tidings.client import Client
-
-pytestmark = [pytest.mark.nats, pytest.mark.slow]
+from tidings.config import Settings
 
 FLAKY_APP = """
 import structlog
@@ -47,6 +47,8 @@ def lines_of(path: Path) -> list[dict[str, Any]]:
     return found
 
 
+@pytest.mark.nats
+@pytest.mark.slow
 async def test_handler_lines_and_retry_warnings_name_the_event_in_json(
     nats_url: str, namespace: str, tmp_path: Path
 ) -> None:
@@ -102,3 +104,22 @@ async def test_handler_lines_and_retry_warnings_name_the_event_in_json(
     # Lines that are about no event carry none of it.
     (started,) = [line for line in lines if line.get("message") == "worker started"]
     assert "event_id" not in started
+
+
+def test_docs_logs_section_settings_and_handler_are_what_the_runtime_reads(
+    tmp_path: Path,
+) -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "observability.md").read_text()
+    section = text[text.index("## Logs") :]
+    toml = re.findall(r"```toml\n(.*?)```", section, flags=re.DOTALL)[0]
+    (tmp_path / "tidings.toml").write_text(toml)
+    assert Settings.load(tmp_path / "tidings.toml").log_format == "json"
+    shell = re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL)[0]
+    assert "--log-format json" in shell
+    for line in re.findall(r"```text\n(.*?)```", section, flags=re.DOTALL)[0].splitlines():
+        shown = json.loads(line)  # the page shows real lines: the four fields in each
+        assert all(shown.get(name) for name in FIELDS), line
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)[0]
+    page: dict[str, Any] = {"__name__": "docs_logs"}
+    exec(compile(code, "docs/observability.md", "exec"), page)
+    assert [spec.name for spec in page["app"].agents.values()] == ["shipper"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -417,3 +418,37 @@ async def test_tidings_run_exports_over_otlp_when_the_otel_variables_say_so(
             await process.wait()
         collector.close()
     assert collector.services == {"exported"}  # the app's name, unless OTEL_SERVICE_NAME
+
+
+def docs_section(title: str) -> str:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "observability.md").read_text()
+    start = text.index(f"## {title}")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
+@pytest.mark.nats
+async def test_docs_traces_example_gives_the_spans_the_page_names(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    section = docs_section("Traces (OpenTelemetry)")
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)[0]
+    page: dict[str, Any] = {"__name__": "docs_traces"}
+    exec(compile(code, "docs/observability.md", "exec"), page)
+    try:
+        settings = settings_for(nats_url, namespace, tmp_path)
+        async with running(page["app"], settings) as worker, Client(settings) as client:
+            await client.publish("order.placed", {"id": "o-1", "total": 150})
+            await decided(worker.store, "big-orders")
+            exporter: InMemorySpanExporter = page["spans"]
+            await eventually(lambda: len(exporter.get_finished_spans()) == 3, message="3 spans")
+    finally:
+        tracing.disable()
+    named = {s.name: s for s in exporter.get_finished_spans()}
+    for name in ("publish order.placed", "process order.placed", "publish order.flagged"):
+        assert f"`{name}`" in section
+    placed, run, flagged = (named[n] for n in ("publish order.placed", "process order.placed",
+                                               "publish order.flagged"))  # fmt: skip
+    assert parent_of(run) == placed.context.span_id
+    assert parent_of(flagged) == run.context.span_id
+    assert len({s.context.trace_id for s in named.values()}) == 1
