@@ -3,7 +3,8 @@
 The app is the first code block of docs/observability.md: one payment reaches an agent
 that handles it (with a tool call and an emit), one whose filter drops it, one that
 dead-letters it, one that parks on a question, and the emitted event reaches an agent
-denied by policy. The CLI runs as a subprocess, as a user would run it.
+denied by policy. The worker is `tidings run` and the CLI a second process, as a user runs
+them; `tidings trace` finds the app from the running worker by itself.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import eventually, running, settings_for
-from tidings import App
+from tests.helpers import eventually, settings_for
 from tidings.client import Client
 from tidings.config import Settings
+from tidings.store import open_store
 from tidings.store.base import Store
 
 pytestmark = pytest.mark.nats
@@ -30,16 +32,26 @@ pytestmark = pytest.mark.nats
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "observability.md"
 
 
-def docs_app(folder: Path) -> App:
-    """The page's app, written to `folder` (for the CLI's --app) and loaded here."""
+def write_docs_app(folder: Path) -> None:
+    """The page's app, as `payments.py` in `folder`."""
     code = re.search(r"```python\n(.*?)```", DOCS.read_text(), flags=re.DOTALL)
     assert code is not None
     (folder / "payments.py").write_text(code.group(1))
-    namespace: dict[str, Any] = {"__name__": "docs_observability"}
-    exec(compile(code.group(1), str(DOCS), "exec"), namespace)
-    app = namespace["app"]
-    assert isinstance(app, App)
-    return app
+
+
+def start_worker(env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    """`tidings run payments:app`, once it says it is up (output in a file: no pipe fills)."""
+    with (cwd / "run.log").open("w") as log:  # the child keeps its own descriptor
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "tidings.cli", "run", "payments:app"],
+            env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while "tidings run payments" not in (cwd / "run.log").read_text():
+        assert worker.poll() is None, (cwd / "run.log").read_text()
+        assert time.monotonic() < deadline, "tidings run did not start"
+        time.sleep(0.2)
+    return worker
 
 
 def cli_env(settings: Settings) -> dict[str, str]:
@@ -88,14 +100,18 @@ def by_agent(node: dict[str, Any]) -> dict[str, dict[str, Any]]:
 async def test_trace_shows_every_verdict_of_a_correlation(
     nats_url: str, namespace: str, tmp_path: Path
 ) -> None:
-    app = docs_app(tmp_path)
+    write_docs_app(tmp_path)
     settings = settings_for(nats_url, namespace, tmp_path)
     env = cli_env(settings)
-    async with running(app, settings) as worker, Client(settings) as client:
-        payment = await client.publish("payment.created", {"id": "p-1", "amount": 250})
-        await settled(worker.store, payment.id)
+    worker = await asyncio.to_thread(start_worker, env, tmp_path)
+    store = open_store(settings.store_url)
+    try:
+        async with Client(settings) as client:
+            payment = await client.publish("payment.created", {"id": "p-1", "amount": 250})
+        await store.open()
+        await settled(store, payment.id)
 
-        tree = await ok("trace", payment.id, "--app", "payments:app", env=env, cwd=tmp_path)
+        tree = await ok("trace", payment.id, env=env, cwd=tmp_path)  # the worker's app
         app_args = ("--app", "payments:app")
         found = json.loads(
             await ok("trace", payment.id, *app_args, "--json", env=env, cwd=tmp_path)
@@ -109,14 +125,21 @@ async def test_trace_shows_every_verdict_of_a_correlation(
         denied = json.loads(
             await ok("why", scored["id"], "notifier", "--json", env=env, cwd=tmp_path)
         )
-        stored_only = await ok("trace", scored["id"], env=env, cwd=tmp_path)
-        unknown = await tidings("trace", "01a00000-0000-7000-8000-000000000000", env=env,
-                                cwd=tmp_path)  # fmt: skip
-        not_an_event = await tidings("why", payment.id, "nobody", "--app", "payments:app",
-                                     env=env, cwd=tmp_path)  # fmt: skip
+        elsewhere = {**env, "TIDINGS_HOME": str(tmp_path / "elsewhere")}  # no worker there
+        stored_only = await ok("trace", scored["id"], env=elsewhere, cwd=tmp_path)
+        unknown = await tidings(
+            "trace", "01a00000-0000-7000-8000-000000000000", env=env, cwd=tmp_path
+        )
+        not_an_agent = await tidings("why", payment.id, "nobody", *app_args, env=env,
+                                     cwd=tmp_path)  # fmt: skip
+    finally:
+        await store.close()
+        worker.terminate()
+        await asyncio.to_thread(worker.wait, 30)
 
     # The tree: one line per agent, the dropped one with the values that decided it.
     text = " ".join(tree.split())
+    assert "app payments:app (the running worker's, pid" in text
     assert "handled scorer ok" in text
     assert 'tool risk.score done -> {"score":0.2}' in text
     assert "dropped fraud-check data.amount > 1000 was false (data.amount = 250)" in text
@@ -165,12 +188,12 @@ async def test_trace_shows_every_verdict_of_a_correlation(
     # Without the app: the stored verdicts, and what the filter verdicts need.
     flat = " ".join(stored_only.split())
     assert "handled scorer" in flat and "fraud-check" not in flat
-    assert "give --app MODULE:APP" in flat
+    assert "no `tidings run` found under this home" in flat and "give --app MODULE:APP" in flat
 
     # An id nothing knows, and an agent the app does not declare, say what to do.
     assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
     message = " ".join(unknown.stderr.split())
     assert "no correlation, event or trace '01a00000-0000-7000-8000-000000000000'" in message
     assert "tidings decisions ls" in message and "--since 24h" in message
-    assert not_an_event.returncode == 1
-    assert "declares no agent 'nobody'" in " ".join(not_an_event.stderr.split())
+    assert not_an_agent.returncode == 1
+    assert "declares no agent 'nobody'" in " ".join(not_an_agent.stderr.split())

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import sys
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import orjson
@@ -361,17 +363,64 @@ async def _journals(
 # -- the commands ----------------------------------------------------------------------------
 
 
-def _load(ctx: typer.Context, target: str | None) -> tuple[App | None, str | None]:
-    if target is None:
-        return None, None
-    with guarded():
-        return load_app(target), target
+def _load(ctx: typer.Context, target: str | None) -> tuple[App | None, str | None, str | None]:
+    """The app to judge with: `--app`, else the running worker's; its name; a note."""
+    if target is not None:
+        with guarded():
+            return load_app(target), target, None
+    running = _running_target(ctx)
+    if running is None:
+        return None, None, None
+    target, folder, pid = running
+    try:
+        with contextlib.chdir(folder):  # the worker imported it from there
+            app = load_app(target)
+    except TidingsError as e:
+        first = str(e).splitlines()[0]
+        return None, None, f"the running worker's app {target} (pid {pid}) did not load ({first})"
+    return app, f"{target} (the running worker's, pid {pid})", None
+
+
+def _running_target(ctx: typer.Context) -> tuple[str, str, int] | None:
+    """MODULE:APP, folder and pid of the `tidings run` under this home, if exactly one app.
+
+    The home records which app a worker runs by name only; the target it was started
+    with is on its command line (Linux: /proc), and it imported it from its folder.
+    """
+    try:
+        workers = options_of(ctx).resolve().workers
+    except TidingsError:
+        return None
+    found: dict[tuple[str, str], int] = {}
+    for worker in workers:
+        try:
+            argv = Path(f"/proc/{worker.pid}/cmdline").read_bytes().decode().split("\0")
+            folder = os.readlink(f"/proc/{worker.pid}/cwd")
+        except (OSError, UnicodeDecodeError):
+            continue
+        target = _run_target(argv)
+        if target is not None:
+            found.setdefault((target, folder), worker.pid)
+    if len(found) != 1:
+        return None
+    (((target, folder), pid),) = found.items()
+    return target, folder, pid
+
+
+def _run_target(argv: Sequence[str]) -> str | None:
+    """The MODULE:APP (or path.py) argument of a `tidings run` command line."""
+    if "run" not in argv:
+        return None
+    for arg in argv[argv.index("run") + 1 :]:
+        if not arg.startswith("-") and (":" in arg or arg.endswith(".py")):
+            return arg
+    return None
 
 
 def _no_app_note(ctx: typer.Context) -> str:
     note = (
-        "no app given: only stored verdicts are shown; give --app MODULE:APP to judge"
-        " the other agents' patterns and filters"
+        "no app given and no `tidings run` found under this home: only stored verdicts are"
+        " shown; give --app MODULE:APP to judge the other agents' patterns and filters"
     )
     with contextlib.suppress(TidingsError):
         workers = options_of(ctx).resolve().workers
@@ -396,7 +445,7 @@ def trace(
     as_json: JsonOption = False,
 ) -> None:
     """The causal tree of one correlation: every event, every agent's verdict, and why."""
-    app, shown = _load(ctx, target)
+    app, shown, trouble = _load(ctx, target)
     agents = app.agents if app is not None else None
 
     async def work(settings: Settings) -> tuple[Found, Gathered, str]:
@@ -409,7 +458,7 @@ def trace(
     found.app = shown
     found.roots = explain(gathered, agents)
     if app is None:
-        found.notes.append(_no_app_note(ctx))
+        found.notes.append(trouble or _no_app_note(ctx))
     if as_json:
         _print_json(found.to_json())
         return
@@ -427,7 +476,7 @@ def why(
     as_json: JsonOption = False,
 ) -> None:
     """Why one agent did or did not react to one event: the verdict first, then the detail."""
-    app, shown = _load(ctx, target)
+    app, shown, trouble = _load(ctx, target)
     agents = app.agents if app is not None else None
 
     async def work(settings: Settings) -> tuple[Found, Gathered, str]:
@@ -449,7 +498,7 @@ def why(
         declared = ", ".join(sorted(app.agents)) or "none"
         fail(f"app {shown} declares no agent {agent!r} (its agents: {declared})")
     if app is None and verdict.verdict == "unknown":
-        found.notes.append(_no_app_note(ctx))
+        found.notes.append(trouble or _no_app_note(ctx))
     if as_json:
         event = node_json(node)
         del event["agents"], event["emitted"]
