@@ -58,6 +58,7 @@ PRIVILEGE_FIX = (
     " CREATE on the database to create its publication, or a superuser"
 )
 POLL_S = 0.2  # how often the stream thread looks for a stop or a new flushed position
+BATCH = 256  # messages handed to the loop at once: one wake-up, one GIL hand-over, per batch
 _TOKEN_BAD = re.compile(r"[^A-Za-z0-9_-]")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -195,13 +196,14 @@ class PostgresChanges(Trigger):
         log.info("streaming changes", trigger=self.name, slot=slot, publication=publication)
         try:
             while True:
-                for out in changes.feed(decode(await stream.next())):
-                    if isinstance(out, TransactionEnd):
-                        stream.flushed(out.end_lsn)
-                        self.flushed_lsn = out.end_lsn
-                        continue
-                    lag = (datetime.now(UTC) - out.commit_time).total_seconds()
-                    await sink.publish(self.event(out), lag_s=max(lag, 0.0))
+                for payload in await stream.next():
+                    for out in changes.feed(decode(payload)):
+                        if isinstance(out, TransactionEnd):
+                            stream.flushed(out.end_lsn)
+                            self.flushed_lsn = out.end_lsn
+                            continue
+                        lag = (datetime.now(UTC) - out.commit_time).total_seconds()
+                        await sink.publish(self.event(out), lag_s=max(lag, 0.0))
         finally:
             await stream.stop()
 
@@ -509,7 +511,9 @@ class _Stream:
 
     The thread alone touches the replication connection (psycopg2 connections are not
     shared across threads): the loop only moves `_flush` forward, and the thread sends it.
-    At most `max_in_flight` payloads wait in the loop, so a slow bus slows the stream.
+    Payloads go over in batches of what has arrived (at most `BATCH`), and about
+    `max_in_flight` wait in the loop at most, so a slow bus slows the stream. Handing them
+    one by one made the two threads trade the GIL for every message: 3× slower.
     """
 
     def __init__(
@@ -519,8 +523,9 @@ class _Stream:
         self.slot = slot
         self.publication = publication
         self.loop = loop
-        self.queue: asyncio.Queue[bytes | BaseException] = asyncio.Queue()
-        self._room = threading.Semaphore(trigger.max_in_flight)
+        self.queue: asyncio.Queue[list[bytes] | BaseException] = asyncio.Queue()
+        self._batch = max(1, min(BATCH, trigger.max_in_flight))
+        self._room = threading.Semaphore(max(1, trigger.max_in_flight // self._batch))
         self._stop = threading.Event()
         self._flush = 0
         self._streaming = False  # past start_replication: a driver error now means a lost stream
@@ -529,8 +534,8 @@ class _Stream:
     def start(self) -> None:
         self._thread.start()
 
-    async def next(self) -> bytes:
-        """The next pgoutput message; raises what ended the stream."""
+    async def next(self) -> list[bytes]:
+        """The next pgoutput messages, in stream order; raises what ended the stream."""
         item = await self.queue.get()
         if isinstance(item, BaseException):
             raise item
@@ -546,7 +551,7 @@ class _Stream:
         self._stop.set()
         await asyncio.to_thread(self._thread.join, 10)
 
-    def _hand(self, item: bytes | BaseException) -> bool:
+    def _hand(self, item: list[bytes] | BaseException) -> bool:
         while not self._stop.is_set():
             if isinstance(item, BaseException) or self._room.acquire(timeout=POLL_S):
                 try:
@@ -607,6 +612,7 @@ class _Stream:
             )
             self._streaming = True
             sent, open_txn, last_end = 0, False, 0
+            batch: list[bytes] = []
             while not self._stop.is_set():
                 flush = self._flush
                 if not open_txn and flush >= last_end and cur.wal_end > flush:
@@ -617,16 +623,21 @@ class _Stream:
                     cur.send_feedback(flush_lsn=flush)  # type: ignore[no-untyped-call]
                     sent = flush
                 message = cur.read_message()
-                if message is None:
-                    select.select([conn], [], [], POLL_S)
+                if message is not None:
+                    payload: bytes = message.payload
+                    if payload[:1] == b"B":
+                        open_txn = True
+                    elif payload[:1] == b"C":
+                        open_txn, last_end = False, struct.unpack_from(">Q", payload, 10)[0]
+                    batch.append(payload)
+                    if len(batch) < self._batch:
+                        continue
+                if batch:  # full, or nothing more has arrived: hand what there is now
+                    if not self._hand(batch):
+                        break
+                    batch = []
                     continue
-                payload: bytes = message.payload
-                if payload[:1] == b"B":
-                    open_txn = True
-                elif payload[:1] == b"C":
-                    open_txn, last_end = False, struct.unpack_from(">Q", payload, 10)[0]
-                if not self._hand(payload):
-                    break
+                select.select([conn], [], [], POLL_S)
             if self._flush > sent:
                 cur.send_feedback(flush_lsn=self._flush, force=True)  # type: ignore[no-untyped-call]
         finally:
