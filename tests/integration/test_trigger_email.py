@@ -22,8 +22,8 @@ import nats
 import pytest
 
 from tests.conftest import NatsServer
-from tests.helpers import settings_for
-from tidings import Settings
+from tests.helpers import eventually, running, settings_for
+from tidings import App, Context, Settings
 from tidings.client import Client
 from tidings.errors import ConfigError
 from tidings.events import Event, decode
@@ -293,3 +293,31 @@ async def test_a_port_in_use_is_a_trigger_unavailable_naming_the_fix(
             with pytest.raises(TriggerUnavailable, match="already in use") as caught:
                 await trigger.run(sink)
     assert "EmailTrigger(port=...)" in str(caught.value)
+
+
+async def test_a_worker_runs_the_declared_trigger_and_an_agent_reacts_to_the_mail(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    app = App("mailroom")
+    inbox = app.trigger(EmailTrigger("inbox", port=0))
+
+    @app.agent("triage", on="email.received")
+    async def triage(event: Event, ctx: Context) -> dict[str, Any]:
+        return {"subject": event.data["subject"], "files": len(event.data["attachments"])}
+
+    settings = settings_for(nats_url, namespace, tmp_path)
+    async with running(app, settings) as worker:
+        await asyncio.wait_for(inbox.listening(), 20)
+        await asyncio.to_thread(send, inbox.port, mail(7))
+        store = worker.store
+        assert store is not None
+
+        async def decided() -> bool:
+            return bool(await store.list_decisions("triage"))
+
+        await eventually(decided, message="the agent's decision")
+        [decision] = await store.list_decisions("triage")
+        assert decision.result == {"subject": "mail 7", "files": 0}
+        assert decision.event_id == source_id("inbox", "<mail-7@example.org>")
+        status = worker.triggers["inbox"].status
+        assert (status.kind, status.events, status.state) == ("email", 1, "running")

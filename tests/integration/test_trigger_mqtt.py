@@ -26,6 +26,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -34,8 +35,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.conftest import NatsServer, free_port
-from tests.helpers import eventually, settings_for, subject_counts
+from tests.helpers import eventually, running, settings_for, subject_counts
 from tests.integration.test_trigger_email import stored_events
+from tidings import App, Context, Event
 from tidings.client import Client
 from tidings.triggers.base import Runner, Sink, TriggerStatus, TriggerUnavailable, source_id
 from tidings.triggers.mqtt import MqttTrigger, Redeliveries, wildcard_values
@@ -424,3 +426,49 @@ def test_wildcard_values_and_the_redelivery_record_survive_a_restart(tmp_path: P
     assert again.id_for(7, "d1", redelivered=True) == latest
     assert again.id_for(7, "d2", redelivered=True) != latest  # another payload: not a copy
     again.close()
+
+
+async def test_a_worker_runs_the_declared_trigger_under_its_lease_and_an_agent_reacts(
+    broker: tuple[str, int], prefix: str, nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    app = App("sensors")
+    trigger = app.trigger(
+        MqttTrigger("rooms", host=broker[0], port=broker[1], session_expiry=60,
+                    topics={f"{prefix}/+/temperature": "iot.temperature"})
+    )  # fmt: skip
+
+    @app.agent("thermostat", on="iot.temperature", key="data.topic")
+    async def thermostat(event: Event, ctx: Context) -> dict[str, Any]:
+        seen = await ctx.state.get("seen", 0) + 1
+        await ctx.state.set("seen", seen)
+        return {"room": event.data["values"][0], "seen": seen}
+
+    settings = settings_for(nats_url, namespace, tmp_path)
+    client_id = ""
+    try:
+        async with running(app, settings) as worker:
+            await asyncio.wait_for(trigger.subscribed.wait(), 30)
+            runner = worker.triggers["rooms"]
+            client_id = trigger.client_id_for(runner.sink)
+            messages = [
+                (f"{prefix}/{room}/temperature", json.dumps({"c": n}).encode(), {})
+                for n in range(5)
+                for room in ("den", "loft")
+            ]
+            await asyncio.to_thread(publish, broker, messages)
+            store = worker.store
+            assert store is not None
+
+            async def all_decided() -> bool:
+                return len(await store.list_decisions("thermostat")) == 10
+
+            await eventually(all_decided, message="ten decisions")
+            results = [d.result for d in await store.list_decisions("thermostat")]
+            assert sorted((r["room"], r["seen"]) for r in results) == sorted(
+                (room, n) for room in ("den", "loft") for n in range(1, 6)
+            )
+            assert client_id == f"tidings-{namespace}-sensors-rooms"
+            assert (runner.status.events, runner.status.state) == (10, "running")
+    finally:
+        if client_id:
+            forget_session(broker, client_id)

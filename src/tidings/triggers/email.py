@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -132,7 +133,15 @@ class EmailTrigger(Trigger):
         return self.folder if self.folder.is_absolute() else home / self.folder
 
     async def run(self, sink: Sink) -> None:
-        """Serve SMTP until cancelled; each mail is published before it is answered 250."""
+        """Serve SMTP until cancelled; each mail is published before it is answered 250.
+
+        One worker listens at a time (the trigger's lease, where the runner has a store):
+        the others stand by and take the port over within the lease's ttl.
+        """
+        async with one_worker(sink):
+            await self._serve(sink)
+
+    async def _serve(self, sink: Sink) -> None:
         loop = asyncio.get_running_loop()
         handler = _Handler(self, sink, self.attachments_folder(sink))
         hostname = self.hostname or socket.gethostname()
@@ -199,6 +208,11 @@ class EmailTrigger(Trigger):
         expected = self.credentials.get(login)
         ok = expected is not None and hmac.compare_digest(expected.encode(), bytes(data.password))
         return AuthResult(success=ok, handled=False, auth_data=login if ok else None)
+
+
+def one_worker(sink: Sink) -> contextlib.AbstractAsyncContextManager[Any]:
+    """The trigger's lease where the runner has a store (a worker); else nothing to hold."""
+    return sink.exclusive() if sink.store is not None else contextlib.nullcontext()
 
 
 class _Handler:

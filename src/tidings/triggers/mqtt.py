@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import os
@@ -66,6 +67,11 @@ CONNECT_TIMEOUT_S = 10.0
 PUBLISH_TIMEOUT_S = 30.0
 MAX_IN_FLIGHT = 100  # unacknowledged messages the broker may send us (MQTT 5 Receive Maximum)
 _CLIENT_ID_RE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def one_worker(sink: Sink) -> contextlib.AbstractAsyncContextManager[Any]:
+    """The trigger's lease where the runner has a store (a worker); else nothing to hold."""
+    return sink.exclusive() if sink.store is not None else contextlib.nullcontext()
 
 
 def wildcard_values(topic_filter: str, topic: str) -> list[str] | None:
@@ -164,7 +170,15 @@ class MqttTrigger(Trigger):
         return None
 
     async def run(self, sink: Sink) -> None:
-        """Connect, subscribe and turn messages into events until cancelled."""
+        """Connect, subscribe and turn messages into events until cancelled.
+
+        One worker at a time (the trigger's lease, where the runner has a store): a second
+        connection with the same client id would take the session over from the first.
+        """
+        async with one_worker(sink):
+            await self._run(sink)
+
+    async def _run(self, sink: Sink) -> None:
         loop = asyncio.get_running_loop()
         client_id = self.client_id_for(sink)
         folder = sink.client.settings.home_path / "triggers" / self.name
