@@ -330,3 +330,76 @@ async def test_an_invalid_inbound_event_is_dead_lettered_with_its_pointer_once(
         assert "/total" in letter.error and "(type)" in letter.error
         assert "version 1" in letter.error
         assert ran == []
+
+
+# -- the CLI shows old events as the version they are read as ------------------------------
+
+APP_V3 = """
+from typing import Any
+
+from tidings import App, Context, Event
+
+app = App("shop")
+app.event("order.placed", version=1, schema={
+    "type": "object",
+    "properties": {"order_id": {"type": "string"}, "total": {"type": "number"}},
+    "required": ["order_id", "total"],
+})
+app.event("order.placed", version=2, schema={
+    "type": "object",
+    "properties": {"order_id": {"type": "string"}, "amount": {"type": "number"},
+                   "currency": {"type": "string"}},
+    "required": ["order_id", "amount", "currency"],
+})
+
+
+@app.upcaster("order.placed", 1, 2)
+def currency_was_euro(data: dict[str, Any]) -> dict[str, Any]:
+    return {"order_id": data["order_id"], "amount": data["total"], "currency": "EUR"}
+
+
+@app.agent("orders", on="order.placed")
+async def orders(event: Event, ctx: Context) -> str:
+    return event.data["currency"]
+"""
+
+
+@pytest.mark.nats
+async def test_tail_and_decisions_show_say_an_event_was_upcast(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    (tmp_path / "shopv3.py").write_text(APP_V3)
+    settings = settings_for(nats_url, namespace, tmp_path)
+    old = App("shop", settings=settings)
+    declare(old, 1)
+    async with old.client() as client:
+        event = await client.publish("order.placed", {"order_id": "o7", "total": 70})
+    new = _load(tmp_path / "shopv3.py", "v3cli")
+    async with running(new, settings) as worker:
+        assert worker.store is not None
+        store = worker.store
+        await eventually(lambda: store.list_decisions("orders"), message="a decision")
+        (decision,) = await store.list_decisions("orders")
+    assert decision.result == "EUR"
+
+    env = base_env(tmp_path, TIDINGS_BUS=nats_url, TIDINGS_NAMESPACE=namespace,
+                   TIDINGS_STORE=settings.store_url)  # fmt: skip
+    tail = tidings("tail", "--app", "shopv3:app", "--last", "1", "--count", "1", env=env,
+                   cwd=tmp_path)  # fmt: skip
+    assert tail.returncode == 0, tail.stderr
+    assert "(upcast from version 1)" in tail.stdout and '"currency":"EUR"' in tail.stdout
+    shown = tidings("decisions", "show", decision.id, "--app", "shopv3:app", env=env,
+                    cwd=tmp_path)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "event as version 2 (upcast from version 1)" in shown.stdout
+    assert "EUR" in shown.stdout
+    as_json = tidings("decisions", "show", decision.id, "--app", "shopv3:app", "--json",
+                      env=env, cwd=tmp_path)  # fmt: skip
+    read = orjson.loads(as_json.stdout)["event"]
+    assert read["id"] == event.id and read["upcastfrom"] == 1
+    assert read["dataschema"] == dataschema("order.placed", 2)
+    listed = tidings("schema", "ls", "--json", env=env, cwd=tmp_path)
+    assert [(r["type"], r["version"]) for r in orjson.loads(listed.stdout)] == [
+        ("order.placed", 1),
+        ("order.placed", 2),
+    ]

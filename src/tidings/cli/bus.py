@@ -36,6 +36,7 @@ from tidings.client import Client
 from tidings.config import Settings
 from tidings.errors import MalformedEvent, StoreError
 from tidings.events import Event, check_pattern, check_type, decode
+from tidings.schemas.registry import EventTypes, Upcast
 from tidings.store import FilterErrors, open_store
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -122,6 +123,14 @@ def tail(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print each event as one line of CloudEvents JSON.")
     ] = False,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--app",
+            metavar="MODULE:APP",
+            help="Show declared event types as their latest version (older ones upcast).",
+        ),
+    ] = None,
 ) -> None:
     """Print events as they arrive, until Ctrl-C (or --count events)."""
     chosen = patterns or [">"]
@@ -130,6 +139,10 @@ def tail(
             check_pattern(pattern)
         except ValueError as e:
             fail(str(e))
+    schemas = None
+    if target is not None:
+        with guarded():
+            schemas = load_app(target).schemas
 
     async def work(settings: Settings) -> None:
         bus = await connect_bus(settings)
@@ -137,7 +150,7 @@ def tail(
         try:
             seen = 0
             async for message in messages:
-                _print_message(message, as_json)
+                _print_message(message, as_json, schemas)
                 seen += 1
                 if count is not None and seen >= count:
                     break
@@ -148,10 +161,11 @@ def tail(
     execute(ctx, work, interrupt_code=0)  # Ctrl-C is how a tail normally ends
 
 
-def _print_message(message: RawMessage, as_json: bool) -> None:
+def _print_message(message: RawMessage, as_json: bool, schemas: EventTypes | None = None) -> None:
     try:
         event = decode(message.headers, message.body)
-    except MalformedEvent as e:
+        read = schemas.upcast(event) if schemas else Upcast(event)
+    except MalformedEvent as e:  # SchemaViolation: data that breaks its declared version
         if as_json:
             typer.echo(dumps({"malformed": str(e), "subject": message.subject}))
         else:
@@ -160,8 +174,12 @@ def _print_message(message: RawMessage, as_json: bool) -> None:
                 soft_wrap=True,
             )
         return
+    event = read.event
     if as_json:
-        typer.echo(dumps(event.to_dict()))
+        shown = event.to_dict()
+        if read.upcast:
+            shown["upcastfrom"] = read.arrived_as  # not an attribute: what the CLI did
+        typer.echo(dumps(shown))
         return
     line = Text()
     line.append(_clock(event.time or message.time), style="dim")
@@ -172,6 +190,8 @@ def _print_message(message: RawMessage, as_json: bool) -> None:
     line.append(f"  {event.id}", style="dim")
     if event.correlationid and event.correlationid != event.id:
         line.append(f"  corr={event.correlationid}", style="yellow")
+    if read.upcast:
+        line.append(f"  (upcast from version {read.arrived_as})", style="yellow")
     line.append(f"  {compact(event.data)}")
     console.print(line, soft_wrap=True)
 

@@ -12,10 +12,12 @@ to what is left, in full in `show` and `--json`.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -26,6 +28,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from tidings.app import App
 from tidings.bus.connect import connect_bus
 from tidings.cli.common import (
     body_value,
@@ -34,13 +37,16 @@ from tidings.cli.common import (
     dumps,
     execute,
     fail,
+    guarded,
     list_table,
+    load_app,
     missing_sqlite_file,
     print_json,
 )
 from tidings.config import Settings
 from tidings.errors import MalformedEvent
-from tidings.events import decode
+from tidings.events import Event, decode
+from tidings.schemas.registry import Upcast, parse_dataschema
 from tidings.store import open_store
 from tidings.store.base import Store
 from tidings.store.codecs import MIN_PREFIX
@@ -350,17 +356,42 @@ def decisions_ls(
 
 @decisions.command("show")
 def decisions_show(
-    ctx: typer.Context, decision_id: IdArgument, as_json: JsonOption = False
+    ctx: typer.Context,
+    decision_id: IdArgument,
+    as_json: JsonOption = False,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--app",
+            metavar="MODULE:APP",
+            help="Also read the event back from the bus, as the version the agent reads.",
+        ),
+    ] = None,
 ) -> None:
     """Show one decision in full: state before and after, result, emitted events, error."""
+    app = None
+    if target is not None:
+        with guarded():
+            app = load_app(target)
 
-    async def work(settings: Settings) -> Decision:
+    async def work(settings: Settings) -> tuple[Decision, Upcast | None]:
         async with existing_store(settings) as store:
-            return await _decision(store, decision_id)
+            record = await _decision(store, decision_id)
+        read = None
+        if app is not None:
+            event = await _read_back(settings, record.event_type, record.event_id)
+            read = _as_read_by(app, record.agent, event) if event is not None else None
+        return record, read
 
-    record = execute(ctx, work)
+    record, read = execute(ctx, work)
     if as_json:
-        print_json(record)
+        if app is None:
+            print_json(record)
+            return
+        shown = dataclasses.asdict(record)
+        if read is not None:
+            shown["event"] = {**read.event.to_dict(), "upcastfrom": read.arrived_as}
+        print_json(shown)
         return
     facts = facts_table(
         ("id", record.id),
@@ -377,6 +408,8 @@ def decisions_show(
         ("cost", record.cost),
     )
     parts: list[RenderableType] = [facts]
+    if app is not None:
+        parts.append(_event_panel(read))
     if record.steps:
         parts.append(steps_table(record.steps))
     if record.error:
@@ -390,6 +423,67 @@ def decisions_show(
     ):
         parts.append(Panel(json_or_text(value), title=title, title_align="left"))
     console.print(Group(*parts))
+
+
+READ_BACK_SCAN = 10_000  # events read from the bus looking for a decision's event
+READ_BACK_WAIT = 2.0  # seconds without a further event before giving up
+
+
+async def _read_back(settings: Settings, event_type: str, event_id: str) -> Event | None:
+    """The event `event_id` as stored on the bus, found by its time (a UUIDv7's)."""
+    created = _id_time(event_id)
+    bus = await connect_bus(settings)
+    messages = bus.tail([event_type], since=created - timedelta(seconds=5) if created else None)
+    try:
+        for _ in range(READ_BACK_SCAN):
+            try:
+                message = await asyncio.wait_for(anext(messages), READ_BACK_WAIT)
+            except (TimeoutError, StopAsyncIteration):
+                return None
+            try:
+                event = decode(message.headers, message.body)
+            except MalformedEvent:
+                continue
+            if event.id == event_id:
+                return event
+        return None
+    finally:
+        await messages.aclose()
+        await bus.close()
+
+
+def _id_time(event_id: str) -> datetime | None:
+    try:
+        parsed = uuid.UUID(event_id.rsplit(":", 1)[-1])
+    except ValueError:
+        return None
+    if parsed.version != 7:
+        return None
+    return datetime.fromtimestamp((parsed.int >> 80) / 1000, UTC)
+
+
+def _as_read_by(app: App, agent: str, event: Event) -> Upcast:
+    """`event` as `agent` of `app` reads it: upcast to its version of the type."""
+    spec = app.agents.get(agent)
+    schemas = app.schemas
+    if spec is None:
+        return schemas.upcast(event)
+    reads = schemas.targets_of(f"agent {agent!r}", spec.patterns, spec.data_version,
+                               spec.data_model)  # fmt: skip
+    return schemas.upcast(event, reads.get(event.type))
+
+
+def _event_panel(read: Upcast | None) -> RenderableType:
+    if read is None:
+        message = "not found on the bus (an invoke's event, or no longer stored)"
+        return Panel(Text(message, style="dim"), title="event", title_align="left")
+    version = parse_dataschema(read.event.dataschema)
+    title = "event"
+    if version is not None:
+        title += f" as version {version[1]}"
+    if read.upcast:
+        title += f" (upcast from version {read.arrived_as})"
+    return Panel(json_or_text(read.event.data), title=title, title_align="left")
 
 
 # -- lists --------------------------------------------------------------------------------
