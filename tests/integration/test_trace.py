@@ -30,6 +30,8 @@ from tidings.store.base import Store
 pytestmark = pytest.mark.nats
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "observability.md"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
 
 def write_docs_app(folder: Path) -> None:
@@ -107,7 +109,9 @@ async def test_trace_shows_every_verdict_of_a_correlation(
     store = open_store(settings.store_url)
     try:
         async with Client(settings) as client:
-            payment = await client.publish("payment.created", {"id": "p-1", "amount": 250})
+            payment = await client.publish(
+                "payment.created", {"id": "p-1", "amount": 250}, traceparent=TRACEPARENT
+            )
         await store.open()
         await settled(store, payment.id)
 
@@ -125,6 +129,7 @@ async def test_trace_shows_every_verdict_of_a_correlation(
         denied = json.loads(
             await ok("why", scored["id"], "notifier", "--json", env=env, cwd=tmp_path)
         )
+        by_trace = json.loads(await ok("trace", TRACE_ID, "--json", env=env, cwd=tmp_path))
         elsewhere = {**env, "TIDINGS_HOME": str(tmp_path / "elsewhere")}  # no worker there
         stored_only = await ok("trace", scored["id"], env=elsewhere, cwd=tmp_path)
         unknown = await tidings(
@@ -173,6 +178,11 @@ async def test_trace_shows_every_verdict_of_a_correlation(
     assert scored["type"] == "payment.scored" and scored["emitted_by"] == "scorer"
     assert by_agent(scored)["notifier"]["verdict"] == "denied"
     assert found["window"]["cut"] is False
+
+    # A trace id (from traceparent, which emitted events carry on) finds the same tree.
+    assert by_trace["matched"] == "trace" and by_trace["correlations"] == [payment.id]
+    assert [e["id"] for e in by_trace["events"]] == [payment.id]
+    assert by_trace["events"][0]["emitted"][0]["traceparent"].split("-")[1] == TRACE_ID
 
     # `why`: the verdict in one line first.
     assert lines["fraud-check"] == "dropped: data.amount > 1000 was false (data.amount = 250)"

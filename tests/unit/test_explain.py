@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from tidings import App, Context, Event
+from tidings.bus.base import ConsumerInfo
 from tidings.cli.explain import Gathered, Seen, evaluate, explain, referenced_paths
 from tidings.events import new_id, now
-from tidings.store.records import Decision, EventRecords
+from tidings.store.records import Decision, EventRecords, Parked, Step
 
 
 def app() -> App:
@@ -102,3 +103,34 @@ def test_the_tree_links_events_by_cause_and_judges_every_agent() -> None:
     assert [v.agent for v in bare.agents] == ["all", "callable"]
     (only,) = explain(gathered, agents, only="big")
     assert [v.verdict for v in only.agents] == ["dropped"]
+
+
+def test_an_event_without_a_decision_is_pending_or_in_flight() -> None:
+    agents = app().agents
+    root = Event.create("payment.created", {"amount": 5000, "currency": "EUR", "vip": True})
+    records = EventRecords([], [], [], [])
+    behind = ConsumerInfo("big", ["payment.*"], 3, 0, 0, {"last_delivered_seq": 9})
+    waiting = Gathered(records, {root.id: Seen(root, "bus", sequence=12)}, {}, {"big": behind})
+    (node,) = explain(waiting, agents, only="big")
+    assert node.agents[0].verdict == "pending" and node.agents[0].re_evaluated
+    assert "not delivered to the agent yet; the consumer has 3 pending" in node.agents[0].summary
+    step = Step("big", root.id, 0, "tool", "risk.score", "h", "pending")
+    running = Gathered(
+        records, {root.id: Seen(root, "bus", sequence=8)}, {("big", root.id): [step]}
+    )
+    (node,) = explain(running, agents, only="big")
+    assert node.agents[0].verdict == "in_flight" and node.agents[0].journal == [step]
+    assert "1 step journaled, no decision yet: running or retrying" in node.agents[0].summary
+
+
+def test_a_parked_question_answered_but_not_handed_back() -> None:
+    root = Event.create("payment.created", {"amount": 1})
+    entry = Parked(new_id(), "all", root.id, {"ok?": 1}, {}, b"", None, status="answered",
+                   answer="yes", answered_by="ann", answered_at=now())  # fmt: skip
+    records = EventRecords([decision("all", root, "parked")], [], [entry], [])
+    (node,) = explain(Gathered(records, {}), None)
+    (verdict,) = node.agents
+    assert verdict.verdict == "parked" and verdict.parked == entry
+    assert (
+        verdict.summary.startswith("answered by ann at ") and "being handed back" in verdict.summary
+    )
