@@ -45,6 +45,7 @@ from tidings.triggers.pgoutput import (
     RowChange,
     TransactionEnd,
     Update,
+    convert,
     parse_lsn,
 )
 from tidings.triggers.pgoutput import decode as decode_pgoutput
@@ -281,6 +282,15 @@ def test_decodes_what_the_server_sends(database: str) -> None:
     sql(database, "SELECT pg_drop_replication_slot('peek')")
 
 
+def test_values_become_json_where_that_is_exact() -> None:
+    assert convert(16, "t") is True and convert(16, "f") is False
+    assert convert(20, "9007199254740993") == 9007199254740993
+    assert convert(701, "1.5") == 1.5 and convert(701, "NaN") == "NaN"
+    assert convert(3802, '{"a": [1, null]}') == {"a": [1, None]}
+    assert convert(1700, "12.3400") == "12.3400"  # numeric keeps its digits
+    assert convert(1184, "2026-12-01 10:00:00+00") == "2026-12-01 10:00:00+00"
+
+
 def test_declaration_errors_name_the_fix() -> None:
     from tidings.errors import ConfigError
 
@@ -342,12 +352,15 @@ async def test_unchanged_toast_is_listed_without_full_identity(
         sql(database, "INSERT INTO items VALUES (1, 1, NULL, %s)", ("q" * BIG,))
         sql(database, "UPDATE items SET n = 2 WHERE id = 1")
         sql(database, "DELETE FROM items WHERE id = 1")
-        events = await wait_for_events(settings, 3, 30, "pg.rows.>")
-    _, update, delete = events
+        sql(database, "TRUNCATE items")
+        events = await wait_for_events(settings, 4, 30, "pg.rows.>")
+    _, update, delete, truncate = events
     assert update.type == "pg.rows.items.updated"
     assert update.data["after"] == {"id": 1, "n": 2, "note": None}
     assert update.data["unchanged_toast"] == ["big"] and update.data["before"] == {"id": 1}
     assert delete.data["before"] == {"id": 1}
+    assert truncate.type == "pg.rows.items.truncated" and truncate.data["key"] is None
+    assert truncate.data["before"] is None and truncate.data["after"] is None
 
 
 async def test_a_server_with_replica_wal_level_fails_loudly_with_the_fix(
@@ -556,13 +569,13 @@ async def test_the_server_restarted_mid_stream_loses_nothing(
     trigger = PostgresChanges("restart", database, tables=["items"])
     async with running(trigger, settings) as runner:
         assert await slot_active(database, slot_name("cdctest", "restart"), 30)
-        await asyncio.to_thread(workload, database, 100)
+        await asyncio.to_thread(workload, database, 300)
         await asyncio.to_thread(logical_cluster.restart)  # the trigger is still streaming
         more = await asyncio.to_thread(_more_after, database)
-        events = await wait_for_events(settings, 100 + more, 60)
+        events = await wait_for_events(settings, 300 + more, 60)
         assert runner.status.state == "running"
     ids = [e.id for e in events]
-    assert len(ids) == len(set(ids)) == 100 + more
+    assert len(ids) == len(set(ids)) == 300 + more
 
 
 def _more_after(url: str) -> int:

@@ -144,7 +144,6 @@ class PostgresChanges(Trigger):
         self.status_interval_s = status_interval_s
         self.max_in_flight = max_in_flight
         self.connect_timeout_s = connect_timeout_s
-        self.flushed_lsn: int | None = None  # what the bus confirmed, for `describe`
         self._app: str | None = None
 
     # -- names
@@ -158,14 +157,13 @@ class PostgresChanges(Trigger):
         return self.publication or self.slot_for(app)
 
     def describe(self) -> dict[str, Any]:
-        """The tables, publication, slot and the position the bus confirmed."""
+        """The server, the tables, the publication and the slot."""
         app = self._app or "?"
         return {
             "server": _where(self.url),
             "tables": [".".join(t) for t in self.tables] or "the publication's",
             "publication": self.publication_for(app),
             "slot": self.slot_for(app),
-            "flushed_lsn": format_lsn(self.flushed_lsn) if self.flushed_lsn else None,
         }
 
     # -- running
@@ -200,7 +198,6 @@ class PostgresChanges(Trigger):
                     for out in changes.feed(decode(payload)):
                         if isinstance(out, TransactionEnd):
                             stream.flushed(out.end_lsn)
-                            self.flushed_lsn = out.end_lsn
                             continue
                         lag = (datetime.now(UTC) - out.commit_time).total_seconds()
                         await sink.publish(self.event(out), lag_s=max(lag, 0.0))
