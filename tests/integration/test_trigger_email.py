@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import smtplib
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -21,7 +24,7 @@ from typing import Any
 import nats
 import pytest
 
-from tests.conftest import NatsServer
+from tests.conftest import NatsServer, free_port
 from tests.helpers import eventually, running, settings_for
 from tidings import App, Context, Settings
 from tidings.client import Client
@@ -321,3 +324,42 @@ async def test_a_worker_runs_the_declared_trigger_and_an_agent_reacts_to_the_mai
         assert decision.event_id == source_id("inbox", "<mail-7@example.org>")
         status = worker.triggers["inbox"].status
         assert (status.kind, status.events, status.state) == ("email", 1, "running")
+
+
+def docs_section(title: str) -> tuple[str, str, str]:
+    """The page's path, and the first Python and bash blocks of its section `title`."""
+    page = Path(__file__).resolve().parents[2] / "docs" / "triggers.md"
+    section = page.read_text().split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    python = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    bash = re.search(r"```bash\n(.*?)```", section, flags=re.DOTALL)
+    assert python is not None and bash is not None
+    return str(page), python.group(1), bash.group(1)
+
+
+async def test_the_docs_example_runs_and_the_smtplib_line_sends_to_it(
+    nats_url: str, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page, code, shell = docs_section("Email (SMTP)")
+    port = free_port()
+    monkeypatch.setenv("MAIL_PORT", str(port))
+    scope: dict[str, Any] = {"__name__": "docs_triggers_email"}
+    exec(compile(code, page, "exec"), scope)
+    app = scope["app"]
+    assert isinstance(app, App)
+    command = shell[shell.index("python -c") : shell.index("tidings tail")]
+    command = command.replace("python -c", f"{sys.executable} -c").replace("8025", str(port))
+    async with running(app, settings_for(nats_url, namespace, tmp_path)) as worker:
+        inbox = app.triggers["inbox"]
+        assert isinstance(inbox, EmailTrigger)
+        await asyncio.wait_for(inbox.listening(), 20)
+        await asyncio.to_thread(subprocess.run, ["bash", "-c", command], check=True, timeout=60)
+        store = worker.store
+        assert store is not None
+
+        async def decided() -> bool:
+            return bool(await store.list_decisions("triage"))
+
+        await eventually(decided, message="the agent's decision")
+        [decision] = await store.list_decisions("triage")
+    assert decision.result == {"subject": "refund", "attachments": 0}
+    assert decision.event_id == source_id("inbox", "<1@example.org>")

@@ -36,7 +36,7 @@ from paho.mqtt.properties import Properties
 
 from tests.conftest import NatsServer, free_port
 from tests.helpers import eventually, running, settings_for, subject_counts
-from tests.integration.test_trigger_email import stored_events
+from tests.integration.test_trigger_email import docs_section, stored_events
 from tidings import App, Context, Event
 from tidings.client import Client
 from tidings.triggers.base import Runner, Sink, TriggerStatus, TriggerUnavailable, source_id
@@ -472,3 +472,45 @@ async def test_a_worker_runs_the_declared_trigger_under_its_lease_and_an_agent_r
     finally:
         if client_id:
             forget_session(broker, client_id)
+
+
+async def test_the_docs_example_runs_and_the_mosquitto_pub_lines_reach_it(
+    broker: tuple[str, int], prefix: str, nats_url: str, namespace: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    if broker[1] != 1883 or shutil.which("mosquitto_pub") is None:
+        pytest.skip("the page's example uses a broker on port 1883 and mosquitto_pub")
+    page, code, shell = docs_section("MQTT")
+    monkeypatch.setenv("SITE", prefix)
+    monkeypatch.setenv("MQTT_HOST", broker[0])
+    scope: dict[str, Any] = {"__name__": "docs_triggers_mqtt"}
+    exec(compile(code, page, "exec"), scope)
+    app = scope["app"]
+    assert isinstance(app, App)
+    sensors = app.triggers["sensors"]
+    assert isinstance(sensors, MqttTrigger)
+    commands = shell[: shell.index("tidings tail")].replace("home/", f"{prefix}/")
+    client_id = ""
+    try:
+        async with running(app, settings_for(nats_url, namespace, tmp_path)) as worker:
+            await asyncio.wait_for(sensors.subscribed.wait(), 30)
+            client_id = sensors.client_id_for(worker.triggers["sensors"].sink)
+            await asyncio.to_thread(
+                subprocess.run, ["bash", "-c", commands], check=True, timeout=60
+            )
+            store = worker.store
+            assert store is not None
+
+            async def decided() -> bool:
+                return bool(await store.list_decisions("thermostat"))
+
+            await eventually(decided, message="the thermostat's decision")
+            await eventually(lambda: worker.triggers["sensors"].status.events == 2)
+            [decision] = await store.list_decisions("thermostat")
+    finally:
+        if client_id:
+            forget_session(broker, client_id)
+    assert decision.result == {"room": "kitchen", "celsius": 21.5}
+    [door] = await stored_events(nats_url, namespace, "iot.door")
+    assert door.id == source_id("sensors", f"{prefix}/doors/front", "door-1")
+    assert door.data["payload_base64"] == base64.b64encode(b"open").decode()
