@@ -294,19 +294,19 @@ def system_of(url: str) -> str:
 
 
 def _message(event: Event, system: str, operation: str, kind: str) -> dict[str, Any]:
-    """The messaging and CloudEvents semantic conventions for one event."""
+    """The messaging semantic conventions for one event, and its CloudEvents source.
+
+    Few on purpose: the SDK checks every attribute of every span, a cost per event. The
+    CloudEvents id and type are `messaging.message.id` and `messaging.destination.name`.
+    """
     attributes: dict[str, Any] = {
         "messaging.system": system,
         "messaging.destination.name": event.type,
         "messaging.message.id": event.id,
         "messaging.operation.name": operation,
         "messaging.operation.type": kind,
-        "cloudevents.event_id": event.id,
-        "cloudevents.event_type": event.type,
         "cloudevents.event_source": event.source,
     }
-    if event.subject is not None:
-        attributes["cloudevents.event_subject"] = event.subject
     if event.correlationid is not None:
         attributes["messaging.message.conversation_id"] = event.correlationid
     return attributes
