@@ -61,7 +61,7 @@ from tidings.cli.explain import (
 from tidings.cli.records import existing_store
 from tidings.config import Settings
 from tidings.errors import MalformedEvent, TidingsError
-from tidings.events import decode
+from tidings.events import Event, decode
 from tidings.runtime.spec import AgentSpec
 from tidings.store.base import Store
 from tidings.store.codecs import parse_ts
@@ -71,6 +71,8 @@ BEFORE = timedelta(minutes=1)  # read the bus from this long before the first re
 AFTER = timedelta(minutes=5)  # to this long after the last
 DEFAULT_SPAN = timedelta(hours=1)  # nothing dates the id: search the last hour
 QUIET = 1.0  # seconds without a message: the stored history has been read
+# The first message may take longer: a Kafka tail looks up offsets by time first.
+FIRST = {True: 2.0, False: 5.0}  # by whether the bus says where its history ends
 ROUNDS = 4  # store lookups, each with the event ids the last one found
 
 AppOption = Annotated[
@@ -196,24 +198,55 @@ def _unique(items: list[Any], key: Any) -> list[Any]:
     return list(seen.values())
 
 
-async def _read_bus(bus: Bus, window: Window, wanted: Any, cap: int) -> list[Seen]:
+@dataclass(frozen=True, slots=True)
+class Wanted:
+    """Which events of the bus window belong to the trace: by id, correlation or trace id."""
+
+    ids: frozenset[str]
+    correlations: frozenset[str]
+    trace_id: str
+
+    def __call__(self, event: Event) -> bool:
+        """Whether `event` belongs to the trace."""
+        return (
+            event.id in self.ids
+            or (event.correlationid or event.id) in self.correlations
+            or trace_id_of(event) == self.trace_id
+        )
+
+    def screen(self, headers: Mapping[str, str]) -> bool:
+        """The same test on binary-mode headers, before decoding the event."""
+        event_id = headers.get("ce-id", "")
+        parts = headers.get("ce-traceparent", "").split("-")
+        return (
+            event_id in self.ids
+            or (headers.get("ce-correlationid") or event_id) in self.correlations
+            or (len(parts) >= 4 and parts[1].lower() == self.trace_id)
+        )
+
+
+async def _read_bus(bus: Bus, window: Window, wanted: Wanted, cap: int) -> list[Seen]:
     """Events in `window` that `wanted(event)` accepts; stops at its end, a pause or `cap`."""
     last_seq = await _last_sequence(bus)
     found: list[Seen] = []
     tail = bus.tail([">"], since=window.since)
     window.ended = "end of the stored history"
+    wait = FIRST[last_seq is not None]
     async with contextlib.aclosing(tail):
         while True:
             try:
-                async with asyncio.timeout(QUIET):
+                async with asyncio.timeout(wait):
                     raw = await anext(tail)
             except (TimeoutError, StopAsyncIteration):
                 break
+            wait = QUIET
             stored = parse_ts(raw.time) if raw.time else None
             if stored is not None and stored > window.until:
                 window.ended = "end of the window"
                 break
             window.scanned += 1
+            if "ce-id" in raw.headers and not wanted.screen(raw.headers):
+                continue  # binary mode: the headers tell, no need to decode
             try:
                 event = decode(raw.headers, raw.body)
             except MalformedEvent:
@@ -279,18 +312,12 @@ async def gather(
             )
         if bus is not None:
             try:
-                wanted_ids, wanted_corr = set(ids) | {query}, set(correlations) | {query}
-
-                def wanted(event: Any) -> bool:
-                    return (
-                        event.id in wanted_ids
-                        or (event.correlationid or event.id) in wanted_corr
-                        or trace_id_of(event) == query.lower()
-                    )
-
+                wanted = Wanted(
+                    frozenset({*ids, query}), frozenset({*correlations, query}), query.lower()
+                )
                 for seen in await _read_bus(bus, window, wanted, cap):
                     events[seen.event.id] = seen
-                if agents:
+                if _undecided(Gathered(records, events), agents):  # their backlog tells more
                     consumers = {c.name: c for c in await bus.consumers()}
             finally:
                 await bus.close()
@@ -344,6 +371,14 @@ def _window(query: str, records: EventRecords, since: str | None, now: datetime)
     if not times:
         return Window(now - DEFAULT_SPAN, now)
     return Window(min(times) - BEFORE, min(max(times) + AFTER, now))
+
+
+def _undecided(gathered: Gathered, agents: Mapping[str, AgentSpec] | None) -> bool:
+    """Whether some agent should react to an event and has not decided yet."""
+    return any(
+        v.verdict in ("pending", "in_flight") for n in walk(explain(gathered, agents))
+        for v in n.agents
+    )  # fmt: skip
 
 
 async def _journals(
