@@ -1,6 +1,6 @@
 """What observability costs: the throughput benchmark with metrics and tracing on, in one run.
 
-    python benchmarks/observability.py [--events 30000] [--rounds 3] [--scrape-every 1]
+    python benchmarks/observability.py [--events 30000] [--rounds 5] [--scrape-every 1]
 
 The workload of benchmarks/throughput.py (10% of the events pass ``data.amount > 1000``,
 a trivial handler, SQLite store), consumed by a fresh agent in each configuration:
@@ -11,11 +11,12 @@ a trivial handler, SQLite store), consumed by a fresh agent in each configuratio
 - tracing: every event traced with the SDK, spans batched and dropped by a no-op exporter;
 - tracing 10%: the same, with 10% of the traces sampled.
 
-Configurations alternate within each round (the machine's load drifts), and the median
-over the rounds is reported: events/s, CPU µs per event (all threads of this process:
-the pipeline, the store's thread, the metrics server; the nats-server is not counted),
-and the cost against "off". Targets: metrics at most 5%, tracing with the no-op exporter
-at most 15%.
+Configurations alternate within each round (the machine's load drifts), and the best
+round of each is reported (`--summary median` for the median; other load on a shared
+machine only ever slows a round down): events/s, CPU µs per event (all threads of this
+process: the pipeline, the store's thread, the metrics server; the nats-server is not
+counted), and both against "off". Targets: metrics at most 5%, tracing with the no-op
+exporter at most 15%. One scrape's own cost is measured apart at the end.
 
 The one thing metrics count per event whether or not they are served (the handler's
 latency into a fixed-bucket histogram) is measured on its own at the end.
@@ -130,13 +131,36 @@ async def consume(url: str, namespace: str, store: str, total: int, config: str,
     return total / elapsed, used / total * 1e6, scraper.scrapes if scraper else 0
 
 
+async def scrape_cost(url: str, namespace: str, store: str, times: int = 30) -> float:
+    """Milliseconds one scrape takes, the bus and store read included (the best of `times`)."""
+    app = App("bench")
+
+    @app.agent("obs-scraped", on="payment.>", where="data.amount > 1000", start="new")
+    async def scraped(event: Event, ctx: Context) -> None:
+        pass
+
+    worker = Worker(app, Settings(bus=url, namespace=namespace, store=store))
+    await worker.start()
+    try:
+        took = []
+        for _ in range(times):
+            worker.metrics._read_at = float("-inf")  # read the backlog every time
+            started = time.perf_counter()
+            await worker.metrics.render()
+            took.append(time.perf_counter() - started)
+    finally:
+        await worker.stop()
+    return min(took) * 1000
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=30_000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--scrape-every", type=float, default=1.0)
+    parser.add_argument("--summary", choices=["best", "median"], default="best")
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=max(Console().width, 110))
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     switch = tracing_switch()
     configs = [c for c in CONFIGS if switch is not None or not c.startswith("tracing")]
@@ -162,18 +186,26 @@ async def main() -> None:
                     f"round {n + 1} {config:>12}: {result[0]:,.0f} events/s,"
                     f" {result[1]:.1f} CPU µs/event"
                 )
+        scrape_ms = await scrape_cost(url, namespace, store)
     finally:
         server.terminate()
         server.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    rate = {c: statistics.median(r[0] for r in rs) for c, rs in results.items()}
-    cpu = {c: statistics.median(r[1] for r in rs) for c, rs in results.items()}
+    # On a shared machine other load only ever slows a round down: the best round of each
+    # configuration is the closest to its own cost (--summary median for the median).
+    best = args.summary == "best"
+    pick_rate = max if best else statistics.median
+    pick_cpu = min if best else statistics.median
+    rate = {c: pick_rate(r[0] for r in rs) for c, rs in results.items()}
+    cpu = {c: pick_cpu(r[1] for r in rs) for c, rs in results.items()}
     table = Table(
         title=f"Observability cost: {args.events:,} events, 10% pass the filter, SQLite store,"
-        f" median of {args.rounds} rounds"
+        f" {'best' if best else 'median'} of {args.rounds} rounds"
     )
-    for column in ("configuration", "events/s", "CPU µs/event", "throughput cost", "target"):
+    columns = ("configuration", "events/s", "CPU µs/event", "events/s vs off", "CPU vs off",
+               "target")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="left" if column == "configuration" else "right")
     for config in configs:
         cost = 1 - rate[config] / rate["off"]
@@ -182,13 +214,19 @@ async def main() -> None:
             "" if target is None else f"≤ {target:.0%} " + ("ok" if cost <= target else "MISSED")
         )
         table.add_row(
-            config if config != "metrics" else f"metrics, scraped every {args.scrape_every:g} s",
+            config if config != "metrics" else f"metrics, scrape {args.scrape_every:g} s",
             f"{rate[config]:,.0f}",
             f"{cpu[config]:.1f}",
-            "—" if config == "off" else f"{cost:+.1%}",
+            "—" if config == "off" else f"{-cost:+.1%}",
+            "—" if config == "off" else f"{cpu[config] / cpu['off'] - 1:+.1%}",
             verdict,
         )
     console.print(table)
+    console.print(
+        f"One scrape (series built, backlog read from the bus and the store): {scrape_ms:.2f} ms"
+        f" of the event loop; at Prometheus' usual 15 s that is {scrape_ms / 15 / 10:.3f}%"
+        " of one core"
+    )
     histogram = Histogram()
     per_call = min(timeit.repeat(lambda: histogram.observe(0.0042), number=100_000, repeat=5))
     console.print(
