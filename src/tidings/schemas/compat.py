@@ -213,6 +213,8 @@ class _Checker:
         self.writer_name = "the old schema" if backward else "the new schema"
         self.reader_name = "the new schema" if backward else "the old schema"
         self._active: set[tuple[int, int]] = set()
+        # Equal subschemas accept the same instances where their references resolve alike.
+        self._alike = _definitions(writer) == _definitions(reader) is not None
         self._pointers: dict[int, str] | None = None
         self._accepts_cache: dict[int, Any] = {}
 
@@ -296,6 +298,8 @@ class _Checker:
     def _check(self, writer: Any, reader: Any, path: str) -> list[Incompatibility]:
         """Every instance of `writer` valid under `reader`? The incompatibilities if not."""
         if reader is True or (isinstance(reader, Mapping) and not reader):
+            return []
+        if self._alike and writer == reader:
             return []
         key = (id(writer), id(reader))
         if key in self._active:
@@ -777,6 +781,28 @@ class _Checker:
             f"{self.reader_name} accepts nothing here (false), {self.writer_name} does",
             "accept what the old schema accepted here",
         )
+
+
+def _definitions(root: Schema) -> Any:
+    """The root's $defs and definitions, or None if any reference leads elsewhere."""
+    if isinstance(root, bool):
+        return {}
+    for node in _walk(root):
+        ref = node.get("$ref") if isinstance(node, Mapping) else None
+        if isinstance(ref, str) and not ref.startswith(("#/$defs/", "#/definitions/")):
+            return None
+    return (root.get("$defs"), root.get("definitions"))
+
+
+def _walk(node: Any) -> Iterator[Any]:
+    yield node
+    if isinstance(node, Mapping):
+        for name, value in node.items():
+            if name not in ("enum", "const", "default", "examples"):
+                yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
 
 
 def _pointers(node: Any, where: str = "") -> Iterator[tuple[int, str]]:
