@@ -21,6 +21,7 @@ import asyncio
 import base64
 import contextlib
 import errno
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -32,6 +33,8 @@ import warnings
 import weakref
 from collections.abc import Mapping
 from email import policy
+from email.header import decode_header, make_header
+from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
 from email.parser import BytesParser
 from html.parser import HTMLParser
@@ -237,7 +240,11 @@ class _Handler:
             log.warning("a mail could not be parsed", trigger=trigger.name, error=str(e))
             return "554 5.6.0 the message could not be parsed"
         try:
-            files = await asyncio.to_thread(self._store, parsed.attachments)
+            files = (
+                await asyncio.to_thread(self._store, parsed.attachments)
+                if parsed.attachments
+                else []
+            )
         except OSError as e:
             log.error("an attachment could not be written", trigger=trigger.name, error=str(e))
             return "451 4.3.0 the attachments could not be stored; try again later"
@@ -309,9 +316,35 @@ class ParsedMail:
         self.message_id = message_id
 
 
+# The stdlib's structured header classes cost about a millisecond per mail (addresses,
+# dates); only the MIME headers that finding the body and attachments reads need them.
+_STRUCTURED = frozenset({"content-type", "content-disposition", "content-transfer-encoding"})
+_REGISTRY = HeaderRegistry()
+
+
+@functools.lru_cache(maxsize=512)
+def _structured(name: str, value: str) -> Any:
+    """Parsed once: the same Content-Type is read many times while the body is found."""
+    return _REGISTRY(name, value)
+
+
+def _header(name: str, value: str) -> Any:
+    if name.lower() in _STRUCTURED:
+        return _structured(name, value)
+    if "=?" not in value:
+        return value
+    try:
+        return str(make_header(decode_header(value)))  # RFC 2047 encoded words
+    except (LookupError, UnicodeError, ValueError):
+        return value
+
+
+_POLICY = policy.default.clone(header_factory=_header)
+
+
 def parse_mail(raw: bytes, *, max_text: int = MAX_TEXT) -> ParsedMail:
     """Headers, text (text/plain, else text from text/html) and attachments of a mail."""
-    message = BytesParser(policy=policy.default).parsebytes(raw)
+    message = BytesParser(policy=_POLICY).parsebytes(raw)
     assert isinstance(message, EmailMessage)
     headers: dict[str, Any] = {}
     for name, value in message.items():
