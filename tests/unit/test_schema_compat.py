@@ -11,8 +11,10 @@ rows marked where none exists (a verdict the checker gives because it cannot dec
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
 
@@ -808,3 +810,11 @@ def test_mutually_recursive_definitions_terminate() -> None:
         },
     }
     assert [p.path for p in backward(schema, narrowed)] == ["/a/b/n"]
+
+
+def test_the_docs_example_runs_as_written() -> None:
+    page = (Path(__file__).resolve().parents[2] / "docs" / "schemas.md").read_text()
+    section = page[page.index("## How compatibility is decided") :]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    assert code is not None
+    exec(compile(code.group(1), "docs/schemas.md", "exec"), {"__name__": "docs_schemas"})
