@@ -10,6 +10,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -396,3 +397,25 @@ def test_docs_scrape_config_is_valid_yaml() -> None:
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs["tidings-workers"]["static_configs"][0]["targets"] == ["127.0.0.1:9464"]
     assert jobs["tidings-gateway"]["authorization"]["type"] == "Bearer"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_metrics_port_is_reported_before_anything_starts(
+    tmp_path: Path, workers: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "TIDINGS_HOME": str(tmp_path / "home")}
+        env.pop("TIDINGS_BUS", None)  # nothing may start: not even the embedded bus
+        result = subprocess.run(
+            [sys.executable, "-m", "tidings.cli", "run", "tests.gateway.run_app:app",
+             "--workers", workers, "--metrics-port", str(port)],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"metrics cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "--metrics-port" in result.stderr
+    assert not (tmp_path / "home" / "nats").exists()
+    assert not (tmp_path / "home" / "metrics").exists()

@@ -335,8 +335,6 @@ def _supervise(
     stop_metrics = None
     with guarded():
         if metrics_at is not None:  # bound first: a taken port is reported before anything
-            prometheus.clean_peers(settings.home_path)
-            peers.mkdir(parents=True, exist_ok=True)
             stop_metrics = prometheus.serve_merged(*metrics_at, peers)
         if url is None:
             from tidings.bus.embedded import EmbeddedNats

@@ -422,6 +422,7 @@ _TOOL_COUNTERS = (
     ("failed", "tidings_tool_failures", "Tool calls that raised."),
     ("expired", "tidings_tool_expired", "Tool calls served after their caller's deadline."),
     ("duplicates", "tidings_tool_duplicate", "Tool calls delivered again after being served."),
+    ("retried", "tidings_tool_retried", "Tool calls handed back to be tried again."),
     ("dead_lettered", "tidings_tool_dead_lettered", "Tool calls given up on."),
     ("seconds", "tidings_tool_seconds", "Seconds spent in tools."),
 )
