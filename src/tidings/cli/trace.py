@@ -547,7 +547,9 @@ def why(
     tree = Tree(_event_label(node))
     _agent_branch(tree, verdict)
     console.print(tree)
-    _footer(found)
+    node.children = []
+    found.roots, found.app = [node], shown
+    _footer(found, app_line=True)
 
 
 def _unknown(query: str, found: Found, store_url: str) -> NoReturn:
@@ -686,8 +688,8 @@ def _step_label(step: Mapping[str, Any], call: Mapping[str, Any] | None) -> Text
     return text
 
 
-def _footer(found: Found) -> None:
-    lines: list[str] = []
+def _footer(found: Found, *, app_line: bool = False) -> None:
+    lines: list[str] = [f"Judged with the app {found.app}."] if app_line and found.app else []
     if any(v.re_evaluated for n in walk(found.roots) for v in n.agents):
         lines.append(
             "Filter verdicts marked [re-evaluated now] were evaluated now on the event read"
