@@ -514,3 +514,33 @@ async def test_the_docs_example_runs_and_the_mosquitto_pub_lines_reach_it(
     [door] = await stored_events(nats_url, namespace, "iot.door")
     assert door.id == source_id("sensors", f"{prefix}/doors/front", "door-1")
     assert door.data["payload_base64"] == base64.b64encode(b"open").decode()
+
+
+async def test_a_payload_too_large_for_the_bus_is_published_without_it_and_blocks_nothing(
+    broker: tuple[str, int], prefix: str, nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    client_id = f"tidings-test-{uuid.uuid4().hex[:12]}"
+    trigger = MqttTrigger(
+        "big", host=broker[0], port=broker[1], client_id=client_id, session_expiry=60,
+        topics={f"{prefix}/#": "iot.blob"},
+    )  # fmt: skip
+    huge = os.urandom(1536 * 1024)  # over the bus's 1 MiB
+    try:
+        async with Client(settings_for(nats_url, namespace, tmp_path)) as client:
+            runner = Runner(trigger, client)
+            runner.start()
+            await asyncio.wait_for(trigger.subscribed.wait(), 20)
+            await asyncio.to_thread(
+                publish, broker, [(f"{prefix}/cam", huge, {}), (f"{prefix}/cam", b"[1]", {})]
+            )
+            await eventually(lambda: runner.status.events == 2, message="both events")
+            assert runner.status.state == "running"
+            await runner.stop()
+    finally:
+        forget_session(broker, client_id)
+    first, second = await stored_events(nats_url, namespace, "iot.blob")
+    omitted = first.data["payload_omitted"]
+    assert (omitted["size"], omitted["sha256"]) == (len(huge), _sha256(huge))
+    assert "the bus takes at most" in omitted["reason"]
+    assert "payload_base64" not in first.data
+    assert second.data["payload"] == [1]

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import os
@@ -46,7 +47,7 @@ from typing import Any, Literal
 import orjson
 import structlog
 
-from tidings.errors import ConfigError
+from tidings.errors import ConfigError, EventTooLarge
 from tidings.events import MAX_SUBJECT, Event, check_type, new_id, survives_the_wire
 from tidings.triggers.base import Sink, Trigger, TriggerUnavailable, source_id
 
@@ -248,14 +249,23 @@ class MqttTrigger(Trigger):
     ) -> None:
         if before is not None:
             await before  # one topic's events reach the bus in the order they came
-        if item.event is None:
+        event = item.event
+        if event is None:
             return
+        try:
+            sink.client.bus.check(event)
+        except EventTooLarge as e:  # never publishable: as it stands it would block the session
+            event = _without_payload(event, item.payload, str(e))
+            log.warning(
+                "a message too large for the bus: published without its payload",
+                trigger=self.name, topic=item.topic, size=len(item.payload),
+            )  # fmt: skip
         async with asyncio.timeout(self.publish_timeout):
             if run.warm:
-                await sink.publish(item.event)
+                await sink.publish(event)
                 return
             async with run.first:  # the client opens its publish ledger on first use
-                await sink.publish(item.event)
+                await sink.publish(event)
                 run.warm = True
 
     def event_for(self, message: mqtt.MQTTMessage, journal: Redeliveries) -> Event | None:
@@ -301,6 +311,18 @@ class _Arrival:
     mid: int
     topic: str
     event: Event | None  # None: a topic no filter maps, acknowledged and dropped
+    payload: bytes | bytearray = b""
+
+
+def _without_payload(event: Event, payload: bytes | bytearray, reason: str) -> Event:
+    """The event of a message the bus cannot carry: what it was, without the payload."""
+    data = {k: v for k, v in event.data.items() if k in ("topic", "values", "retain")}
+    data["payload_omitted"] = {
+        "size": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "reason": reason,
+    }
+    return dataclasses.replace(event, data=data)
 
 
 @dataclass
@@ -444,7 +466,7 @@ class _Connection:
         except Exception as e:  # a payload we cannot carry: the run ends, the message stays
             self.loop.call_soon_threadsafe(self.arrivals.put_nowait, _Stop(e))
             return
-        arrival = _Arrival(message.mid, message.topic, event)
+        arrival = _Arrival(message.mid, message.topic, event, message.payload)
         if message.qos == 0:
             arrival.mid = 0  # nothing to acknowledge
         self.loop.call_soon_threadsafe(self.arrivals.put_nowait, arrival)
