@@ -1,7 +1,7 @@
 """Event schemas: compatibility by meaning (compat.py) and fast validation (validate.py).
 
-The pure core of the schema registry: no I/O, nothing of the bus or the store. It imports
-only `tidings.errors` and the libraries it names.
+Those two are the registry's pure core: no I/O, nothing of the bus or the store, and of
+Tidings they import only `tidings.errors`. registry.py builds the registry on them.
 """
 
 from tidings.schemas.compat import Incompatibility, Mode, backward, check, closed, forward
