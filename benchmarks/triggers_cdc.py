@@ -172,7 +172,7 @@ async def main(events: int) -> None:
     try:
         rows = [("direct: client.publish_event + ledger", *await direct(nats_url, folder, events))]
         for per in (1, 100):
-            label = f"CDC: inserts → bus, {per} row{'s' if per > 1 else ''} per transaction"
+            label = f"CDC: inserts → bus, {per} row{'s' if per > 1 else ''}/transaction"
             rows.append((label, *await cdc_row(cluster.url, nats_url, folder, events, per)))
     finally:
         cluster.stop()

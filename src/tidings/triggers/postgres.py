@@ -58,7 +58,7 @@ PRIVILEGE_FIX = (
     " CREATE on the database to create its publication, or a superuser"
 )
 POLL_S = 0.2  # how often the stream thread looks for a stop or a new flushed position
-BATCH = 256  # messages handed to the loop at once: one wake-up, one GIL hand-over, per batch
+BATCH = 256  # messages handed to the loop at once: one wake-up of the loop per batch
 _TOKEN_BAD = re.compile(r"[^A-Za-z0-9_-]")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -509,8 +509,7 @@ class _Stream:
     The thread alone touches the replication connection (psycopg2 connections are not
     shared across threads): the loop only moves `_flush` forward, and the thread sends it.
     Payloads go over in batches of what has arrived (at most `BATCH`), and about
-    `max_in_flight` wait in the loop at most, so a slow bus slows the stream. Handing them
-    one by one made the two threads trade the GIL for every message: 3× slower.
+    `max_in_flight` wait in the loop at most, so a slow bus slows the stream.
     """
 
     def __init__(
