@@ -330,7 +330,7 @@ async def gather(
         if matched is None:
             return Found(query, None, [], [], window, None, notes), Gathered(records, {})
         # The events of these correlations only (a trace id may join several).
-        keep = set(correlations)
+        keep = {*correlations, query}  # an event without a correlation is its own
         events = {i: s for i, s in events.items() if (s.event.correlationid or i) in keep}
         gathered = Gathered(records, events, {}, consumers)
         journals = await _journals(store, gathered, agents)
@@ -521,6 +521,11 @@ def why(
     found, gathered, store_url = execute(ctx, work)
     node = next((n for n in walk(explain(gathered, agents, only=agent)) if n.id == event_id), None)
     if node is None:
+        if found.matched == "event":  # the events of tool calls are shown under their steps
+            fail(
+                f"event {event_id} carries a tool call or its reply: see it under the calling"
+                f" agent's tool step with `tidings trace {event_id}`"
+            )
         if found.matched is not None:
             fail(
                 f"{event_id!r} is a {found.matched} id, not an event id: see every event of it"
