@@ -419,3 +419,44 @@ def test_a_taken_metrics_port_is_reported_before_anything_starts(
     assert "--metrics-port" in result.stderr
     assert not (tmp_path / "home" / "nats").exists()
     assert not (tmp_path / "home" / "metrics").exists()
+
+
+@pytest.mark.nats
+async def test_a_mounted_gateway_reports_the_agents_it_invoked(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    import uvicorn
+    from fastapi import FastAPI
+
+    from tests.gateway.conftest import gateway_app
+    from tidings.gateway import create_app
+    from tidings.gateway.server import SignalFreeServer
+
+    web = FastAPI()
+    api = create_app(gateway_app(), settings_for(nats_url, namespace, tmp_path), gateway_config())
+    web.mount("/tidings", api)
+    server = SignalFreeServer(uvicorn.Config(web, host="127.0.0.1", port=0, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            for n in range(3):
+                r = await http.post(
+                    "/tidings/v1/agents/echo/invoke",
+                    json={"type": "echo.request", "data": n},
+                    headers=auth("alice"),
+                )
+                assert r.status_code == 200, r.text
+            r = await http.get("/tidings/metrics", headers=auth("prom", scopes="metrics"))
+            assert r.status_code == 200, r.text
+    finally:
+        await api.state.gateway.stop()
+        server.should_exit = True
+        await serving
+    samples = parse(r.text)
+    assert value(samples, "tidings_events_handled_total", agent="echo") == 3
+    assert value(samples, "tidings_handler_seconds_count", agent="echo") == 3
+    route = {"route": "/v1/agents/{name}/invoke", "status": "2xx"}
+    assert value(samples, "tidings_gateway_requests_total", **route) == 3
