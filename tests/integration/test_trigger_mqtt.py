@@ -544,3 +544,29 @@ async def test_a_payload_too_large_for_the_bus_is_published_without_it_and_block
     assert "the bus takes at most" in omitted["reason"]
     assert "payload_base64" not in first.data
     assert second.data["payload"] == [1]
+
+
+async def test_mqtt_3_1_1_keeps_its_session_while_the_trigger_is_stopped(
+    broker: tuple[str, int], prefix: str, nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    client_id = f"tidings-test-{uuid.uuid4().hex[:12]}"
+    trigger = MqttTrigger(
+        "v311", host=broker[0], port=broker[1], client_id=client_id, protocol=4,
+        topics={f"{prefix}/#": "iot.old"},
+    )  # fmt: skip
+    try:
+        async with Client(settings_for(nats_url, namespace, tmp_path)) as client:
+            runner = Runner(trigger, client)
+            runner.start()
+            await asyncio.wait_for(trigger.subscribed.wait(), 20)
+            await runner.stop()  # the session (clean_session off) stays at the broker
+            messages = [(f"{prefix}/n", json.dumps({"n": n}).encode(), {}) for n in range(5)]
+            await asyncio.to_thread(publish, broker, messages)
+            again = Runner(trigger, client)
+            again.start()
+            await eventually(lambda: again.status.events == 5, message="five queued events")
+            await again.stop()
+    finally:
+        forget_session(broker, client_id)
+    events = await stored_events(nats_url, namespace, "iot.old")
+    assert [e.data["payload"] for e in events] == [{"n": n} for n in range(5)]

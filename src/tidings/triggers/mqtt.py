@@ -384,18 +384,18 @@ class _Connection:
 
     async def open(self) -> None:
         trigger, client = self.trigger, self.client
-        properties = None
+        connect: dict[str, Any] = {}  # 3.1.1: the session is clean_session=False (above)
         if trigger.protocol == 5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = trigger.session_expiry
             properties.ReceiveMaximum = trigger.max_in_flight
+            connect = {"clean_start": False, "properties": properties}
         else:
             client.max_inflight_messages_set(trigger.max_in_flight)
         try:
             await asyncio.to_thread(
-                client.connect, trigger.host, trigger.port, trigger.keepalive,
-                clean_start=False, properties=properties,
-            )  # fmt: skip
+                client.connect, trigger.host, trigger.port, trigger.keepalive, **connect
+            )
         except (OSError, ssl.SSLError) as e:
             raise TriggerUnavailable(
                 f"mqtt trigger {trigger.name!r}: the broker at {self._where()} does not answer"
