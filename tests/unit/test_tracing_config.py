@@ -1,0 +1,55 @@
+"""Which OTEL_* variables turn tracing on for `tidings run`, and what a wrong one says.
+
+Each case runs in a fresh interpreter: a process has one global tracer provider, and
+`configure_from_env` installs it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHECK = """
+from tidings.errors import ConfigError
+from tidings.observability import tracing
+try:
+    print("on" if tracing.configure_from_env(service_name="app") else "off", tracing.active())
+except ConfigError as e:
+    print("error:", e)
+"""
+
+
+def outcome(**variables: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(variables)
+    done = subprocess.run(
+        [sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [
+        ({}, "off False"),
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"},
+         "off False"),
+        ({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "console"}, "off False"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}, "on True"),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:9/v1/traces"}, "on True"),
+        ({"OTEL_TRACES_EXPORTER": "console"}, "on True"),
+        ({"OTEL_TRACES_EXPORTER": "zipkin"}, "error: unknown span exporter 'zipkin': use otlp,"
+         " console or none (OTEL_TRACES_EXPORTER)"),
+    ],
+)  # fmt: skip
+def test_the_standard_variables_decide(variables: dict[str, str], expected: str) -> None:
+    assert outcome(**variables) == expected
+
+
+def test_grpc_without_its_exporter_names_the_package() -> None:
+    said = outcome(OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_PROTOCOL="grpc")
+    assert said.startswith("error:") and "opentelemetry-exporter-otlp-proto-grpc" in said
