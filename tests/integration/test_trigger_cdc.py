@@ -404,8 +404,41 @@ def test_doctor_findings(database: str) -> None:
         "replica identity of public.keyless"]  # fmt: skip
     assert keyed.ok is None and "REPLICA IDENTITY FULL" in (keyed.fix or "")
     assert keyless.ok is None and "primary key" in (keyless.fix or "")
-    slot = findings[f"replication slot {slot_name('shop', 'doc')}"]
+    name = slot_name("shop", "doc")
+    slot = findings[f"replication slot {name}"]
     assert slot.ok is None and "first start" in slot.details[0]
+    # a slot nobody reads while the server writes WAL: past max_lag_bytes it is a warning
+    sql(database, "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
+    sql(database, "INSERT INTO keyed SELECT generate_series(1, 2000)")
+    lagging = PostgresChanges("doc", database, tables=["keyed"], max_lag_bytes=1000)
+    (slot,) = [f for f in lagging.diagnose("shop") if "replication slot" in f.title]
+    assert slot.ok is None and "behind" in slot.details[0] and "no trigger" in slot.details[0]
+    assert f"pg_drop_replication_slot('{name}')" in (slot.fix or "")
+    (slot,) = [f for f in trigger.diagnose("shop") if "replication slot" in f.title]
+    assert slot.ok is True  # within the default 1 GiB
+    sql(database, "SELECT pg_drop_replication_slot(%s)", (name,))
+
+
+async def test_a_declared_publication_is_used_as_it_is(
+    database: str, nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    make_items(database)
+    sql(database, "CREATE TABLE other (id int PRIMARY KEY)")
+    settings = settings_for(nats_url, namespace, tmp_path)
+    missing = PostgresChanges("mine", database, publication="ops_pub")
+    async with Client(settings, source="/cdctest") as client:
+        with pytest.raises(TriggerUnavailable, match="CREATE PUBLICATION ops_pub"):
+            await missing.run(Runner(missing, client).sink)
+    sql(database, "CREATE PUBLICATION ops_pub FOR TABLE items, other")
+    trigger = PostgresChanges("mine", database, publication="ops_pub")
+    async with running(trigger, settings):
+        assert await slot_active(database, slot_name("cdctest", "mine"), 30)
+        sql(database, "INSERT INTO items VALUES (1, 1, NULL, NULL)")
+        sql(database, "INSERT INTO other VALUES (7)")
+        events = await wait_for_events(settings, 2, 30)
+    assert [e.type for e in events] == ["db.items.inserted", "db.other.inserted"]
+    count = "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'ops_pub'"
+    assert sql(database, count) == [(2,)]  # the declared publication is never changed
 
 
 # -- broken on purpose ---------------------------------------------------------------------
