@@ -1,12 +1,16 @@
 """Throughput and latency of the runtime against a raw nats-py consumer, in the same run.
 
-    python benchmarks/throughput.py [--events 100000] [--skip-postgres]
+    python benchmarks/throughput.py [--events 100000] [--skip-postgres] [--schemas]
 
 Workload: events of which 10% pass the filter ``data.amount > 1000``; the handler is
 trivial. The raw client does the same work by hand: a push consumer on the same stream,
 decode the CloudEvent (headers + JSON body), apply the filter, ack each message. The
 runtime additionally commits every passing event (state-free decision + processed
 marker) to the store. Latency: publish -> handler at a steady 1,000 events/s.
+
+With --schemas, two more SQLite rows declare the event type (`@app.event`): every event
+is validated against version 1, and then also upcast to a version 2 the agent reads; the
+cost per event of `EventTypes.upcast` is also timed alone on the same events.
 """
 
 from __future__ import annotations
@@ -105,9 +109,45 @@ async def raw_consumer(url: str, namespace: str, total: int) -> float:
     return total / elapsed
 
 
-async def runtime_consumer(url: str, namespace: str, store: str, total: int) -> float:
+PAYMENT_V1 = {
+    "type": "object",
+    "properties": {"customer_id": {"type": "string"}, "amount": {"type": "number"}},
+    "required": ["customer_id", "amount"],
+}
+PAYMENT_V2 = {
+    "type": "object",
+    "properties": {**PAYMENT_V1["properties"], "currency": {"type": "string"}},
+    "required": ["customer_id", "amount", "currency"],
+}
+
+
+def declared(app: App, schemas: str) -> None:
+    """'validate': version 1 only; 'upcast': version 2 too, read by the agent."""
+    if schemas == "none":
+        return
+    app.event("payment.transaction.created", version=1, schema=PAYMENT_V1)
+    if schemas == "upcast":
+        app.event("payment.transaction.created", version=2, schema=PAYMENT_V2)
+        app.upcaster("payment.transaction.created", 1, 2)(lambda d: {**d, "currency": "EUR"})
+
+
+def upcast_cost(schemas: str, events: list[Event]) -> float:
+    """µs per event of `EventTypes.upcast` (validate, and upcast) alone, in this process."""
+    app = App("cost")
+    declared(app, schemas)
+    upcast = app.schemas.upcast
+    started = time.perf_counter()
+    for event in events:
+        upcast(event)
+    return (time.perf_counter() - started) / len(events) * 1e6
+
+
+async def runtime_consumer(
+    url: str, namespace: str, store: str, total: int, schemas: str = "none"
+) -> float:
     """Events/s of a Tidings agent with the same filter and a trivial handler."""
     app = App("bench")
+    declared(app, schemas)
     handled = 0
     name = "bench-" + uuid.uuid4().hex[:6]  # a fresh durable consumer reads from the start
 
@@ -203,6 +243,7 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--latency-seconds", type=float, default=5.0)
     parser.add_argument("--skip-postgres", action="store_true")
+    parser.add_argument("--schemas", action="store_true", help="add the schema-validation rows")
     args = parser.parse_args()
     console = Console()
     tmp = Path(tempfile.mkdtemp(prefix="tidings-bench-"))
@@ -210,7 +251,8 @@ async def main() -> None:
     try:
         namespace = "bench" + uuid.uuid4().hex[:6]
         console.print(f"filling {args.events:,} events into a fresh stream ...")
-        await fill(url, namespace, workload(args.events))
+        events = workload(args.events)
+        await fill(url, namespace, events)
         stores = {"sqlite": f"sqlite:///{tmp / 'bench.db'}"}
         schema = "bench" + uuid.uuid4().hex[:6]
         if not args.skip_postgres:
@@ -221,6 +263,12 @@ async def main() -> None:
         for name, store in stores.items():
             rate = await runtime_consumer(url, namespace, store, args.events)
             results.append((f"tidings agent, {name} store", rate))
+        if args.schemas:
+            for schemas in ("validate", "upcast"):
+                rate = await runtime_consumer(url, namespace, stores["sqlite"], args.events,
+                                              schemas)  # fmt: skip
+                what = "validated" if schemas == "validate" else "validated + upcast 1 -> 2"
+                results.append((f"tidings agent, sqlite store, {what}", rate))
 
         table = Table(title=f"Throughput: {args.events:,} events, 10% pass the filter")
         table.add_column("consumer")
@@ -229,6 +277,10 @@ async def main() -> None:
         for name, rate in results:
             table.add_row(name, f"{rate:,.0f}", f"{rate / raw:.2f}")
         console.print(table)
+        if args.schemas:
+            for schemas in ("validate", "upcast"):
+                cost = min(upcast_cost(schemas, events) for _ in range(3))
+                console.print(f"EventTypes.upcast alone ({schemas}): {cost:.2f} µs per event")
 
         latency = Table(
             title=f"Publish → handler latency at 1,000 events/s for {args.latency_seconds:g} s"

@@ -8,6 +8,7 @@ The event type evolves as in docs/schemas.md: version 1 has `total`; version 2 r
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from tests.integration.test_cli import base_env, tidings
 from tidings import App, Context, Event, Settings
 from tidings.errors import ConfigError, SchemaViolation
 from tidings.gateway.server import GatewayServer
-from tidings.schemas.registry import IncompatibleSchema, dataschema
+from tidings.schemas.registry import IncompatibleSchema, dataschema, lock_of, lock_problems
 from tidings.store import open_store
 from tidings.worker import Worker
 
@@ -403,3 +404,48 @@ async def test_tail_and_decisions_show_say_an_event_was_upcast(
         ("order.placed", 1),
         ("order.placed", 2),
     ]
+
+
+# -- docs/schemas.md: the page's code runs as written ----------------------------------------
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "schemas.md"
+
+
+def docs_app(blocks: int) -> App:
+    """The app of the page's first `blocks` python blocks (each one adds a version)."""
+    # The first four blocks: "Declaring a type" and its three changes.
+    code = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.DOTALL)[:4]
+    namespace: dict[str, Any] = {"__name__": f"docs_schemas_{blocks}"}
+    exec(compile("\n".join(code[:blocks]), str(DOCS), "exec"), namespace)
+    app = namespace["app"]
+    assert isinstance(app, App)
+    return app
+
+
+@pytest.mark.nats
+async def test_the_docs_page_evolves_an_event_type_safely(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    settings = settings_for(nats_url, namespace, tmp_path)
+    first = docs_app(1)
+    first.settings = settings
+    async with running(first, settings), first.client() as client:
+        old = await client.publish("order.placed", {"order_id": "o-1", "total": 12.5})
+    locked = lock_of(first.schemas)
+    for blocks in (2, 3, 4):  # each change passes the CI check and registers at start
+        app = docs_app(blocks)
+        problems = lock_problems(app.schemas, locked)
+        assert all("compatible but not locked" in p for p in problems), problems
+        locked = lock_of(app.schemas)
+        if blocks < 4:
+            async with running(app, settings):
+                pass
+    async with running(app, settings) as worker:
+        assert worker.store is not None
+        store = worker.store
+        await eventually(lambda: store.list_decisions("fulfilment"), message="a decision")
+        (decision,) = await store.list_decisions("fulfilment")
+        registered = await store.list_schemas("order.placed")
+    assert decision.event_id == old.id
+    assert decision.result == {"order": "o-1", "charge": "12.5 EUR"}
+    assert [r.version for r in registered] == [1, 2, 3, 4]

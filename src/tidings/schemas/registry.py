@@ -23,8 +23,9 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -61,8 +62,12 @@ def dataschema(event_type: str, version: int) -> str:
     return f"{DATASCHEMA}{event_type}/{version}"
 
 
+@lru_cache(maxsize=4096)
 def parse_dataschema(value: str | None) -> tuple[str, int] | None:
-    """(type, version) from a ``dataschema`` Tidings wrote; None for any other value."""
+    """(type, version) from a ``dataschema`` Tidings wrote; None for any other value.
+
+    Cached: a stream carries few distinct versions, and this runs for every event read.
+    """
     if not value or not value.startswith(DATASCHEMA):
         return None
     event_type, _, version = value[len(DATASCHEMA) :].rpartition("/")
@@ -137,9 +142,11 @@ class EventVersion:
         return dataschema(self.event_type, self.version)
 
 
-@dataclass(frozen=True, slots=True)
-class Upcast:
-    """An event as a consumer reads it, and the version it arrived as (None: not versioned)."""
+class Upcast(NamedTuple):
+    """An event as a consumer reads it, and the version it arrived as (None: not versioned).
+
+    A tuple, not a dataclass: one is made for every event read, and this is cheaper.
+    """
 
     event: Event
     arrived_as: int | None = None
@@ -156,6 +163,35 @@ class _Type:
     versions: dict[int, EventVersion] = field(default_factory=dict)
     upcasters: dict[int, dict[int, Upcaster]] = field(default_factory=dict)
     mode: Mode | None = None
+    checks: dict[int, Callable[[Any], None]] = field(default_factory=dict)  # compiled once
+    oldest: int | None = None  # what an event without a dataschema counts as
+    latest: int | None = None
+
+    def known(self) -> None:
+        """Recompute what the hot path reads from the declarations."""
+        known = set(self.versions) | set(self.upcasters)
+        self.oldest = min(known) if known else None
+        self.latest = max(self.versions) if self.versions else None
+
+
+# Event's fields in order, to build the upcast copy without `dataclasses.replace`, which
+# costs a few microseconds per event (it re-reads every field by name and checks them).
+_EVENT_FIELDS = (
+    "id", "source", "type", "data", "specversion", "time", "subject", "datacontenttype",
+    "dataschema", "correlationid", "causationid", "traceparent", "tenant", "user", "depth",
+)  # fmt: skip
+_FAST_COPY = tuple(f.name for f in fields(Event)) == _EVENT_FIELDS
+
+
+def _as_version(event: Event, data: Any, schema: str) -> Event:
+    """`event` with other data and dataschema."""
+    if not _FAST_COPY:  # Event gained a field: the general (slower) way stays correct
+        return event.replace(data=data, dataschema=schema)
+    e = event
+    return Event(
+        e.id, e.source, e.type, data, e.specversion, e.time, e.subject, e.datacontenttype,
+        schema, e.correlationid, e.causationid, e.traceparent, e.tenant, e.user, e.depth,
+    )  # fmt: skip
 
 
 class EventTypes:
@@ -164,7 +200,6 @@ class EventTypes:
     def __init__(self) -> None:
         self._types: dict[str, _Type] = {}
         self._models: dict[type[Any], EventVersion] = {}
-        self._validators: dict[tuple[str, int], Callable[[Any], None]] = {}
         self._chains: dict[tuple[str, int, int], list[Upcaster]] = {}
 
     # -- declaring ------------------------------------------------------------------
@@ -196,7 +231,7 @@ class EventTypes:
             schema = model.model_json_schema()
         assert schema is not None
         try:
-            validator(schema)
+            check = validator(schema)
         except Exception as e:  # an invalid JSON Schema fails to compile
             raise ConfigError(
                 f"event type {event_type!r} version {version}: not a valid JSON Schema ({e})"
@@ -214,6 +249,8 @@ class EventTypes:
             kind.mode = chosen
         declared = EventVersion(event_type, version, dict(schema), model)
         kind.versions[version] = declared
+        kind.checks[version] = check
+        kind.known()
         if model is not None:
             self._models[model] = declared
         self._chains.clear()
@@ -231,6 +268,7 @@ class EventTypes:
         if target in kind.upcasters.get(source, {}):
             raise ConfigError(f"upcaster {event_type!r} {source} -> {target} is declared twice")
         kind.upcasters.setdefault(source, {})[target] = fn
+        kind.known()
         self._chains.clear()
 
     @staticmethod
@@ -276,10 +314,7 @@ class EventTypes:
     def oldest(self, event_type: str) -> int | None:
         """The oldest version known for `event_type`: declared, or an upcaster's source."""
         kind = self._types.get(event_type)
-        if kind is None:
-            return None
-        known = set(kind.versions) | set(kind.upcasters)
-        return min(known) if known else None
+        return kind.oldest if kind is not None else None
 
     def version_of(self, event: Event) -> int | None:
         """The version `event` came as: its ``dataschema``, else the oldest (module doc)."""
@@ -339,12 +374,10 @@ class EventTypes:
 
         Validators are compiled once per (type, version). An undeclared version passes.
         """
-        check = self._validators.get((event_type, version))
+        kind = self._types.get(event_type)
+        check = kind.checks.get(version) if kind is not None else None
         if check is None:
-            declared = self.get(event_type, version)
-            if declared is None:
-                return
-            check = self._validators[(event_type, version)] = validator(declared.schema)
+            return
         try:
             check(data)
         except SchemaViolation as e:
@@ -374,7 +407,7 @@ class EventTypes:
             version = max(kind.versions)
         self.validate(event.type, version, event.data)
         if event.dataschema is None:
-            event = event.replace(dataschema=dataschema(event.type, version))
+            event = _as_version(event, event.data, dataschema(event.type, version))
         return event
 
     def upcast(self, event: Event, target: int | None = None) -> Upcast:
@@ -388,13 +421,13 @@ class EventTypes:
         kind = self._types.get(event.type)
         if kind is None:
             return Upcast(event)
-        version = self.version_of(event)
+        named = parse_dataschema(event.dataschema) if event.dataschema is not None else None
+        version = named[1] if named is not None and named[0] == event.type else kind.oldest
         if version is None:
             return Upcast(event)
         self.validate(event.type, version, event.data)
         if target is None:
-            latest = self.latest(event.type)
-            target = latest.version if latest is not None else version
+            target = kind.latest if kind.latest is not None else version
         if version >= target:
             return Upcast(event, version)
         data = event.data
@@ -408,7 +441,7 @@ class EventTypes:
             raise SchemaViolation(
                 e.pointer, e.rule, f"{e.message}, after upcasting from version {version}"
             ) from None
-        return Upcast(event.replace(data=data, dataschema=dataschema(event.type, target)), version)
+        return Upcast(_as_version(event, data, dataschema(event.type, target)), version)
 
     def chain(self, event_type: str, source: int, target: int) -> list[Upcaster]:
         """The upcasters that carry `source` data to `target`, in order (cached).
