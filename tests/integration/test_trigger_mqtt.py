@@ -570,3 +570,46 @@ async def test_mqtt_3_1_1_keeps_its_session_while_the_trigger_is_stopped(
         forget_session(broker, client_id)
     events = await stored_events(nats_url, namespace, "iot.old")
     assert [e.data["payload"] for e in events] == [{"n": n} for n in range(5)]
+
+
+@pytest.mark.slow
+@pytest.mark.chaos
+async def test_a_broker_that_goes_away_fails_the_trigger_loudly_and_it_recovers(
+    prefix: str, nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    binary = shutil.which("mosquitto")
+    if binary is None:
+        pytest.skip("needs the mosquitto binary to start a broker of its own")
+    port = free_port()
+
+    def start_broker() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen([binary, "-p", str(port)], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return process
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("mosquitto did not start")
+
+    broker = ("127.0.0.1", port)
+    own = start_broker()
+    trigger = MqttTrigger("flaky", port=port, topics={f"{prefix}/#": "iot.flaky"})
+    try:
+        async with Client(settings_for(nats_url, namespace, tmp_path)) as client:
+            runner = Runner(trigger, client)
+            runner.start()
+            await asyncio.wait_for(trigger.subscribed.wait(), 20)
+            own.kill()
+            own.wait(10)
+            await eventually(lambda: runner.status.state == "failing", message="failing")
+            assert "mqtt trigger 'flaky'" in (runner.status.error or "")
+            own = start_broker()  # an empty broker: the trigger subscribes again
+            await asyncio.wait_for(trigger.subscribed.wait(), 60)
+            await asyncio.to_thread(publish, broker, [(f"{prefix}/back", b"1", {})])
+            await eventually(lambda: runner.status.events == 1, message="an event after")
+            await runner.stop()
+    finally:
+        own.kill()
+        own.wait(10)

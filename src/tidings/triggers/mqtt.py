@@ -183,7 +183,8 @@ class MqttTrigger(Trigger):
         loop = asyncio.get_running_loop()
         client_id = self.client_id_for(sink)
         folder = sink.client.settings.home_path / "triggers" / self.name
-        journal = await asyncio.to_thread(Redeliveries.open, folder / f"{client_id}.packets")
+        file = folder / f"{_CLIENT_ID_RE.sub('-', client_id)}.packets"
+        journal = await asyncio.to_thread(Redeliveries.open, file)
         arrivals: asyncio.Queue[_Arrival | _Stop] = asyncio.Queue()
         connection = _Connection(self, client_id, loop, arrivals, journal)
         try:
