@@ -38,7 +38,7 @@ from tidings.errors import (
     StoreError,
 )
 from tidings.events import Event, matches, new_id
-from tidings.gateway import webhooks
+from tidings.gateway import alerts, webhooks
 from tidings.gateway.auth import Authenticator, AuthError, Identity, bearer, origin_allowed
 from tidings.gateway.config import GatewayConfig
 from tidings.gateway.events import (
@@ -539,11 +539,14 @@ def create_app(
         tags=["events"],
     )
     async def webhook(source: str, request: Request, g: Started) -> Response:
-        """Receive a signed webhook (Standard Webhooks or GitHub) and publish it as an event."""
+        """Receive a webhook and publish it as an event (an alert source: one per alert)."""
         configured = cfg.webhooks.get(source)
         if configured is None:
             raise HttpError(404, f"no webhook source named {source!r}")
         body = await read_body(request, g.max_body)
+        if configured.format in alerts.ALERT_FORMATS:
+            return await _alerts(g, source, alerts.to_events(source, configured,
+                                                             request.headers, body))  # fmt: skip
         event = webhooks.to_event(source, configured, request.headers, body)
         check_event(event, g.bus)
         # Its correlation is the source's, claimed before anyone could: a delivery id is
@@ -811,6 +814,20 @@ def _declared(app: App, event: Event, n: int | None) -> Event:
 def _at(error: HttpError, n: int, batch: bool) -> HttpError:
     """`error` naming the batch index it is about (a single event: as it is)."""
     return HttpError(error.status, f"event {n} of the batch: {error.message}") if batch else error
+
+
+async def _alerts(g: Gateway, source: str, events: list[Event]) -> JSONResponse:
+    """Publish one event per alert; 202 if any was new, 200 if every one was a re-send."""
+    for event in events:
+        check_event(event, g.bus)
+    duplicates = []
+    for event in events:
+        await g.hub.owners.claim(event.id, webhook_audience(source))
+        if not await _publish(g, [event], webhook_publisher(source), batch=False):
+            duplicates.append(event.id)
+    answer = {"ids": [e.id for e in events], "types": [e.type for e in events],
+              "duplicates": duplicates}  # fmt: skip
+    return JSONResponse(answer, 200 if events and len(duplicates) == len(events) else 202)
 
 
 async def _publish(g: Gateway, events: list[Event], owner: str, batch: bool) -> bool:

@@ -19,6 +19,11 @@ objects passed in code::
     type_header = "X-GitHub-Event"           # event type = type_prefix + header value
     type_prefix = "github."
     subject_field = "repository.full_name"
+
+    [gateway.webhooks.alertmanager]          # Prometheus Alertmanager (or format = "grafana")
+    format = "alertmanager"                  # one event per alert: alert.firing, alert.resolved
+    scheme = "bearer"                        # its http_config authorization (or "basic")
+    secrets = ["..."]                        # basic: "user:password"
 """
 
 from __future__ import annotations
@@ -58,10 +63,16 @@ class WebhookSource:
 
     The event type is `type` if set, else `type_prefix` + the value of `type_header` or
     of the payload path `type_field`; the subject is the payload path `subject_field`.
+    An alert `format` ("alertmanager", "grafana") makes one event per alert instead
+    (`tidings.gateway.alerts`), typed `type_prefix` (default "alert.") + its status.
     """
 
     secrets: tuple[str, ...]
-    scheme: str = "standard"  # "standard" (Standard Webhooks) or "github"
+    # How the sender authenticates: "standard" (Standard Webhooks) or "github" sign each
+    # delivery; "bearer" (Authorization: Bearer <secret>) and "basic" (a "user:password"
+    # secret) are the credentials Alertmanager's http_config and Grafana can send.
+    scheme: str = "standard"
+    format: str = "event"  # "event": the payload is one event; or "alertmanager", "grafana"
     type: str | None = None
     type_header: str | None = None
     type_field: str | None = None
@@ -72,10 +83,26 @@ class WebhookSource:
     tolerance: float = 300.0  # seconds a Standard Webhooks timestamp may be off
 
     def __post_init__(self) -> None:
-        if self.scheme not in ("standard", "github"):
-            raise ConfigError(f"webhook scheme {self.scheme!r}: use 'standard' or 'github'")
+        if self.scheme not in ("standard", "github", "bearer", "basic"):
+            raise ConfigError(
+                f"webhook scheme {self.scheme!r}: use 'standard', 'github', 'bearer' or 'basic'"
+            )
+        if self.format not in ("event", "alertmanager", "grafana"):
+            raise ConfigError(
+                f"webhook format {self.format!r}: use 'event', 'alertmanager' or 'grafana'"
+            )
         if not self.secrets:
             raise ConfigError("a webhook source needs at least one secret")
+        if self.scheme == "basic" and not all(":" in s for s in self.secrets):
+            raise ConfigError('a basic webhook source takes secrets as "user:password"')
+        if self.format != "event":
+            return  # alerts carry their own type (status) and id (fingerprint, start)
+        if self.scheme in ("bearer", "basic"):
+            raise ConfigError(
+                f"webhook scheme {self.scheme!r} names no delivery, so replays could not be"
+                " told apart: use it with format 'alertmanager' or 'grafana', or sign with"
+                " 'standard' or 'github'"
+            )
         if not (self.type or self.type_header or self.type_field):
             raise ConfigError("a webhook source needs type, type_header or type_field")
 

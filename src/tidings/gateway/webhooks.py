@@ -7,6 +7,11 @@ Two schemes, both HMAC-SHA256 and compared in constant time:
   off is refused; secrets are ``whsec_<base64>``.
 - **GitHub** (``X-Hub-Signature-256: sha256=<hex>`` over the body, ``X-GitHub-Delivery``).
 
+Alert sources (`tidings.gateway.alerts`) may instead present credentials, as Alertmanager
+(``http_config``) and Grafana can: ``Authorization: Bearer <secret>`` ("bearer") or HTTP
+Basic ("basic", secrets "user:password"), also compared in constant time. They sign
+nothing, so their id comes from the alert itself, not from a delivery id.
+
 Replays: the event id is derived from (source, webhook id), and publishing is idempotent
 on the event id (broker dedupe window, then the store's publish ledger, which is kept
 for `retention_days`). A replayed delivery is answered 200 "duplicate" and never reaches
@@ -32,7 +37,29 @@ def verify(source: WebhookSource, headers: Mapping[str, str], body: bytes) -> st
     """Check the signature and return the webhook id; HttpError(401) if invalid or stale."""
     if source.scheme == "github":
         return _verify_github(source, headers, body)
+    if source.scheme in ("bearer", "basic"):
+        return _verify_credentials(source, headers)
     return _verify_standard(source, headers, body)
+
+
+def _verify_credentials(source: WebhookSource, headers: Mapping[str, str]) -> str:
+    """A bearer token or basic credentials equal to one secret; '' (no delivery id)."""
+    scheme, _, value = headers.get("authorization", "").strip().partition(" ")
+    wanted = "bearer" if source.scheme == "bearer" else "basic"
+    if scheme.lower() != wanted or not value.strip():
+        raise HttpError(401, f"no credentials: an Authorization: {wanted.title()} header is needed")
+    offered = value.strip().encode()
+    if source.scheme == "basic":
+        try:
+            offered = base64.b64decode(offered, validate=True)
+        except binascii.Error:
+            raise HttpError(401, "invalid credentials") from None
+    found = False
+    for secret in source.secrets:  # every one compared: the time says nothing
+        found |= hmac.compare_digest(secret.encode(), offered)
+    if not found:
+        raise HttpError(401, "invalid credentials")
+    return ""
 
 
 def _verify_standard(source: WebhookSource, headers: Mapping[str, str], body: bytes) -> str:
