@@ -24,6 +24,7 @@ from hypothesis.errors import NoSuchExample
 from hypothesis.internal.conjecture import utils as cu
 from pydantic import BaseModel, ConfigDict, Field
 
+from tidings.errors import ConfigError
 from tidings.schemas import (
     Incompatibility,
     Mode,
@@ -783,13 +784,35 @@ def test_messages_name_the_field_and_the_fix() -> None:
         {"not": {"type": "string"}},
         {"if": {"type": "string"}, "then": {"minLength": 1}},
         {"type": "object", "properties": {"x": STR}, "dependentSchemas": {"x": {}}},
-        {"$ref": "https://example.invalid/schema.json"},
+        {"$defs": {"X": {"$anchor": "x", "type": "string"}}, "$ref": "#x"},
     ],
-    ids=["not", "if", "dependentSchemas", "remote $ref"],
+    ids=["not", "if", "dependentSchemas", "$anchor"],
 )
 def test_what_cannot_be_decided_is_an_incompatibility_with_a_fix(reader: Any) -> None:
     problems = backward(obj({"x": STR}), reader)
     assert problems and all(p.fix for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("schema", "where"),
+    [
+        ({"type": "int"}, "at /type"),
+        ({"type": "object", "properties": {"a": 5}}, "at /properties/a"),
+        ({"$ref": "#/$defs/Missing"}, "/$defs/Missing"),
+        ({"$ref": "https://example.invalid/schema.json"}, "not fetched"),
+        ({"type": "string", "pattern": "("}, "at /pattern"),
+    ],
+    ids=["unknown type", "not a schema", "missing $defs", "remote $ref", "bad pattern"],
+)
+def test_an_unusable_schema_is_refused_with_the_fix(schema: Any, where: str) -> None:
+    for call in (
+        lambda: check([schema], obj({"x": STR}), Mode.FULL),
+        lambda: check([obj({"x": STR})], schema, Mode.FULL),
+        lambda: validator(schema),
+    ):
+        with pytest.raises(ConfigError, match="not a usable JSON Schema") as caught:
+            call()
+        assert where in str(caught.value) and "fix the schema" in str(caught.value)
 
 
 def test_mutually_recursive_definitions_terminate() -> None:

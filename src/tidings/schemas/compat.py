@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import jsonschema_rs
 import orjson
+
+from tidings.schemas.validate import compiled
 
 __all__ = ["Incompatibility", "Mode", "backward", "check", "closed", "forward"]
 
@@ -207,6 +208,8 @@ class _Checker:
     """One containment question: writer's instances ⊆ reader's instances."""
 
     def __init__(self, writer: Schema, reader: Schema, backward: bool) -> None:
+        compiled(writer)  # ConfigError for a schema no validator could use
+        self._reader = compiled(reader)
         self.wroot = writer
         self.rroot = reader
         self.backward = backward
@@ -226,8 +229,8 @@ class _Checker:
     @staticmethod
     def _resolve(root: Schema, ref: str) -> Schema | None:
         """A local reference ("#", "#/$defs/Item"); None where it cannot be followed."""
-        if not ref.startswith("#"):
-            return None
+        if ref != "#" and not ref.startswith("#/"):
+            return None  # another resource, or an $anchor: not followed
         node: Any = root
         for part in ref[1:].split("/")[1:] if ref != "#" else []:
             part = part.replace("~1", "/").replace("~0", "~")
@@ -459,11 +462,12 @@ class _Checker:
         """Whether `value` is valid under `reader`, a schema inside the reader's root."""
         if reader is True or reader is False:
             return bool(reader)
-        compiled = self._accepts_cache.get(id(reader))
-        if compiled is None:
-            compiled = jsonschema_rs.validator_for(self._standalone(reader), validate_formats=True)
-            self._accepts_cache[id(reader)] = compiled
-        return bool(compiled.is_valid(value))
+        check = self._accepts_cache.get(id(reader))
+        if check is None:
+            whole = reader is self.rroot
+            check = self._reader if whole else compiled(self._standalone(reader))
+            self._accepts_cache[id(reader)] = check
+        return bool(check.is_valid(value))
 
     def _standalone(self, reader: Mapping[str, Any]) -> Any:
         """`reader` as a schema of its own, its references still into the reader's root."""

@@ -14,9 +14,9 @@ from typing import Any
 import jsonschema_rs
 import orjson
 
-from tidings.errors import SchemaViolation
+from tidings.errors import ConfigError, SchemaViolation
 
-__all__ = ["SchemaViolation", "pointer", "validator"]
+__all__ = ["SchemaViolation", "compiled", "pointer", "validator"]
 
 
 def pointer(parts: Any) -> str:
@@ -31,10 +31,7 @@ def validator(schema: Mapping[str, Any] | bool) -> Callable[[Any], None]:
     Python values JSON has no type for (datetime, UUID, Decimal) are compared in the form
     they take on the wire.
     """
-    compiled = jsonschema_rs.validator_for(
-        schema if isinstance(schema, bool) else dict(schema), validate_formats=True
-    )
-    check = compiled.validate
+    check = compiled(schema).validate
 
     def validate(data: Any) -> None:
         try:
@@ -48,6 +45,32 @@ def validator(schema: Mapping[str, Any] | bool) -> Callable[[Any], None]:
                 raise _violation(error) from None
 
     return validate
+
+
+def compiled(schema: Mapping[str, Any] | bool) -> Any:
+    """`schema` compiled by jsonschema-rs, or ConfigError naming what makes it unusable.
+
+    References are followed inside the schema only (`#/$defs/Name`): nothing is fetched,
+    so validating never waits on the network and means the same everywhere.
+    """
+    try:
+        return jsonschema_rs.validator_for(
+            schema if isinstance(schema, bool) else dict(schema),
+            validate_formats=True,
+            retriever=_no_fetching,
+        )
+    except ValueError as e:  # jsonschema_rs.ValidationError: the schema breaks the meta-schema
+        where = pointer(getattr(e, "instance_path", []))
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"not a usable JSON Schema{f' at {where}' if where else ''}: {first}; fix the "
+            "schema (a pydantic model's model_json_schema() always is one), and keep every "
+            "$ref inside it, under $defs"
+        ) from e
+
+
+def _no_fetching(uri: str) -> Any:
+    raise ValueError(f"{uri} lies outside the schema and is not fetched")
 
 
 def _violation(error: jsonschema_rs.ValidationError) -> SchemaViolation:
