@@ -291,8 +291,24 @@ def test_values_become_json_where_that_is_exact() -> None:
     assert convert(1184, "2026-12-01 10:00:00+00") == "2026-12-01 10:00:00+00"
 
 
-def test_declaration_errors_name_the_fix() -> None:
+def test_declaration_errors_name_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
     from tidings.errors import ConfigError
+
+    declared = PostgresChanges("orders-cdc", "postgresql://u:secret@db.example/shop", tables=["o"])
+    assert declared.describe() == {"server": "db.example:5432/shop", "tables": ["public.o"],
+                                   "publication": "tidings_<app>_orders_cdc",
+                                   "slot": "tidings_<app>_orders_cdc"}  # fmt: skip
+    find_spec = importlib.util.find_spec
+
+    def without_psycopg2(name: str, *args: Any) -> Any:
+        return None if name == "psycopg2" else find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_psycopg2)
+    with pytest.raises(ConfigError, match=r'pip install "tidings\[cdc\]"'):
+        PostgresChanges("x", "postgresql://127.0.0.1/db", tables=["t"])
+    monkeypatch.undo()
 
     with pytest.raises(ConfigError, match="tables="):
         PostgresChanges("x", "postgresql://127.0.0.1/db")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import importlib.util
 import re
 import select
 import struct
@@ -114,6 +115,11 @@ class PostgresChanges(Trigger):
         connect_timeout_s: float = 10.0,
     ) -> None:
         super().__init__(name)
+        if importlib.util.find_spec("psycopg2") is None:
+            raise ConfigError(
+                f"trigger {name!r} streams PostgreSQL changes with psycopg2, which is not"
+                ' installed: pip install "tidings[cdc]"'
+            )
         if not tables and publication is None:
             raise ConfigError(
                 f"trigger {name!r}: name the tables to capture (tables=['public.orders']) or"
@@ -158,12 +164,16 @@ class PostgresChanges(Trigger):
 
     def describe(self) -> dict[str, Any]:
         """The server, the tables, the publication and the slot."""
-        app = self._app or "?"
+        if self._app is not None:
+            slot, publication = self.slot_for(self._app), self.publication_for(self._app)
+        else:  # declared, not run yet: the app's name completes it
+            slot = self.slot or slot_name("APP", self.name).replace("_app_", "_<app>_", 1)
+            publication = self.publication or slot
         return {
             "server": _where(self.url),
             "tables": [".".join(t) for t in self.tables] or "the publication's",
-            "publication": self.publication_for(app),
-            "slot": self.slot_for(app),
+            "publication": publication,
+            "slot": slot,
         }
 
     # -- running
