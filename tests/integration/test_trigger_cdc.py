@@ -379,6 +379,23 @@ async def test_unchanged_toast_is_listed_without_full_identity(
     assert truncate.data["before"] is None and truncate.data["after"] is None
 
 
+async def test_a_change_too_large_for_the_bus_goes_out_with_its_key(
+    database: str, nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    make_items(database)
+    settings = settings_for(nats_url, namespace, tmp_path)
+    trigger = PostgresChanges("huge", database, tables=["items"])
+    async with running(trigger, settings) as runner:
+        assert await slot_active(database, slot_name("cdctest", "huge"), 30)
+        sql(database, "INSERT INTO items VALUES (1, 1, NULL, %s)", ("h" * 1_500_000,))
+        sql(database, "INSERT INTO items VALUES (2, 1, NULL, 'small')")  # the stream goes on
+        events = await wait_for_events(settings, 2, 30)
+        assert runner.status.state == "running"
+    huge, small = events
+    assert huge.data["after"] == {"id": 1} and "max_payload" in huge.data["too_large"]
+    assert small.data["after"]["big"] == "small" and "too_large" not in small.data
+
+
 async def test_a_server_with_replica_wal_level_fails_loudly_with_the_fix(
     nats_url: str, namespace: str, tmp_path: Path
 ) -> None:

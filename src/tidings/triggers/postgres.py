@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from tidings.errors import ConfigError
+from tidings.errors import ConfigError, EventTooLarge
 from tidings.events import Event
 from tidings.triggers.base import Sink, Trigger, TriggerUnavailable, source_id
 from tidings.triggers.pgoutput import Changes, RowChange, TransactionEnd, decode, format_lsn
@@ -209,21 +209,38 @@ class PostgresChanges(Trigger):
                         if isinstance(out, TransactionEnd):
                             stream.flushed(out.end_lsn)
                             continue
-                        lag = (datetime.now(UTC) - out.commit_time).total_seconds()
-                        await sink.publish(self.event(out), lag_s=max(lag, 0.0))
+                        lag = max((datetime.now(UTC) - out.commit_time).total_seconds(), 0.0)
+                        try:
+                            await sink.publish(self.event(out), lag_s=lag)
+                        except EventTooLarge as e:
+                            # Retrying cannot make it fit, and a stalled slot keeps WAL: the
+                            # change goes out with its key only, saying why (same id).
+                            log.warning("a change is too large for the bus; published with"
+                                        " its key only", trigger=self.name, table=out.table,
+                                        key=out.key, limit=e.limit)  # fmt: skip
+                            await sink.publish(self.event(out, too_large=str(e)), lag_s=lag)
         finally:
             await stream.stop()
 
-    def event(self, change: RowChange) -> Event:
-        """The event of one row change; its id names the commit and the change's place."""
+    def event(self, change: RowChange, *, too_large: str | None = None) -> Event:
+        """The event of one row change; its id names the commit and the change's place.
+
+        With `too_large` (why the bus refused the full event), `before` and `after` keep
+        only the key, and `too_large` says why: read the row by its key.
+        """
         lsn = format_lsn(change.commit_lsn)
         time = change.commit_time.isoformat(timespec="microseconds").replace("+00:00", "Z")
+        before, after = change.before, change.after
+        if too_large is not None:
+            key = change.key or {}
+            before = None if before is None else {k: v for k, v in before.items() if k in key}
+            after = None if after is None else {k: v for k, v in after.items() if k in key}
         data = {
             "schema": change.schema,
             "table": change.table,
             "op": change.op,
-            "before": change.before,
-            "after": change.after,
+            "before": before,
+            "after": after,
             "key": change.key,
             "unchanged_toast": list(change.unchanged_toast),
             "lsn": lsn,
@@ -231,6 +248,8 @@ class PostgresChanges(Trigger):
             "xid": change.xid,
             "position": change.position,
         }
+        if too_large is not None:
+            data["too_large"] = too_large
         subject = None
         if change.key is not None:
             subject = f"{change.schema}.{change.table}/" + "/".join(
