@@ -10,7 +10,7 @@ from tidings.config import Settings
 from tidings.errors import IdTaken
 from tidings.events import Event
 from tidings.observability import tracing
-from tidings.schemas.registry import EventTypes, dataschema
+from tidings.schemas.registry import EventTypes
 from tidings.store import open_store
 from tidings.store.base import Store
 
@@ -96,9 +96,9 @@ class Client:
 
         A model declared with `@app.event` publishes as its version.
         """
-        declared = self.schemas.of_model(data.__class__) if self.schemas is not None else None
-        if declared is not None and declared.event_type == type:
-            attributes.setdefault("dataschema", dataschema(type, declared.version))
+        stamp = self.schemas.dataschema_of(type, data) if self.schemas else None
+        if stamp is not None:
+            attributes.setdefault("dataschema", stamp)
         event = Event.create(
             type, data, source=source or self.source, id=id, subject=subject, **attributes
         )

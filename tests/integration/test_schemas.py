@@ -177,7 +177,7 @@ app.event("order.placed", version=2, schema={
 
 @pytest.mark.nats
 async def test_an_incompatible_change_fails_the_ci_check_and_the_worker_start(
-    nats_url: str, namespace: str, tmp_path: Path
+    nats_url: str, namespace: str, tmp_path: Path, store_url: str
 ) -> None:
     env = base_env(tmp_path)
     module = tmp_path / "shopapp.py"
@@ -188,7 +188,7 @@ async def test_an_incompatible_change_fails_the_ci_check_and_the_worker_start(
     assert list(lock["types"]["order.placed"]["versions"]) == ["1"]
     assert tidings("schema", "check", "shopapp:app", env=env, cwd=tmp_path).returncode == 0
 
-    settings = settings_for(nats_url, namespace, tmp_path)
+    settings = settings_for(nats_url, namespace, tmp_path, store_url)
     async with running(_load(module, "v1"), settings):
         pass  # registers version 1
 
@@ -251,6 +251,10 @@ async def test_invalid_data_is_refused_by_the_client_emit_and_the_gateway(
     async def confirmer(event: Event, ctx: Context) -> None:
         await ctx.emit("order.confirmed", {"order_id": event.data["order_id"], "total": "ten"})
 
+    @app.agent("reader", on="order.placed", data_model=OrderV2)
+    async def reader(event: Event, ctx: Context) -> dict[str, Any]:
+        return {"amount": event.data.amount, "version": event.dataschema}
+
     app.settings = settings = settings_for(nats_url, namespace, tmp_path, gateway_port=0)
     worker = Worker(app, settings)
     await worker.start()
@@ -282,6 +286,26 @@ async def test_invalid_data_is_refused_by_the_client_emit_and_the_gateway(
                 headers=auth("alice"),
             )
             assert invoked.status_code == 422 and invoked.json()["pointer"] == "/amount"
+            batch = await http.post(
+                "/v1/events",
+                json=[{"specversion": "1.0", "id": f"b{n}", "source": "/t", "type": "order.placed",
+                       "data": {"order_id": "o", "amount": n if n != 1 else None}}
+                      for n in range(3)],
+                headers={"content-type": "application/cloudevents-batch+json", **auth("alice")},
+            )  # fmt: skip
+            assert batch.status_code == 422 and batch.json()["pointer"] == "/amount"
+            assert "event 1 of the batch" in batch.json()["error"]
+            old = await http.post(  # the invoke path upcasts like the bus path
+                "/v1/agents/reader/invoke",
+                json={"type": "order.placed", "data": {"order_id": "o5", "total": 5},
+                      "dataschema": dataschema("order.placed", 1)},
+                headers=auth("alice"),
+            )  # fmt: skip
+            assert old.status_code == 200, old.text
+            assert old.json()["result"] == {
+                "amount": 5.0,
+                "version": dataschema("order.placed", 2),
+            }
         assert await last_sequence(nats_url, namespace) == before
 
         async with app.client() as client:  # ctx.emit: the handler's output breaks its schema
@@ -449,3 +473,100 @@ async def test_the_docs_page_evolves_an_event_type_safely(
     assert decision.event_id == old.id
     assert decision.result == {"order": "o-1", "charge": "12.5 EUR"}
     assert [r.version for r in registered] == [1, 2, 3, 4]
+
+
+# -- without servers: the declarations, the chain, the AsyncAPI document --------------------
+
+
+def test_versions_chain_and_newer_data_passes_unchanged() -> None:
+    app = App("shop")
+    declare(app, 3)
+    schemas = app.schemas
+    old = Event.create("order.placed", {"order_id": "o1", "total": 2})
+    read = schemas.upcast(old, 3)
+    assert read.upcast and read.arrived_as == 1
+    assert read.event.data == {"order_id": "o1", "amount": 2, "currency": "EUR"}
+    assert read.event.dataschema == "tidings:schema/order.placed/3"
+    as_two = schemas.upcast(old, 2).event
+    assert as_two.data == {"order_id": "o1", "amount": 2}
+    newer = read.event
+    assert schemas.upcast(newer, 2) == (newer, 3)  # newer than the reader: as it is
+    as_model = OrderV2(order_id="a", amount=1)
+    assert schemas.dataschema_of("order.placed", as_model) == dataschema("order.placed", 2)
+    assert schemas.dataschema_of("order.placed", {"order_id": "a"}) is None
+    with pytest.raises(SchemaViolation, match="currency"):  # a dict: the latest version
+        schemas.outbound(Event.create("order.placed", {"order_id": "a", "amount": 1}))
+    stamped = schemas.outbound(Event.create("other.type", {"anything": True}))
+    assert stamped.dataschema is None  # undeclared types pass unchanged
+    with pytest.raises(ConfigError, match="version 9"):
+        schemas.outbound(
+            Event.create("order.placed", {}, dataschema="tidings:schema/order.placed/9")
+        )
+    with pytest.raises(ConfigError, match="declared twice"):
+        app.event("order.placed", version=3, schema={"type": "object"})
+    with pytest.raises(ConfigError, match="mode"):
+        app.event("order.placed", version=4, schema={"type": "object"}, mode="SIDEWAYS")
+
+
+def test_a_version_read_as_it_is_needs_no_upcaster_and_a_gap_is_named() -> None:
+    app = App("shop")
+    app.event("order.placed", version=1, schema=ORDER_V1)
+    optional = {**ORDER_V1, "properties": {**ORDER_V1["properties"], "note": {"type": "string"}}}
+    app.event("order.placed", version=2, schema=optional)  # reads version 1 as it is
+    app.event("order.placed", version=3)(OrderV3)  # does not, and has no upcaster
+    assert app.schemas.chain("order.placed", 1, 2) == []
+    with pytest.raises(ConfigError) as gap:
+        app.schemas.chain("order.placed", 1, 3)
+    assert "@app.upcaster('order.placed', 2, 3)" in str(gap.value)
+    with pytest.raises(ConfigError, match="not declared"):
+        app.schemas.targets_of("agent 'x'", ("order.*",), 7, None)
+
+
+def test_the_asyncapi_document_has_one_message_per_version() -> None:
+    import json
+
+    import jsonschema
+
+    from tidings.gateway.asyncapi import build
+
+    schema_file = Path(__file__).resolve().parents[1] / "gateway" / "asyncapi-3.0.0.schema.json"
+    app = App("shop")
+    with_refs = {
+        "type": "object",
+        "properties": {"order_id": {"type": "string"}, "line": {"$ref": "#/$defs/Line"}},
+        "$defs": {"Line": {"type": "object", "properties": {"sku": {"type": "string"}}}},
+    }
+    app.event("order.placed", version=1, schema=with_refs)
+    app.event("order.placed", version=2)(OrderV2)
+
+    @app.agent("orders", on="order.*", data_model=OrderV2, emits=["order.placed"])
+    async def orders(event: Event, ctx: Context) -> None: ...
+
+    doc = build(app)
+    jsonschema.Draft7Validator(json.loads(schema_file.read_text())).validate(doc)
+    channel = doc["channels"]["order_placed"]
+    assert list(channel["messages"]) == ["order_placed-v1", "order_placed-v2"]
+    v1 = channel["messages"]["order_placed-v1"]
+    assert v1["summary"] == "ce-dataschema: tidings:schema/order.placed/1"
+    payload = doc["components"]["schemas"]["order.placed.v1"]
+    assert (
+        payload["properties"]["line"]["$ref"] == "#/components/schemas/order.placed.v1/$defs/Line"
+    )
+    send = doc["operations"]["orders_send_order_placed"]
+    assert len(send["messages"]) == 2
+
+
+def test_schema_show_and_diff_read_the_declarations(tmp_path: Path) -> None:
+    (tmp_path / "shopapp.py").write_text(APP_V2)
+    env = base_env(tmp_path)
+    shown = tidings("schema", "show", "order.placed", "--app", "shopapp:app", "--json",
+                    env=env, cwd=tmp_path)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert orjson.loads(shown.stdout)["version"] == 2
+    diff = tidings("schema", "diff", "order.placed", "1", "2", "--app", "shopapp:app", env=env,
+                   cwd=tmp_path)  # fmt: skip
+    assert diff.returncode == 0, diff.stderr
+    assert "/currency" in diff.stdout and '+    "currency"' in diff.stdout
+    missing = tidings("schema", "show", "order.placed", "-v", "5", "--app", "shopapp:app",
+                      env=env, cwd=tmp_path)  # fmt: skip
+    assert missing.returncode == 1 and "no version 5" in missing.stderr

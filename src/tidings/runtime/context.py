@@ -243,9 +243,12 @@ class Context:
         traceparent = tracing.current_traceparent()  # None unless tracing: then the run's span
         if traceparent is not None:
             attributes.setdefault("traceparent", traceparent)
+        schemas = self._services.schemas if self._services is not None else None
+        stamp = schemas.dataschema_of(type, data) if schemas else None
+        if stamp is not None:  # a declared model emits as its own version
+            attributes.setdefault("dataschema", stamp)
         event = self.event.derive(type, data, source=self._source, id=id, subject=subject,
                                   **attributes)  # fmt: skip
-        schemas = self._services.schemas if self._services is not None else None
         if schemas:  # SchemaViolation: bad output is a bug, dead-lettered, never published
             event = schemas.outbound(event)
         try:

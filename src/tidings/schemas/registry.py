@@ -311,6 +311,16 @@ class EventTypes:
         """The version a pydantic model was declared as, if it was."""
         return self._models.get(model)
 
+    def dataschema_of(self, event_type: str, data: Any) -> str | None:
+        """The ``dataschema`` for `data` when it is a model declared for `event_type`.
+
+        So a publisher handing over a version-2 model publishes version 2, not the latest.
+        """
+        declared = self._models.get(data.__class__) if self._models else None
+        if declared is None or declared.event_type != event_type:
+            return None
+        return declared.dataschema
+
     def oldest(self, event_type: str) -> int | None:
         """The oldest version known for `event_type`: declared, or an upcaster's source."""
         kind = self._types.get(event_type)
