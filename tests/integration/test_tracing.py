@@ -452,3 +452,24 @@ async def test_docs_traces_example_gives_the_spans_the_page_names(
     assert parent_of(run) == placed.context.span_id
     assert parent_of(flagged) == run.context.span_id
     assert len({s.context.trace_id for s in named.values()}) == 1
+
+
+async def test_an_unsampled_trace_is_passed_on_without_making_spans() -> None:
+    exporter = InMemorySpanExporter()
+    tracing.configure(exporter, ratio=0.0, batch=False)  # every new trace: not sampled
+    bus = MemoryBus(f"memory://t{uuid.uuid4().hex[:12]}")
+    await bus.connect()
+    try:
+        sent = await tracing.publish(bus, Event.create("order.placed", {}))
+        decided = tracing._parse(sent.traceparent or "")
+        assert decided is not None and not decided.trace_flags.sampled
+        with tracing.processing(sent, "agent", bus.url):  # follows its parent: no span
+            emitted = Event.create("order.scored", {}, traceparent=tracing.current_traceparent())
+            out = await tracing.publish(bus, emitted)
+        passed = tracing._parse(out.traceparent or "")
+        assert passed is not None and not passed.trace_flags.sampled
+        assert (passed.trace_id, passed.span_id) == (decided.trace_id, decided.span_id)
+        assert exporter.get_finished_spans() == ()
+    finally:
+        tracing.disable()
+        await bus.close()
