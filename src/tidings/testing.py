@@ -135,10 +135,12 @@ async def harness(
     store: str | None = None,
     settings: Settings | None = None,
     startup_hooks: bool = False,
+    triggers: bool = False,
 ) -> AsyncIterator[Harness]:
     """Run `app`'s agents on a fresh in-memory bus until the block ends.
 
-    The app's `on_startup` hooks (feeds, schedules) stay off unless `startup_hooks`.
+    The app's `on_startup` hooks (feeds, schedules) stay off unless `startup_hooks`, and
+    its triggers unless `triggers` (a schedule with a `SimulatedClock` is testable).
     """
     base = settings or Settings()
     settings = replace(
@@ -147,7 +149,7 @@ async def harness(
         store=store or "sqlite:///:memory:",
         ack_wait=min(base.ack_wait, 30.0),
     )
-    worker = Worker(app, settings, startup_hooks=startup_hooks)
+    worker = Worker(app, settings, startup_hooks=startup_hooks, triggers=triggers)
     await worker.start()
     try:
         assert worker.bus is not None and worker.store is not None
