@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from functools import lru_cache
@@ -328,25 +328,27 @@ def _message(event: Event, system: str, operation: str, kind: str) -> dict[str, 
 # -- spans -------------------------------------------------------------------------------
 
 
-async def publish(bus: Publisher, event: Event) -> Event:
+def publish(bus: Publisher, event: Event) -> Awaitable[None]:
     """`bus.publish(event)` in a publish span; the event sent carries that span.
 
     The span's parent is the current span (the handler's, the HTTP request's), unless
     the event carries the context of another trace (a producer elsewhere said where it
-    belongs): then that is the parent and the current span a link. Returns the event as
-    sent.
+    belongs): then that is the parent and the current span a link. Off, this is
+    `bus.publish(event)` itself: no coroutine of its own, nothing allocated.
     """
-    tracer = _tracer
-    if tracer is None:
-        await bus.publish(event)
-        return event
+    if _tracer is None:
+        return bus.publish(event)
+    return _publish(_tracer, bus, event)
+
+
+async def _publish(tracer: trace.Tracer, bus: Publisher, event: Event) -> None:
     current = trace.get_current_span().get_span_context()
     own = _remote(event.traceparent)
     if _unsampled(current) and (own is None or own.trace_id == current.trace_id):
         stamp = _format(current)
         sent = event if event.traceparent == stamp else event.replace(traceparent=stamp)
         await bus.publish(sent)
-        return sent
+        return
     parent, links = None, None
     if own is not None and (not current.is_valid or own.trace_id != current.trace_id):
         parent = _as_parent(own)
@@ -358,9 +360,7 @@ async def publish(bus: Publisher, event: Event) -> Event:
         links=links,
         attributes=_message(event, system_of(bus.url), "publish", "send"),
     ) as span:
-        sent = event.replace(traceparent=_format(span.get_span_context()))
-        await bus.publish(sent)
-    return sent
+        await bus.publish(event.replace(traceparent=_format(span.get_span_context())))
 
 
 @contextmanager

@@ -272,4 +272,6 @@ async def progress(ctx: Context, fraction: float, message: str, n: int) -> Event
         source=ctx._source,
         id=derived_id(ctx.agent, ctx.event.id, "progress", n),
     )
-    return await tracing.publish(ctx.services.bus, _stamped(event))
+    event = _stamped(event)
+    await tracing.publish(ctx.services.bus, event)
+    return event
