@@ -11,6 +11,12 @@ some unrelated traffic to a nats-server, then time
 - the CLI's import alone (`python -c "import tidings.cli"`), which every command pays;
 - the whole command: `tidings trace ID --app ... --json` as a user runs it, a fresh
   Python process each time (imports, the app, the store, the bus window and the output).
+
+Measured on a shared 2-core machine under a load average of about 8 (medians of 7 runs,
+100,004 decisions, 2,000 other events in the window): store lookups 1 ms on SQLite and
+100 ms on PostgreSQL; the trace in process 548 and 570 ms; importing the CLI 2.6 and
+1.9 s; the whole command 5.2 and 2.4 s. Under that load the figures move by a factor of
+two from run to run; the store's part does not grow with the store.
 """
 
 from __future__ import annotations
