@@ -327,13 +327,20 @@ async def test_a_worker_runs_the_declared_trigger_and_an_agent_reacts_to_the_mai
 
 
 def docs_section(title: str) -> tuple[str, str, str]:
-    """The page's path, and the first Python and bash blocks of its section `title`."""
+    """The page's path, and the first Python and bash blocks of its section `title`.
+
+    The Python block keeps its place in the page (blank lines before it), so tracebacks
+    and `inspect.getsource` (an agent's code version) read the page's own lines.
+    """
     page = Path(__file__).resolve().parents[2] / "docs" / "triggers.md"
-    section = page.read_text().split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    text = page.read_text()
+    start = text.index(f"\n## {title}\n")
+    section = text[start:].split("\n## ", 2)[1]
     python = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL)
     bash = re.search(r"```bash\n(.*?)```", section, flags=re.DOTALL)
     assert python is not None and bash is not None
-    return str(page), python.group(1), bash.group(1)
+    before = text[: start + text[start:].index(python.group(0))].count("\n") + 1
+    return str(page), "\n" * before + python.group(1), bash.group(1)
 
 
 async def test_the_docs_example_runs_and_the_smtplib_line_sends_to_it(
