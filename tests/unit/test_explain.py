@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tidings import App, Context, Event
 from tidings.bus.base import ConsumerInfo
 from tidings.cli.explain import Gathered, Seen, evaluate, explain, referenced_paths
+from tidings.cli.trace import _run_target, id_time, parse_since
 from tidings.events import new_id, now
 from tidings.store.records import Decision, EventRecords, Parked, Step
 
@@ -134,3 +137,17 @@ def test_a_parked_question_answered_but_not_handed_back() -> None:
     assert (
         verdict.summary.startswith("answered by ann at ") and "being handed back" in verdict.summary
     )
+
+
+def test_the_bus_window_and_the_running_worker_s_app() -> None:
+    at = datetime(2026, 1, 31, 12, 0, tzinfo=UTC)
+    assert parse_since("30m", at) == at - timedelta(minutes=30)
+    assert parse_since("1.5h", at) == at - timedelta(hours=1.5)
+    assert parse_since("2026-01-30T08:00", at) == datetime(2026, 1, 30, 8, 0, tzinfo=UTC)
+    made = id_time(new_id())
+    assert made is not None and abs(made - datetime.now(UTC)) < timedelta(seconds=5)
+    assert id_time("not-a-uuid") is None and id_time(str(uuid.uuid4())) is None
+    python = ["/usr/bin/python", "-m", "tidings.cli"]
+    assert _run_target([*python, "run", "--gateway-port", "80", "shop:app"]) == "shop:app"
+    assert _run_target(["tidings", "--store", "x", "run", "path/app.py"]) == "path/app.py"
+    assert _run_target(["pytest", "tests/"]) is None

@@ -480,6 +480,8 @@ def trace(
     as_json: JsonOption = False,
 ) -> None:
     """The causal tree of one correlation: every event, every agent's verdict, and why."""
+    if since is not None:
+        parse_since(since, datetime.now(UTC))  # a bad --since fails before any I/O
     app, shown, trouble = _load(ctx, target)
     agents = app.agents if app is not None else None
 
@@ -511,6 +513,8 @@ def why(
     as_json: JsonOption = False,
 ) -> None:
     """Why one agent did or did not react to one event: the verdict first, then the detail."""
+    if since is not None:
+        parse_since(since, datetime.now(UTC))  # a bad --since fails before any I/O
     app, shown, trouble = _load(ctx, target)
     agents = app.agents if app is not None else None
 
