@@ -11,6 +11,8 @@ rows marked where none exists (a verdict the checker gives because it cannot dec
 
 from __future__ import annotations
 
+import copy
+import random
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from typing import Any, Literal
 
 import pytest
 from hypothesis import HealthCheck, Phase, find, settings
-from hypothesis.errors import NoSuchExample
+from hypothesis.errors import NoSuchExample, Unsatisfiable
 from hypothesis.internal.conjecture import utils as cu
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -559,7 +561,7 @@ def test_mode_none_accepts_every_change(row: Row) -> None:
     assert check([row.old], row.new, Mode.NONE) == []
 
 
-def counterexample(writer: Any, reader: Any) -> Any:
+def counterexample(writer: Any, reader: Any, examples: int = EXAMPLES) -> Any:
     """An instance written with `writer` that a reader with `reader` rejects, or NoSuchExample."""
     written, read = validator(closed(writer)), validator(reader)
 
@@ -571,7 +573,9 @@ def counterexample(writer: Any, reader: Any) -> Any:
             return True
         return False
 
-    return find(from_schema(closed(writer)), rejected, settings=GENERATION)
+    return find(
+        from_schema(closed(writer)), rejected, settings=settings(GENERATION, max_examples=examples)
+    )
 
 
 @pytest.mark.parametrize("direction", ["backward", "forward"])
@@ -841,3 +845,141 @@ def test_the_docs_example_runs_as_written() -> None:
     code = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL)
     assert code is not None
     exec(compile(code.group(1), "docs/schemas.md", "exec"), {"__name__": "docs_schemas"})
+
+
+# -- random changes: whatever the checker passes has no counterexample ----------------------
+
+
+class RandomSchemas:
+    """Small random schemas and changes to them, the same ones for the same seed."""
+
+    VALUES = (0, 1, 2, 2.5, -1, "a", "b", "", True, False, None)
+
+    def __init__(self, seed: int) -> None:
+        self.random = random.Random(seed)
+
+    def scalar(self, depth: int) -> dict[str, Any]:
+        r = self.random
+        kinds = "integer number string boolean null enum const list any anyOf nullable"
+        kind = r.choice(kinds.split())
+        if kind in ("integer", "number"):
+            keywords = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+            bounds = {k: r.choice([0, 1, 2, 5, 0.5]) for k in keywords if r.random() < 0.25}
+            if r.random() < 0.2:
+                bounds["multipleOf"] = r.choice([1, 2, 0.5])
+            return {"type": kind, **bounds}
+        if kind == "string":
+            lengths = {
+                k: r.choice([0, 1, 2, 3]) for k in ("minLength", "maxLength") if r.random() < 0.3
+            }
+            if r.random() < 0.15:
+                lengths["pattern"] = r.choice(["^a", "b$", "^[ab]*$"])
+            return {"type": "string", **lengths}
+        if kind in ("boolean", "null"):
+            return {"type": kind}
+        if kind == "enum":
+            return {"enum": r.sample(self.VALUES, r.randint(1, 4))}
+        if kind == "const":
+            return {"const": r.choice(self.VALUES)}
+        if kind == "list":
+            return {"type": r.sample(["integer", "number", "string", "null", "boolean"], 2)}
+        if kind == "any":
+            return {}
+        if kind == "anyOf":
+            return {r.choice(["anyOf", "oneOf"]): [self.node(depth + 1), self.node(depth + 1)]}
+        return {"anyOf": [self.node(depth + 1), {"type": "null"}]}
+
+    def node(self, depth: int = 0) -> dict[str, Any]:
+        r = self.random
+        roll = r.random()
+        if depth >= 2 or roll < 0.5:
+            return self.scalar(depth + 5)
+        if roll < 0.8:
+            names = r.sample(["a", "b", "c"], r.randint(0, 3))
+            schema: dict[str, Any] = obj(
+                {n: self.node(depth + 1) for n in names},
+                tuple(n for n in names if r.random() < 0.5),
+            )
+            extra = r.random()
+            if extra < 0.15:
+                schema["additionalProperties"] = False
+            elif extra < 0.25:
+                schema["additionalProperties"] = True
+            elif extra < 0.3:
+                schema["additionalProperties"] = self.scalar(9)
+            return schema
+        array: dict[str, Any] = {"type": "array", "items": self.node(depth + 1)}
+        for keyword, choices in (("minItems", [0, 1, 2]), ("maxItems", [1, 2, 3])):
+            if r.random() < 0.3:
+                array[keyword] = r.choice(choices)
+        if r.random() < 0.15:
+            array["uniqueItems"] = True
+        return array
+
+    def change(self, schema: Any) -> Any:
+        r = self.random
+        schema = copy.deepcopy(schema)
+
+        def walk(node: Any) -> None:
+            if isinstance(node, dict):
+                if node and r.random() < 0.3:
+                    key = r.choice(list(node))
+                    value = node[key]
+                    if key in (
+                        "minimum",
+                        "maximum",
+                        "minLength",
+                        "maxLength",
+                        "minItems",
+                        "maxItems",
+                    ):
+                        node[key] = max(0, value + r.choice([-1, 1]))
+                    elif key == "required" and len(value) > 1:
+                        node[key] = value[:-1]
+                    elif key == "enum":
+                        node[key] = (
+                            [*value, r.choice(self.VALUES)]
+                            if r.random() < 0.5
+                            else value[:-1] or value
+                        )
+                    elif key == "type" and value == "integer":
+                        node[key] = "number"
+                    elif key == "properties":
+                        value[r.choice("dez")] = self.node(2)
+                for value in list(node.values()):
+                    walk(value)
+            elif isinstance(node, list):
+                for value in node:
+                    walk(value)
+
+        walk(schema)
+        return schema
+
+    def pair(self) -> tuple[Any, Any]:
+        old = self.node()
+        new = self.change(old) if self.random.random() < 0.7 else self.node()
+        if self.random.random() < 0.3:
+            old = {"$defs": {"D": old}, "$ref": "#/$defs/D"}
+        return old, new
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(2))
+def test_random_changes_the_checker_passes_have_no_counterexample(seed: int) -> None:
+    schemas = RandomSchemas(seed)
+    passed = 0
+    for _ in range(20):
+        old, new = schemas.pair()
+        for writer, reader, problems in (
+            (old, new, backward(old, new)),
+            (new, old, forward(old, new)),
+        ):
+            if problems:
+                continue
+            passed += 1
+            try:
+                example = counterexample(writer, reader, examples=30)
+            except (NoSuchExample, Unsatisfiable):
+                continue  # none, or the writer's schema admits no instance at all
+            pytest.fail(f"passed, but {example!r} breaks it: {writer} -> {reader}")
+    assert passed >= 10  # the run checked something
