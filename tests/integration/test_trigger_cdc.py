@@ -497,10 +497,12 @@ asyncio.run(main())
 """
 
 
-def start_runner(database: str, settings: Settings) -> subprocess.Popen[bytes]:
+def start_runner(
+    database: str, settings: Settings, script: str = RUNNER
+) -> subprocess.Popen[bytes]:
     env = {**os.environ, "CDC_BUS": settings.bus or "", "CDC_STORE": settings.store_url,
            "CDC_NS": settings.namespace, "CDC_HOME": settings.home, "CDC_PG": database}  # fmt: skip
-    return subprocess.Popen([sys.executable, "-c", RUNNER], env=env,
+    return subprocess.Popen([sys.executable, "-c", script], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
 
@@ -598,6 +600,77 @@ async def test_killed_twice_each_change_once_in_commit_order(
     assert slot_state(database, slot)[0] > start
     big = [e for e in events if e.type.endswith("inserted") and e.data["after"]["big"]]
     assert big and all(len(e.data["after"]["big"]) > 8192 for e in big)
+
+
+WORKER = """
+import asyncio, os
+from tidings import App
+from tidings.config import Settings
+from tidings.triggers.postgres import PostgresChanges
+from tidings.worker import Worker
+
+app = App("cdctest")
+app.trigger(PostgresChanges("rows", os.environ["CDC_PG"], tables=["items"]))
+
+async def main() -> None:
+    settings = Settings.load(bus=os.environ["CDC_BUS"], store=os.environ["CDC_STORE"],
+                             namespace=os.environ["CDC_NS"], home=os.environ["CDC_HOME"])
+    worker = Worker(app, settings)
+    await worker.start()
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def streaming_pid(settings: Settings, within_s: float, other_than: int = 0) -> int:
+    """The pid of a worker whose status says it streams (holds the lease): a killed one's
+    last word stays behind, so `other_than` leaves that one out."""
+    from tidings.store import open_store
+
+    store = open_store(settings.store_url)
+    await store.open()
+    try:
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            for row in await store.trigger_statuses():
+                pid = int(row.worker.rsplit("/", 1)[1])
+                if row.state == "running" and pid != other_than:
+                    return pid
+            await asyncio.sleep(0.2)
+    finally:
+        await store.close()
+    raise AssertionError("no worker streams")
+
+
+@pytest.mark.slow
+@pytest.mark.chaos
+@pytest.mark.timeout(240)
+async def test_the_streaming_worker_killed_the_standby_takes_over_with_nothing_lost(
+    database: str, nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    make_items(database)
+    settings = settings_for(nats_url, namespace, tmp_path)
+    workers = [start_runner(database, settings, WORKER) for _ in range(2)]
+    try:
+        assert await slot_active(database, slot_name("cdctest", "rows"), 60)
+        work = asyncio.create_task(asyncio.to_thread(workload, database, 600))
+        deadline = time.monotonic() + 60
+        while await published(nats_url, namespace) < 100:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        holder = await streaming_pid(settings, 10)
+        (victim,) = [w for w in workers if w.pid == holder]
+        kill(victim)  # -9: its lease runs out, the standby takes it and the slot over
+        assert await published(nats_url, namespace) < 600
+        expected = await work
+        events = await wait_for_events(settings, len(expected), 90)
+        assert await streaming_pid(settings, 10, other_than=holder)
+    finally:
+        for w in workers:
+            kill(w)
+    assert len({e.id for e in events}) == len(events) == 600
+    assert [(e.data["key"]["id"], e.type.rsplit(".", 1)[1]) for e in events] == expected
 
 
 @pytest.mark.slow
@@ -763,7 +836,7 @@ async def test_the_docs_example_runs(
     sql(database, "ALTER TABLE orders REPLICA IDENTITY FULL")
     monkeypatch.setenv("ORDERS_DATABASE_URL", database)
     scope: dict[str, Any] = {"__name__": "docs_triggers_cdc"}
-    exec(compile(code, page, "exec"), scope)
+    exec(compile(code, f"<{page}: PostgreSQL changes>", "exec"), scope)
     app = scope["app"]
     assert isinstance(app, App)
     settings = worker_settings(nats_url, namespace, tmp_path)
