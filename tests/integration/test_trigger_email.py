@@ -32,6 +32,7 @@ from tidings.errors import ConfigError
 from tidings.events import Event, decode
 from tidings.triggers.base import Runner, Sink, TriggerStatus, TriggerUnavailable, source_id
 from tidings.triggers.email import EmailTrigger, html_to_text
+from tidings.worker import Worker
 
 pytestmark = pytest.mark.nats
 
@@ -370,3 +371,37 @@ async def test_the_docs_example_runs_and_the_smtplib_line_sends_to_it(
         [decision] = await store.list_decisions("triage")
     assert decision.result == {"subject": "refund", "attachments": 0}
     assert decision.event_id == source_id("inbox", "<1@example.org>")
+
+
+@pytest.mark.slow
+async def test_of_two_workers_one_listens_and_the_other_takes_the_port_over_when_it_stops(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    port = free_port()
+
+    def declare() -> tuple[App, EmailTrigger]:
+        app = App("mailroom")
+        return app, app.trigger(EmailTrigger("inbox", port=port, lease_ttl=2))
+
+    (first_app, first), (second_app, second) = declare(), declare()
+    settings = settings_for(nats_url, namespace, tmp_path)
+    holder = Worker(first_app, settings)
+    await holder.start()
+    stopped = False
+    try:
+        await asyncio.wait_for(first.listening(), 20)
+        async with running(second_app, settings) as standby:
+            waiting = standby.triggers["inbox"]
+            await eventually(lambda: waiting.status.state == "standby", message="standby")
+            await asyncio.to_thread(send, port, mail(1))
+            await holder.stop(grace=5)  # releases the lease: the standby takes over
+            stopped = True
+            await asyncio.wait_for(second.listening(), 20)
+            assert waiting.status.state == "running"
+            await asyncio.to_thread(send, port, mail(2))
+            assert waiting.status.events == 1
+    finally:
+        if not stopped:
+            await holder.stop(grace=5)
+    events = await stored_events(nats_url, namespace, "email.received")
+    assert sorted(e.data["subject"] for e in events) == ["mail 1", "mail 2"]

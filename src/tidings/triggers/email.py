@@ -45,7 +45,7 @@ import structlog
 
 from tidings.errors import ConfigError, EventTooLarge
 from tidings.events import Event, check_type
-from tidings.triggers.base import Sink, Trigger, TriggerUnavailable, source_id
+from tidings.triggers.base import LEASE_TTL_S, Sink, Trigger, TriggerUnavailable, source_id
 
 try:
     from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -91,6 +91,7 @@ class EmailTrigger(Trigger):
         tls_context: ssl.SSLContext | None = None,
         hostname: str | None = None,
         publish_timeout: float = PUBLISH_TIMEOUT_S,
+        lease_ttl: float = LEASE_TTL_S,
     ) -> None:
         super().__init__(name)
         if credentials and tls_context is None and not _is_loopback(host):
@@ -109,6 +110,7 @@ class EmailTrigger(Trigger):
         self.tls_context = tls_context
         self.hostname = hostname
         self.publish_timeout = publish_timeout
+        self.lease_ttl = lease_ttl  # a standby takes the port over within this after a death
         self._listening: asyncio.Event | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -141,7 +143,7 @@ class EmailTrigger(Trigger):
         One worker listens at a time (the trigger's lease, where the runner has a store):
         the others stand by and take the port over within the lease's ttl.
         """
-        async with one_worker(sink):
+        async with one_worker(sink, self.lease_ttl):
             await self._serve(sink)
 
     async def _serve(self, sink: Sink) -> None:
@@ -213,9 +215,9 @@ class EmailTrigger(Trigger):
         return AuthResult(success=ok, handled=False, auth_data=login if ok else None)
 
 
-def one_worker(sink: Sink) -> contextlib.AbstractAsyncContextManager[Any]:
+def one_worker(sink: Sink, ttl_s: float) -> contextlib.AbstractAsyncContextManager[Any]:
     """The trigger's lease where the runner has a store (a worker); else nothing to hold."""
-    return sink.exclusive() if sink.store is not None else contextlib.nullcontext()
+    return sink.exclusive(ttl_s) if sink.store is not None else contextlib.nullcontext()
 
 
 class _Handler:

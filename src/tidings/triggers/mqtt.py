@@ -49,7 +49,7 @@ import structlog
 
 from tidings.errors import ConfigError, EventTooLarge
 from tidings.events import MAX_SUBJECT, Event, check_type, new_id, survives_the_wire
-from tidings.triggers.base import Sink, Trigger, TriggerUnavailable, source_id
+from tidings.triggers.base import LEASE_TTL_S, Sink, Trigger, TriggerUnavailable, source_id
 
 try:
     import paho.mqtt.client as mqtt
@@ -70,9 +70,9 @@ MAX_IN_FLIGHT = 100  # unacknowledged messages the broker may send us (MQTT 5 Re
 _CLIENT_ID_RE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
-def one_worker(sink: Sink) -> contextlib.AbstractAsyncContextManager[Any]:
+def one_worker(sink: Sink, ttl_s: float) -> contextlib.AbstractAsyncContextManager[Any]:
     """The trigger's lease where the runner has a store (a worker); else nothing to hold."""
-    return sink.exclusive() if sink.store is not None else contextlib.nullcontext()
+    return sink.exclusive(ttl_s) if sink.store is not None else contextlib.nullcontext()
 
 
 def wildcard_values(topic_filter: str, topic: str) -> list[str] | None:
@@ -115,6 +115,7 @@ class MqttTrigger(Trigger):
         id_property: str | None = "message-id",
         max_in_flight: int = MAX_IN_FLIGHT,
         publish_timeout: float = PUBLISH_TIMEOUT_S,
+        lease_ttl: float = LEASE_TTL_S,
     ) -> None:
         super().__init__(name)
         if not topics:
@@ -142,6 +143,7 @@ class MqttTrigger(Trigger):
         self.id_property = id_property
         self.max_in_flight = max_in_flight
         self.publish_timeout = publish_timeout
+        self.lease_ttl = lease_ttl  # a standby connects within this after the holder's death
         self.subscribed = asyncio.Event()  # set while the subscriptions are in place
         self._unmapped: set[str] = set()
 
@@ -176,7 +178,7 @@ class MqttTrigger(Trigger):
         One worker at a time (the trigger's lease, where the runner has a store): a second
         connection with the same client id would take the session over from the first.
         """
-        async with one_worker(sink):
+        async with one_worker(sink, self.lease_ttl):
             await self._run(sink)
 
     async def _run(self, sink: Sink) -> None:
