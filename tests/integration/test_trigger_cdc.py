@@ -600,6 +600,13 @@ async def test_killed_twice_each_change_once_in_commit_order(
     assert slot_state(database, slot)[0] > start
     big = [e for e in events if e.type.endswith("inserted") and e.data["after"]["big"]]
     assert big and all(len(e.data["after"]["big"]) > 8192 for e in big)
+    inserted: dict[int, str | None] = {}  # an update leaves the TOASTed value as it was
+    for e in events:
+        row = e.data["key"]["id"]
+        if e.type.endswith("inserted"):
+            inserted[row] = e.data["after"]["big"]
+        elif e.type.endswith("updated"):
+            assert e.data["after"]["big"] == inserted[row] and e.data["unchanged_toast"] == []
 
 
 WORKER = """
