@@ -8,8 +8,9 @@ from typing import Any
 
 from tidings import App, Context, Event
 from tidings.bus.base import ConsumerInfo
+from tidings.bus.memory import MemoryBus
 from tidings.cli.explain import Gathered, Seen, evaluate, explain, referenced_paths
-from tidings.cli.trace import _run_target, id_time, parse_since
+from tidings.cli.trace import Wanted, Window, _read_bus, _run_target, id_time, parse_since
 from tidings.events import new_id, now
 from tidings.store.records import Decision, EventRecords, Parked, Step
 
@@ -151,3 +152,28 @@ def test_the_bus_window_and_the_running_worker_s_app() -> None:
     assert _run_target([*python, "run", "--gateway-port", "80", "shop:app"]) == "shop:app"
     assert _run_target(["tidings", "--store", "x", "run", "path/app.py"]) == "path/app.py"
     assert _run_target(["pytest", "tests/"]) is None
+
+
+async def test_the_bus_window_stops_at_its_cap_and_keeps_only_the_trace() -> None:
+    bus = MemoryBus(f"memory://trace-{uuid.uuid4().hex}")
+    await bus.connect()
+    try:
+        root = Event.create("payment.created", {"amount": 1})
+        await bus.publish(root)
+        await bus.publish(root.derive("payment.scored", {"score": 1}, source="scorer"))
+        for n in range(30):
+            await bus.publish(Event.create("payment.created", {"amount": n}))
+        wanted = Wanted(frozenset({root.id}), frozenset({root.id}), "")
+        since = datetime.now(UTC) - timedelta(minutes=1)
+        whole = Window(since, datetime.now(UTC) + timedelta(minutes=1))
+        found = await _read_bus(bus, whole, wanted, cap=1000)
+        assert [s.event.type for s in found] == ["payment.created", "payment.scored"]
+        assert (whole.scanned, whole.cut, whole.ended) == (32, False, "end of the stored history")
+        cut = Window(since, datetime.now(UTC) + timedelta(minutes=1))
+        await _read_bus(bus, cut, wanted, cap=10)
+        assert (cut.scanned, cut.cut, cut.ended) == (10, True, "cut at --scan 10")
+        before = Window(since, since + timedelta(seconds=1))  # ends before anything came
+        assert await _read_bus(bus, before, wanted, cap=1000) == []
+        assert before.ended == "end of the window"
+    finally:
+        await bus.close()

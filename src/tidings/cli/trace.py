@@ -245,14 +245,14 @@ async def _read_bus(bus: Bus, window: Window, wanted: Wanted, cap: int) -> list[
                 window.ended = "end of the window"
                 break
             window.scanned += 1
-            if "ce-id" in raw.headers and not wanted.screen(raw.headers):
-                continue  # binary mode: the headers tell, no need to decode
-            try:
-                event = decode(raw.headers, raw.body)
-            except MalformedEvent:
-                event = None
-            if event is not None and wanted(event):
-                found.append(Seen(event, "bus", raw.sequence, raw.time))
+            # In binary mode the headers tell whether the event is wanted: decode only those.
+            if "ce-id" not in raw.headers or wanted.screen(raw.headers):
+                try:
+                    event = decode(raw.headers, raw.body)
+                except MalformedEvent:
+                    event = None
+                if event is not None and wanted(event):
+                    found.append(Seen(event, "bus", raw.sequence, raw.time))
             if last_seq is not None and raw.sequence >= last_seq:
                 break
             if window.scanned >= cap:
