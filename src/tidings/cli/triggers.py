@@ -155,4 +155,7 @@ def triggers(
 
 
 def _watches(description: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={compact(v, limit=60)}" for k, v in description.items()) or "-"
+    def shown(value: Any) -> str:
+        return value if isinstance(value, str) else compact(value, limit=60)
+
+    return ", ".join(f"{k}={shown(v)}" for k, v in description.items()) or "-"
