@@ -223,6 +223,25 @@ def _load(path: Path, name: str) -> App:
     return app
 
 
+async def test_workers_starting_together_register_each_version_once(
+    store_url: str, tmp_path: Path
+) -> None:
+    apps = []
+    for _ in range(3):
+        app = App("shop")
+        declare(app, 3)
+        apps.append(app)
+    settings = Settings(bus=f"memory://together-{tmp_path.name}", store=store_url)
+    workers = [Worker(app, settings) for app in apps]
+    try:
+        await asyncio.gather(*(w.start() for w in workers))
+        assert workers[0].store is not None
+        registered = await workers[0].store.list_schemas("order.placed")
+    finally:
+        await asyncio.gather(*(w.stop(grace=1) for w in workers))
+    assert [r.version for r in registered] == [1, 2, 3]
+
+
 async def test_a_missing_upcaster_is_named_at_start(tmp_path: Path) -> None:
     app = App("shop")
     app.event("order.placed", version=1, schema=ORDER_V1, mode="NONE")
@@ -423,6 +442,14 @@ async def test_tail_and_decisions_show_say_an_event_was_upcast(
     read = orjson.loads(as_json.stdout)["event"]
     assert read["id"] == event.id and read["upcastfrom"] == 1
     assert read["dataschema"] == dataschema("order.placed", 2)
+    bad = '{"order_id": "o8", "amount": "x", "currency": "E"}'
+    refused = tidings("publish", "order.placed", bad, "--app", "shopv3:app", env=env,
+                      cwd=tmp_path)  # fmt: skip
+    assert refused.returncode == 1 and "/amount" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    as_v1 = tidings("publish", "order.placed", '{"order_id": "o9", "total": 9}', "--app",
+                    "shopv3:app", "--version", "1", env=env, cwd=tmp_path)  # fmt: skip
+    assert as_v1.returncode == 0, as_v1.stderr
     listed = tidings("schema", "ls", "--json", env=env, cwd=tmp_path)
     assert [(r["type"], r["version"]) for r in orjson.loads(listed.stdout)] == [
         ("order.placed", 1),

@@ -36,7 +36,7 @@ from tidings.client import Client
 from tidings.config import Settings
 from tidings.errors import MalformedEvent, StoreError
 from tidings.events import Event, check_pattern, check_type, decode
-from tidings.schemas.registry import EventTypes, Upcast
+from tidings.schemas.registry import EventTypes, Upcast, dataschema
 from tidings.store import FilterErrors, open_store
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -62,12 +62,28 @@ def publish(
         str | None, typer.Option(help="CloudEvents subject (e.g. the entity it is about).")
     ] = None,
     source: Annotated[str, typer.Option(help="CloudEvents source.")] = "/tidings/cli",
+    version: Annotated[
+        int | None,
+        typer.Option(min=1, help="With --app: the declared version the data is (default latest)."),
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--app", metavar="MODULE:APP", help="Validate against this app's declared schemas."
+        ),
+    ] = None,
 ) -> None:
     """Publish one event and print its id."""
     try:
         check_type(event_type)
     except ValueError as e:
         fail(str(e))
+    schemas = None
+    if target is not None:
+        with guarded():
+            schemas = load_app(target).schemas
+    elif version is not None:
+        fail("--version names a declared version: give --app MODULE:APP too")
     text, where = _data_text(data)
     try:
         payload = orjson.loads(text)
@@ -81,8 +97,9 @@ def publish(
         )
 
     async def work(settings: Settings) -> Event:
-        async with Client(settings, source=source) as client:
-            return await client.publish(event_type, payload, id=event_id, subject=subject)
+        stamp = {} if version is None else {"dataschema": dataschema(event_type, version)}
+        async with Client(settings, source=source, schemas=schemas) as client:
+            return await client.publish(event_type, payload, id=event_id, subject=subject, **stamp)
 
     event = execute(ctx, work)
     typer.echo(event.id)
