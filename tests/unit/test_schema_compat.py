@@ -819,6 +819,19 @@ def test_an_unusable_schema_is_refused_with_the_fix(schema: Any, where: str) -> 
         assert where in str(caught.value) and "fix the schema" in str(caught.value)
 
 
+def test_properties_named_like_keywords_are_properties() -> None:
+    def schema(values: list[str]) -> dict[str, Any]:
+        inner = obj({"enum": {"$ref": "#/$defs/E"}, "required": INT}, ("required",))
+        return {"$defs": {"E": {"enum": values}}, **obj({"default": inner}, ("default",))}
+
+    old, new = schema(["a", "b"]), schema(["a"])
+    assert [p.path for p in backward(old, new)] == ["/default/enum"]
+    assert forward(old, new) == []
+    counterexample(old, new)
+    with pytest.raises(NoSuchExample):
+        counterexample(new, old)
+
+
 def test_mutually_recursive_definitions_terminate() -> None:
     schema = {
         "$defs": {

@@ -151,7 +151,7 @@ def _close(node: Any) -> Any:
 def _close_value(key: str, value: Any) -> Any:
     if key in ("enum", "const", "default", "examples", "required"):
         return value  # data, not schemas
-    if key in ("properties", "patternProperties", "$defs", "definitions"):
+    if key in _NAMED:
         return {name: _close(sub) for name, sub in value.items()}
     return _close(value)
 
@@ -472,7 +472,7 @@ class _Checker:
     def _standalone(self, reader: Mapping[str, Any]) -> Any:
         """`reader` as a schema of its own, its references still into the reader's root."""
         if self._pointers is None:
-            self._pointers = dict(_pointers(self.rroot))
+            self._pointers = {id(schema): where for where, schema in _pointers(self.rroot)}
         where = self._pointers.get(id(reader))
         if where is None or isinstance(self.rroot, bool):
             return dict(reader)
@@ -798,24 +798,29 @@ def _definitions(root: Schema) -> Any:
     return (root.get("$defs"), root.get("definitions"))
 
 
+# Keywords whose value is data, not schemas; and those whose value maps names to schemas
+# (where a property may well be called "default").
+_DATA = ("enum", "const", "default", "examples")
+_NAMED = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
 def _walk(node: Any) -> Iterator[Any]:
-    yield node
-    if isinstance(node, Mapping):
-        for name, value in node.items():
-            if name not in ("enum", "const", "default", "examples"):
-                yield from _walk(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _walk(value)
+    """Every schema inside `node`, `node` first."""
+    for _, schema in _pointers(node):
+        yield schema
 
 
-def _pointers(node: Any, where: str = "") -> Iterator[tuple[int, str]]:
+def _pointers(node: Any, where: str = "", named: bool = False) -> Iterator[tuple[str, Any]]:
+    """(JSON pointer, subschema) for `node` and every schema inside it."""
     if isinstance(node, Mapping):
-        yield id(node), where
+        if not named:
+            yield where, node
         for key, value in node.items():
-            if key not in ("enum", "const", "default", "examples"):
-                yield from _pointers(value, f"{where}/{_escape(str(key))}")
-    elif isinstance(node, list):
+            if named or key not in _DATA:
+                yield from _pointers(
+                    value, f"{where}/{_escape(str(key))}", not named and key in _NAMED
+                )
+    elif isinstance(node, list) and not named:
         for index, value in enumerate(node):
             yield from _pointers(value, f"{where}/{index}")
 
