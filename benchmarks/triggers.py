@@ -11,7 +11,10 @@ Rows (each on its own namespace and SQLite store, one nats-server for all):
   sha256, publish, move);
 - alert webhook: Alertmanager notifications of 10 alerts each, posted by httpx over one
   connection to the gateway served by a worker in this process; timed from the first post
-  to the last answer (each answer comes after its alerts are on the bus).
+  to the last answer (each answer comes after its alerts are on the bus);
+- PostgreSQL CDC: rows inserted beforehand, 100 a transaction, in a PostgreSQL cluster of
+  its own with wal_level=logical; timed from the trigger's start on its slot until every
+  row is on the bus (`triggers_cdc.py` holds it, and compares one row a transaction too).
 
 CPU µs per event is this process's CPU time divided by the events: the trigger, the
 client, the SQLite ledger and, for the webhook, the HTTP client and server too;
@@ -42,6 +45,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 from servers import start_nats
+from triggers_cdc import Cluster, cdc_pass
 
 from tidings import App
 from tidings.client import Client
@@ -191,8 +195,21 @@ async def alert_row(bench: Bench) -> Row:
     return label, events, wall, cpu
 
 
+async def cdc_row(bench: Bench) -> Row:
+    """Rows inserted beforehand, 100 a transaction, then the trigger started on its slot."""
+    cluster = Cluster()  # a PostgreSQL of its own with wal_level=logical
+    await asyncio.to_thread(cluster.start)
+    try:
+        wall, cpu = await cdc_pass(cluster.url, bench.settings("cdc"), bench.events, 100)
+    finally:
+        await asyncio.to_thread(cluster.stop)
+    return "PostgreSQL CDC: inserts → bus (100 rows a transaction)", bench.events, wall, cpu
+
+
 # The table's rows, in order; the first is the baseline. Add a trigger's row here.
-ROWS: list[Callable[[Bench], Awaitable[Row]]] = [direct_row, direct_4_row, file_row, alert_row]
+ROWS: list[Callable[[Bench], Awaitable[Row]]] = [
+    direct_row, direct_4_row, file_row, alert_row, cdc_row,
+]  # fmt: skip
 
 
 async def main(events: int) -> None:

@@ -3,6 +3,9 @@ directly with the client, in one run.
 
     python benchmarks/triggers_cdc.py [--events 5000]
 
+`benchmarks/triggers.py` runs its 100-rows-per-transaction pass as its CDC row, beside
+the other triggers.
+
 - direct: `Client.publish_event` of events with trigger ids through the publish ledger,
   one after another, which is what the trigger's `Sink.publish` does for each change;
 - CDC: rows inserted beforehand (one per transaction, or 100 per transaction), then the
@@ -120,15 +123,15 @@ async def direct(nats_url: str, folder: Path, events: int) -> tuple[float, float
         return time.perf_counter() - wall, time.process_time() - cpu
 
 
-async def cdc_row(
-    cluster_url: str, nats_url: str, folder: Path, events: int, per_transaction: int
+async def cdc_pass(
+    cluster_url: str, settings: Settings, events: int, per_transaction: int
 ) -> tuple[float, float]:
     """Seconds and CPU seconds for the CDC trigger to put `events` inserted rows on the bus."""
     table = "t" + uuid.uuid4().hex[:8]
     sql(cluster_url, f"CREATE TABLE {table} (id serial PRIMARY KEY, n int, note text)")
     trigger = PostgresChanges(table, cluster_url, tables=[table])
     slot = slot_name("bench", table)
-    async with Client(settings_for(nats_url, folder), source="/bench") as client:
+    async with Client(settings, source="/bench") as client:
         runner = Runner(trigger, client)
         runner.start()  # once, to create the publication and the slot
         await until(lambda: active(cluster_url, slot), 30)
@@ -173,7 +176,8 @@ async def main(events: int) -> None:
         rows = [("direct: client.publish_event + ledger", *await direct(nats_url, folder, events))]
         for per in (1, 100):
             label = f"CDC: inserts → bus, {per} row{'s' if per > 1 else ''}/transaction"
-            rows.append((label, *await cdc_row(cluster.url, nats_url, folder, events, per)))
+            settings = settings_for(nats_url, folder)
+            rows.append((label, *await cdc_pass(cluster.url, settings, events, per)))
     finally:
         cluster.stop()
         nats.terminate()
