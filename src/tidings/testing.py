@@ -154,8 +154,9 @@ async def harness(
     try:
         assert worker.bus is not None and worker.store is not None
         async with Client(
-            settings, source=f"/{app.name}/test", bus=worker.bus, store=worker.store
-        ) as client:
+            settings, source=f"/{app.name}/test", bus=worker.bus, store=worker.store,
+            schemas=app.schemas,  # publishing validates, as the app's own client does
+        ) as client:  # fmt: skip
             yield Harness(worker, client)
     finally:
         bus = worker.bus

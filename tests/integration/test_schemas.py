@@ -597,3 +597,24 @@ def test_schema_show_and_diff_read_the_declarations(tmp_path: Path) -> None:
     missing = tidings("schema", "show", "order.placed", "-v", "5", "--app", "shopapp:app",
                       env=env, cwd=tmp_path)  # fmt: skip
     assert missing.returncode == 1 and "no version 5" in missing.stderr
+
+
+async def test_the_test_harness_validates_and_upcasts_like_a_worker() -> None:
+    from tidings.testing import harness
+
+    app = App("shop")
+    declare(app, 3)
+
+    @app.agent("orders", on="order.placed", data_model=OrderV3)
+    async def orders(event: Event, ctx: Context) -> str:
+        return event.data.currency
+
+    async with harness(app) as h:
+        with pytest.raises(SchemaViolation, match="/amount"):
+            await h.publish("order.placed", OrderV2(order_id="o1", amount=1).model_dump() | {
+                "amount": "one", "currency": "EUR"})  # fmt: skip
+        await h.publish("order.placed", {"order_id": "o1", "total": 1},
+                        dataschema=dataschema("order.placed", 1))  # fmt: skip
+        await h.settle()
+        (decision,) = await h.store.list_decisions("orders")
+    assert decision.result == "EUR"
