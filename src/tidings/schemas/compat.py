@@ -50,6 +50,8 @@ _UNDECIDED = {
     "additionalItems": "additionalItems",
     "dependentSchemas": "dependentSchemas",
     "dependencies": "dependencies",
+    "$dynamicRef": "$dynamicRef",
+    "$recursiveRef": "$recursiveRef",
 }
 
 
