@@ -618,3 +618,17 @@ async def test_the_test_harness_validates_and_upcasts_like_a_worker() -> None:
         await h.settle()
         (decision,) = await h.store.list_decisions("orders")
     assert decision.result == "EUR"
+
+
+def test_an_upcaster_that_raises_is_a_schema_violation_naming_it() -> None:
+    app = App("shop")
+    app.event("order.placed", version=1, schema=ORDER_V1)
+    app.event("order.placed", version=2)(OrderV2)
+
+    @app.upcaster("order.placed", 1, 2)
+    def broken(data: dict[str, Any]) -> dict[str, Any]:
+        return {"amount": data["missing"]}
+
+    with pytest.raises(SchemaViolation) as failed:
+        app.schemas.upcast(Event.create("order.placed", {"order_id": "o", "total": 1}), 2)
+    assert failed.value.rule == "upcaster" and "broken raised KeyError" in str(failed.value)

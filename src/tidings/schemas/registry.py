@@ -444,7 +444,16 @@ class EventTypes:
         for step in self.chain(event.type, version, target):
             if not isinstance(data, dict):
                 raise SchemaViolation("", "type", f"upcasting needs an object, got {data!r:.60}")
-            data = step(dict(data))
+            try:
+                data = step(dict(data))
+            except Exception as e:  # a bug in the upcaster: the data cannot be read as target
+                name = getattr(step, "__qualname__", repr(step))
+                raise SchemaViolation(
+                    "",
+                    "upcaster",
+                    f"upcaster {name} raised {type(e).__name__}: {e}; fix it"
+                    f" (reading {event.type!r} version {version} as {target})",
+                ) from e
         try:
             self.validate(event.type, target, data)
         except SchemaViolation as e:
