@@ -576,7 +576,13 @@ class _Stream:
         self._stop.set()
         await asyncio.to_thread(self._thread.join, 10)
 
-    def _hand(self, item: list[bytes] | BaseException) -> bool:
+    def _hand(self, item: list[bytes] | BaseException, cur: Any = None) -> bool:
+        """Give `item` to the loop once there is room; False if the stream is stopping.
+
+        While it waits (a slow bus), `cur` still reports to the server every status
+        interval, which keeps the server from dropping a reader that seems gone.
+        """
+        waited = 0.0
         while not self._stop.is_set():
             if isinstance(item, BaseException) or self._room.acquire(timeout=POLL_S):
                 try:
@@ -584,6 +590,10 @@ class _Stream:
                 except RuntimeError:  # the loop is closed: nobody is listening any more
                     return False
                 return True
+            waited += POLL_S
+            if cur is not None and waited >= self.trigger.status_interval_s:
+                cur.send_feedback(force=True)
+                waited = 0.0
         return False
 
     def _main(self) -> None:
@@ -658,7 +668,7 @@ class _Stream:
                     if len(batch) < self._batch:
                         continue
                 if batch:  # full, or nothing more has arrived: hand what there is now
-                    if not self._hand(batch):
+                    if not self._hand(batch, cur):
                         break
                     batch = []
                     continue
