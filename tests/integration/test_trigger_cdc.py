@@ -321,6 +321,7 @@ def test_declaration_errors_name_the_fix(monkeypatch: pytest.MonkeyPatch) -> Non
 # -- through the bus -----------------------------------------------------------------------
 
 
+@pytest.mark.nats
 async def test_changes_become_events_once_and_the_slot_advances(
     database: str, nats_url: str, namespace: str, tmp_path: Path
 ) -> None:
@@ -357,6 +358,7 @@ async def test_changes_become_events_once_and_the_slot_advances(
     assert len({e.id for e in events}) == 5
 
 
+@pytest.mark.nats
 async def test_unchanged_toast_is_listed_without_full_identity(
     database: str, nats_url: str, namespace: str, tmp_path: Path
 ) -> None:
@@ -379,6 +381,7 @@ async def test_unchanged_toast_is_listed_without_full_identity(
     assert truncate.data["before"] is None and truncate.data["after"] is None
 
 
+@pytest.mark.nats
 async def test_a_change_too_large_for_the_bus_goes_out_with_its_key(
     database: str, nats_url: str, namespace: str, tmp_path: Path
 ) -> None:
@@ -396,6 +399,7 @@ async def test_a_change_too_large_for_the_bus_goes_out_with_its_key(
     assert small.data["after"]["big"] == "small" and "too_large" not in small.data
 
 
+@pytest.mark.nats
 async def test_a_server_with_replica_wal_level_fails_loudly_with_the_fix(
     nats_url: str, namespace: str, tmp_path: Path
 ) -> None:
@@ -417,6 +421,7 @@ async def test_a_server_with_replica_wal_level_fails_loudly_with_the_fix(
         await runner.stop()
 
 
+@pytest.mark.nats
 async def test_an_unreachable_server_fails_loudly(
     nats_url: str, namespace: str, tmp_path: Path
 ) -> None:
@@ -452,6 +457,7 @@ def test_doctor_findings(database: str) -> None:
     sql(database, "SELECT pg_drop_replication_slot(%s)", (name,))
 
 
+@pytest.mark.nats
 async def test_a_declared_publication_is_used_as_it_is(
     database: str, nats_url: str, namespace: str, tmp_path: Path
 ) -> None:
@@ -563,6 +569,7 @@ def per_row(events: list[Event]) -> dict[int, list[tuple[str, int | None]]]:
 @pytest.mark.slow
 @pytest.mark.chaos
 @pytest.mark.timeout(240)
+@pytest.mark.nats
 async def test_killed_twice_each_change_once_in_commit_order(
     database: str, nats_url: str, namespace: str, tmp_path: Path
 ) -> None:
@@ -653,6 +660,7 @@ async def streaming_pid(settings: Settings, within_s: float, other_than: int = 0
 @pytest.mark.slow
 @pytest.mark.chaos
 @pytest.mark.timeout(240)
+@pytest.mark.nats
 async def test_the_streaming_worker_killed_the_standby_takes_over_with_nothing_lost(
     database: str, nats_url: str, namespace: str, tmp_path: Path
 ) -> None:
@@ -681,6 +689,7 @@ async def test_the_streaming_worker_killed_the_standby_takes_over_with_nothing_l
 
 
 @pytest.mark.slow
+@pytest.mark.nats
 async def test_a_busy_unpublished_table_does_not_hold_the_slot_back(
     database: str, nats_url: str, namespace: str, tmp_path: Path
 ) -> None:
@@ -707,6 +716,7 @@ async def test_a_busy_unpublished_table_does_not_hold_the_slot_back(
 @pytest.mark.slow
 @pytest.mark.chaos
 @pytest.mark.timeout(180)
+@pytest.mark.nats
 async def test_the_server_restarted_mid_stream_loses_nothing(
     logical_cluster: LogicalCluster, database: str, nats_url: str, namespace: str, tmp_path: Path
 ) -> None:
@@ -782,6 +792,7 @@ async def test_workers_take_turns_on_the_slot_and_each_change_is_one_event(
     assert len({e.id for e in events}) == 20
 
 
+@pytest.mark.nats
 def test_doctor_checks_a_declared_cdc_trigger(
     database: str, nats_url: str, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
