@@ -260,6 +260,13 @@ ROWS = [
         P,
     ),
     Row(
+        "const true became const 1 (equal in Python, not in JSON)",
+        obj({"x": {"const": True}}, ("x",)),
+        obj({"x": {"const": 1}}, ("x",)),
+        P,
+        P,
+    ),
+    Row(
         "string became an enum",
         obj({"x": STR}, ("x",)),
         obj({"x": {"enum": ["red", "blue"]}}, ("x",)),

@@ -194,6 +194,16 @@ def _same(a: Any, b: Any) -> bool:
     )
 
 
+def _equal(a: Any, b: Any) -> bool:
+    """The same JSON: unlike Python's ==, true is not 1 (and 1.0 is not 1, to be safe)."""
+    try:
+        return orjson.dumps(a, option=orjson.OPT_SORT_KEYS) == orjson.dumps(
+            b, option=orjson.OPT_SORT_KEYS
+        )
+    except TypeError:
+        return False
+
+
 def _escape(name: str) -> str:
     return name.replace("~", "~0").replace("/", "~1")
 
@@ -219,7 +229,8 @@ class _Checker:
         self.reader_name = "the new schema" if backward else "the old schema"
         self._active: set[tuple[int, int]] = set()
         # Equal subschemas accept the same instances where their references resolve alike.
-        self._alike = _definitions(writer) == _definitions(reader) is not None
+        defs = _definitions(writer)
+        self._alike = defs is not None and _equal(defs, _definitions(reader))
         self._pointers: dict[int, str] | None = None
         self._accepts_cache: dict[int, Any] = {}
 
@@ -304,7 +315,7 @@ class _Checker:
         """Every instance of `writer` valid under `reader`? The incompatibilities if not."""
         if reader is True or (isinstance(reader, Mapping) and not reader):
             return []
-        if self._alike and writer == reader:
+        if self._alike and _equal(writer, reader):
             return []
         key = (id(writer), id(reader))
         if key in self._active:
@@ -563,7 +574,7 @@ class _Checker:
     ) -> list[Incompatibility]:
         found = self._counts(branch, reader, path, "minLength", "maxLength")
         for keyword in ("pattern", "format"):
-            if keyword in reader and branch.get(keyword) != reader[keyword]:
+            if keyword in reader and not _equal(branch.get(keyword), reader[keyword]):
                 found.append(self._changed(path, keyword, branch.get(keyword), reader[keyword]))
         return found
 
@@ -633,7 +644,7 @@ class _Checker:
             for name, schema in rprops.items():
                 if name not in props:
                     found += self._check(extra, schema, f"{path}/{_escape(name)}")
-            if rpatterns and rpatterns != branch.get("patternProperties"):
+            if rpatterns and not _equal(rpatterns, branch.get("patternProperties")):
                 found.append(self._undecided(path, "patternProperties"))
             if rextra is False:
                 found.append(self._forbidden(f"{path}/*", None))
@@ -653,7 +664,7 @@ class _Checker:
             )
         names = reader.get("propertyNames")
         if names is not None and names is not True:
-            if extra is not None and branch.get("propertyNames") != names:
+            if extra is not None and not _equal(branch.get("propertyNames"), names):
                 found.append(self._undecided(path, "propertyNames"))
             bad = [n for n in props if not self._accepts(names, n)]
             if bad:
@@ -930,7 +941,7 @@ def _tuple(schema: Mapping[str, Any]) -> tuple[list[Any], Any]:
 
 def _differs(branch: Mapping[str, Any], reader: Mapping[str, Any], keyword: str) -> bool:
     keys = (keyword, "then", "else") if keyword == "if" else (keyword,)
-    return any(branch.get(k) != reader.get(k) for k in keys)
+    return any(not _equal(branch.get(k), reader.get(k)) for k in keys)
 
 
 def _search(pattern: str, name: str) -> bool:
