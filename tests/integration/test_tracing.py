@@ -335,7 +335,9 @@ def test_traceparents_that_are_not_w3c_are_ignored() -> None:
     for bad in ["", "00-ab-cd-01", f"00-{'0' * 32}-{CLIENT_SPAN}-01",
                 f"ff-{CLIENT_TRACE}-{CLIENT_SPAN}-01",
                 f"00-{CLIENT_TRACE.upper()}-{CLIENT_SPAN}-01",
-                f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01-extra"]:  # fmt: skip
+                f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01-extra",
+                f"00-{CLIENT_TRACE[:-2]}_1-{CLIENT_SPAN}-01",
+                f" 00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"]:  # fmt: skip
         assert tracing._parse(bad) is None, bad
     assert tracing._parse(f"01-{CLIENT_TRACE}-{CLIENT_SPAN}-01-future") is not None
 

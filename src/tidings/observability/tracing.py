@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import time
 from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -260,28 +261,28 @@ def _format(context: SpanContext) -> str:
     return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
 
 
+# W3C Trace Context: version-traceid-spanid-flags, lower-case hex; a later version may
+# append fields, version 00 may not, and ff is invalid.
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+
+
 @lru_cache(maxsize=1024)
 def _parse(traceparent: str) -> SpanContext | None:
     """A remote span context from a `traceparent`; None if it is not a valid one.
 
     Cached: the events of one producer's span (a batch, an agent's outputs) share it.
     """
-    parts = traceparent.strip().split("-")
-    if len(parts) < 4 or len(parts[0]) != 2 or parts[0] == "ff" or (
-        parts[0] == "00" and len(parts) != 4
-    ):  # fmt: skip
+    match = _TRACEPARENT.fullmatch(traceparent)
+    if match is None:
         return None
-    version, trace_hex, span_hex, flags = parts[:4]
-    if len(trace_hex) != 32 or len(span_hex) != 16 or len(flags) != 2:
+    version, trace_hex, span_hex, flags, more = match.groups()
+    if version == "ff" or (version == "00" and more) or not int(trace_hex, 16):
         return None
-    try:
-        trace_id, span_id, bits = int(trace_hex, 16), int(span_hex, 16), int(flags, 16)
-        int(version, 16)
-    except ValueError:
+    span_id = int(span_hex, 16)
+    if not span_id:
         return None
-    if not trace_id or not span_id or trace_hex != trace_hex.lower():
-        return None
-    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(bits))
+    return SpanContext(int(trace_hex, 16), span_id, is_remote=True,
+                       trace_flags=TraceFlags(int(flags, 16)))  # fmt: skip
 
 
 def _unsampled(current: SpanContext) -> bool:
