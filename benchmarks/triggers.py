@@ -14,7 +14,11 @@ Rows (each on its own namespace and SQLite store, one nats-server for all):
   to the last answer (each answer comes after its alerts are on the bus);
 - PostgreSQL CDC: rows inserted beforehand, 100 a transaction, in a PostgreSQL cluster of
   its own with wal_level=logical; timed from the trigger's start on its slot until every
-  row is on the bus (`triggers_cdc.py` holds it, and compares one row a transaction too).
+  row is on the bus (`triggers_cdc.py` holds it, and compares one row a transaction too);
+- email: smtplib in another process sends mails over 4 connections; timed from the first
+  to the last 250, each answered after its event is on the bus; MQTT: paho in another
+  process publishes QoS-1 messages over 8 topics to a Mosquitto of the row's own; timed
+  until every event is on the bus, each acknowledged after it (`triggers_email_mqtt.py`).
 
 CPU µs per event is this process's CPU time divided by the events: the trigger, the
 client, the SQLite ledger and, for the webhook, the HTTP client and server too;
@@ -46,6 +50,7 @@ from rich.console import Console
 from rich.table import Table
 from servers import start_nats
 from triggers_cdc import Cluster, cdc_pass
+from triggers_email_mqtt import email_pass, mqtt_pass, start_mosquitto
 
 from tidings import App
 from tidings.client import Client
@@ -206,9 +211,24 @@ async def cdc_row(bench: Bench) -> Row:
     return "PostgreSQL CDC: inserts → bus (100 rows a transaction)", bench.events, wall, cpu
 
 
+async def email_row(bench: Bench) -> Row:
+    events, wall, cpu = await email_pass(bench.settings("email"), bench.events, 4)
+    return "email: smtplib → bus, 250 after (4 connections)", events, wall, cpu
+
+
+async def mqtt_row(bench: Bench) -> Row:
+    broker, address = start_mosquitto(bench.folder)  # queues without bound
+    try:
+        events, wall, cpu = await mqtt_pass(bench.settings("mqtt"), address, bench.events)
+    finally:
+        broker.terminate()
+        broker.wait(10)
+    return "MQTT: paho QoS 1 → bus, PUBACK after (8 topics)", events, wall, cpu
+
+
 # The table's rows, in order; the first is the baseline. Add a trigger's row here.
 ROWS: list[Callable[[Bench], Awaitable[Row]]] = [
-    direct_row, direct_4_row, file_row, alert_row, cdc_row,
+    direct_row, direct_4_row, file_row, alert_row, cdc_row, email_row, mqtt_row,
 ]  # fmt: skip
 
 

@@ -1,5 +1,6 @@
 """The email and MQTT triggers from source to bus, against publishing the same events
-directly with the client, in one run.
+directly with the client, in one run (`benchmarks/triggers.py` runs their rows with the
+other triggers', through `email_pass` and `mqtt_pass`).
 
     python benchmarks/triggers_email_mqtt.py [--mails 1000] [--messages 5000]
 
@@ -147,9 +148,11 @@ async def direct(nats_url: str, folder: Path, n: int, at_once: int) -> Row:
     return (f"direct publish_event, {label}", events, wall, cpu)
 
 
-async def email(nats_url: str, folder: Path, mails: int, connections: int) -> Row:
+async def email_pass(settings: Settings, mails: int, connections: int) -> tuple[int, float, float]:
+    """Mails sent by smtplib in another process over `connections`; events, wall, CPU."""
     trigger = EmailTrigger("bench-mail", port=0)
-    async with Client(settings(nats_url, folder)) as client:
+    async with Client(settings) as client:
+        await client.publish_event(Event.create("bench.warm", {}, id=source_id("w", "warm")))
         runner = Runner(trigger, client)
         runner.start()
         try:
@@ -167,6 +170,11 @@ async def email(nats_url: str, folder: Path, mails: int, connections: int) -> Ro
             sender.wait(30)
         finally:
             await runner.stop()
+    return events, wall, cpu
+
+
+async def email(nats_url: str, folder: Path, mails: int, connections: int) -> Row:
+    events, wall, cpu = await email_pass(settings(nats_url, folder), mails, connections)
     label = "1 connection" if connections == 1 else f"{connections} connections"
     return (f"email: smtplib → 250 after the bus, {label}", events, wall, cpu)
 
@@ -181,12 +189,16 @@ def forget(broker: tuple[str, int], client_id: str) -> None:
     c.loop_stop()
 
 
-async def mqtt_row(nats_url: str, folder: Path, broker: tuple[str, int], n: int) -> Row:
+async def mqtt_pass(
+    settings: Settings, broker: tuple[str, int], n: int
+) -> tuple[int, float, float]:
+    """`n` QoS-1 messages over 8 topics from paho in another process; events, wall, CPU."""
     prefix = f"tidings-bench/{uuid.uuid4().hex[:10]}"
     client_id = f"tidings-bench-{uuid.uuid4().hex[:10]}"
     trigger = MqttTrigger("bench-mqtt", host=broker[0], port=broker[1], client_id=client_id,
                           topics={f"{prefix}/+": "bench.mqtt"}, session_expiry=60)  # fmt: skip
-    async with Client(settings(nats_url, folder)) as client:
+    async with Client(settings) as client:
+        await client.publish_event(Event.create("bench.warm", {}, id=source_id("w", "warm")))
         runner = Runner(trigger, client)
         runner.start()
         try:
@@ -206,6 +218,11 @@ async def mqtt_row(nats_url: str, folder: Path, broker: tuple[str, int], n: int)
         finally:
             await runner.stop()
             forget(broker, client_id)
+    return events, wall, cpu
+
+
+async def mqtt_row(nats_url: str, folder: Path, broker: tuple[str, int], n: int) -> Row:
+    events, wall, cpu = await mqtt_pass(settings(nats_url, folder), broker, n)
     return ("MQTT: paho QoS 1, 8 topics → PUBACK after the bus", events, wall, cpu)
 
 
