@@ -34,6 +34,8 @@ def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
     """
     name = (level or os.environ.get("TIDINGS_LOG_LEVEL", "INFO")).upper()
     chosen = (fmt or os.environ.get("TIDINGS_LOG_FORMAT") or "console").strip().lower()
+    if chosen not in FORMATS and fmt is None:
+        chosen = "console"  # read at start-up for every command; `tidings run` says it
     if chosen not in FORMATS:
         raise ConfigError(f"unknown log format {chosen!r}: use {' or '.join(FORMATS)}")
     render: list[Any] = (
