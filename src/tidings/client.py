@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from tidings.bus.base import Bus
@@ -47,6 +48,7 @@ class Client:
         self._store = store
         self._owns_bus = bus is None
         self._owns_store = store is None
+        self._opening = asyncio.Lock()
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -77,9 +79,14 @@ class Client:
         return self._bus
 
     async def _ledger(self) -> Store:
-        if self._store is None:
-            self._store = open_store(self.settings.store_url)
-            await self._store.open()
+        if self._store is not None:
+            return self._store
+        # One opening for concurrent first publishes: the store is kept only once open.
+        async with self._opening:
+            if self._store is None:
+                store = open_store(self.settings.store_url)
+                await store.open()
+                self._store = store
         return self._store
 
     async def publish(

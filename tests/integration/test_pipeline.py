@@ -78,6 +78,21 @@ async def test_explicit_id_publish_is_idempotent_after_the_dedupe_window(
     assert sum(counts.values()) == 1
 
 
+async def test_concurrent_first_publishes_with_ids_share_one_ledger(
+    bus_url: str, namespace: str, tmp_path: Path, store_url: str
+) -> None:
+    """The ledger opens on the first explicit-id publish; twenty at once must all land."""
+    settings = settings_for(bus_url, namespace, tmp_path, store_url)
+    async with Client(settings) as client:
+        fresh = await asyncio.gather(
+            *(client.publish_event(Event.create("order.placed", {"n": n}, id=f"first-{n}"))
+              for n in range(20))
+        )  # fmt: skip
+    assert fresh == [True] * 20
+    counts = await stored_counts(bus_url, namespace, "order.placed")
+    assert sum(counts.values()) == 20
+
+
 async def test_per_key_order_with_parallel_keys(
     bus_url: str, namespace: str, tmp_path: Path, store_url: str
 ) -> None:
