@@ -405,3 +405,45 @@ async def test_of_two_workers_one_listens_and_the_other_takes_the_port_over_when
             await holder.stop(grace=5)
     events = await stored_events(nats_url, namespace, "email.received")
     assert sorted(e.data["subject"] for e in events) == ["mail 1", "mail 2"]
+
+
+async def test_raw_utf8_headers_and_a_forwarded_mail_are_accepted_250_and_kept(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """8-bit header bytes were surrogates the bus could not encode: 451 on every retry."""
+    settings = settings_for(nats_url, namespace, tmp_path)
+    trigger = EmailTrigger("intl", port=0)
+    eight_bit = (  # raw UTF-8, then one byte that is no UTF-8 at all
+        "From: Jérôme <j@example.org>\r\nTo: b@example.org\r\nSubject: café ".encode()
+        + b"\xff\r\nMessage-ID: <utf8@example.org>\r\n\r\nbonjour\r\n"
+    )
+    forwarded = (
+        b"From: a@example.org\r\nSubject: fwd\r\nMessage-ID: <fwd@example.org>\r\n"
+        b"Content-Type: multipart/mixed; boundary=Q\r\n\r\n--Q\r\n"
+        b"Content-Type: text/plain\r\n\r\nsee attached\r\n--Q\r\n"
+        b"Content-Type: message/rfc822\r\nContent-Disposition: attachment; filename=orig.eml"
+        b"\r\n\r\nFrom: c@example.org\r\nSubject: inner\r\n"
+        b"Content-Type: multipart/mixed; boundary=R\r\n\r\n--R\r\n"
+        b"Content-Type: text/plain\r\n\r\ninner body\r\n--R\r\nContent-Type: application/pdf"
+        b"\r\nContent-Disposition: attachment; filename=x.pdf\r\n\r\nPDF\r\n--R--\r\n--Q--\r\n"
+    )
+
+    def send_raw() -> list[int]:
+        codes = []
+        with smtplib.SMTP("127.0.0.1", trigger.port, timeout=30) as smtp:
+            smtp.ehlo()
+            for raw in (eight_bit, forwarded):
+                smtp.mail("a@example.org")
+                smtp.rcpt("b@example.org")
+                codes.append(smtp.data(raw)[0])
+        return codes
+
+    async with listening(trigger, settings):
+        assert await asyncio.to_thread(send_raw) == [250, 250]
+    first, second = await stored_events(nats_url, namespace, "email.received")
+    assert first.data["subject"] == "café \ufffd"
+    assert first.data["from"] == "Jérôme <j@example.org>"
+    assert second.data["text"] == "see attached"
+    [attachment] = second.data["attachments"]  # the forwarded mail, not its inner pdf
+    assert (attachment["filename"], attachment["content_type"]) == ("orig.eml", "message/rfc822")
+    assert b"inner body" in await asyncio.to_thread(Path(attachment["path"]).read_bytes)

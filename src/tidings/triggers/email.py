@@ -31,7 +31,7 @@ import ssl
 import tempfile
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from email import policy
 from email.header import decode_header, make_header
 from email.headerregistry import HeaderRegistry
@@ -41,9 +41,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import orjson
 import structlog
 
-from tidings.errors import ConfigError, EventTooLarge
+from tidings.errors import ConfigError, EventTooLarge, MalformedEvent
 from tidings.events import Event, check_type
 from tidings.triggers.base import LEASE_TTL_S, Sink, Trigger, TriggerUnavailable, source_id
 
@@ -271,6 +272,9 @@ class _Handler:
         except EventTooLarge as e:
             log.warning("a mail too large for the bus", trigger=trigger.name, error=str(e))
             return "552 5.3.4 message too large for the event bus: send less text"
+        except (MalformedEvent, orjson.JSONEncodeError) as e:  # the same on every retry
+            log.error("a mail cannot be an event", trigger=trigger.name, error=str(e))
+            return "554 5.6.0 the message cannot be made an event"
         except Exception as e:
             log.warning(
                 "a mail was refused: the bus did not confirm it",
@@ -333,12 +337,24 @@ def _structured(name: str, value: str) -> Any:
 def _header(name: str, value: str) -> Any:
     if name.lower() in _STRUCTURED:
         return _structured(name, value)
+    value = _unescape(value)
     if "=?" not in value:
         return value
     try:
-        return str(make_header(decode_header(value)))  # RFC 2047 encoded words
+        return _unescape(str(make_header(decode_header(value))))  # RFC 2047 encoded words
     except (LookupError, UnicodeError, ValueError):
         return value
+
+
+def _unescape(value: str) -> str:
+    """Raw 8-bit header bytes (kept by the parser as surrogates) read as UTF-8, else U+FFFD.
+
+    Raw UTF-8 headers are common (RFC 6532); left as surrogates they cannot be encoded,
+    so the mail would be refused 451 on every retry of the sending server.
+    """
+    if value.isascii():
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 _POLICY = policy.default.clone(header_factory=_header)
@@ -365,15 +381,14 @@ def parse_mail(raw: bytes, *, max_text: int = MAX_TEXT) -> ParsedMail:
     elif html is not None:
         text = html_to_text(_content(html))
     attachments = []
-    for part in message.walk():
-        if part.is_multipart() or part is plain or part is html:
+    for part in _leaves(message):
+        if part is plain or part is html:
             continue
         filename = part.get_filename()
         disposition = part.get_content_disposition()
         if disposition != "attachment" and not filename and part.get_content_maintype() == "text":
             continue  # another text alternative, not an attachment
-        content = part.get_payload(decode=True)
-        body = content if isinstance(content, bytes) else b""
+        body = _payload(part)
         meta = {
             "filename": filename,
             "content_type": part.get_content_type(),
@@ -401,6 +416,37 @@ def parse_mail(raw: bytes, *, max_text: int = MAX_TEXT) -> ParsedMail:
         "size": len(raw),
     }
     return ParsedMail(data, attachments, message_id)
+
+
+_MAX_DEPTH = 32  # nested multiparts deeper than this are not searched for attachments
+
+
+def _leaves(part: EmailMessage, depth: int = 0) -> Iterator[EmailMessage]:
+    """The non-multipart parts, where a message/rfc822 part (a forwarded mail) is one leaf.
+
+    `walk()` would descend into a forwarded mail: its text was dropped and its own
+    attachments were reported as the outer mail's, while the forwarded mail was lost.
+    """
+    if part.get_content_type() == "message/rfc822" and depth > 0:
+        yield part
+    elif part.is_multipart():
+        if depth < _MAX_DEPTH:
+            for child in part.iter_parts():
+                yield from _leaves(child, depth + 1)  # type: ignore[arg-type]
+    else:
+        yield part
+
+
+def _payload(part: EmailMessage) -> bytes:
+    """The decoded bytes of a leaf; a forwarded mail as its own bytes (CRLF line ends)."""
+    if part.get_content_type() == "message/rfc822" and part.is_multipart():
+        inner: Any = part.get_payload(0)
+        try:
+            return bytes(inner.as_bytes(policy=_POLICY.clone(linesep="\r\n")))
+        except Exception:  # a forwarded mail the generator cannot write back
+            return str(inner).encode("utf-8", "surrogateescape")
+    content = part.get_payload(decode=True)
+    return content if isinstance(content, bytes) else b""
 
 
 def _content(part: Any) -> str:
