@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -166,3 +170,40 @@ async def stored_kafka_ids(bus_url: str, namespace: str, pattern: str) -> list[s
         return ids
     finally:
         await bus.close()
+
+
+def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a `tidings` child process on `settings`, with no OTEL_* of ours."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TIDINGS_"))}
+    env.update(
+        TIDINGS_BUS=str(settings.bus),
+        TIDINGS_NAMESPACE=settings.namespace,
+        TIDINGS_HOME=settings.home,
+        TIDINGS_STORE=settings.store_url,
+    )
+    env.update(extra)
+    return env
+
+
+@asynccontextmanager
+async def tidings_run(args: list[str], env: dict[str, str], cwd: Path) -> AsyncIterator[Path]:
+    """`tidings run ARGS` in a child process, from its "worker started"; yields its log file.
+
+    Leaving the block stops it with SIGTERM, which must end it cleanly (exit 0).
+    """
+    log = cwd / "run.log"
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tidings.cli", "run", *args, env=env, cwd=cwd, stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        await eventually(lambda: "worker started" in log.read_text(), timeout=60,
+                         message="tidings run")  # fmt: skip
+        yield log
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0, log.read_text()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import eventually, settings_for
+from tests.helpers import cli_env, eventually, settings_for, tidings_run
 from tidings.client import Client
 from tidings.config import Settings
 
@@ -54,38 +51,16 @@ async def test_handler_lines_and_retry_warnings_name_the_event_in_json(
 ) -> None:
     (tmp_path / "logged.py").write_text(FLAKY_APP)
     settings = settings_for(nats_url, namespace, tmp_path)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    env.update(
-        TIDINGS_BUS=nats_url,
-        TIDINGS_NAMESPACE=namespace,
-        TIDINGS_HOME=settings.home,
-        TIDINGS_STORE=settings.store_url,
-        PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]),
-    )
-    log = tmp_path / "run.log"
-    command = [sys.executable, "-m", "tidings.cli", "run", "logged:app", "--quiet",
-               "--log-format", "json"]  # fmt: skip
-    with log.open("wb") as out:
-        process = await asyncio.create_subprocess_exec(
-            *command, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        await eventually(lambda: "worker started" in log.read_text(), timeout=60,
-                         message="the worker")  # fmt: skip
-        async with Client(settings) as client:
-            event = await client.publish("job.created", {"n": 7}, traceparent=TRACEPARENT)
+    env = cli_env(settings, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    args = ["logged:app", "--quiet", "--log-format", "json"]
+    async with tidings_run(args, env, tmp_path) as log, Client(settings) as client:
+        event = await client.publish("job.created", {"n": 7}, traceparent=TRACEPARENT)
 
         def both() -> bool:
             messages = [line.get("message") for line in lines_of(log)]
             return messages.count("handling the job") == 2 and "retrying" in messages
 
         await eventually(both, timeout=60, message="two handler lines and a retry warning")
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 30) == 0, log.read_text()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
     lines = lines_of(log)
     about = [line for line in lines if line.get("message") in ("handling the job", "retrying")]

@@ -10,8 +10,6 @@ import asyncio
 import http.server
 import os
 import re
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -29,7 +27,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from tests.gateway.conftest import auth, gateway_config, start_gateway
-from tests.helpers import eventually, running, settings_for
+from tests.helpers import cli_env, eventually, running, settings_for, tidings_run
 from tidings import App, Context, Event
 from tidings.client import Client
 from tidings.llm import FakeModel, Price
@@ -397,37 +395,21 @@ async def test_tidings_run_exports_over_otlp_when_the_otel_variables_say_so(
     (tmp_path / "exported.py").write_text(RUN_APP)
     settings = settings_for(nats_url, namespace, tmp_path)
     collector = Collector()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    env.update(
-        TIDINGS_BUS=nats_url,
-        TIDINGS_NAMESPACE=namespace,
-        TIDINGS_HOME=settings.home,
-        TIDINGS_STORE=settings.store_url,
+    env = cli_env(
+        settings,
         PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]),
         OTEL_EXPORTER_OTLP_ENDPOINT=collector.url,
         OTEL_TRACES_SAMPLER="parentbased_traceidratio",
         OTEL_TRACES_SAMPLER_ARG="1.0",
         OTEL_BSP_SCHEDULE_DELAY="100",
     )
-    log = tmp_path / "run.log"
-    command = [sys.executable, "-m", "tidings.cli", "run", "exported:app", "--quiet"]
-    with log.open("wb") as out:
-        process = await asyncio.create_subprocess_exec(
-            *command, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT
-        )
     try:
-        await eventually(lambda: "worker started" in log.read_text(), timeout=60,
-                         message="the worker")  # fmt: skip
-        async with Client(settings) as client:
-            await client.publish("job.created", {"n": 1})
-        await eventually(lambda: "process job.created" in collector.names, timeout=30,
-                         message="the processing span at the collector")  # fmt: skip
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 30) == 0, log.read_text()
+        async with tidings_run(["exported:app", "--quiet"], env, tmp_path):
+            async with Client(settings) as client:
+                await client.publish("job.created", {"n": 1})
+            await eventually(lambda: "process job.created" in collector.names, timeout=30,
+                             message="the processing span at the collector")  # fmt: skip
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
         collector.close()
     assert collector.services == {"exported"}  # the app's name, unless OTEL_SERVICE_NAME
 
