@@ -39,6 +39,7 @@ from tests.helpers import eventually, running, settings_for, subject_counts
 from tests.integration.test_trigger_email import docs_section, stored_events
 from tidings import App, Context, Event
 from tidings.client import Client
+from tidings.errors import ConfigError
 from tidings.triggers.base import Runner, Sink, TriggerStatus, TriggerUnavailable, source_id
 from tidings.triggers.mqtt import MqttTrigger, Redeliveries, wildcard_values
 
@@ -613,3 +614,43 @@ async def test_a_broker_that_goes_away_fails_the_trigger_loudly_and_it_recovers(
     finally:
         own.kill()
         own.wait(10)
+
+
+async def test_json_nested_too_deep_to_write_is_published_as_bytes_and_blocks_nothing(
+    broker: tuple[str, int], prefix: str, nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """orjson reads 1,024 levels but writes 254: the message failed every redelivery."""
+    client_id = f"tidings-test-{uuid.uuid4().hex[:12]}"
+    trigger = MqttTrigger(
+        "deep", host=broker[0], port=broker[1], client_id=client_id, session_expiry=60,
+        topics={f"{prefix}/#": "iot.deep"},
+    )  # fmt: skip
+    deep = b"[" * 400 + b"]" * 400
+    try:
+        async with Client(settings_for(nats_url, namespace, tmp_path)) as client:
+            runner = Runner(trigger, client)
+            runner.start()
+            await asyncio.wait_for(trigger.subscribed.wait(), 20)
+            await asyncio.to_thread(
+                publish, broker, [(f"{prefix}/a", deep, {}), (f"{prefix}/a", b"[1]", {})]
+            )
+            await eventually(lambda: runner.status.events == 2, message="both events")
+            assert runner.status.state == "running"
+            await runner.stop()
+    finally:
+        forget_session(broker, client_id)
+    first, second = await stored_events(nats_url, namespace, "iot.deep")
+    assert base64.b64decode(first.data["payload_base64"]) == deep
+    assert first.data["content_type"] == "application/json"
+    assert "payload" not in first.data
+    assert second.data["payload"] == [1]
+
+
+@pytest.mark.parametrize("topic_filter", ["a+/b", "a/b#", "+a/b", "a/#/b", "", "$SYS/#"])
+def test_a_topic_filter_the_broker_would_refuse_is_refused_at_declaration(
+    topic_filter: str,
+) -> None:
+    """'a+/b' was declared, then every connection failed with paho's bare ValueError."""
+    with pytest.raises(ConfigError, match="is not a topic filter"):
+        MqttTrigger("bad", topics={topic_filter: "iot.a"})
+    assert MqttTrigger("good", topics={"a/+/b": "iot.a", "a//+/#": "iot.b", "#": "iot.c"})

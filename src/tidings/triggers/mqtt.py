@@ -92,6 +92,25 @@ def wildcard_values(topic_filter: str, topic: str) -> list[str] | None:
     return values if len(levels) == len(topic_filter.split("/")) else None
 
 
+def _valid_filter(topic_filter: str) -> bool:
+    """An MQTT topic filter: '+' a whole level, '#' the whole last one, no NUL, not '$...'.
+
+    The broker refuses any other (paho raises on some first): declared, it failed every
+    connection again with backoff, without saying which filter to fix.
+    """
+    if not topic_filter or "\0" in topic_filter or topic_filter.startswith("$"):
+        return False
+    if len(topic_filter.encode()) > 65535:
+        return False
+    levels = topic_filter.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return False
+        if "+" in level and level != "+":
+            return False
+    return True
+
+
 class MqttTrigger(Trigger):
     """Subscribes to `topics` (filter -> event type) on an MQTT broker with QoS 1."""
 
@@ -122,7 +141,7 @@ class MqttTrigger(Trigger):
             raise ConfigError(f"mqtt trigger {name!r}: declare topics={{'filter': 'type'}}")
         self.topics = {}
         for topic_filter, event_type in topics.items():
-            if not topic_filter or "#" in topic_filter[:-1] or topic_filter.startswith("$"):
+            if not _valid_filter(topic_filter):
                 raise ConfigError(
                     f"mqtt trigger {name!r}: {topic_filter!r} is not a topic filter: use"
                     " levels split by '/', '+' for one level and a final '#' for the rest"
@@ -256,7 +275,15 @@ class MqttTrigger(Trigger):
         if event is None:
             return
         try:
-            sink.client.bus.check(event)
+            try:
+                sink.client.bus.check(event)
+            except orjson.JSONEncodeError as e:  # read, but too deep to write (254 levels)
+                event = _payload_as_bytes(event, item.payload, str(e))
+                log.warning(
+                    "a JSON payload nested too deep for the bus: published as bytes",
+                    trigger=self.name, topic=item.topic, error=str(e),
+                )  # fmt: skip
+                sink.client.bus.check(event)
         except EventTooLarge as e:  # never publishable: as it stands it would block the session
             event = _without_payload(event, item.payload, str(e))
             log.warning(
@@ -315,6 +342,19 @@ class _Arrival:
     topic: str
     event: Event | None  # None: a topic no filter maps, acknowledged and dropped
     payload: bytes | bytearray = b""
+
+
+def _payload_as_bytes(event: Event, payload: bytes | bytearray, reason: str) -> Event:
+    """The event of a JSON payload the bus cannot write back: its bytes, base64.
+
+    orjson reads JSON nested up to 1,024 levels but writes only 254: as read, the event
+    could never be published, and the message would come again for ever.
+    """
+    data = {k: v for k, v in event.data.items() if k != "payload"}
+    data["payload_base64"] = base64.b64encode(payload).decode()
+    data["content_type"] = "application/json"
+    data["payload_not_decoded"] = reason
+    return dataclasses.replace(event, data=data)
 
 
 def _without_payload(event: Event, payload: bytes | bytearray, reason: str) -> Event:
