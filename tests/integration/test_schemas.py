@@ -523,6 +523,9 @@ def test_versions_chain_and_newer_data_passes_unchanged() -> None:
     assert schemas.dataschema_of("order.placed", {"order_id": "a"}) is None
     with pytest.raises(SchemaViolation, match="currency"):  # a dict: the latest version
         schemas.outbound(Event.create("order.placed", {"order_id": "a", "amount": 1}))
+    foreign = Event.create("order.placed", {"order_id": "a", "amount": 1, "currency": "E"},
+                           dataschema="https://example.com/order.json")  # fmt: skip
+    assert schemas.outbound(foreign).dataschema == dataschema("order.placed", 3)
     stamped = schemas.outbound(Event.create("other.type", {"anything": True}))
     assert stamped.dataschema is None  # undeclared types pass unchanged
     with pytest.raises(ConfigError, match="version 9"):

@@ -399,7 +399,9 @@ class EventTypes:
         """`event` validated against the version it names (default: the latest), stamped.
 
         Raises `SchemaViolation` naming the JSON pointer and the rule; an event of an
-        undeclared type passes unchanged. A version it names must be declared.
+        undeclared type passes unchanged. A version it names must be declared; any other
+        ``dataschema`` (a URL of the producer's) is replaced by the version's, so readers
+        read the event as the version it was validated as.
         """
         kind = self._types.get(event.type)
         if kind is None or not kind.versions:
@@ -416,8 +418,9 @@ class EventTypes:
         else:
             version = max(kind.versions)
         self.validate(event.type, version, event.data)
-        if event.dataschema is None:
-            event = _as_version(event, event.data, dataschema(event.type, version))
+        stamp = dataschema(event.type, version)
+        if event.dataschema != stamp:  # for a declared type the version is Tidings' to name
+            event = _as_version(event, event.data, stamp)
         return event
 
     def upcast(self, event: Event, target: int | None = None) -> Upcast:
