@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from tests.conftest import KafkaServer, NatsServer
 from tests.gateway.conftest import auth, gateway_config
-from tests.helpers import eventually, running, settings_for
+from tests.helpers import eventually, publish_raw_event, running, settings_for
 from tests.integration.test_cli import base_env, tidings
 from tidings import App, Context, Event, Settings
 from tidings.errors import ConfigError, SchemaViolation
@@ -342,9 +342,8 @@ async def test_invalid_data_is_refused_by_the_client_emit_and_the_gateway(
         await worker.stop(grace=5)
 
 
-@pytest.mark.nats
 async def test_an_invalid_inbound_event_is_dead_lettered_with_its_pointer_once(
-    nats_url: str, namespace: str, tmp_path: Path
+    broker: str, namespace: str, tmp_path: Path
 ) -> None:
     app = App("shop")
     declare(app, 3)
@@ -354,17 +353,14 @@ async def test_an_invalid_inbound_event_is_dead_lettered_with_its_pointer_once(
     async def orders(event: Event, ctx: Context) -> None:
         ran.append(event)
 
-    settings = settings_for(nats_url, namespace, tmp_path)
+    settings = settings_for(broker, namespace, tmp_path)
     async with running(app, settings) as worker:
         assert worker.store is not None
-        nc = await nats.connect(nats_url)  # a foreign producer: no validation, no dataschema
-        try:
-            headers = {"ce-id": "raw-1", "ce-source": "/legacy", "ce-type": "order.placed",
-                       "ce-specversion": "1.0", "content-type": "application/json"}  # fmt: skip
-            body = orjson.dumps({"order_id": "o1", "total": "lots"})  # read as version 1
-            await nc.jetstream().publish(f"{namespace}.events.order.placed", body, headers=headers)
-        finally:
-            await nc.close()
+        # A foreign producer (nats-py, aiokafka): no validation, no dataschema.
+        headers = {"ce-id": "raw-1", "ce-source": "/legacy", "ce-type": "order.placed",
+                   "ce-specversion": "1.0", "content-type": "application/json"}  # fmt: skip
+        body = orjson.dumps({"order_id": "o1", "total": "lots"})  # read as version 1
+        await publish_raw_event(broker, namespace, "order.placed", body, headers)
         await eventually(
             lambda: worker.store.list_dead_letters("orders"), timeout=20, message="dead letter"
         )
