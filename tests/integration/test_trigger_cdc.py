@@ -289,6 +289,13 @@ def test_values_become_json_where_that_is_exact() -> None:
     assert convert(3802, '{"a": [1, null]}') == {"a": [1, None]}
     assert convert(1700, "12.3400") == "12.3400"  # numeric keeps its digits
     assert convert(1184, "2026-12-01 10:00:00+00") == "2026-12-01 10:00:00+00"
+    # What PostgreSQL takes and orjson cannot read or write back stays the server's text.
+    assert convert(114, '"\\ud800"') == '"\\ud800"'  # json keeps a lone surrogate escape
+    assert convert(3802, "1" + "0" * 400) == "1" + "0" * 400  # jsonb of 1e400: no double
+    deep = "[" * 300 + "]" * 300
+    assert convert(3802, deep) == deep
+    wide = "[" + ",".join(["[]"] * 500) + "]"  # many brackets, but shallow: parsed
+    assert convert(3802, wide) == [[]] * 500
 
 
 def test_declaration_errors_name_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -379,6 +386,34 @@ async def test_unchanged_toast_is_listed_without_full_identity(
     assert delete.data["before"] == {"id": 1}
     assert truncate.type == "pg.rows.items.truncated" and truncate.data["key"] is None
     assert truncate.data["before"] is None and truncate.data["after"] is None
+
+
+@pytest.mark.nats
+async def test_rows_the_bus_would_refuse_every_time_are_published_and_the_stream_goes_on(
+    database: str, nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """A key with a line break or over 1,024 characters (the subject), JSON orjson cannot
+    carry: each raised on every try, so the slot stalled behind it for good."""
+    sql(database, "CREATE TABLE t (k text PRIMARY KEY, j json, jb jsonb)")
+    settings = settings_for(nats_url, namespace, tmp_path)
+    trigger = PostgresChanges("odd", database, tables=["t"])
+    deep = "[" * 300 + "]" * 300
+    rows = [("a\nb", None, None), ("L" * 2000, None, None), ("sur", '"\\ud800"', None),
+            ("inf", None, "1e400"), ("deep", None, deep), ("end", None, "[1]")]  # fmt: skip
+    async with running(trigger, settings) as runner:
+        assert await slot_active(database, slot_name("cdctest", "odd"), 30)
+        for row in rows:
+            sql(database, "INSERT INTO t VALUES (%s, %s, %s)", row)
+        events = await wait_for_events(settings, len(rows), 30)
+        assert runner.status.state == "running", runner.status.error
+    assert [e.data["after"]["k"] for e in events] == [k for k, _, _ in rows]
+    newline, long, sur, inf, deeply, end = events
+    assert newline.subject is not None and newline.subject.startswith("sha256:")
+    assert long.subject is not None and len(long.subject) == len("sha256:") + 64
+    assert sur.data["after"]["j"] == '"\\ud800"'
+    assert inf.data["after"]["jb"] == "1" + "0" * 400
+    assert deeply.data["after"]["jb"] == deep
+    assert end.subject == "public.t/end" and end.data["after"]["jb"] == [1]
 
 
 @pytest.mark.nats

@@ -266,8 +266,40 @@ def convert(type_oid: int, text: str) -> Any:
         number = float(text)
         return number if math.isfinite(number) else text
     if type_oid in (_JSON, _JSONB):
-        return orjson.loads(text)
+        return _json(text)
     return text
+
+
+_JSON_DEPTH = 200  # orjson writes at most 254 levels; the event wraps the value in a few
+
+
+def _json(text: str) -> Any:
+    """A json/jsonb value parsed, or its text where orjson cannot carry it exactly enough.
+
+    PostgreSQL takes what orjson refuses to read (a lone surrogate escape in json, a number
+    beyond a double like 1e400 in jsonb) or to write (nesting past 254 levels): such a value
+    raised on every try, so the slot never moved past it and kept WAL without end.
+    """
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+    if text.count("[") + text.count("{") > _JSON_DEPTH and _depth(value) > _JSON_DEPTH:
+        return text
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How deep lists and objects nest in `value` (iteratively: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in item)
+    return deepest
 
 
 class Changes:
