@@ -213,7 +213,7 @@ def schema_lock(target: AppArgument, lock: LockOption = Path(LOCK_FILE)) -> None
     """Write the app's declared schemas to the lock file (commit it)."""
     with guarded():
         app = load_app(target)
-        problems = [p for p in lock_problems(app.schemas, _read_lock(lock)) if _refuses(p)]
+        problems = [p for p in lock_problems(app.schemas, _read_lock(lock)) if p.in_code]
     if problems:  # locking would bless a change that breaks readers
         fail("not locked:\n" + "\n".join(f"  {p}" for p in problems))
     lock.write_text(_lock_text(app))
@@ -226,11 +226,6 @@ def _counted(app: App) -> str:
     return (
         f"{count} version{'s' * (count != 1)} of {len(types)} event type{'s' * (len(types) != 1)}"
     )
-
-
-def _refuses(problem: str) -> bool:
-    """Whether a lock problem must be fixed in code (not by writing the lock again)."""
-    return (" is not " in problem and "compatible" in problem) or "changed since" in problem
 
 
 def _read_lock(path: Path) -> dict[str, Any]:
@@ -259,7 +254,7 @@ def schema_check(target: AppArgument, lock: LockOption = Path(LOCK_FILE)) -> Non
                 f"there is no lock file {lock}: write it with"
                 f" `tidings schema lock {target}` and commit it"
             )
-        problems = lock_problems(app.schemas, _read_lock(lock))
+        problems = [str(p) for p in lock_problems(app.schemas, _read_lock(lock))]
         for spec in app.agents.values():  # every agent's chain of upcasters is complete
             try:
                 reads = app.schemas.targets_of(f"agent {spec.name!r}", spec.patterns,

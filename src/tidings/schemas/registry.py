@@ -25,7 +25,7 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import orjson
 
@@ -42,6 +42,7 @@ __all__ = [
     "EventTypes",
     "EventVersion",
     "IncompatibleSchema",
+    "LockProblem",
     "Upcast",
     "Upcaster",
     "dataschema",
@@ -596,7 +597,28 @@ def lock_of(types: EventTypes) -> dict[str, Any]:
     }
 
 
-def lock_problems(types: EventTypes, lock: Mapping[str, Any]) -> list[str]:
+LockProblemKind = Literal["incompatible", "changed", "unlocked", "undeclared", "mode"]
+
+
+class LockProblem(NamedTuple):
+    """One difference between the declarations and the lock file, naming the fix.
+
+    "incompatible" and "changed" are fixed in code; the others by locking again.
+    """
+
+    kind: LockProblemKind
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+    @property
+    def in_code(self) -> bool:
+        """Whether locking again would bless a change that breaks readers."""
+        return self.kind in ("incompatible", "changed")
+
+
+def lock_problems(types: EventTypes, lock: Mapping[str, Any]) -> list[LockProblem]:
     """What differs between the declarations and a lock file, each naming the fix.
 
     A locked version must keep its schema, a new version must be compatible with the
@@ -604,42 +626,43 @@ def lock_problems(types: EventTypes, lock: Mapping[str, Any]) -> list[str]:
     must be locked; every locked version must still be declared (old events carry it).
     """
     locked: Mapping[str, Any] = lock.get("types", {})
-    problems: list[str] = []
+    problems: list[LockProblem] = []
     for event_type in sorted(set(locked) | set(types.types())):
         entry = locked.get(event_type, {})
         history = {int(v): s for v, s in entry.get("versions", {}).items()}
         declared = {v.version: v for v in types.versions(event_type)}
         mode = types.mode(event_type)
         if entry and entry.get("mode") != mode.name and declared:
-            problems.append(
-                f"{event_type}: mode {mode.name} is declared but {entry.get('mode')} is locked;"
-                " run `tidings schema lock` if the change is meant"
-            )
+            problems.append(LockProblem(
+                "mode", f"{event_type}: mode {mode.name} is declared but {entry.get('mode')} is"
+                " locked; run `tidings schema lock` if the change is meant",
+            ))  # fmt: skip
         for version in sorted(set(history) | set(declared)):
             at = f"{event_type} version {version}"
             if version not in declared:
-                problems.append(
-                    f"{at} is locked but no longer declared: keep declaring it (stored events"
-                    " still carry it), or run `tidings schema lock` if none are left"
-                )
+                problems.append(LockProblem(
+                    "undeclared", f"{at} is locked but no longer declared: keep declaring it"
+                    " (stored events still carry it), or run `tidings schema lock` if none are"
+                    " left",
+                ))  # fmt: skip
             elif version in history:
                 if canonical(history[version]) != canonical(declared[version].schema):
-                    problems.append(
-                        f"{at} changed since it was locked: a published version never"
-                        f" changes; declare the change as version {max(history) + 1} with"
-                        f" an upcaster, or revert it"
-                    )
+                    problems.append(LockProblem(
+                        "changed", f"{at} changed since it was locked: a published version"
+                        f" never changes; declare the change as version {max(history) + 1}"
+                        " with an upcaster, or revert it",
+                    ))  # fmt: skip
             else:
                 older = [history[v] for v in sorted(history) if v < version]
                 found = types.incompatibilities(event_type, older, declared[version])
                 for p in found:
-                    problems.append(
-                        f"{at} is not {mode.name} compatible: {p.path or '(root)'}: {p.change};"
-                        f" fix: {p.fix}"
-                    )
+                    problems.append(LockProblem(
+                        "incompatible", f"{at} is not {mode.name} compatible:"
+                        f" {p.path or '(root)'}: {p.change}; fix: {p.fix}",
+                    ))  # fmt: skip
                 if not found:
-                    problems.append(
-                        f"{at} is new and compatible but not locked: run `tidings schema lock`"
-                        " and commit the lock file"
-                    )
+                    problems.append(LockProblem(
+                        "unlocked", f"{at} is new and compatible but not locked: run"
+                        " `tidings schema lock` and commit the lock file",
+                    ))  # fmt: skip
     return problems
