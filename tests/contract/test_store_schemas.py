@@ -95,3 +95,10 @@ async def test_history_is_oldest_first_per_type(store: Store, make_store: StoreF
         ("order.placed", 2),
     ]
     assert await other.list_schemas("nothing.here") == []
+
+
+async def test_types_are_listed_in_the_same_order_on_every_backend(store: Store) -> None:
+    names = ["order_x", "Order.b", "order-x", "order.a", "ORDER.c"]
+    for name in names:
+        await store.register_schema(record(event_type=name))
+    assert [r.event_type for r in await store.list_schemas()] == sorted(names)

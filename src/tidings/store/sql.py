@@ -859,10 +859,9 @@ class SqlStore(Store):
     async def list_schemas(self, event_type: str | None = None) -> list[SchemaRecord]:
         """Registered versions of one type (or all), by type then version."""
         where, params = ("WHERE event_type = ?", (event_type,)) if event_type else ("", ())
-        rows = await self._select(
-            "list_schemas", f"{_SCHEMAS} {where} ORDER BY event_type, version", *params
-        )
-        return [schema_from_row(r) for r in rows]
+        rows = await self._select("list_schemas", f"{_SCHEMAS} {where}", *params)
+        # Sorted here, not by ORDER BY: the backends' text collations differ.
+        return sorted(map(schema_from_row, rows), key=lambda r: (r.event_type, r.version))
 
     # -- triggers ---------------------------------------------------------------------
 
