@@ -817,14 +817,17 @@ def _at(error: HttpError, n: int, batch: bool) -> HttpError:
 
 
 async def _alerts(g: Gateway, source: str, events: list[Event]) -> JSONResponse:
-    """Publish one event per alert; 202 if any was new, 200 if every one was a re-send."""
+    """Publish one event per alert; 202 if any was new, 200 if every one was a re-send.
+
+    The alerts of one notification go out concurrently (their store writes share group
+    commits); each is its own publish, so each is told apart as new or a re-send.
+    """
     for event in events:
         check_event(event, g.bus)
-    duplicates = []
-    for event in events:
-        await g.hub.owners.claim(event.id, webhook_audience(source))
-        if not await _publish(g, [event], webhook_publisher(source), batch=False):
-            duplicates.append(event.id)
+    audience, owner = webhook_audience(source), webhook_publisher(source)
+    await asyncio.gather(*(g.hub.owners.claim(e.id, audience) for e in events))
+    fresh = await asyncio.gather(*(_publish(g, [e], owner, batch=False) for e in events))
+    duplicates = [e.id for e, new in zip(events, fresh, strict=True) if not new]
     answer = {"ids": [e.id for e in events], "types": [e.type for e in events],
               "duplicates": duplicates}  # fmt: skip
     return JSONResponse(answer, 200 if events and len(duplicates) == len(events) else 202)
