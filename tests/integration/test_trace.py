@@ -22,10 +22,13 @@ from typing import Any
 import pytest
 
 from tests.helpers import eventually, settings_for
+from tidings.cli.trace import RECORDS, gather
 from tidings.client import Client
 from tidings.config import Settings
+from tidings.events import new_id, now
 from tidings.store import open_store
 from tidings.store.base import Store
+from tidings.store.records import Decision
 
 pytestmark = pytest.mark.nats
 
@@ -207,3 +210,25 @@ async def test_trace_shows_every_verdict_of_a_correlation(
     assert "tidings decisions ls" in message and "--since 24h" in message
     assert not_an_agent.returncode == 1
     assert "declares no agent 'nobody'" in " ".join(not_an_agent.stderr.split())
+
+
+async def test_a_correlation_past_one_store_lookup_says_so_and_json_repeats_itself(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """Past 1,000 decisions the rest were left out without a word; the window's end was
+    `now`, so two `--json` runs of a settled correlation differed."""
+    settings = settings_for(nats_url, namespace, tmp_path)
+    async with open_store(settings.store_url) as store:
+        for n in range(RECORDS + 1):
+            decision = Decision(
+                id=new_id(), agent="a", agent_version="1", event_id=new_id(),
+                event_type="x.done", correlation_id="corr-big", key=None, status="handled",
+                result=n, state_before={}, state_after={}, emitted=[], steps=[], attempts=1,
+                started_at=now(), duration_ms=1.0,
+            )  # fmt: skip
+            await store.add_decision(decision)
+    first, gathered = await gather(settings, "corr-big", None, since=None, cap=100)
+    second, _ = await gather(settings, "corr-big", None, since=None, cap=100)
+    assert len(gathered.records.decisions) == RECORDS
+    assert any("later ones are not shown" in note for note in first.notes)
+    assert first.to_json() == second.to_json()

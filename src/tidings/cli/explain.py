@@ -394,25 +394,55 @@ def _not_subscribed(spec: AgentSpec, event_type: str) -> AgentVerdict:
     return AgentVerdict(spec.name, "not_subscribed", f"on={on} does not match {event_type}")
 
 
+@dataclass(slots=True)
+class _ByEvent:
+    """The records by event id, built once per tree.
+
+    Scanning every record for every verdict was quadratic: seconds for a correlation of
+    1,000 events.
+    """
+
+    decisions: dict[str, list[Decision]] = field(default_factory=dict)
+    letters: dict[str, list[DeadLetter]] = field(default_factory=dict)
+    parked: dict[str, list[Parked]] = field(default_factory=dict)
+    served: dict[str, Decision] = field(default_factory=dict)  # tool services' decisions
+
+
+def _by_event(recs: EventRecords) -> _ByEvent:
+    index = _ByEvent()
+    for d in recs.decisions:
+        index.decisions.setdefault(d.event_id, []).append(d)
+        if d.agent.startswith("tool:"):
+            index.served[d.event_id] = d
+    for letter in recs.dead_letters:
+        if letter.event_id is not None:
+            index.letters.setdefault(letter.event_id, []).append(letter)
+    for p in recs.parked:
+        if p.event_id is not None:
+            index.parked.setdefault(p.event_id, []).append(p)
+    return index
+
+
 def verdict_for(
     agent: str,
     event_id: str,
     event_type: str,
     gathered: Gathered,
     agents: Mapping[str, AgentSpec] | None,
+    index: _ByEvent | None = None,
 ) -> AgentVerdict:
     """One agent's verdict on one event: stored if recorded, else evaluated now."""
-    recs = gathered.records
-    decisions = [d for d in recs.decisions if d.agent == agent and d.event_id == event_id]
-    letters = [d for d in recs.dead_letters if d.agent == agent and d.event_id == event_id]
-    parked = [p for p in recs.parked if p.agent == agent and p.event_id == event_id]
+    by = index if index is not None else _by_event(gathered.records)
+    decisions = [d for d in by.decisions.get(event_id, ()) if d.agent == agent]
+    letters = [d for d in by.letters.get(event_id, ()) if d.agent == agent]
+    parked = [p for p in by.parked.get(event_id, ()) if p.agent == agent]
     stored = stored_verdict(agent, decisions, letters[-1] if letters else None,
                             parked[-1] if parked else None)  # fmt: skip
     spec = agents.get(agent) if agents is not None else None
     if stored is not None:
         if spec is not None:
             stored.where = spec.where if isinstance(spec.where, str) else None
-        _add_tool_calls(stored, recs.decisions)
+        _add_tool_calls(stored, by.served)
         return stored
     if agents is None:
         return AgentVerdict(
@@ -431,11 +461,10 @@ def verdict_for(
     )
 
 
-def _add_tool_calls(verdict: AgentVerdict, decisions: Sequence[Decision]) -> None:
+def _add_tool_calls(verdict: AgentVerdict, served: Mapping[str, Decision]) -> None:
     """Each tool step of the decision, with the tool service's own record of the call."""
     if verdict.decision is None:
         return
-    served = {d.event_id: d for d in decisions if d.agent.startswith("tool:")}
     for step in verdict.decision.steps:
         if step.get("kind") != "tool":
             continue
@@ -467,8 +496,9 @@ def explain(
     `only` limits each event to one agent's verdict (`tidings why`).
     """
     nodes = _nodes(gathered)
+    index = _by_event(gathered.records)
     for node in nodes.values():
-        node.agents = _verdicts(node, gathered, agents, only)
+        node.agents = _verdicts(node, gathered, agents, only, index)
     roots: list[EventNode] = []
     for node in sorted(nodes.values(), key=_order):
         parent = nodes.get(node.parent) if node.parent else None
@@ -509,15 +539,15 @@ def _verdicts(
     gathered: Gathered,
     agents: Mapping[str, AgentSpec] | None,
     only: str | None,
+    index: _ByEvent,
 ) -> list[AgentVerdict]:
-    recs = gathered.records
-    recorded = {d.agent for d in recs.decisions if d.event_id == node.id}
-    recorded |= {d.agent for d in recs.dead_letters if d.event_id == node.id}
-    recorded |= {p.agent for p in recs.parked if p.event_id == node.id}
+    recorded = {d.agent for d in index.decisions.get(node.id, ())}
+    recorded |= {d.agent for d in index.letters.get(node.id, ())}
+    recorded |= {p.agent for p in index.parked.get(node.id, ())}
     names = set(agents or ()) | {a for a in recorded if ":" not in a}
     if only is not None:
         names = {only}
-    return [verdict_for(a, node.id, node.type, gathered, agents) for a in sorted(names)]
+    return [verdict_for(a, node.id, node.type, gathered, agents, index) for a in sorted(names)]
 
 
 def walk(roots: Iterable[EventNode]) -> Iterable[EventNode]:

@@ -74,6 +74,7 @@ QUIET = 1.0  # seconds without a message: the stored history has been read
 # The first message may take longer: a Kafka tail looks up offsets by time first.
 FIRST = {True: 2.0, False: 5.0}  # by whether the bus says where its history ends
 ROUNDS = 4  # store lookups, each with the event ids the last one found
+RECORDS = 1000  # records of each kind one store lookup returns at most (the oldest)
 
 AppOption = Annotated[
     str | None,
@@ -180,9 +181,9 @@ def record_times(records: EventRecords) -> list[datetime]:
 
 async def _collect(store: Store, ids: Sequence[str], correlations: Sequence[str]) -> EventRecords:
     """The records about `ids` and `correlations`, merged (a correlation per lookup)."""
-    parts = [await store.records_about(ids, correlation_id=c) for c in correlations] or [
-        await store.records_about(ids)
-    ]
+    parts = [
+        await store.records_about(ids, correlation_id=c, limit=RECORDS) for c in correlations
+    ] or [await store.records_about(ids, limit=RECORDS)]
     return EventRecords(
         decisions=_unique([d for p in parts for d in p.decisions], lambda d: d.id),
         dead_letters=_unique([d for p in parts for d in p.dead_letters], lambda d: d.id),
@@ -285,7 +286,7 @@ async def gather(
     """Read the store, then the bus, for `query`; the tree is built by the caller."""
     notes: list[str] = []
     async with existing_store(settings) as store:
-        records = await store.records_about([query], correlation_id=query)
+        records = await store.records_about([query], correlation_id=query, limit=RECORDS)
         correlations = correlations_of(records, from_records(records).values())
         matched = _matched(query, records)
         ids = known_ids(records, [query] if matched else [])
@@ -336,12 +337,26 @@ async def gather(
         journals = await _journals(store, gathered, agents)
     gathered = Gathered(records, events, journals, consumers)
     found = Found(query, matched, correlations, [], window, None, notes)
+    full = [name for name, kept in _kinds(records) if len(kept) >= RECORDS]
+    if full:
+        notes.append(
+            f"the store gave {RECORDS:,} {' and '.join(full)} (the oldest), as many as one"
+            " lookup returns: later ones are not shown; trace one of the later events by"
+            " its event id"
+        )
     if window.cut:
         notes.append(
             f"the bus was read only up to {window.scanned} events ({window.ended}): events"
             " after that are missing; raise --scan or narrow --since"
         )
     return found, gathered
+
+
+def _kinds(records: EventRecords) -> list[tuple[str, Sequence[Any]]]:
+    return [
+        ("decisions", records.decisions), ("dead letters", records.dead_letters),
+        ("parked entries", records.parked), ("outbox rows", records.outbox),
+    ]  # fmt: skip
 
 
 def _matched(query: str, records: EventRecords) -> str | None:
@@ -370,7 +385,8 @@ def _window(query: str, records: EventRecords, since: str | None, now: datetime)
               if (t := id_time(c)) is not None]  # fmt: skip
     if not times:
         return Window(now - DEFAULT_SPAN, now)
-    return Window(min(times) - BEFORE, min(max(times) + AFTER, now))
+    # Not cut at `now`: the records alone date the window, so `--json` repeats itself.
+    return Window(min(times) - BEFORE, max(times) + AFTER)
 
 
 def _undecided(gathered: Gathered, agents: Mapping[str, AgentSpec] | None) -> bool:
@@ -563,8 +579,9 @@ def why(
 
 def _unknown(query: str, found: Found, store_url: str) -> NoReturn:
     bus = found.window.describe() if found.window else "the bus was not read"
+    shown = repr(query) if len(query) <= 100 else f"{query[:100]!r}... ({len(query):,} characters)"
     fail(
-        f"no correlation, event or trace {query!r}: not in the store ({store_url}), and not"
+        f"no correlation, event or trace {shown}: not in the store ({store_url}), and not"
         f" on the bus ({bus}). Check the id: `tidings decisions ls` lists recent decisions"
         " with their event ids (and `--json` their correlation ids), `tidings tail --last 20`"
         " recent events; search further back with --since 24h, or point --store/--bus at"
