@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help demo install dev test lint typecheck pytest bench bench-steps bench-kafka bench-observability clean research
+.PHONY: help demo install dev test lint typecheck pytest bench bench-throughput bench-steps bench-kafka bench-observability clean research
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,7 +39,10 @@ pytest: dev  ## The test suite (needs PostgreSQL at 127.0.0.1:5432; starts its o
 
 test: lint typecheck pytest  ## Install everything, then lint, type-check and run every test
 
-bench: dev  ## Throughput and latency against the raw nats-py client
+bench: dev  ## Tidings against raw nats-py and FastStream, side by side (benchmarks/contenders.py)
+	$(BIN)/python benchmarks/contenders.py --install-faststream
+
+bench-throughput: dev  ## The older throughput and latency rows (benchmarks/throughput.py)
 	$(BIN)/python benchmarks/throughput.py
 
 bench-steps: dev  ## Overhead of a journaled step and a bus tool call against a direct call
