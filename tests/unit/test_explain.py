@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+import io
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
+from rich.console import Console
+
 from tidings import App, Context, Event
 from tidings.bus.base import ConsumerInfo
 from tidings.bus.memory import MemoryBus
-from tidings.cli.explain import Gathered, Seen, evaluate, explain, referenced_paths
-from tidings.cli.trace import Wanted, Window, _read_bus, _run_target, id_time, parse_since
+from tidings.cli.explain import (
+    Gathered,
+    Seen,
+    evaluate,
+    explain,
+    node_json,
+    referenced_paths,
+    walk,
+)
+from tidings.cli.trace import (
+    Found,
+    Wanted,
+    Window,
+    _read_bus,
+    _run_target,
+    _tree,
+    id_time,
+    parse_since,
+)
 from tidings.events import new_id, now
 from tidings.store.records import Decision, EventRecords, Parked, Step
 
@@ -177,3 +198,30 @@ async def test_the_bus_window_stops_at_its_cap_and_keeps_only_the_trace() -> Non
         assert before.ended == "end of the window"
     finally:
         await bus.close()
+
+
+def test_a_causation_loop_and_a_long_chain_are_shown_whole() -> None:
+    """A loop (a -> b -> a) hid both events; a chain of 1,200 raised RecursionError."""
+    chain: list[Event] = []
+    for n in range(1200):
+        parent = chain[-1].id if chain else None
+        chain.append(Event.create("chain.step", {"n": n}, correlationid="c", causationid=parent))
+    a, b = new_id(), new_id()
+    loop = [
+        Event.create("loop.a", {}, id=a, correlationid="c", causationid=b),
+        Event.create("loop.b", {}, id=b, correlationid="c", causationid=a),
+    ]
+    events = {e.id: Seen(e, "bus") for e in [*chain, *loop]}
+    gathered = Gathered(EventRecords([], [], [], []), events)
+    roots = explain(gathered, None)
+    assert [r.id for r in roots] == [chain[0].id, a]
+    assert roots[1].note is not None and "loops back" in roots[1].note
+    assert [n.id for n in walk(roots)] == [e.id for e in chain] + [a, b]
+    assert orjson.dumps([node_json(r) for r in roots])  # no RecursionError
+    shallow = explain(gathered, None, max_nesting=10)
+    assert len(list(walk(shallow))) == 1202
+    tenth = next(n for n in walk(shallow) if n.id == chain[10].id)
+    assert len(tenth.children) == 1200 - 11 and "shown at level 10" in str(tenth.children[0].note)
+    console = Console(file=io.StringIO(), width=120)
+    console.print(_tree(Found("c", "correlation", ["c"], shallow, None, None)))
+    assert chain[-1].id in console.file.getvalue()  # type: ignore[attr-defined]

@@ -106,6 +106,7 @@ class EventNode:
     agents: list[AgentVerdict] = field(default_factory=list)
     children: list[EventNode] = field(default_factory=list)
     stored_at: str | None = None
+    note: str | None = None  # why it is not shown under its parent (a loop, a deep chain)
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,21 +490,84 @@ def plumbing(event_type: str) -> bool:
 
 
 def explain(
-    gathered: Gathered, agents: Mapping[str, AgentSpec] | None, *, only: str | None = None
+    gathered: Gathered,
+    agents: Mapping[str, AgentSpec] | None,
+    *,
+    only: str | None = None,
+    max_nesting: int | None = None,
 ) -> list[EventNode]:
     """The causal tree of the gathered events, roots first (oldest first at every level).
 
-    `only` limits each event to one agent's verdict (`tidings why`).
+    `only` limits each event to one agent's verdict (`tidings why`); events nested deeper
+    than `max_nesting` (default `MAX_NESTING`) are shown at that level.
     """
     nodes = _nodes(gathered)
     index = _by_event(gathered.records)
     for node in nodes.values():
         node.agents = _verdicts(node, gathered, agents, only, index)
+    ordered = sorted(nodes.values(), key=_order)
+    under = _placed(ordered, nodes, MAX_NESTING if max_nesting is None else max_nesting)
     roots: list[EventNode] = []
-    for node in sorted(nodes.values(), key=_order):
-        parent = nodes.get(node.parent) if node.parent else None
-        (parent.children if parent is not None and parent is not node else roots).append(node)
+    for node in ordered:
+        parent = under.get(node.id)
+        (nodes[parent].children if parent is not None else roots).append(node)
     return roots
+
+
+MAX_NESTING = 100  # deeper events are shown at this level: the output stays readable, and
+# the tree's recursive walks (here, in `--json`, in the terminal) stay far from Python's limit
+
+
+def _placed(
+    ordered: Sequence[EventNode], nodes: Mapping[str, EventNode], cap: int
+) -> dict[str, str]:
+    """Which node each one is shown under (absent: a root), in linear time.
+
+    Causation ids are the publishers' to set: one that loops (a -> b -> a) hid every
+    event of the loop (none was a root), and a chain of 1,000 raised RecursionError.
+    A loop is cut at its oldest event, which becomes a root; an event nested deeper than
+    `cap` is shown under its ancestor at that depth. Both say so in `note`.
+    """
+    parent_of: dict[str, str | None] = {}
+    for node in ordered:
+        parent = node.parent if node.parent in nodes and node.parent != node.id else None
+        parent_of[node.id] = parent
+    state: dict[str, int] = {}  # 1: on the path being followed, 2: done
+    for node in ordered:
+        path: list[str] = []
+        current: str | None = node.id
+        while current is not None and current not in state:
+            state[current] = 1
+            path.append(current)
+            current = parent_of[current]
+        if current is not None and state[current] == 1:  # back on the path: a loop
+            loop = path[path.index(current) :]
+            oldest = min(loop, key=lambda i: _order(nodes[i]))
+            parent_of[oldest] = None
+            nodes[oldest].note = "its causation id loops back to it: shown as a root"
+        for item in path:
+            state[item] = 2
+    depth: dict[str, int] = {}
+    for node in ordered:
+        path, current = [], node.id
+        while current is not None and current not in depth:
+            path.append(current)
+            current = parent_of[current]
+        level = depth[current] if current is not None else -1
+        for item in reversed(path):
+            level += 1
+            depth[item] = level
+    under: dict[str, str] = {}
+    for node in sorted(ordered, key=lambda n: depth[n.id]):
+        parent = parent_of[node.id]
+        if parent is None:
+            continue
+        if depth[node.id] <= cap:
+            under[node.id] = parent
+        else:
+            under[node.id] = under[parent] if depth[parent] > cap else parent
+            node.note = f"nested {depth[node.id]} levels deep: shown at level {cap}"
+    return under
 
 
 def _order(node: EventNode) -> tuple[str, str]:
@@ -610,4 +674,5 @@ def node_json(node: EventNode) -> dict[str, Any]:
         "data": e.data if e is not None and not isinstance(e.data, bytes) else None,
         "agents": [verdict_json(v) for v in node.agents],
         "emitted": [node_json(child) for child in node.children],
+        **({"note": node.note} if node.note else {}),
     }

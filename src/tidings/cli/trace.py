@@ -509,7 +509,7 @@ def trace(
     if found.matched is None:
         _unknown(query, found, store_url)
     found.app = shown
-    found.roots = explain(gathered, agents)
+    found.roots = explain(gathered, agents, max_nesting=None if as_json else _nesting())
     if app is None:
         found.notes.append(trouble or _no_app_note(ctx))
     if as_json:
@@ -637,6 +637,14 @@ def _tree(found: Found) -> Tree:
     return tree
 
 
+def _nesting() -> int:
+    """How deep the terminal tree nests: each level takes 4 columns, the labels the rest.
+
+    Past the width rich drops the deeper lines without a word (a default app nests to 64).
+    """
+    return max(4, (console.width - 60) // 4)
+
+
 def _event_label(node: EventNode) -> Text:
     label = Text()
     label.append(node.type, style="bold cyan")
@@ -651,6 +659,8 @@ def _event_label(node: EventNode) -> Text:
         label.append("  (its data is not in the store, nor on the bus in the window)", "dim")
     if node.emitted_by:
         label.append(f"  emitted by {node.emitted_by}", style="dim")
+    if node.note:
+        label.append(f"  ({node.note})", style="dim")
     return label
 
 
