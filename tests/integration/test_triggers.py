@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,12 @@ async def test_failing_source_is_shown_with_the_fix_and_recovers(
 
     async def listed() -> list[dict[str, Any]]:  # the CLI runs its own loop: in a thread
         result = await asyncio.to_thread(cli_runner.invoke, cli, ["triggers", "--json"])
-        entries: list[dict[str, Any]] = json.loads(result.stdout)
+        # The worker logs in this process too, and the runner captures that: the JSON is
+        # the part that starts a line with "[".
+        start = re.search(r"^\[", result.stdout, flags=re.MULTILINE)
+        assert start is not None, result.stdout
+        entries: list[dict[str, Any]]
+        entries, _ = json.JSONDecoder().raw_decode(result.stdout, start.start())
         assert result.exit_code == (1 if entries[0]["state"] == "failing" else 0)
         return entries
 

@@ -296,7 +296,7 @@ class Runner:
         self.sink = Sink(client, self.status, store)
         self._task: asyncio.Task[None] | None = None
         self._reporter: asyncio.Task[None] | None = None
-        self._attempt_started = 0.0
+        self._attempt_started: float | None = None  # None: between attempts (backing off)
 
     def start(self) -> None:
         """Start the trigger in the background, and its status reports if there is a store."""
@@ -320,7 +320,8 @@ class Runner:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                if loop.time() - self._attempt_started > RESTART_MAX_S * 2:
+                started, self._attempt_started = self._attempt_started or 0.0, None
+                if loop.time() - started > RESTART_MAX_S * 2:
                     delay = RESTART_MIN_S  # it had been running well: start the backoff anew
                 self.status.state = "failing"
                 self.status.error = str(e) or type(e).__name__
@@ -339,12 +340,11 @@ class Runner:
         written_at = 0.0
         complained = False
         while True:
-            status = self.status
+            status, started = self.status, self._attempt_started
             if (
                 status.state == "failing"
-                and loop.time() - self._attempt_started >= RECOVERED_AFTER_S
-                and self._task is not None
-                and not self._task.done()
+                and started is not None  # an attempt runs (not backing off after one)
+                and loop.time() - started >= RECOVERED_AFTER_S
             ):
                 _recovered(status)
             record = status.record()
