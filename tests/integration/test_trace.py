@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import free_port
 from tests.helpers import eventually, settings_for
 from tidings.cli.trace import RECORDS, gather
 from tidings.client import Client
@@ -232,3 +233,16 @@ async def test_a_correlation_past_one_store_lookup_says_so_and_json_repeats_itse
     assert len(gathered.records.decisions) == RECORDS
     assert any("later ones are not shown" in note for note in first.notes)
     assert first.to_json() == second.to_json()
+
+
+async def test_an_id_not_in_the_store_while_the_bus_is_down_says_the_bus_was_not_read(
+    tmp_path: Path,
+) -> None:
+    """It said 'not on the bus (... 0 events, not read)', as if the bus had been searched."""
+    settings = settings_for(f"nats://127.0.0.1:{free_port()}", "down", tmp_path)
+    async with open_store(settings.store_url):
+        pass
+    result = await tidings("trace", new_id(), env=cli_env(settings), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "the bus could not be reached to look there: no bus at" in result.stderr
+    assert "not on the bus" not in result.stderr

@@ -129,6 +129,7 @@ class Found:
     window: Window | None
     app: str | None
     notes: list[str] = field(default_factory=list)
+    bus_error: str | None = None  # why the bus could not be read, where it could not
 
     def to_json(self) -> dict[str, Any]:
         """The whole trace as JSON."""
@@ -285,6 +286,7 @@ async def gather(
 ) -> tuple[Found, Gathered]:
     """Read the store, then the bus, for `query`; the tree is built by the caller."""
     notes: list[str] = []
+    bus_error: str | None = None
     async with existing_store(settings) as store:
         records = await store.records_about([query], correlation_id=query, limit=RECORDS)
         correlations = correlations_of(records, from_records(records).values())
@@ -305,7 +307,7 @@ async def gather(
         try:
             bus = await connect_bus(settings)
         except TidingsError as e:
-            bus = None
+            bus, bus_error = None, str(e)
             window.ended = "not read"
             notes.append(
                 f"the bus could not be reached ({e}): only stored verdicts are shown; events"
@@ -329,7 +331,8 @@ async def gather(
             records = await _collect(store, known_ids(records, list(events)), correlations)
             events.update({i: s for i, s in from_records(records).items() if i not in events})
         if matched is None:
-            return Found(query, None, [], [], window, None, notes), Gathered(records, {})
+            found = Found(query, None, [], [], window, None, notes, bus_error=bus_error)
+            return found, Gathered(records, {})
         # The events of these correlations only (a trace id may join several).
         keep = {*correlations, query}  # an event without a correlation is its own
         events = {i: s for i, s in events.items() if (s.event.correlationid or i) in keep}
@@ -580,6 +583,11 @@ def why(
 def _unknown(query: str, found: Found, store_url: str) -> NoReturn:
     bus = found.window.describe() if found.window else "the bus was not read"
     shown = repr(query) if len(query) <= 100 else f"{query[:100]!r}... ({len(query):,} characters)"
+    if found.bus_error is not None:
+        fail(
+            f"no correlation, event or trace {shown} in the store ({store_url}), and the bus"
+            f" could not be reached to look there: {found.bus_error}"
+        )
     fail(
         f"no correlation, event or trace {shown}: not in the store ({store_url}), and not"
         f" on the bus ({bus}). Check the id: `tidings decisions ls` lists recent decisions"
