@@ -238,6 +238,8 @@ async def test_payloads_that_are_not_notifications_are_refused(alerting: Running
         ([1, 2], 422),
         ({"alerts": [{"status": "pending", "labels": {}}]}, 422),
         ({"alerts": ["x"]}, 422),
+        ({"alerts": [{"status": "firing", "fingerprint": {"a": 1}}]}, 422),
+        ({"alerts": [{"status": "firing", "fingerprint": "two\nlines"}]}, 400),
     ):
         r = await post(alerting, "am", payload, BEARER)
         assert r.status_code == status, r.text

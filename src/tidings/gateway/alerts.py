@@ -47,8 +47,12 @@ MAX_ALERTS = 1000  # per notification; Alertmanager's max_alerts bounds what it 
 
 
 def alert_id(source: str, fingerprint: str, status: str, starts_at: str) -> str:
-    """The event id of one alert's firing or resolving: the same on every re-send."""
-    return derived_id("alert", source, fingerprint, status, starts_at)
+    """The event id of one alert's firing or resolving: the same on every re-send.
+
+    The parts are JSON-encoded, so no fingerprint can be written to end where another
+    alert's status begins.
+    """
+    return derived_id("alert", orjson.dumps([source, fingerprint, status, starts_at]).decode())
 
 
 def fingerprint_of(labels: Mapping[str, Any]) -> str:
@@ -85,7 +89,10 @@ def to_events(
         labels = alert.get("labels") or {}
         if not isinstance(labels, dict):
             raise HttpError(422, f"alerts[{n}].labels is not an object")
-        fingerprint = str(alert.get("fingerprint") or fingerprint_of(labels))
+        given = alert.get("fingerprint")
+        if given is not None and not isinstance(given, str):
+            raise HttpError(422, f"alerts[{n}].fingerprint is not a string")
+        fingerprint = given or fingerprint_of(labels)
         starts_at = str(alert.get("startsAt") or "")
         kind = prefix + status
         try:
