@@ -235,3 +235,24 @@ async def test_marked_in_place_and_a_changed_file_is_a_new_event(
     ]
     assert found[2:] == [("one.txt", "utf-8", "one, changed")]
     assert (folder / "one.txt").exists() and (folder / ".one.txt.done").exists()
+
+
+async def test_links_are_never_followed(nats_url: str, namespace: str, tmp_path: Path) -> None:
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the bus")
+    (folder / "leak.txt").symlink_to(secret)  # there before the start: found by the scan
+    app = App("files")
+    app.trigger(FileDrop("drop", folder, settle=0.2))
+    settings = settings_for(nats_url, namespace, tmp_path)
+    async with running(app, settings) as worker:
+        (folder / "later.txt").symlink_to(secret)  # and one seen by the watcher
+        (folder / "real.txt").write_text("fine")
+        status = worker.triggers["drop"].status
+        await eventually(lambda: status.events == 1, timeout=20, message="the real file")
+        await asyncio.sleep(1.0)
+        assert status.events == 1 and status.state == "running"
+    (event,) = await stored_events(settings)
+    assert event.data["name"] == "real.txt"
+    assert (folder / "leak.txt").is_symlink() and secret.read_text() == "not for the bus"

@@ -21,6 +21,10 @@
   or, with ``done=None``, left in place and marked by a hidden ``.<name>.done`` file that
   records their hash. A restart between the publish and the move publishes the same id
   again, which the broker and the ledger drop (guarantee 2): no duplicate.
+- **Only regular files.** Symbolic links are never followed (a link in a drop folder
+  could point at anything the worker may read), nor are folders or sockets taken. A file
+  the worker may not read is logged and tried again at the next scan; a `done` folder it
+  may not write to fails the trigger with the fix.
 - **Several workers** may watch one folder: the ids make each file one event, and the
   worker that moves it second finds it gone, which is fine.
 - **A missing folder** fails loudly (`TriggerUnavailable`, naming the folder and the fix);
@@ -32,11 +36,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import fnmatch
 import functools
 import hashlib
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -44,11 +50,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
+import structlog
 
 from tidings.errors import ConfigError
 from tidings.events import Event, check_type
 from tidings.triggers.base import Sink, Trigger, TriggerUnavailable, source_id
 from tidings.triggers.schedule import seconds
+
+log = structlog.get_logger("tidings.triggers.files")
 
 INLINE_LIMIT = 64 * 1024
 CHUNK = 1024 * 1024  # bytes hashed per read
@@ -80,7 +89,13 @@ def digest(path: Path, inline_limit: int) -> Digest:
     """Hash `path` in chunks (blocking: run it in a thread); keep small contents."""
     sha = hashlib.sha256()
     kept = bytearray()
-    with path.open("rb") as f:
+    try:  # never through a symbolic link: it could point anywhere the worker may read
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _NotAFile(path) from e
+        raise
+    with os.fdopen(fd, "rb") as f:
         before = os.fstat(f.fileno())
         while chunk := f.read(CHUNK):
             sha.update(chunk)
@@ -96,6 +111,10 @@ def digest(path: Path, inline_limit: int) -> Digest:
 
 class _Changed(Exception):
     """The file changed while it was read: it is not complete yet."""
+
+
+class _NotAFile(Exception):
+    """A symbolic link or something else that is not a regular file: never taken."""
 
 
 class FileDrop(Trigger):
@@ -176,7 +195,7 @@ class FileDrop(Trigger):
             ]  # fmt: skip
             for name in names:
                 path = base / name
-                if self.wanted(path) and path.is_file():
+                if self.wanted(path) and path.is_file() and not path.is_symlink():
                     found.append(path)
         return found
 
@@ -263,9 +282,11 @@ class FileDrop(Trigger):
     ) -> Literal["ready", "wait", "gone"]:
         """Whether `path` stood still for `settle` (ready), not yet, or went away."""
         try:
-            st = path.stat()
+            st = path.lstat()
         except FileNotFoundError:
             return "gone"
+        if not stat.S_ISREG(st.st_mode):
+            return "gone"  # a link, a folder, a socket: not a dropped file
         key = (st.st_size, st.st_mtime_ns)
         if key != (candidate.size, candidate.mtime_ns):
             first = candidate.size == -1
@@ -280,8 +301,12 @@ class FileDrop(Trigger):
     ) -> None:
         try:
             await self._handle(sink, path)
-        except (FileNotFoundError, _Changed):
+        except (FileNotFoundError, _Changed, _NotAFile):
             pass  # taken by another worker, or still being written: seen again later
+        except PermissionError as e:  # this file only: the others go on
+            log.warning("cannot read a dropped file; it is tried again at the next scan",
+                        trigger=self.name, path=str(path), error=str(e),
+                        fix="let the worker's user read it")  # fmt: skip
         except Exception as e:
             failures.append(e)  # the trigger fails with it; the file is found again
         finally:
@@ -311,7 +336,13 @@ class FileDrop(Trigger):
             mark = {"sha256": found.sha256, "size": found.size, "mtime_ns": found.mtime_ns}
             await asyncio.to_thread(marker.write_bytes, orjson.dumps(mark))
             return
-        await asyncio.to_thread(_move, path, destination)
+        try:
+            await asyncio.to_thread(_move, path, destination)
+        except PermissionError as e:
+            raise TriggerUnavailable(
+                f"file drop {self.name}: cannot move {path} to {destination} ({e}); let the"
+                f" worker's user write to {self.done}, or mark files in place with done=None"
+            ) from e
 
     def _destination(self, relative: str, sha256: str) -> Path | None:
         """Where a handled file goes: ``done/<relative>``, with its hash if that is taken."""
