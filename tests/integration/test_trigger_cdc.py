@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from tests.conftest import POSTGRES_URL, free_port
 from tests.helpers import subject_counts
@@ -34,6 +35,7 @@ from tidings.bus.connect import connect_bus
 from tidings.client import Client
 from tidings.config import Settings
 from tidings.events import Event, decode
+from tidings.store import open_store
 from tidings.triggers.base import Runner, TriggerUnavailable, source_id
 from tidings.triggers.pgoutput import (
     UNCHANGED_TOAST,
@@ -414,6 +416,44 @@ async def test_rows_the_bus_would_refuse_every_time_are_published_and_the_stream
     assert inf.data["after"]["jb"] == "1" + "0" * 400
     assert deeply.data["after"]["jb"] == deep
     assert end.subject == "public.t/end" and end.data["after"]["jb"] == [1]
+
+
+@pytest.mark.nats
+@pytest.mark.slow
+async def test_a_slot_dropped_by_someone_else_is_created_again_and_said_loudly(
+    database: str, nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """The changes made while it was gone are lost: that was silent."""
+    make_items(database)
+    settings = settings_for(nats_url, namespace, tmp_path)
+    trigger = PostgresChanges("dropped", database, tables=["items"])
+    slot = slot_name("cdctest", "dropped")
+    with structlog.testing.capture_logs() as logs:
+        async with (
+            open_store(settings.store_url) as store,
+            Client(settings, source="/cdctest") as client,
+        ):
+            runner = Runner(trigger, client, store)
+            runner.start()
+            try:
+                assert await slot_active(database, slot, 30)
+                sql(database, "INSERT INTO items VALUES (1, 1, NULL, NULL)")
+                assert len(await wait_for_events(settings, 1, 30)) == 1
+                terminate = "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+                sql(database, f"{terminate} WHERE slot_name = %s", (slot,))
+
+                def drop() -> bool:
+                    with contextlib.suppress(psycopg2.Error):
+                        sql(database, "SELECT pg_drop_replication_slot(%s)", (slot,))
+                        return True
+                    return False
+
+                assert await wait_until(drop, 15, every_s=0.05)  # before the runner is back
+                assert await slot_active(database, slot, 30)
+            finally:
+                await runner.stop()
+    gone = [e for e in logs if str(e["event"]).startswith("the replication slot was gone")]
+    assert len(gone) == 1 and gone[0]["log_level"] == "error" and gone[0]["slot"] == slot
 
 
 @pytest.mark.nats

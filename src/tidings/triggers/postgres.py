@@ -196,7 +196,8 @@ class PostgresChanges(Trigger):
     async def _stream(self, sink: Sink) -> None:
         app = self._app or _app_of(sink.client)
         slot, publication = self.slot_for(app), self.publication_for(app)
-        primary_keys = await asyncio.to_thread(self._prepare, slot, publication)
+        primary_keys, created = await asyncio.to_thread(self._prepare, slot, publication)
+        await self._note_slot(sink, slot, created)
         wanted = frozenset(self.tables) if self.tables else None
         changes = Changes(wanted, primary_keys)
         stream = _Stream(self, slot, publication, asyncio.get_running_loop())
@@ -221,6 +222,28 @@ class PostgresChanges(Trigger):
                             await sink.publish(self.event(out, too_large=str(e)), lag_s=lag)
         finally:
             await stream.stop()
+
+    async def _note_slot(self, sink: Sink, slot: str, created: str | None) -> None:
+        """Say loudly when the slot had to be created again: what it held is lost.
+
+        Someone dropped it (or max_slot_wal_keep_size invalidated it) while the trigger
+        was away or between two connections; the new slot starts at the server's current
+        position. The cursor records that this trigger streamed from the slot before.
+        """
+        if sink.store is None:
+            return
+        cursor = await sink.cursor()
+        had = isinstance(cursor, dict) and cursor.get("slot") == slot
+        if created is not None and had:
+            log.error(
+                "the replication slot was gone and is created again: changes committed"
+                " while it was gone were not captured",
+                trigger=self.name, slot=slot, since=cursor.get("created"), now=created,
+                fix="find who dropped it (server log), or raise max_slot_wal_keep_size;"
+                " reload what changed from the table itself",
+            )  # fmt: skip
+        if created is not None or not had:
+            await sink.save_cursor({"slot": slot, "created": created})
 
     def event(self, change: RowChange, *, too_large: str | None = None) -> Event:
         """The event of one row change; its id names the commit and the change's place.
@@ -284,8 +307,13 @@ class PostgresChanges(Trigger):
             " start the server or correct the trigger's URL (retried until it answers)"
         )
 
-    def _prepare(self, slot: str, publication: str) -> dict[tuple[str, str], tuple[str, ...]]:
-        """Check the server, create what is missing; the tables' primary keys."""
+    def _prepare(
+        self, slot: str, publication: str
+    ) -> tuple[dict[tuple[str, str], tuple[str, ...]], str | None]:
+        """Check the server, create what is missing.
+
+        The tables' primary keys, and the slot's starting LSN where this call created it.
+        """
         import psycopg2
         from psycopg2 import errors
 
@@ -309,11 +337,15 @@ class PostgresChanges(Trigger):
                     (slot,),
                 )
                 found = cur.fetchone()
+                created: str | None = None
                 if found is None:
                     with contextlib.suppress(errors.DuplicateObject):  # another worker won
                         cur.execute(
-                            "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,)
+                            "SELECT lsn::text FROM"
+                            " pg_create_logical_replication_slot(%s, 'pgoutput')",
+                            (slot,),
                         )
+                        created = str(cur.fetchone()[0])
                         log.info("created the replication slot", trigger=self.name, slot=slot)
                 elif found[0] != "pgoutput" or found[1] != found[2]:
                     raise TriggerUnavailable(
@@ -322,7 +354,7 @@ class PostgresChanges(Trigger):
                         f" (SELECT pg_drop_replication_slot('{slot}')) or give the trigger"
                         " another slot="
                     )
-                return self._primary_keys(cur, publication)
+                return self._primary_keys(cur, publication), created
         except psycopg2.errors.InsufficientPrivilege as e:
             raise TriggerUnavailable(f"trigger {self.name!r}: {_first(e)}; {PRIVILEGE_FIX}") from e
         except psycopg2.OperationalError as e:
