@@ -254,3 +254,16 @@ async def test_a_cursor_from_the_store_is_where_it_goes_on(rig: Rig) -> None:
         assert [e["scheduled"] for e in rig.events("tick.hour")] == ["2026-05-01T09:00:00.000000Z"]
     finally:
         await runner.stop()
+
+
+async def test_a_cursor_it_did_not_write_means_starting_from_now(rig: Rig) -> None:
+    clock = SimulatedClock(utc(2026, 5, 1, 8, 0, 30))
+    await rig.store.save_trigger_cursor("odd", {"position": 17})  # another trigger's, say
+    runner = await _started(Schedule("odd", every="1m", type="tick.odd", clock=clock),
+                            rig, clock)  # fmt: skip
+    try:
+        await clock.advance(timedelta(minutes=1))
+        assert [e["missed"] for e in rig.events("tick.odd")] == [0]
+        assert runner.status.state == "running"
+    finally:
+        await runner.stop()

@@ -48,9 +48,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import structlog
+
 from tidings.errors import ConfigError
 from tidings.events import Event, check_type
 from tidings.triggers.base import LEASE_TTL_S, Sink, Trigger, source_id
+
+log = structlog.get_logger("tidings.triggers.schedule")
 
 CatchUp = Literal["once", "skip"]
 Overlap = Literal["queue", "skip"]
@@ -425,10 +429,9 @@ class Schedule(Trigger):
         """Fire ticks while holding the schedule's lease; stand by while another does."""
         source = f"{sink.client.source}/triggers/{self.name}"
         async with sink.exclusive(self.lease_ttl_s):
-            saved = await sink.cursor()
             clock = self.clock
             # The first run ever starts from now: there is nothing to catch up on.
-            cursor = datetime.fromisoformat(saved["tick"]) if saved else clock.now()
+            cursor = _tick_of(await sink.cursor(), self.name) or clock.now()
             busy_until: datetime | None = None
             skipped = 0
             while True:
@@ -458,6 +461,21 @@ class Schedule(Trigger):
                     continue
                 following = next(self.ticks.after(cursor))
                 await clock.sleep_until(following)
+
+
+def _tick_of(saved: Any, name: str) -> datetime | None:
+    """The last tick a cursor records; None (start from now) for one that is not ours."""
+    if saved is None:
+        return None
+    try:
+        tick = datetime.fromisoformat(saved["tick"])
+        if tick.tzinfo is None:
+            raise ValueError("no time zone")
+        return tick
+    except (KeyError, TypeError, ValueError) as e:
+        log.warning("a schedule's cursor is not one it wrote; starting from now",
+                    schedule=name, cursor=repr(saved)[:200], error=str(e))  # fmt: skip
+        return None
 
 
 def _check_cron(name: str, cron: str, tz: ZoneInfo) -> None:
