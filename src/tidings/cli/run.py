@@ -140,6 +140,7 @@ def run(
         typer.Option(
             "--triggers-only",
             envvar="TIDINGS_TRIGGERS_ONLY",
+            show_envvar=False,  # named in the command's help: a cell cuts it at 80 columns
             help="Run only the app's triggers, in processes of their own: no agents, tools"
             " or startup hooks.",
         ),
@@ -149,6 +150,7 @@ def run(
         typer.Option(
             "--no-triggers",
             envvar="TIDINGS_NO_TRIGGERS",
+            show_envvar=False,
             help="Leave the app's triggers out (run them elsewhere with --triggers-only).",
         ),
     ] = False,
@@ -178,7 +180,9 @@ def run(
             max=65535,
             metavar="PORT",
             envvar="TIDINGS_METRICS_PORT",
-            help="Serve Prometheus metrics at http://HOST:PORT/metrics (all workers added up).",
+            show_envvar=False,
+            help="Serve Prometheus metrics on this port at /metrics (all workers added up;"
+            " 0 picks a free port).",
         ),
     ] = None,
     metrics_host: Annotated[
@@ -187,11 +191,16 @@ def run(
             "--metrics-host",
             metavar="HOST",
             envvar="TIDINGS_METRICS_HOST",
+            show_envvar=False,
             help="Address the metrics listen on; loopback unless deliberately exposed.",
         ),
     ] = "127.0.0.1",
 ) -> None:
-    """Run the agents of an app until Ctrl-C or SIGTERM (then stop gracefully)."""
+    """Run the agents of an app until Ctrl-C or SIGTERM (then stop gracefully).
+
+    TIDINGS_TRIGGERS_ONLY=1, TIDINGS_NO_TRIGGERS=1, TIDINGS_METRICS_PORT and
+    TIDINGS_METRICS_HOST do what their options do.
+    """
     gateway_socket = None
     with guarded():
         settings = options_of(ctx).settings()
