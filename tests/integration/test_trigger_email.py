@@ -410,7 +410,10 @@ async def test_of_two_workers_one_listens_and_the_other_takes_the_port_over_when
 async def test_raw_utf8_headers_and_a_forwarded_mail_are_accepted_250_and_kept(
     nats_url: str, namespace: str, tmp_path: Path
 ) -> None:
-    """8-bit header bytes were surrogates the bus could not encode: 451 on every retry."""
+    """8-bit header bytes were surrogates the bus could not encode: 451 on every retry.
+
+    And AUTH was offered with no credentials declared, so a sender set up to log in failed.
+    """
     settings = settings_for(nats_url, namespace, tmp_path)
     trigger = EmailTrigger("intl", port=0)
     eight_bit = (  # raw UTF-8, then one byte that is no UTF-8 at all
@@ -438,8 +441,14 @@ async def test_raw_utf8_headers_and_a_forwarded_mail_are_accepted_250_and_kept(
                 codes.append(smtp.data(raw)[0])
         return codes
 
+    def features() -> dict[str, str]:
+        with smtplib.SMTP("127.0.0.1", trigger.port, timeout=30) as smtp:
+            smtp.ehlo()
+            return dict(smtp.esmtp_features)
+
     async with listening(trigger, settings):
         assert await asyncio.to_thread(send_raw) == [250, 250]
+        assert "auth" not in await asyncio.to_thread(features)  # no credentials declared
     first, second = await stored_events(nats_url, namespace, "email.received")
     assert first.data["subject"] == "café \ufffd"
     assert first.data["from"] == "Jérôme <j@example.org>"

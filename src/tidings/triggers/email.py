@@ -165,7 +165,9 @@ class EmailTrigger(Trigger):
                     tls_context=self.tls_context,
                     require_starttls=self.tls_context is not None and bool(self.credentials),
                     auth_required=bool(self.credentials),
-                    auth_require_tls=self.tls_context is not None,
+                    # Without credentials AUTH is not offered (only ever after TLS): a
+                    # sender set up to log in would try, fail and keep the mail.
+                    auth_require_tls=self.tls_context is not None or not self.credentials,
                     authenticator=self._authenticate if self.credentials else None,
                     loop=loop,
                 )
