@@ -9,6 +9,7 @@ and the ids). The schedule's bus going away and coming back is the last part.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -145,3 +146,50 @@ async def _opened(store: object) -> bool:
     except Exception:
         return False
     return True
+
+
+async def test_the_bus_going_away_fails_loudly_and_no_tick_is_lost_or_doubled(
+    namespace: str, tmp_path: Path
+) -> None:
+    from tests.conftest import NatsServer
+    from tests.helpers import running, settings_for
+    from tidings import App
+    from tidings.triggers.schedule import Schedule
+
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    app = App("pulse")
+    app.trigger(Schedule("beat", every="1s", type="tick.pulse"))
+    settings = settings_for(server.url, namespace, tmp_path)
+    try:
+        async with running(app, settings) as worker:
+            store = worker.store
+            assert store is not None
+            status = worker.triggers["beat"].status
+            await eventually(lambda: status.events >= 3, timeout=30, message="3 ticks")
+            server.stop()  # the bus goes away for a few ticks
+
+            async def failing() -> bool:
+                rows = await store.trigger_statuses()
+                return bool(rows) and rows[0].state == "failing"
+
+            await eventually(failing, timeout=30, message="failing")
+            (row,) = await store.trigger_statuses()
+            assert row.error is not None and server.url in row.error  # what the bus said
+            before = status.events
+            await asyncio.sleep(2.0)
+            server.start()  # back, same port and data: the runner's next try gets through
+
+            async def recovered() -> bool:
+                rows = await store.trigger_statuses()
+                return rows[0].state == "running" and status.events >= before + 4
+
+            await eventually(recovered, timeout=60, message="recovered")
+        ticks = await pulse_ticks(settings)
+        assert len(ticks) == len(set(ticks))  # none twice
+        first, last = datetime.fromisoformat(ticks[0]), datetime.fromisoformat(max(ticks))
+        expected = {iso(first + timedelta(seconds=n))
+                    for n in range(int((last - first).total_seconds()) + 1)}  # fmt: skip
+        assert set(ticks) == expected  # and none lost: the outage's ticks fired late
+    finally:
+        server.stop()
