@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
+from rich.cells import cell_len
+from rich.table import Table
 from rich.text import Text
 
 from tidings.cli.common import (
@@ -25,7 +27,7 @@ from tidings.cli.common import (
     load_app,
     print_json,
 )
-from tidings.cli.records import existing_store, local_time
+from tidings.cli.records import existing_store, local_time, two_line_table, whole
 from tidings.config import Settings
 from tidings.store.records import TriggerRecord
 from tidings.triggers.base import HEARTBEAT_S
@@ -33,6 +35,7 @@ from tidings.triggers.base import HEARTBEAT_S
 GONE_AFTER_S = 3 * HEARTBEAT_S
 # Which state a trigger shows when its workers differ: the first one any live worker has.
 _PRECEDENCE = ("failing", "running", "standby", "starting", "stopped", "gone")
+WATCHES_MIN = 30  # a one-line table keeps this much room for what a trigger watches
 _STYLE = {"failing": "bold red", "running": "green", "standby": "cyan", "gone": "yellow"}
 
 
@@ -127,23 +130,7 @@ def triggers(
             " `tidings run MODULE:APP`."
         )
         return
-    table = list_table(f"triggers ({len(entries)})")
-    for column in ("name", "kind", "state", "events", "last event", "lag"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("watches", overflow="fold")
-    for e in entries:
-        live = [w for w in e["workers"] if w["state"] not in ("gone", "stopped")]
-        state = Text(e["state"], style=_STYLE.get(e["state"], ""))
-        if e["workers"]:
-            state.append(f" {len(live)}/{len(e['workers'])}", style="dim")
-        last = "-"
-        if e["last_event_at"]:
-            last = f"{local_time(e['last_event_at'])} {e['last_event_id'][:8]}"
-        lag = "-" if e["lag_s"] is None else f"{e['lag_s']:.1f} s"
-        table.add_row(
-            e["name"], e["kind"], state, str(e["events"]), last, lag, _watches(e["watches"])
-        )
-    console.print(table)
+    console.print(trigger_table(entries, console.width))
     console.print("state n/m: n of the m workers that ran it are still running it", style="dim")
     for e in entries:
         if e["error"]:  # in full, where it cannot be missed: the message names the fix
@@ -152,6 +139,44 @@ def triggers(
             )
     if failing:
         raise typer.Exit(1)
+
+
+def trigger_table(entries: list[dict[str, Any]], width: int) -> Table:
+    """One line per trigger where that leaves `watches` room to read, else two."""
+    rows = []
+    for e in entries:
+        live = [w for w in e["workers"] if w["state"] not in ("gone", "stopped")]
+        state = Text(e["state"], style=_STYLE.get(e["state"], ""))
+        if e["workers"]:
+            state.append(f" {len(live)}/{len(e['workers'])}", style="dim")
+        at = local_time(e["last_event_at"]) if e["last_event_at"] else "-"
+        event = e["last_event_id"][:8] if e["last_event_id"] else "-"
+        lag = "-" if e["lag_s"] is None else f"{e['lag_s']:.1f} s"
+        rows.append((e["name"], e["kind"], state, str(e["events"]), at, event, lag))
+    title = f"triggers ({len(entries)})"
+    heads = ("name", "kind", "state", "events", "last event", "lag")
+    lines = [(n, k, s.plain, c, at if at == "-" else f"{at} {ev}", lag)
+             for n, k, s, c, at, ev, lag in rows]  # fmt: skip
+    used = sum(max(cell_len(v) for v in column) for column in zip(heads, *lines, strict=True))
+    if used + 2 * len(heads) + WATCHES_MIN <= width:
+        table = list_table(title)
+        for head in heads:
+            table.add_column(head, no_wrap=True)
+        table.add_column("watches", overflow="fold")
+        for e, (name, kind, state, events, at, event, lag) in zip(entries, rows, strict=True):
+            last = at if at == "-" else f"{at} {event}"
+            table.add_row(name, kind, state, events, last, lag, _watches(e["watches"]))
+        return table
+    table = two_line_table(title, ("name", "kind"), ("state", "events · lag"),
+                           ("last event", "event id"), ("watches", ""))  # fmt: skip
+    for e, (name, kind, state, events, at, event, lag) in zip(entries, rows, strict=True):
+        table.add_row(
+            whole(name, kind),
+            whole(state, f"{events} · {lag}"),
+            whole(at, event),
+            Text(_watches(e["watches"]), overflow="fold"),
+        )
+    return table
 
 
 def _watches(description: dict[str, Any]) -> str:
