@@ -235,11 +235,13 @@ def _read_lock(path: Path) -> dict[str, Any]:
         lock = orjson.loads(path.read_bytes())
     except orjson.JSONDecodeError as e:
         raise ConfigError(
-            f"the lock file {path} is not JSON ({e}); write it again with `tidings schema lock`"
+            f"the lock file {path} is not JSON ({e}); restore it from version control, or"
+            " delete it and run `tidings schema lock` to write it anew"
         ) from e
     if not isinstance(lock, dict):
         raise ConfigError(
-            f"the lock file {path} is not a lock file; write it with `tidings schema lock`"
+            f"the lock file {path} is not a lock file (a JSON object); restore it from"
+            " version control, or delete it and run `tidings schema lock` to write it anew"
         )
     return lock
 

@@ -266,11 +266,12 @@ class Consumer:
             await delivery.ack()
 
     async def _dead_letter(self, delivery: Delivery, event: Event | None, out: DeadLetter) -> None:
+        named = event if event is not None else _decoded(delivery)
         record = DeadLetterRecord(
             id=new_id(),
             agent=self.name,
-            event_id=event.id if event else delivery.headers.get("ce-id"),
-            event_type=event.type if event else delivery.headers.get("ce-type"),
+            event_id=named.id if named else delivery.headers.get("ce-id"),
+            event_type=named.type if named else delivery.headers.get("ce-type"),
             subject=delivery.subject,
             headers=dict(delivery.headers),
             body=delivery.body,
@@ -299,3 +300,14 @@ class Consumer:
         await wind_down(self.tasks, self._heartbeat, grace)
         with contextlib.suppress(Exception):
             await self.processor.flush()
+
+
+def _decoded(delivery: Delivery) -> Event | None:
+    """The event of a delivery dead-lettered by `screen` (invalid data, a causal loop).
+
+    A structured-mode body names its id and type only inside, not in a header.
+    """
+    try:
+        return decode(delivery.headers, delivery.body)
+    except MalformedEvent:
+        return None

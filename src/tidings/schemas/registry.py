@@ -21,6 +21,7 @@ that knows nothing of versions), and old events are what upcasters exist for.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -63,6 +64,11 @@ def dataschema(event_type: str, version: int) -> str:
     return f"{DATASCHEMA}{event_type}/{version}"
 
 
+# A version as Tidings writes it: ASCII digits from 1, no leading zero, and short enough
+# for int() (str.isdigit() takes "²", which int() refuses: an error on every delivery).
+_VERSION = re.compile(r"[1-9][0-9]{0,17}")
+
+
 @lru_cache(maxsize=4096)
 def parse_dataschema(value: str | None) -> tuple[str, int] | None:
     """(type, version) from a ``dataschema`` Tidings wrote; None for any other value.
@@ -72,7 +78,7 @@ def parse_dataschema(value: str | None) -> tuple[str, int] | None:
     if not value or not value.startswith(DATASCHEMA):
         return None
     event_type, _, version = value[len(DATASCHEMA) :].rpartition("/")
-    if not event_type or not version.isdigit():
+    if not event_type or _VERSION.fullmatch(version) is None:
         return None
     return event_type, int(version)
 
@@ -416,6 +422,16 @@ class EventTypes:
                     f" app does not declare (declared: {sorted(kind.versions)}); declare it"
                     f" with @app.event({event.type!r}, version={version})"
                 )
+        elif event.dataschema is not None and event.dataschema.startswith(
+            f"{DATASCHEMA}{event.type}/"
+        ):  # Tidings' own scheme, but no version: a typo, not another producer's URL
+            latest = dataschema(event.type, max(kind.versions))
+            raise ConfigError(
+                f"event {event.type!r} names {event.dataschema!r:.80} in dataschema, which is"
+                f" no version: a version is a whole number from 1; name a declared one"
+                f" (declared: {sorted(kind.versions)}), e.g. {latest!r}, or leave dataschema"
+                " out for the latest"
+            )
         else:
             version = max(kind.versions)
         self.validate(event.type, version, event.data)
@@ -448,16 +464,24 @@ class EventTypes:
         for step in self.chain(event.type, version, target):
             if not isinstance(data, dict):
                 raise SchemaViolation("", "type", f"upcasting needs an object, got {data!r:.60}")
+            name = getattr(step, "__qualname__", repr(step))
             try:
                 data = step(dict(data))
             except Exception as e:  # a bug in the upcaster: the data cannot be read as target
-                name = getattr(step, "__qualname__", repr(step))
                 raise SchemaViolation(
                     "",
                     "upcaster",
                     f"upcaster {name} raised {type(e).__name__}: {e}; fix it"
                     f" (reading {event.type!r} version {version} as {target})",
                 ) from e
+            if not isinstance(data, dict):  # a bug too; named here, not at the next step
+                raise SchemaViolation(
+                    "",
+                    "upcaster",
+                    f"upcaster {name} returned a {type(data).__name__}, not a dict; fix it"
+                    f" to return the data as a dict (reading {event.type!r} version"
+                    f" {version} as {target})",
+                )
         try:
             self.validate(event.type, target, data)
         except SchemaViolation as e:
@@ -549,6 +573,15 @@ class EventTypes:
             mode = self.mode(event_type)
             for declared in self.versions(event_type):
                 record = stored.get(declared.version)
+                newer = [stored[v] for v in sorted(stored) if v > declared.version]
+                if record is None and newer:  # its readers were checked without this one
+                    raise ConfigError(
+                        f"event type {event_type!r} version {declared.version} is not"
+                        f" registered, but version {newer[0].version} is (by"
+                        f" {newer[0].registered_by}), and that one was checked without it:"
+                        " a new version comes after every registered one; declare the"
+                        f" change as version {max(stored) + 1}"
+                    )
                 if record is None:
                     history = [stored[v].schema for v in sorted(stored) if v < declared.version]
                     problems = self.incompatibilities(event_type, history, declared)
@@ -568,7 +601,7 @@ class EventTypes:
                         f"event type {event_type!r} version {declared.version} is registered"
                         f" with another schema (by {record.registered_by} at"
                         f" {record.registered_at}): a registered version never changes;"
-                        f" declare the change as version {max(stored) + 1}"
+                        f" declare the change as version {max([*stored, record.version]) + 1}"
                     )
         return added
 
@@ -625,7 +658,7 @@ def lock_problems(types: EventTypes, lock: Mapping[str, Any]) -> list[LockProble
     locked history under its type's mode (the finding names the field and the fix), and
     must be locked; every locked version must still be declared (old events carry it).
     """
-    locked: Mapping[str, Any] = lock.get("types", {})
+    locked = _locked(lock)
     problems: list[LockProblem] = []
     for event_type in sorted(set(locked) | set(types.types())):
         entry = locked.get(event_type, {})
@@ -666,3 +699,50 @@ def lock_problems(types: EventTypes, lock: Mapping[str, Any]) -> list[LockProble
                         " `tidings schema lock` and commit the lock file",
                     ))  # fmt: skip
     return problems
+
+
+def _locked(lock: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
+    """The lock's types, checked to be as `lock_of` writes them (a hand edit may not be).
+
+    Raises `ConfigError` naming the place (``types.order.placed.versions.2``) and what is
+    wrong there, rather than an `AttributeError` out of the comparison.
+    """
+
+    def wrong(where: str, what: str) -> ConfigError:
+        return ConfigError(
+            f"the lock file is not as `tidings schema lock` writes it: at {where}: {what};"
+            " restore it from version control, or delete it and run `tidings schema lock`"
+            " to write it anew"
+        )
+
+    form = lock.get("tidings_schemas", 1)
+    if form != 1:
+        raise wrong("tidings_schemas", f"format {form!r:.40}, but this Tidings reads format 1")
+    locked = lock.get("types", {})
+    if not isinstance(locked, Mapping):
+        raise wrong("types", f"a {type(locked).__name__}, not an object of event types")
+    for event_type, entry in locked.items():
+        at = f"types.{event_type}"
+        try:
+            check_type(event_type)
+        except ValueError as e:
+            raise wrong(at, str(e)) from None
+        if not isinstance(entry, Mapping):
+            raise wrong(at, f"a {type(entry).__name__}, not an object with mode and versions")
+        mode = entry.get("mode", Mode.BACKWARD.name)
+        if not isinstance(mode, str) or mode not in Mode.__members__:
+            raise wrong(f"{at}.mode", f"{mode!r:.40} is no mode ({', '.join(Mode.__members__)})")
+        versions = entry.get("versions", {})
+        if not isinstance(versions, Mapping):
+            raise wrong(f"{at}.versions", f"a {type(versions).__name__}, not an object")
+        for version, schema in versions.items():
+            where = f"{at}.versions.{version}"
+            if not isinstance(version, str) or _VERSION.fullmatch(version) is None:
+                raise wrong(where, "a version is a whole number from 1")
+            if not isinstance(schema, Mapping | bool):
+                raise wrong(where, f"a {type(schema).__name__}, not a JSON Schema")
+            try:
+                validator(schema)
+            except ConfigError as e:
+                raise wrong(where, str(e)) from None
+    return locked

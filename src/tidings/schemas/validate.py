@@ -40,7 +40,11 @@ def validator(schema: Mapping[str, Any] | bool) -> Callable[[Any], None]:
             raise _violation(error) from None
         except ValueError:  # "Unsupported type": a value that orjson writes as JSON
             try:
-                check(orjson.loads(orjson.dumps(data)))
+                wire = orjson.loads(orjson.dumps(data))
+            except orjson.JSONEncodeError as e:  # a set, an object, a dict holding itself
+                raise SchemaViolation("", "type", f"the data is not JSON ({e})") from None
+            try:
+                check(wire)
             except jsonschema_rs.ValidationError as error:
                 raise _violation(error) from None
 
@@ -76,4 +80,25 @@ def _no_fetching(uri: str) -> Any:
 def _violation(error: jsonschema_rs.ValidationError) -> SchemaViolation:
     keywords = [part for part in error.schema_path if isinstance(part, str)]
     rule = keywords[-1] if keywords else "schema"
-    return SchemaViolation(pointer(error.instance_path), rule, error.message)
+    return SchemaViolation(pointer(error.instance_path), rule, _short(error))
+
+
+_SHOWN = 100  # characters of an offending value a message quotes, at each end
+
+
+def _short(error: jsonschema_rs.ValidationError) -> str:
+    """The validator's message, the offending value in it cut to its first characters.
+
+    It quotes the whole value: a megabyte string makes a megabyte message, in the dead
+    letter, the log line and the gateway's answer.
+    """
+    message: str = error.message
+    if len(message) <= 3 * _SHOWN:
+        return message
+    try:
+        quoted = orjson.dumps(error.instance).decode()
+    except (TypeError, ValueError):  # a value orjson does not write (an int past 64 bits)
+        quoted = ""
+    if quoted and message.startswith(quoted):
+        return f"{quoted[:_SHOWN]}…{message[len(quoted) :][: 2 * _SHOWN]}"
+    return f"{message[:_SHOWN]}…{message[-_SHOWN:]}"
