@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
@@ -71,6 +72,10 @@ from tidings.worker import services_for, sweep_period
 log = structlog.get_logger("tidings.gateway")
 
 MAX_INVOKE_ID = 200  # characters of an invoke's own id (its namespace makes it longer)
+# FastAPI 0.165+ traces requests itself once a tracer provider is installed (`tidings run`
+# installs one): a second SERVER span beside TracingMiddleware's, and fastapi.* spans.
+_NATIVE = "telemetry" in inspect.signature(FastAPI).parameters
+_NO_NATIVE_TRACING: dict[str, Any] = {"telemetry": {"tracing": False}} if _NATIVE else {}
 
 
 class Gateway:
@@ -413,6 +418,7 @@ def create_app(
         openapi_url="/openapi.json" if docs else None,
         docs_url="/docs" if docs else None,
         redoc_url=None,
+        **_NO_NATIVE_TRACING,
     )
     api.state.gateway = gw
     if cfg.allowed_origins:  # browsers on these origins may call the gateway (EventSource, fetch)
