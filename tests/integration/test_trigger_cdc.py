@@ -36,6 +36,7 @@ from tidings.client import Client
 from tidings.config import Settings
 from tidings.events import Event, decode
 from tidings.store import open_store
+from tidings.triggers import postgres
 from tidings.triggers.base import Runner, TriggerUnavailable, source_id
 from tidings.triggers.pgoutput import (
     UNCHANGED_TOAST,
@@ -454,6 +455,33 @@ async def test_a_slot_dropped_by_someone_else_is_created_again_and_said_loudly(
                 await runner.stop()
     gone = [e for e in logs if str(e["event"]).startswith("the replication slot was gone")]
     assert len(gone) == 1 and gone[0]["log_level"] == "error" and gone[0]["slot"] == slot
+
+
+@pytest.mark.nats
+async def test_a_table_dropped_and_created_again_is_captured_again_and_said_loudly(
+    database: str, nats_url: str, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new table was not in the publication: its changes were skipped without a word."""
+    monkeypatch.setattr(postgres, "PUBLICATION_CHECK_S", 0.3)
+    sql(database, "CREATE TABLE a (id int PRIMARY KEY)")
+    settings = settings_for(nats_url, namespace, tmp_path)
+    trigger = PostgresChanges("again", database, tables=["a"])
+    with structlog.testing.capture_logs() as logs:
+        async with running(trigger, settings) as runner:
+            assert await slot_active(database, slot_name("cdctest", "again"), 30)
+            sql(database, "INSERT INTO a VALUES (1)")
+            sql(database, "DROP TABLE a")
+
+            def said(start: str) -> bool:
+                return any(str(e["event"]).startswith(start) for e in logs)
+
+            assert await wait_until(lambda: said("a captured table no longer exists"), 15)
+            sql(database, "CREATE TABLE a (id int PRIMARY KEY)")
+            assert await wait_until(lambda: said("a captured table was dropped and created"), 15)
+            sql(database, "INSERT INTO a VALUES (2)")
+            events = await wait_for_events(settings, 2, 30)
+            assert runner.status.state == "running", runner.status.error
+    assert [e.data["after"] for e in events] == [{"id": 1}, {"id": 2}]
 
 
 @pytest.mark.nats

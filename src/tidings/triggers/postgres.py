@@ -60,6 +60,7 @@ PRIVILEGE_FIX = (
 )
 POLL_S = 0.2  # how often the stream thread looks for a stop or a new flushed position
 BATCH = 256  # messages handed to the loop at once: one wake-up of the loop per batch
+PUBLICATION_CHECK_S = 10.0  # how often the trigger's own publication is checked for its tables
 _TOKEN_BAD = re.compile(r"[^A-Za-z0-9_-]")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -203,6 +204,9 @@ class PostgresChanges(Trigger):
         stream = _Stream(self, slot, publication, asyncio.get_running_loop())
         stream.start()
         log.info("streaming changes", trigger=self.name, slot=slot, publication=publication)
+        watch = None
+        if self.publication is None and self.tables:  # its own publication: keep it whole
+            watch = asyncio.create_task(self._watch_publication(publication))
         try:
             while True:
                 for payload in await stream.next():
@@ -221,7 +225,69 @@ class PostgresChanges(Trigger):
                                         key=out.key, limit=e.limit)  # fmt: skip
                             await sink.publish(self.event(out, too_large=str(e)), lag_s=lag)
         finally:
+            if watch is not None:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
             await stream.stop()
+
+    async def _watch_publication(self, publication: str) -> None:
+        """Every `PUBLICATION_CHECK_S`, put a declared table dropped and created again back.
+
+        A dropped table leaves the publication, and one created again under its name is
+        not in it: its changes were skipped without a word, and stayed skipped after a
+        restart too. Each time is logged as an error, since the changes in between are lost.
+        """
+        gone: set[tuple[str, str]] = set()
+        while True:
+            await asyncio.sleep(PUBLICATION_CHECK_S)
+            try:
+                await asyncio.to_thread(self._check_publication, publication, gone)
+            except (TriggerUnavailable, OSError) as e:  # the stream reports a lost server
+                log.debug("the publication could not be checked", trigger=self.name, error=str(e))
+            except Exception as e:  # psycopg2.Error: the next check tries again
+                log.warning("the publication could not be checked", trigger=self.name,
+                            error=str(e))  # fmt: skip
+
+    def _check_publication(self, publication: str, gone: set[tuple[str, str]]) -> None:
+        conn = self._connect()
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
+                    (publication,),
+                )
+                has = {(s, t) for s, t in cur.fetchall()}
+                missing = [t for t in self.tables if t not in has]
+                if not missing:
+                    gone.clear()
+                    return
+                present = []
+                for schema, table in self.tables:
+                    cur.execute("SELECT to_regclass(%s)", (f'"{schema}"."{table}"',))
+                    if cur.fetchone()[0] is not None:
+                        present.append((schema, table))
+                back = [t for t in missing if t in present]
+                if back:
+                    listed = ", ".join(f'"{s}"."{t}"' for s, t in present)
+                    cur.execute(f'ALTER PUBLICATION "{publication}" SET TABLE {listed}')
+                    gone.difference_update(back)
+                    log.error(
+                        "a captured table was dropped and created again: it is captured"
+                        " again from now; its changes in between were not captured",
+                        trigger=self.name, tables=[".".join(t) for t in back],
+                    )  # fmt: skip
+                new = [t for t in missing if t not in present and t not in gone]
+                if new:
+                    gone.update(new)
+                    log.error(
+                        "a captured table no longer exists (dropped or renamed): nothing of"
+                        " it is captured until a table of that name is back",
+                        trigger=self.name, tables=[".".join(t) for t in new],
+                    )  # fmt: skip
+        finally:
+            conn.close()
 
     async def _note_slot(self, sink: Sink, slot: str, created: str | None) -> None:
         """Say loudly when the slot had to be created again: what it held is lost.
