@@ -176,6 +176,9 @@ def load_app(target: str) -> App:
             f" installed: pip install it into this environment ({sys.executable})"
         ) from e
     except Exception as e:
+        if isinstance(e, ImportError | TidingsError) and 'pip install "tidings[' in str(e):
+            # An optional extra is missing: its message is the fix, a traceback would bury it.
+            raise ConfigError(f"importing {module_name!r} needs an optional extra: {e}") from e
         raise ConfigError(
             f"importing {module_name!r} raised an error; fix it in your code:\n{_user_trace(e)}"
         ) from e
