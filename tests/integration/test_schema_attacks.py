@@ -25,7 +25,9 @@ from tidings import App, Context, Event, Settings
 from tidings.errors import ConfigError
 from tidings.events import MAX_PAYLOAD
 from tidings.gateway.server import GatewayServer
-from tidings.schemas.registry import dataschema
+from tidings.schemas.registry import IncompatibleSchema, dataschema
+from tidings.store import open_store
+from tidings.store.records import SchemaRecord
 from tidings.worker import Worker
 
 
@@ -174,7 +176,7 @@ def test_a_hand_edited_lock_file_fails_the_check_and_lock_names_the_way_out(
             result = tidings("schema", command, "shopapp:app", env=env, cwd=tmp_path)
             assert result.returncode == 1, result.stdout
             assert "Traceback" not in result.stderr, result.stderr
-            assert "delete it and run `tidings schema lock`" in result.stderr
+            assert "delete it and run `tidings schema lock shopapp:app`" in result.stderr
     lock.unlink()  # the way out it names
     assert tidings("schema", "lock", "shopapp:app", env=env, cwd=tmp_path).returncode == 0
     assert tidings("schema", "check", "shopapp:app", env=env, cwd=tmp_path).returncode == 0
@@ -227,3 +229,77 @@ async def test_the_gateway_refuses_a_dataschema_that_names_no_declared_version(
     finally:
         await server.stop()
         await worker.stop(grace=5)
+
+
+APP = """
+from typing import Any
+
+from tidings import App
+
+app = App("shop")
+app.event("order.placed", version=1, schema={
+    "type": "object", "properties": {"total": {"type": "number"}}, "required": ["total"]})
+app.event("order.placed", version=2, schema={
+    "type": "object", "properties": {"amount": {"type": "number"}}, "required": ["amount"]})
+
+
+@app.upcaster("order.placed", 1, 2)
+def total_is_amount(data: dict[str, Any]) -> dict[str, Any]:
+    return {"amount": data["total"]}
+"""
+# Version 3 requires a field that version-2 data lacks, and no upcaster fills it in.
+APP_V3 = (
+    APP
+    + """
+app.event("order.placed", version=3, schema={
+    "type": "object", "properties": {"amount": {"type": "number"}, "sku": {"type": "string"}},
+    "required": ["amount", "sku"]})
+"""
+)
+
+
+def test_the_cli_names_the_upcasters_and_the_whole_command_to_run(tmp_path: Path) -> None:
+    env = base_env(tmp_path)
+    module = tmp_path / "shopapp.py"
+    module.write_text(APP)
+    diff = tidings("schema", "diff", "order.placed", "1", "2", "--app", "shopapp:app",
+                   env=env, cwd=tmp_path)  # fmt: skip
+    assert diff.returncode == 0, diff.stderr
+    flat = " ".join(diff.stdout.replace("│", " ").split())
+    assert "field 'amount' was added as required" in flat  # the schemas alone: a break
+    assert "through the app's upcasters (total_is_amount)" in flat  # but upcast: safe
+    lock = "ci.lock"
+    unlocked = tidings("schema", "check", "shopapp:app", "--lock", lock, env=env, cwd=tmp_path)
+    assert unlocked.returncode == 1
+    assert f"`tidings schema lock shopapp:app --lock {lock}`" in unlocked.stderr
+    assert tidings("schema", "lock", "shopapp:app", "--lock", lock, env=env,
+                   cwd=tmp_path).returncode == 0  # fmt: skip
+    module.write_text(APP_V3)
+    broken = tidings("schema", "check", "shopapp:app", "--lock", lock, env=env, cwd=tmp_path)
+    assert broken.returncode == 1
+    assert "/sku" in broken.stderr  # and the other way out, as the worker names it
+    assert "@app.upcaster('order.placed', 2, 3)" in broken.stderr
+
+
+async def test_the_docs_show_the_refusal_a_worker_gives(tmp_path: Path) -> None:
+    page = (Path(__file__).parents[2] / "docs" / "schemas.md").read_text()
+    shown = page.split("refusing a breaking change", 1)[1].split("```text\n", 1)[1]
+    shown = shown.split("```", 1)[0].strip()
+    app = App("shop")
+    app.event("order.placed", version=1, schema={
+        "type": "object", "properties": {"order_id": {"type": "string"},
+                                         "total": {"type": "number"}},
+        "required": ["order_id", "total"]})  # fmt: skip
+    app.event("order.placed", version=2, schema={
+        "type": "object", "properties": {"order_id": {"type": "string"},
+                                         "total": {"type": "number"},
+                                         "currency": {"type": "string"}},
+        "required": ["order_id", "total", "currency"]})  # fmt: skip
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    async with store:
+        await store.register_schema(SchemaRecord(
+            "order.placed", 1, app.schemas.versions("order.placed")[0].schema, "BACKWARD", "t"
+        ))  # fmt: skip
+        with pytest.raises(IncompatibleSchema) as refused:
+            await app.schemas.register(store, "shop")
+    assert shown == f"Error: {refused.value}"

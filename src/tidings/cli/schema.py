@@ -35,7 +35,7 @@ from tidings.cli.records import existing_store, facts_table, local_time
 from tidings.config import Settings
 from tidings.errors import ConfigError
 from tidings.schemas.compat import backward, forward
-from tidings.schemas.registry import LOCK_FILE, lock_of, lock_problems
+from tidings.schemas.registry import LOCK_FILE, LockProblem, lock_of, lock_problems
 from tidings.store.records import SchemaRecord
 
 schema = typer.Typer(
@@ -184,6 +184,8 @@ def schema_diff(
             lines.append(("\n" if n else "") + f"{p.path or '(root)'}: ", style="bold")
             lines.append(p.change, style="red")
             lines.append(f"\n  fix: {p.fix}", style="dim")
+        if found and title.startswith("backward") and target is not None and old < new:
+            lines.append(f"\n{_upcast_path(target, event_type, old, new)}", style="yellow")
         parts.append(Panel(lines, title=title, title_align="left"))
     text = difflib.unified_diff(
         _pretty(a.schema), _pretty(b.schema), f"{event_type} version {old}",
@@ -191,6 +193,27 @@ def schema_diff(
     )  # fmt: skip
     parts.append(Text("\n".join(text) or "(the schemas are equal)"))
     console.print(Group(*parts))
+
+
+def _upcast_path(target: str, event_type: str, old: int, new: int) -> str:
+    """How the app's upcasters carry version `old` data to `new` readers, if they do.
+
+    The schemas alone may not read each other while the upcasters make the change safe,
+    as `check` and a starting worker see it.
+    """
+    with guarded():
+        types = load_app(target).schemas
+    try:
+        steps = types.chain(event_type, old, new)
+    except ConfigError as e:
+        return f"and no upcasters carry version-{old} data to version {new}: {e}"
+    if not steps:
+        return f"and no upcaster is declared from version {old} toward {new}"
+    names = " → ".join(getattr(step, "__qualname__", repr(step)) for step in steps)
+    return (
+        f"but version-{old} events reach version-{new} readers through the app's"
+        f" upcasters ({names}), and what they make is validated as version {new}"
+    )
 
 
 def _pretty(value: Any) -> list[str]:
@@ -208,12 +231,33 @@ def _lock_text(app: App) -> str:
     )
 
 
+def _lock_command(target: str, lock: Path) -> str:
+    """The `tidings schema lock` a message names, with this app and lock file."""
+    where = "" if lock == Path(LOCK_FILE) else f" --lock {lock}"
+    return f"`tidings schema lock {target}{where}`"
+
+
+def _problems(app: App, target: str, lock: Path) -> list[LockProblem]:
+    """The lock problems, each naming the lock command to run in full."""
+    named = _lock_command(target, lock)
+    try:
+        document = _read_lock(lock)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("`tidings schema lock`", named)) from e
+    try:
+        found = lock_problems(app.schemas, document)
+    except ConfigError as e:  # a hand-edited lock: the message names the place, not the file
+        message = str(e).replace("`tidings schema lock`", named)
+        raise ConfigError(message.replace("the lock file ", f"the lock file {lock} ", 1)) from e
+    return [p._replace(message=p.message.replace("`tidings schema lock`", named)) for p in found]
+
+
 @schema.command("lock")
 def schema_lock(target: AppArgument, lock: LockOption = Path(LOCK_FILE)) -> None:
     """Write the app's declared schemas to the lock file (commit it)."""
     with guarded():
         app = load_app(target)
-        problems = [p for p in lock_problems(app.schemas, _read_lock(lock)) if p.in_code]
+        problems = [p for p in _problems(app, target, lock) if p.in_code]
     if problems:  # locking would bless a change that breaks readers
         fail("not locked:\n" + "\n".join(f"  {p}" for p in problems))
     lock.write_text(_lock_text(app))
@@ -254,9 +298,9 @@ def schema_check(target: AppArgument, lock: LockOption = Path(LOCK_FILE)) -> Non
         if not lock.exists():
             fail(
                 f"there is no lock file {lock}: write it with"
-                f" `tidings schema lock {target}` and commit it"
+                f" {_lock_command(target, lock)} and commit it"
             )
-        problems = [str(p) for p in lock_problems(app.schemas, _read_lock(lock))]
+        problems = [str(p) for p in _problems(app, target, lock)]
         for spec in app.agents.values():  # every agent's chain of upcasters is complete
             try:
                 reads = app.schemas.targets_of(f"agent {spec.name!r}", spec.patterns,

@@ -52,6 +52,7 @@ __all__ = [
     "mode_of",
     "parse_dataschema",
     "registrant",
+    "upcaster_hint",
 ]
 
 DATASCHEMA = "tidings:schema/"
@@ -113,6 +114,16 @@ def canonical(schema: Any) -> bytes:
     return orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
 
 
+def upcaster_hint(event_type: str, version: int, mode: Mode) -> str:
+    """The other way out of a backward break: convert older data (or "" where none is)."""
+    if mode not in (Mode.BACKWARD, Mode.BACKWARD_TRANSITIVE) or version <= 1:
+        return ""
+    return (
+        "Or convert older data for its readers with an upcaster:"
+        f" @app.upcaster({event_type!r}, {version - 1}, {version})"
+    )
+
+
 class IncompatibleSchema(ConfigError):
     """A declared version breaks the registered history under its type's mode.
 
@@ -121,15 +132,10 @@ class IncompatibleSchema(ConfigError):
 
     def __init__(self, event_type: str, version: int, mode: Mode, problems: list[Incompatibility]):
         lines = "".join(f"\n  {p.path or '(root)'}: {p.change}; fix: {p.fix}" for p in problems)
-        hint = ""
-        if mode in (Mode.BACKWARD, Mode.BACKWARD_TRANSITIVE) and version > 1:
-            hint = (
-                f"\nOr convert older data for its readers with an upcaster:"
-                f" @app.upcaster({event_type!r}, {version - 1}, {version})"
-            )
+        hint = upcaster_hint(event_type, version, mode)
         super().__init__(
             f"event type {event_type!r} version {version} is not {mode.name} compatible with"
-            f" the registered versions:{lines}{hint}"
+            f" the registered versions:{lines}" + (f"\n{hint}" if hint else "")
         )
         self.event_type, self.version, self.problems = event_type, version, problems
 
@@ -688,10 +694,12 @@ def lock_problems(types: EventTypes, lock: Mapping[str, Any]) -> list[LockProble
             else:
                 older = [history[v] for v in sorted(history) if v < version]
                 found = types.incompatibilities(event_type, older, declared[version])
-                for p in found:
+                hint = upcaster_hint(event_type, version, mode)
+                for n, p in enumerate(found, 1):
                     problems.append(LockProblem(
                         "incompatible", f"{at} is not {mode.name} compatible:"
-                        f" {p.path or '(root)'}: {p.change}; fix: {p.fix}",
+                        f" {p.path or '(root)'}: {p.change}; fix: {p.fix}"
+                        + (f". {hint}" if hint and n == len(found) else ""),
                     ))  # fmt: skip
                 if not found:
                     problems.append(LockProblem(
@@ -710,7 +718,7 @@ def _locked(lock: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
 
     def wrong(where: str, what: str) -> ConfigError:
         return ConfigError(
-            f"the lock file is not as `tidings schema lock` writes it: at {where}: {what};"
+            f"the lock file is not as Tidings writes it: at {where}: {what};"
             " restore it from version control, or delete it and run `tidings schema lock`"
             " to write it anew"
         )
