@@ -296,7 +296,11 @@ def faststream_available() -> bool:
 
 
 def faststream_version() -> str:
-    probe = [str(BENCH_PYTHON), "-c", "import faststream; print(faststream.__version__)"]
+    probe = [
+        str(BENCH_PYTHON),
+        "-c",
+        "from importlib.metadata import version as v; print(v('faststream'))",
+    ]
     return subprocess.run(probe, capture_output=True, text=True).stdout.strip()
 
 
