@@ -30,6 +30,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+import structlog
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -598,22 +599,26 @@ async def test_a_broker_that_goes_away_fails_the_trigger_loudly_and_it_recovers(
     own = start_broker()
     trigger = MqttTrigger("flaky", port=port, topics={f"{prefix}/#": "iot.flaky"})
     try:
-        async with Client(settings_for(nats_url, namespace, tmp_path)) as client:
-            runner = Runner(trigger, client)
-            runner.start()
-            await asyncio.wait_for(trigger.subscribed.wait(), 20)
-            own.kill()
-            own.wait(10)
-            await eventually(lambda: runner.status.state == "failing", message="failing")
-            assert "mqtt trigger 'flaky'" in (runner.status.error or "")
-            own = start_broker()  # an empty broker: the trigger subscribes again
-            await asyncio.wait_for(trigger.subscribed.wait(), 60)
-            await asyncio.to_thread(publish, broker, [(f"{prefix}/back", b"1", {})])
-            await eventually(lambda: runner.status.events == 1, message="an event after")
-            await runner.stop()
+        with structlog.testing.capture_logs() as logs:
+            async with Client(settings_for(nats_url, namespace, tmp_path)) as client:
+                runner = Runner(trigger, client)
+                runner.start()
+                await asyncio.wait_for(trigger.subscribed.wait(), 20)
+                own.kill()
+                own.wait(10)
+                await eventually(lambda: runner.status.state == "failing", message="failing")
+                assert "mqtt trigger 'flaky'" in (runner.status.error or "")
+                own = start_broker()  # an empty broker: the trigger subscribes again
+                await asyncio.wait_for(trigger.subscribed.wait(), 60)
+                await asyncio.to_thread(publish, broker, [(f"{prefix}/back", b"1", {})])
+                await eventually(lambda: runner.status.events == 1, message="an event after")
+                await runner.stop()
     finally:
         own.kill()
         own.wait(10)
+    # The broker kept no session (no persistence): what it held is lost, and that is said.
+    lost = [e for e in logs if str(e["event"]).startswith("the broker did not keep")]
+    assert len(lost) == 1 and lost[0]["log_level"] == "error"
 
 
 async def test_json_nested_too_deep_to_write_is_published_as_bytes_and_blocks_nothing(

@@ -164,6 +164,7 @@ class MqttTrigger(Trigger):
         self.publish_timeout = publish_timeout
         self.lease_ttl = lease_ttl  # a standby connects within this after the holder's death
         self.subscribed = asyncio.Event()  # set while the subscriptions are in place
+        self.connected_before = False  # a later CONNACK without our session: messages lost
         self._unmapped: set[str] = set()
 
     def describe(self) -> dict[str, Any]:
@@ -421,6 +422,7 @@ class _Connection:
         self.client.on_message = self._on_message
         self.client.on_disconnect = self._on_disconnect
         self._started = False
+        self.session_present = False  # CONNACK: whether the broker kept our session
 
     def _where(self) -> str:
         return f"{self.trigger.host}:{self.trigger.port}"
@@ -461,6 +463,17 @@ class _Connection:
                 f"mqtt trigger {trigger.name!r}: the broker at {self._where()} refused the"
                 f" connection ({reason}): check username/password and the broker's ACL"
             )
+        if not self.session_present and (trigger.connected_before or self.journal.records):
+            # The broker lost the session (restarted without persistence, or it expired):
+            # what it held for us, unacknowledged or queued while we were away, is gone.
+            log.error(
+                "the broker did not keep this client's session: messages it held for the"
+                " trigger were lost", trigger=trigger.name, broker=self._where(),
+                fix="enable persistence on the broker (mosquitto: persistence true, a"
+                " persistence_location its user can write) and keep session_expiry above"
+                " the longest time the trigger is away",
+            )  # fmt: skip
+        trigger.connected_before = True
         if trigger.protocol == 5:
             options = SubscribeOptions(qos=1)
             client.subscribe([(topic, options) for topic in trigger.topics])
@@ -496,6 +509,7 @@ class _Connection:
     def _on_connect(
         self, client: Any, userdata: Any, flags: Any, reason: ReasonCode, properties: Any
     ) -> None:
+        self.session_present = bool(getattr(flags, "session_present", False))
         self.loop.call_soon_threadsafe(_settle, self._connected, reason)
 
     def _on_subscribe(
