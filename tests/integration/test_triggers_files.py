@@ -106,12 +106,14 @@ async def test_files_written_in_chunks_give_one_event_each_with_the_right_hash(
     folder = tmp_path / "drop"
     folder.mkdir()
     app = App("files")
-    app.trigger(FileDrop("drop", folder, settle="1s"))
+    # No rescan: every file must be found by the watcher, also those made in a new folder
+    # before its watch began.
+    app.trigger(FileDrop("drop", folder, settle="1s", rescan="1h"))
     settings = settings_for(nats_url, namespace, tmp_path)
     async with running(app, settings) as worker:
         expected = await write_slowly(folder, 100, seed=1)
         status = worker.triggers["drop"].status
-        await eventually(lambda: status.events >= 100, timeout=60, message="100 events")
+        await eventually(lambda: status.events >= 100, timeout=40, message="100 events")
         await asyncio.sleep(1.5)  # a late event for a half-written file would land now
         check(await stored_events(settings), expected, folder)
         assert status.state == "running" and status.error is None
@@ -256,3 +258,25 @@ async def test_links_are_never_followed(nats_url: str, namespace: str, tmp_path:
     (event,) = await stored_events(settings)
     assert event.data["name"] == "real.txt"
     assert (folder / "leak.txt").is_symlink() and secret.read_text() == "not for the bus"
+
+
+async def test_a_folder_moved_in_whole_is_taken(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    app = App("files")
+    app.trigger(FileDrop("drop", folder, settle=0.2, rescan="1h"))  # the watcher alone
+    settings = settings_for(nats_url, namespace, tmp_path)
+    async with running(app, settings) as worker:
+        status = worker.triggers["drop"].status
+        (folder / "first.txt").write_text("the watcher runs")
+        await eventually(lambda: status.events == 1, timeout=20, message="the first file")
+        batch = tmp_path / "batch"
+        (batch / "inner").mkdir(parents=True)
+        for n in range(3):
+            (batch / "inner" / f"{n}.txt").write_text(str(n))
+        batch.rename(folder / "batch")  # no event for the files inside, only the folder
+        await eventually(lambda: status.events == 4, timeout=20, message="the moved files")
+    names = sorted(e.data["name"] for e in await stored_events(settings))
+    assert names == ["batch/inner/0.txt", "batch/inner/1.txt", "batch/inner/2.txt", "first.txt"]

@@ -9,7 +9,8 @@
   rename it in (hidden names, ``*.part``, ``*.tmp``, ``*.partial``, ``*.crdownload`` and
   ``*~`` are ignored until renamed). A renamed-in file is complete at once and waits one
   `settle`. watchfiles (inotify, FSEvents, ReadDirectoryChangesW) says when to look; a
-  scan at start and every `rescan` finds what arrived while nothing watched.
+  scan at start, again a second later (the watcher needs a moment to start), and every
+  `rescan` finds what arrived while nothing watched.
 - **The event** (`type`, default ``file.received``; subject = the relative path) carries
   ``name`` (the path relative to the folder), ``path``, ``size``, ``sha256`` and ``ref``
   (where the file lies once handled), plus ``content`` (UTF-8 text, else base64, as
@@ -44,6 +45,7 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -184,10 +186,20 @@ class FileDrop(Trigger):
         name = path.name
         return not name.endswith(IGNORED_SUFFIXES) and fnmatch.fnmatch(name, self.pattern)
 
-    def _scan(self) -> list[Path]:
-        """Every wanted file in the folder now (blocking)."""
+    def _folder(self, path: Path) -> bool:
+        """Whether `path` is a subfolder whose files this drop takes (not hidden, not done/)."""
+        try:
+            relative = path.relative_to(self.path)
+        except ValueError:
+            return False
+        if self.done is not None and (path == self.done or self.done in path.parents):
+            return False
+        return not any(part.startswith(".") for part in relative.parts)
+
+    def _scan(self, top: Path | None = None) -> list[Path]:
+        """Every wanted file in the folder (or in `top`, one of its subfolders) now; blocking."""
         found: list[Path] = []
-        for folder, dirs, names in os.walk(self.path):
+        for folder, dirs, names in os.walk(top or self.path):
             base = Path(folder)
             dirs[:] = [
                 d for d in dirs
@@ -226,21 +238,33 @@ class FileDrop(Trigger):
             if path not in candidates and path not in handling:
                 candidates[path] = _Candidate(-1, -1, time.monotonic())
 
+        def again(path: Path) -> None:  # it changed while being read: watch it anew
+            candidates[path] = _Candidate(-1, -1, time.monotonic())
+
         async def watch() -> None:
             def keep(_: Any, raw: str) -> bool:
-                return self.wanted(Path(raw))
+                path = Path(raw)
+                return self.wanted(path) or (self.recursive and self._folder(path))
 
             async for batch in watchfiles.awatch(
                 self.path, watch_filter=keep, recursive=self.recursive, stop_event=stop,
                 debounce=50, step=25, ignore_permission_denied=True,
             ):  # fmt: skip
                 for change, raw in batch:
-                    if change != watchfiles.Change.deleted:
-                        note(Path(raw))
+                    path = Path(raw)
+                    if change == watchfiles.Change.deleted:
+                        continue
+                    if self.recursive and _real_folder(path):
+                        # A new folder: files made in it before its watch began raise no
+                        # event of their own (inotify's race), so look inside it now.
+                        for found in await asyncio.to_thread(self._scan, path):
+                            note(found)
+                    elif self.wanted(path):
+                        note(path)
                 changed.set()
 
         watcher = asyncio.create_task(watch(), name=f"watch {self.path}")
-        next_scan = 0.0
+        next_scan, scans = 0.0, 0
         tick = min(max(self.settle_s / 4, 0.05), 0.5)
         try:
             while True:
@@ -257,7 +281,10 @@ class FileDrop(Trigger):
                 if now >= next_scan:
                     for path in await asyncio.to_thread(self._scan):
                         note(path)
-                    next_scan = now + self.rescan_s
+                    # The watcher takes a moment to start: what arrived between the scan
+                    # at start and then is found by a second scan a second later.
+                    scans += 1
+                    next_scan = now + (min(1.0, self.rescan_s) if scans == 1 else self.rescan_s)
                 for path, candidate in list(candidates.items()):
                     verdict = self._complete(path, candidate, now)
                     if verdict == "wait":
@@ -266,7 +293,8 @@ class FileDrop(Trigger):
                     if verdict == "gone":
                         continue
                     await slots.acquire()
-                    task = asyncio.create_task(self._guarded(sink, path, slots, failures))
+                    handle = self._guarded(sink, path, slots, failures, again)
+                    task = asyncio.create_task(handle)
                     handling[path] = task
                     task.add_done_callback(functools.partial(_forget, handling, path))
                 changed.clear()
@@ -297,12 +325,19 @@ class FileDrop(Trigger):
         return "ready" if now - candidate.since >= self.settle_s else "wait"
 
     async def _guarded(
-        self, sink: Sink, path: Path, slots: asyncio.Semaphore, failures: list[BaseException]
+        self,
+        sink: Sink,
+        path: Path,
+        slots: asyncio.Semaphore,
+        failures: list[BaseException],
+        again: Callable[[Path], None],
     ) -> None:
         try:
             await self._handle(sink, path)
-        except (FileNotFoundError, _Changed, _NotAFile):
-            pass  # taken by another worker, or still being written: seen again later
+        except _Changed:
+            again(path)  # still being written after all
+        except (FileNotFoundError, _NotAFile):
+            pass  # taken by another worker, or not a regular file
         except PermissionError as e:  # this file only: the others go on
             log.warning("cannot read a dropped file; it is tried again at the next scan",
                         trigger=self.name, path=str(path), error=str(e),
@@ -358,6 +393,11 @@ class FileDrop(Trigger):
             with contextlib.suppress(UnicodeDecodeError):
                 return {"content": content.decode("utf-8"), "encoding": "utf-8"}
         return {"content": base64.b64encode(content).decode(), "encoding": "base64"}
+
+
+def _real_folder(path: Path) -> bool:
+    """A folder, not a link to one."""
+    return path.is_dir() and not path.is_symlink()
 
 
 def _forget(handling: dict[Path, asyncio.Task[None]], path: Path, _: object) -> None:
