@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+import pytest
+import typer
 from rich.console import Console
 
 from tidings import App, Context, Event
@@ -166,6 +168,9 @@ def test_the_bus_window_and_the_running_worker_s_app() -> None:
     assert parse_since("30m", at) == at - timedelta(minutes=30)
     assert parse_since("1.5h", at) == at - timedelta(hours=1.5)
     assert parse_since("2026-01-30T08:00", at) == datetime(2026, 1, 30, 8, 0, tzinfo=UTC)
+    for too_far in ("99999999d", "1000000000d", "9" * 30 + "s"):  # were OverflowError
+        with pytest.raises(typer.Exit):
+            parse_since(too_far, at)
     made = id_time(new_id())
     assert made is not None and abs(made - datetime.now(UTC)) < timedelta(seconds=5)
     assert id_time("not-a-uuid") is None and id_time(str(uuid.uuid4())) is None

@@ -148,7 +148,10 @@ def parse_since(text: str, now: datetime) -> datetime:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
     if match:
         unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
-        return now - timedelta(**{unit: float(match.group(1))})
+        try:
+            return now - timedelta(**{unit: float(match.group(1))})
+        except OverflowError:  # it was a traceback
+            fail(f"--since {text!r} reaches before the year 1: give a shorter span or a time")
     try:
         moment = datetime.fromisoformat(text.strip())
     except ValueError:
