@@ -27,7 +27,7 @@ from tidings import App, Backoff, Context, Event
 from tidings.client import Client
 from tidings.errors import ToolFailed
 from tidings.llm import FakeModel, Price
-from tidings.observability.metrics import merge
+from tidings.observability.metrics import merge, serve_merged
 
 FAST = Backoff(initial=0.05, maximum=0.2)
 ROOT = Path(__file__).resolve().parents[2]
@@ -272,6 +272,18 @@ def test_merge_adds_counters_and_histograms_and_takes_bus_gauges_once() -> None:
     assert value(merged, "tidings_handler_seconds_sum", agent="a") == 1.0
     assert value(merged, "tidings_consumer_lag", consumer="a") == 9  # the same bus: once
     assert value(merged, "tidings_events_in_flight", agent="a") == 3  # per process: added
+
+
+async def test_merged_view_on_port_0_names_the_port_it_bound(tmp_path: Path) -> None:
+    """`--workers N --metrics-port 0` prints this URL: it must be the real, answering one."""
+    url, stop = serve_merged("127.0.0.1", 0, tmp_path)
+    try:
+        assert not url.endswith(":0/metrics"), url
+        async with httpx.AsyncClient(timeout=10) as http:
+            answer = await http.get(url)
+        assert answer.status_code == 200
+    finally:
+        stop()
 
 
 @pytest.mark.nats

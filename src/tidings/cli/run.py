@@ -342,9 +342,10 @@ def _supervise(
     url = settings.bus
     peers = prometheus.peers_folder(settings.home_path, os.getpid())
     stop_metrics = None
+    metrics_url = None
     with guarded():
         if metrics_at is not None:  # bound first: a taken port is reported before anything
-            stop_metrics = prometheus.serve_merged(*metrics_at, peers)
+            metrics_url, stop_metrics = prometheus.serve_merged(*metrics_at, peers)
         if url is None:
             from tidings.bus.embedded import EmbeddedNats
 
@@ -369,9 +370,8 @@ def _supervise(
         if not quiet:
             where = f"embedded nats-server at {url}" if embedded is not None else url
             console.print(startup_panel(app, where, settings.store_url, workers))
-            if metrics_at is not None:
-                host, port = metrics_at
-                console.print(f"Metrics at http://{host}:{port}/metrics", markup=False)
+            if metrics_url is not None:
+                console.print(f"Metrics at {metrics_url}", markup=False)
         commands = []
         for n in range(1, workers + 1):
             extra = ["--quiet"] if quiet else ["--label", f"worker {n}"]

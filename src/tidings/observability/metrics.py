@@ -576,8 +576,11 @@ class Merged:
         return []
 
 
-def serve_merged(host: str, port: int, folder: Path) -> Callable[[], None]:
-    """Serve the merged view of the workers announced in `folder`; returns `stop`."""
+def serve_merged(host: str, port: int, folder: Path) -> tuple[str, Callable[[], None]]:
+    """Serve the merged view of the workers announced in `folder`: its URL and `stop`.
+
+    The URL names the port bound, so port 0 reads as the one the system picked.
+    """
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry(auto_describe=False)
@@ -588,7 +591,7 @@ def serve_merged(host: str, port: int, folder: Path) -> Callable[[], None]:
         server.shutdown()
         server.server_close()
 
-    return stop
+    return f"http://{_host_in_url(host)}:{server.server_port}/metrics", stop
 
 
 # -- the gateway's requests ------------------------------------------------------------
