@@ -31,6 +31,7 @@ from tidings.cli.trace import (
     _read_bus,
     _run_target,
     _tree,
+    as_query,
     id_time,
     parse_since,
 )
@@ -168,6 +169,9 @@ def test_the_bus_window_and_the_running_worker_s_app() -> None:
     assert parse_since("30m", at) == at - timedelta(minutes=30)
     assert parse_since("1.5h", at) == at - timedelta(hours=1.5)
     assert parse_since("2026-01-30T08:00", at) == datetime(2026, 1, 30, 8, 0, tzinfo=UTC)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"  # a pasted traceparent: its trace id
+    assert as_query(f"00-{trace_id.upper()}-00f067aa0ba902b7-01") == trace_id
+    assert as_query("corr-1") == "corr-1" and as_query(trace_id) == trace_id
     for too_far in ("99999999d", "1000000000d", "9" * 30 + "s"):  # were OverflowError
         with pytest.raises(typer.Exit):
             parse_since(too_far, at)

@@ -159,6 +159,18 @@ def parse_since(text: str, now: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def as_query(text: str) -> str:
+    """The id to look for: a whole ``traceparent`` pasted in stands for its trace id.
+
+    It was looked up as it stood, and found nothing.
+    """
+    match = _TRACEPARENT.fullmatch(text.strip().lower())
+    return match.group(1) if match else text
+
+
 def id_time(value: str) -> datetime | None:
     """When a UUIDv7 id was made (its first 48 bits), else None."""
     try:
@@ -504,6 +516,7 @@ def trace(
     """The causal tree of one correlation: every event, every agent's verdict, and why."""
     if since is not None:
         parse_since(since, datetime.now(UTC))  # a bad --since fails before any I/O
+    query = as_query(query)
     app, shown, trouble = _load(ctx, target)
     agents = app.agents if app is not None else None
 
