@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -228,6 +228,9 @@ class _Checker:
         self.writer_name = "the old schema" if backward else "the new schema"
         self.reader_name = "the new schema" if backward else "the old schema"
         self._active: set[tuple[int, int]] = set()
+        self._assumed: list[tuple[int, int]] = []  # active pairs assumed to hold, in order
+        self._done: dict[tuple[int, int], tuple[Any, Any, list[Incompatibility]]] = {}
+        self._accepted_cache: dict[int, tuple[Any, set[str]]] = {}
         # Equal subschemas accept the same instances where their references resolve alike.
         defs = _definitions(writer)
         self._alike = defs is not None and _equal(defs, _definitions(reader))
@@ -319,8 +322,13 @@ class _Checker:
             return []
         key = (id(writer), id(reader))
         if key in self._active:
+            self._assumed.append(key)
             return []  # a recursive pair already being compared: assume it holds
+        done = self._done.get(key)
+        if done is not None:  # the same pair under another path (a $ref reached twice)
+            return [replace(p, path=path + p.path) for p in done[2]]
         self._active.add(key)
+        assumed = len(self._assumed)
         try:
             found: list[Incompatibility] = []
             lost: list[str] = []
@@ -333,12 +341,29 @@ class _Checker:
                 found += self._sub(branch, reader, path)
             if lost:
                 found.insert(0, self._type_lost(path, lost, accepted))
-            return found
         finally:
             self._active.discard(key)
+        # Kept only if it rests on no assumption about a pair still being compared above
+        # (then it holds wherever the pair comes again): without it, schemas that reach
+        # one definition along many paths take exponential time (a 1 kB schema: minutes).
+        outer = [k for k in self._assumed[assumed:] if k in self._active]
+        del self._assumed[assumed:]
+        self._assumed.extend(outer)
+        if not outer and all(p.path.startswith(path) for p in found):
+            relative = [replace(p, path=p.path[len(path) :]) for p in found]
+            self._done[key] = (writer, reader, relative)  # held: their ids stay theirs
+        return found
 
     def _accepted(self, reader: Any, seen: frozenset[str] = frozenset()) -> set[str]:
         """The JSON types `reader` accepts at least one value of ('number' ⊇ 'integer')."""
+        if seen or not isinstance(reader, Mapping):
+            return self._accepted_now(reader, seen)
+        cached = self._accepted_cache.get(id(reader))
+        if cached is None:  # asked again and again for one reader: cached per node
+            cached = self._accepted_cache[id(reader)] = (reader, self._accepted_now(reader, seen))
+        return set(cached[1])
+
+    def _accepted_now(self, reader: Any, seen: frozenset[str]) -> set[str]:
         every = {*_TYPES, "integer"}
         if reader is True:
             return every
