@@ -22,7 +22,7 @@ from tidings.cli import cli
 from tidings.errors import ConfigError
 from tidings.events import Event
 from tidings.store import open_store
-from tidings.triggers.base import Sink, Trigger, TriggerUnavailable, source_id
+from tidings.triggers.base import Runner, Sink, Trigger, TriggerUnavailable, source_id
 
 pytestmark = pytest.mark.nats
 
@@ -177,3 +177,47 @@ async def test_failing_source_is_shown_with_the_fix_and_recovers(
 
         gate.unlink()  # and gone again: failing again, without a restart of the worker
         await eventually(lambda: state_is("failing"), timeout=10, message="failing again")
+
+
+async def test_a_trigger_backing_off_after_a_long_run_still_shows_failing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tidings.bus.memory import MemoryBus
+    from tidings.client import Client
+    from tidings.config import Settings
+    from tidings.triggers import base
+
+    monkeypatch.setattr(base, "RECOVERED_AFTER_S", 0.2)
+    monkeypatch.setattr(base, "RESTART_MIN_S", 3.0)  # the backoff: 1.5 to 4.5 s
+    monkeypatch.setattr(base, "STATUS_EVERY_S", 0.05)
+    second = asyncio.Event()
+
+    class LongThenBroken(Trigger):
+        kind = "test"
+        attempts = 0
+
+        async def run(self, sink: Sink) -> None:
+            self.attempts += 1
+            if self.attempts == 1:
+                await asyncio.sleep(0.5)  # ran longer than RECOVERED_AFTER_S, then broke
+                raise TriggerUnavailable("the source went away: start it")
+            second.set()
+            await asyncio.Event().wait()
+
+    settings = Settings(bus="memory://backoff", store=f"sqlite:///{tmp_path / 's.db'}")
+    bus = MemoryBus(settings.bus or "")
+    await bus.connect()
+    async with open_store(settings.store_url) as store:
+        runner = Runner(LongThenBroken("flaky"), Client(settings, bus=bus, store=store), store)
+        runner.start()
+        try:
+            await eventually(lambda: runner.status.state == "failing", timeout=10)
+            for _ in range(20):  # 1 s of the backoff, which lasts at least 1.5 s
+                assert runner.status.state == "failing" and not second.is_set()
+                await asyncio.sleep(0.05)
+            await asyncio.wait_for(second.wait(), timeout=10)
+            await eventually(lambda: runner.status.state == "running", timeout=10)
+            assert runner.status.error is None
+        finally:
+            await runner.stop()
+    await bus.close()
