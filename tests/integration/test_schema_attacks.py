@@ -22,6 +22,7 @@ from tests.helpers import eventually, publish_raw_event, running, settings_for
 from tests.integration.test_cli import base_env, tidings
 from tests.integration.test_schemas import last_sequence
 from tidings import App, Context, Event, Settings
+from tidings.client import Client
 from tidings.errors import ConfigError
 from tidings.events import MAX_PAYLOAD
 from tidings.gateway.server import GatewayServer
@@ -303,3 +304,44 @@ async def test_the_docs_show_the_refusal_a_worker_gives(tmp_path: Path) -> None:
         with pytest.raises(IncompatibleSchema) as refused:
             await app.schemas.register(store, "shop")
     assert shown == f"Error: {refused.value}"
+
+
+GAPPED = """
+from tidings import App
+
+app = App("shop")
+app.event("order.placed", version=1, schema={"type": "object"})
+app.event("order.placed", version=3, schema={"type": "object", "required": ["sku"]})
+
+
+@app.upcaster("order.placed", 1, 3)
+def sku_was_none(data):
+    return {**data, "sku": "none"}
+"""
+
+
+@pytest.mark.nats
+def test_tail_goes_on_past_an_event_it_cannot_upcast(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """A version-2 event (a foreign producer's): no upcaster leads from it to version 3."""
+    (tmp_path / "gapped.py").write_text(GAPPED)
+    settings = settings_for(nats_url, namespace, tmp_path)
+
+    async def publish() -> None:
+        async with Client(settings=settings) as client:  # no schemas: sent as they are
+            for version in (2, 1):
+                named = f"{ORDER}/{version}"
+                event = Event.create("order.placed", {}, source="/t", dataschema=named)
+                await client.publish_event(event.replace(id=f"from-v{version}"))
+
+    asyncio.run(publish())
+    env = base_env(tmp_path, TIDINGS_BUS=nats_url, TIDINGS_NAMESPACE=namespace)
+    tail = tidings("tail", "--app", "gapped:app", "--last", "2", "--count", "2", env=env,
+                   cwd=tmp_path)  # fmt: skip
+    assert tail.returncode == 0, tail.stderr
+    lines = tail.stdout.splitlines()
+    assert len(lines) == 2, tail.stdout
+    assert lines[0].startswith("unreadable") and "no upcaster from version 2" in lines[0]
+    assert "from-v1" in lines[1]
+    assert '"sku":"none"' in lines[1]

@@ -34,7 +34,7 @@ from tidings.cli.common import (
 from tidings.cli.display import describe_key, describe_where
 from tidings.client import Client
 from tidings.config import Settings
-from tidings.errors import MalformedEvent, StoreError
+from tidings.errors import ConfigError, MalformedEvent, StoreError
 from tidings.events import Event, check_pattern, check_type, decode
 from tidings.schemas.registry import EventTypes, Upcast, dataschema
 from tidings.store import FilterErrors, open_store
@@ -182,12 +182,13 @@ def _print_message(message: RawMessage, as_json: bool, schemas: EventTypes | Non
     try:
         event = decode(message.headers, message.body)
         read = schemas.upcast(event) if schemas else Upcast(event)
-    except MalformedEvent as e:  # SchemaViolation: data that breaks its declared version
+    except (MalformedEvent, ConfigError) as e:  # invalid data; no upcaster from its version
+        what = "malformed" if isinstance(e, MalformedEvent) else "unreadable"
         if as_json:
-            typer.echo(dumps({"malformed": str(e), "subject": message.subject}))
+            typer.echo(dumps({what: str(e), "subject": message.subject}))
         else:
             console.print(
-                Text.assemble(("malformed ", "bold red"), f"{message.subject}: {e}"),
+                Text.assemble((f"{what} ", "bold red"), f"{message.subject}: {e}"),
                 soft_wrap=True,
             )
         return
