@@ -195,6 +195,8 @@ class Event:
         attributes.setdefault("correlationid", self.correlationid or self.id)
         attributes.setdefault("causationid", self.id)
         attributes.setdefault("depth", self.depth + 1)
+        if self.traceparent is not None and "traceparent" not in attributes:
+            attributes["traceparent"] = _carried(self.traceparent)
         for inherited in INHERITED:
             attributes.setdefault(inherited, getattr(self, inherited))
         return Event.create(type, data, source=source, id=id, **attributes)
@@ -281,6 +283,19 @@ def encode(event: Event) -> tuple[dict[str, str], bytes]:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-[!-~]*)?")
+
+
+@lru_cache(maxsize=1024)
+def _carried(traceparent: str) -> str | None:
+    """`traceparent` if W3C-shaped, else None (not carried on to the events made from one).
+
+    A foreign producer's junk (10 kB, control characters) would fail the bus's checks
+    on every event made from it, and dead-letter it for a trace header.
+    """
+    if len(traceparent) > 512 or _TRACEPARENT.fullmatch(traceparent) is None:
+        return None
+    return traceparent
 
 
 def survives_the_wire(value: str) -> bool:
