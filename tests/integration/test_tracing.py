@@ -466,3 +466,74 @@ async def test_an_unsampled_trace_is_passed_on_without_making_spans() -> None:
         assert exporter.get_finished_spans() == ()
     finally:
         tracing.disable()
+
+
+# -- hostile trace headers ---------------------------------------------------------------
+
+HOSTILE_TRACEPARENTS = {
+    "10 kB": "00-" + "a" * 10_000,
+    "control characters": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01\x01\x7f",
+    "upper case": f"00-{CLIENT_TRACE.upper()}-{CLIENT_SPAN.upper()}-01",
+    "all zeros": "00-" + "0" * 32 + "-" + "0" * 16 + "-00",
+    "version ff": f"ff-{CLIENT_TRACE}-{CLIENT_SPAN}-01",
+    "quotes": '00-"}{"x":1 abcdefghijklmnopqrstuvwxyz0123456789abcdefghijkl',
+}
+
+
+def relay_app(seen: list[Event]) -> App:
+    app = App("relay")
+
+    @app.agent("first", on="x.made", emits=["x.next"])
+    async def first(event: Event, ctx: Context) -> None:
+        await ctx.emit("x.next", {"n": 1})
+
+    @app.agent("second", on="x.next")
+    async def second(event: Event, ctx: Context) -> None:
+        seen.append(event)
+
+    return app
+
+
+@pytest.mark.nats
+@pytest.mark.parametrize("traced", [False, True], ids=["off", "on"])
+async def test_a_hostile_traceparent_from_a_foreign_producer_is_not_carried_on(
+    nats_url: str, namespace: str, tmp_path: Path, traced: bool
+) -> None:
+    """A junk ``ce-traceparent`` sent with nats-py: the event is handled and its outputs
+    sent, never dead-lettered for the trace header; the outputs do not carry the junk."""
+    import nats
+
+    if traced:
+        tracing.configure(InMemorySpanExporter(), batch=False)
+    seen: list[Event] = []
+    try:
+        async with running(relay_app(seen), settings_for(nats_url, namespace, tmp_path)) as w:
+            nc = await nats.connect(nats_url)
+            try:
+                for junk in HOSTILE_TRACEPARENTS.values():
+                    headers = {
+                        "ce-id": str(uuid.uuid4()),
+                        "ce-source": "/raw",
+                        "ce-type": "x.made",
+                        "ce-specversion": "1.0",
+                        "ce-traceparent": junk,
+                        "content-type": "application/json",
+                    }
+                    subject = f"{namespace}.events.x.made"
+                    await nc.jetstream().publish(subject, b"{}", headers=headers)
+            finally:
+                await nc.close()
+            await eventually(lambda: len(seen) == len(HOSTILE_TRACEPARENTS), timeout=30,
+                             message="every output handled")  # fmt: skip
+            assert w.store is not None
+            assert await w.store.list_dead_letters() == []
+    finally:
+        tracing.disable()
+    for event in seen:
+        tp = event.traceparent
+        assert (
+            tp is None
+            or tracing.trace_id_of(tp) is not None
+            or tp in (HOSTILE_TRACEPARENTS["all zeros"], HOSTILE_TRACEPARENTS["version ff"])
+        ), tp
+        assert tp is None or len(tp) < 100

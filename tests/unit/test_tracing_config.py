@@ -53,3 +53,32 @@ def test_the_standard_variables_decide(variables: dict[str, str], expected: str)
 def test_grpc_without_its_exporter_names_the_package() -> None:
     said = outcome(OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_PROTOCOL="grpc")
     assert said.startswith("error:") and "opentelemetry-exporter-otlp-proto-grpc" in said
+
+
+def test_a_value_the_sdk_refuses_is_one_line_naming_the_variables() -> None:
+    said = outcome(OTEL_TRACES_EXPORTER="console", OTEL_BSP_MAX_QUEUE_SIZE="-5")
+    assert said == (
+        "error: the OpenTelemetry SDK refused its settings (max_queue_size must be a positive"
+        " integer.): fix or unset the OTEL_* variable that sets it (set here:"
+        " OTEL_BSP_MAX_QUEUE_SIZE, OTEL_TRACES_EXPORTER)"
+    )
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        "00-" + "a" * 10_000,
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\x01",
+        "00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01",
+        "00-" + "0" * 32 + "-b7ad6b7169203331-01",
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        '00-\n\n"}{aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa',
+    ],
+)
+def test_a_traceparent_that_is_not_w3c_names_no_trace(traceparent: str) -> None:
+    """Log lines name the trace an event carries: junk is no trace, never echoed."""
+    from tidings.observability import tracing
+
+    assert tracing.trace_id_of(traceparent) is None
+    good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert tracing.trace_id_of(good) == "0af7651916cd43dd8448eb211c80319c"

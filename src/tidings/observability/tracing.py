@@ -177,15 +177,22 @@ def _build(
     named = {"service.name": service_name} if service_name else {}
     if "OTEL_SERVICE_NAME" in os.environ:  # the standard variable wins over the app's name
         named = {}
-    provider = TracerProvider(
-        sampler=ParentBased(TraceIdRatioBased(ratio)) if ratio is not None else None,
-        resource=Resource.create(named),
-    )
-    for chosen in exporters:
-        made = _exporter(chosen)
-        provider.add_span_processor(
-            BatchSpanProcessor(made) if batch else SimpleSpanProcessor(made)
+    try:  # the SDK reads OTEL_BSP_*, OTEL_SPAN_* ... here and raises ValueError on a bad one
+        provider = TracerProvider(
+            sampler=ParentBased(TraceIdRatioBased(ratio)) if ratio is not None else None,
+            resource=Resource.create(named),
         )
+        for chosen in exporters:
+            made = _exporter(chosen)
+            provider.add_span_processor(
+                BatchSpanProcessor(made) if batch else SimpleSpanProcessor(made)
+            )
+    except ValueError as e:
+        chosen_vars = ", ".join(sorted(v for v in os.environ if v.startswith("OTEL_"))) or "none"
+        raise ConfigError(
+            f"the OpenTelemetry SDK refused its settings ({e}): fix or unset the OTEL_*"
+            f" variable that sets it (set here: {chosen_vars})"
+        ) from None
     if install:
         trace.set_tracer_provider(provider)
     use(provider, link_after=link_after)
@@ -243,10 +250,18 @@ def _exporter(chosen: SpanExporter | str) -> SpanExporter:
 
 
 def trace_id_of(traceparent: str | None) -> str | None:
-    """The trace id in a W3C `traceparent` (``00-<trace id>-<span id>-<flags>``), or None."""
-    if traceparent is None or len(traceparent) < 55 or traceparent[2] != "-":
-        return None
-    return traceparent[3:35]
+    """The trace id in a W3C `traceparent` (``00-<trace id>-<span id>-<flags>``), or None.
+
+    None for one that is not W3C (upper case, all zeros, junk a foreign producer sent):
+    log lines name a trace only where one exists, and never echo the header's bytes.
+    """
+    return None if traceparent is None else _trace_id(traceparent)
+
+
+@lru_cache(maxsize=1024)
+def _trace_id(traceparent: str) -> str | None:
+    context = _parse(traceparent) if len(traceparent) <= MAX_TRACEPARENT else None
+    return traceparent[3:35] if context is not None else None
 
 
 def current_traceparent() -> str | None:
@@ -264,6 +279,7 @@ def _format(context: SpanContext) -> str:
 # W3C Trace Context: version-traceid-spanid-flags, lower-case hex; a later version may
 # append fields, version 00 may not, and ff is invalid.
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+MAX_TRACEPARENT = 512  # longer is junk: not parsed, not cached
 
 
 @lru_cache(maxsize=1024)
@@ -291,7 +307,9 @@ def _unsampled(current: SpanContext) -> bool:
 
 
 def _remote(traceparent: str | None) -> SpanContext | None:
-    return _parse(traceparent) if traceparent else None
+    if not traceparent or len(traceparent) > MAX_TRACEPARENT:
+        return None
+    return _parse(traceparent)
 
 
 def _as_parent(context: SpanContext) -> Context:
@@ -388,7 +406,7 @@ def processing(
     parent: Context | None = None
     if batch:
         parent = Context()
-        contexts = (_parse(t) for t in {e.traceparent for e in batch if e.traceparent})
+        contexts = (_remote(t) for t in {e.traceparent for e in batch if e.traceparent})
         links = [Link(c) for c in contexts if c is not None]
     else:
         own = _remote(event.traceparent)
