@@ -62,6 +62,22 @@ class StateConflict(StoreError):
     """Another writer changed the agent state since it was read."""
 
 
+class SchemaHistoryChanged(StoreError):
+    """Another version of the event type was registered since its history was read.
+
+    The new version was checked against a history that is no longer the latest: read
+    it again and check again. `since` is the version registered after `after`.
+    """
+
+    def __init__(self, event_type: str, version: int, after: int, since: int, by: str):
+        super().__init__(
+            f"event type {event_type!r} version {version} was checked against the history"
+            f" up to version {after}, but version {since} was registered since (by {by}):"
+            " read the history again and check against it"
+        )
+        self.event_type, self.version, self.after, self.since = event_type, version, after, since
+
+
 class AlreadyProcessed(StoreError):
     """The (agent, event id) pair was committed before: this delivery is a duplicate."""
 

@@ -327,7 +327,7 @@ async def test_a_store_at_schema_2_upgrades_with_its_rows_and_their_order(
     await raw_script(store_url, SCHEMA_2_ROWS.replace("BLOB", "X'00'" if sqlite else "'\\x00'"))
 
     async with open_store(store_url) as store:
-        assert await store.schema_version() == latest_version(store_url) == 8
+        assert await store.schema_version() == latest_version(store_url) == 9
         assert await columns_in(store_url) == declared(store_url)
         # the tables of migration 1
         assert (await store.load_state(AGENT, "acct-1")).values == {"n": 1}

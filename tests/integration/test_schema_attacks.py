@@ -299,8 +299,8 @@ async def test_the_docs_show_the_refusal_a_worker_gives(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
     async with store:
         await store.register_schema(SchemaRecord(
-            "order.placed", 1, app.schemas.versions("order.placed")[0].schema, "BACKWARD", "t"
-        ))  # fmt: skip
+            "order.placed", 1, app.schemas.versions("order.placed")[0].schema, "BACKWARD",
+            "shop@web-1:4242"), after=0)  # fmt: skip
         with pytest.raises(IncompatibleSchema) as refused:
             await app.schemas.register(store, "shop")
     assert shown == f"Error: {refused.value}"

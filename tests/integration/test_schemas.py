@@ -24,10 +24,11 @@ from tests.gateway.conftest import auth, gateway_config
 from tests.helpers import eventually, publish_raw_event, running, settings_for
 from tests.integration.test_cli import base_env, tidings
 from tidings import App, Context, Event, Settings
-from tidings.errors import ConfigError, SchemaViolation
+from tidings.errors import ConfigError, SchemaHistoryChanged, SchemaViolation
 from tidings.gateway.server import GatewayServer
 from tidings.schemas.registry import IncompatibleSchema, dataschema, lock_of, lock_problems
-from tidings.store import open_store
+from tidings.store import SchemaRecord, open_store
+from tidings.store.sql import SqlStore
 from tidings.worker import Worker
 
 ORDER_V1 = {
@@ -243,6 +244,113 @@ async def test_workers_starting_together_register_each_version_once(
     finally:
         await asyncio.gather(*(w.stop(grace=1) for w in workers))
     assert [r.version for r in registered] == [1, 2, 3]
+
+
+# -- two deploys racing with different new versions on top of one history --------------
+
+RACE_V1 = {
+    "type": "object",
+    "properties": {"order_id": {"type": "string"}},
+    "required": ["order_id"],
+}
+
+
+def racing_app(version: int, field: str, kind: str) -> App:
+    """An app with version 1 and `version`, which adds an optional `field` of `kind`."""
+    app = App("shop")
+    app.event("order.placed", version=1, schema=RACE_V1)
+    props = {"order_id": {"type": "string"}, field: {"type": kind}}
+    app.event("order.placed", version=version, schema={**RACE_V1, "properties": props})
+    return app
+
+
+def hold_registrations(monkeypatch: pytest.MonkeyPatch, first: int) -> dict[str, Any]:
+    """Both deploys read the history before either registers; version `first` goes first.
+
+    The real store reads and writes; only its timing is held, so the race runs the same
+    way every time. Returns what happened: reads, and refusals as (version, since).
+    """
+    seen: dict[str, Any] = {"reads": 0, "refused": []}
+    both_read = asyncio.Barrier(2)
+    first_done = asyncio.Event()
+    list_schemas, register_schema = SqlStore.list_schemas, SqlStore.register_schema
+
+    async def held_list(self: SqlStore, event_type: str | None = None) -> list[SchemaRecord]:
+        found = await list_schemas(self, event_type)
+        seen["reads"] += 1
+        if seen["reads"] <= 2:  # each deploy's first read
+            await asyncio.wait_for(both_read.wait(), 10)
+        return found
+
+    async def held_register(self: SqlStore, record: SchemaRecord, *, after: int) -> SchemaRecord:
+        if record.version != first:
+            await asyncio.wait_for(first_done.wait(), 10)
+        try:
+            return await register_schema(self, record, after=after)
+        except SchemaHistoryChanged as e:
+            seen["refused"].append((record.version, e.since))
+            raise
+        finally:
+            if record.version == first:
+                first_done.set()
+
+    monkeypatch.setattr(SqlStore, "list_schemas", held_list)
+    monkeypatch.setattr(SqlStore, "register_schema", held_register)
+    return seen
+
+
+async def race(
+    store_url: str, tmp_path: Path, apps: list[App], first: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[BaseException | None], list[int], dict[str, Any]]:
+    """Version 1 registered, then `apps` started at once: each start's error, the history."""
+    async with open_store(store_url) as store:
+        await store.register_schema(
+            SchemaRecord("order.placed", 1, RACE_V1, "BACKWARD", "shop@web-0:1"), after=0
+        )
+    seen = hold_registrations(monkeypatch, first)
+    settings = Settings(bus=f"memory://race-{tmp_path.name}", store=store_url)
+    workers = [Worker(app, settings) for app in apps]
+    try:
+        outcomes = await asyncio.gather(*(w.start() for w in workers), return_exceptions=True)
+    finally:
+        await asyncio.gather(*(w.stop(grace=1) for w in workers))
+        monkeypatch.undo()
+    async with open_store(store_url) as store:
+        history = [r.version for r in await store.list_schemas("order.placed")]
+    return [o if isinstance(o, BaseException) else None for o in outcomes], history, seen
+
+
+@pytest.mark.parametrize("first", [2, 3])
+async def test_of_incompatible_versions_racing_one_starts_the_other_names_the_field(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: int
+) -> None:
+    # Both add an optional currency on top of version 1: a text in 2, a number in 3.
+    apps = [racing_app(2, "currency", "string"), racing_app(3, "currency", "integer")]
+    errors, history, seen = await race(store_url, tmp_path, apps, first, monkeypatch)
+    later = 5 - first
+    assert history == [1, first]
+    assert errors[first - 2] is None  # it started
+    refusal = errors[later - 2]
+    assert isinstance(refusal, ConfigError), errors
+    message = str(refusal)
+    assert "/currency" in message and f"version {first}" in message, message
+    assert seen["refused"] == [(later, first)]  # checked against the history it read, refused
+    assert seen["reads"] == 3  # then read again and checked against version `first`
+    if first == 2:
+        assert isinstance(refusal, IncompatibleSchema)
+        assert refusal.problems[0].path == "/currency"
+        assert "(the latest: version 2 by shop@" in message
+
+
+async def test_compatible_versions_racing_both_start_one_after_the_other(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    apps = [racing_app(2, "note", "string"), racing_app(3, "sku", "string")]
+    errors, history, seen = await race(store_url, tmp_path, apps, 2, monkeypatch)
+    assert errors == [None, None]
+    assert history == [1, 2, 3]
+    # Version 3 was refused after the history it had read (1), then checked against 2.
+    assert seen["refused"] == [(3, 2)] and seen["reads"] == 3
 
 
 async def test_a_missing_upcaster_is_named_at_start(tmp_path: Path) -> None:

@@ -165,7 +165,7 @@ class _Memory:
     def __init__(self) -> None:
         self.rows: dict[tuple[str, int], SchemaRecord] = {}
 
-    async def register_schema(self, record: SchemaRecord) -> SchemaRecord:
+    async def register_schema(self, record: SchemaRecord, *, after: int) -> SchemaRecord:
         return self.rows.setdefault((record.event_type, record.version), record)
 
     async def list_schemas(self, event_type: str | None = None) -> list[SchemaRecord]:

@@ -30,7 +30,7 @@ from typing import Any, Literal, NamedTuple
 
 import orjson
 
-from tidings.errors import ConfigError, SchemaViolation
+from tidings.errors import ConfigError, SchemaHistoryChanged, SchemaViolation
 from tidings.events import Event, check_type, matches
 from tidings.schemas.compat import Incompatibility, Mode, check
 from tidings.schemas.validate import validator
@@ -56,6 +56,8 @@ __all__ = [
 ]
 
 DATASCHEMA = "tidings:schema/"
+# Reads of a type's history per start, when other deploys register versions meanwhile.
+REGISTER_ATTEMPTS = 5
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 Targets = int | Mapping[str, int] | None  # what an agent declares it reads (see `target`)
 
@@ -124,18 +126,31 @@ def upcaster_hint(event_type: str, version: int, mode: Mode) -> str:
     )
 
 
+def _lines(problems: Sequence[Incompatibility]) -> str:
+    """The checker's findings, one indented line each."""
+    return "".join(f"\n  {p.path or '(root)'}: {p.change}; fix: {p.fix}" for p in problems)
+
+
 class IncompatibleSchema(ConfigError):
     """A declared version breaks the registered history under its type's mode.
 
     `problems` are the compatibility checker's findings, each with a path and a fix.
     """
 
-    def __init__(self, event_type: str, version: int, mode: Mode, problems: list[Incompatibility]):
-        lines = "".join(f"\n  {p.path or '(root)'}: {p.change}; fix: {p.fix}" for p in problems)
+    def __init__(
+        self,
+        event_type: str,
+        version: int,
+        mode: Mode,
+        problems: list[Incompatibility],
+        against: str = "",
+    ):
+        lines = _lines(problems)
         hint = upcaster_hint(event_type, version, mode)
+        latest = f" (the latest: {against})" if against else ""
         super().__init__(
             f"event type {event_type!r} version {version} is not {mode.name} compatible with"
-            f" the registered versions:{lines}" + (f"\n{hint}" if hint else "")
+            f" the registered versions{latest}:{lines}" + (f"\n{hint}" if hint else "")
         )
         self.event_type, self.version, self.problems = event_type, version, problems
 
@@ -569,47 +584,74 @@ class EventTypes:
     async def register(self, store: Schemas, registrant: str) -> list[SchemaRecord]:
         """Check every declared version against the store's history, then register it.
 
-        Raises `IncompatibleSchema` (naming the field and the fix) for a version that
-        breaks the history under its type's mode, and `ConfigError` for a version that
-        is registered with another schema. Returns the records it added.
+        Raises `IncompatibleSchema` (naming the field, the fix and the latest registered
+        version) for a version that breaks the history under its type's mode, and
+        `ConfigError` for a version that is registered with another schema. A version
+        is registered only after the history it was checked against (`Schemas`
+        guarantee 5): when another deploy registered one since, the history is read
+        and checked again, up to `REGISTER_ATTEMPTS` times. Returns the records it added.
         """
         added: list[SchemaRecord] = []
         for event_type in self.types():
-            stored = {r.version: r for r in await store.list_schemas(event_type)}
-            mode = self.mode(event_type)
-            for declared in self.versions(event_type):
-                record = stored.get(declared.version)
-                newer = [stored[v] for v in sorted(stored) if v > declared.version]
-                if record is None and newer:  # its readers were checked without this one
-                    raise ConfigError(
-                        f"event type {event_type!r} version {declared.version} is not"
-                        f" registered, but version {newer[0].version} is (by"
-                        f" {newer[0].registered_by}), and that one was checked without it:"
-                        " a new version comes after every registered one; declare the"
-                        f" change as version {max(stored) + 1}"
-                    )
-                if record is None:
-                    history = [stored[v].schema for v in sorted(stored) if v < declared.version]
-                    problems = self.incompatibilities(event_type, history, declared)
-                    if problems:
-                        raise IncompatibleSchema(event_type, declared.version, mode, problems)
-                    record = await store.register_schema(
-                        SchemaRecord(
-                            event_type, declared.version, declared.schema, mode.name, registrant
-                        )
-                    )
-                    if canonical(record.schema) == canonical(declared.schema):
-                        stored[declared.version] = record
-                        added.append(record)
-                        continue
-                if canonical(record.schema) != canonical(declared.schema):
-                    raise ConfigError(
-                        f"event type {event_type!r} version {declared.version} is registered"
-                        f" with another schema (by {record.registered_by} at"
-                        f" {record.registered_at}): a registered version never changes;"
-                        f" declare the change as version {max([*stored, record.version]) + 1}"
-                    )
+            for attempt in range(1, REGISTER_ATTEMPTS + 1):
+                try:
+                    await self._register_type(store, event_type, registrant, added)
+                    break
+                except SchemaHistoryChanged as e:
+                    if attempt == REGISTER_ATTEMPTS:
+                        raise ConfigError(
+                            f"{e}; other deploys registered versions of {event_type!r}"
+                            f" {REGISTER_ATTEMPTS} times while this one checked: start it"
+                            " again once they are up"
+                        ) from e
         return added
+
+    async def _register_type(
+        self, store: Schemas, event_type: str, registrant: str, added: list[SchemaRecord]
+    ) -> None:
+        """One pass over a type's declared versions against the history as read now."""
+        stored = {r.version: r for r in await store.list_schemas(event_type)}
+        mode = self.mode(event_type)
+        for declared in self.versions(event_type):
+            record = stored.get(declared.version)
+            newer = [stored[v] for v in sorted(stored) if v > declared.version]
+            older = [stored[v] for v in sorted(stored) if v < declared.version]
+            if record is None and newer:  # its readers were checked without this one
+                clash = check([*(r.schema for r in older), declared.schema], newer[0].schema, mode)
+                raise ConfigError(
+                    f"event type {event_type!r} version {declared.version} is not"
+                    f" registered, but version {newer[0].version} is (by"
+                    f" {newer[0].registered_by}), and that one was checked without it:"
+                    " a new version comes after every registered one; declare the"
+                    f" change as version {max(stored) + 1}"
+                    + (
+                        f"\nversion {newer[0].version} would break this one:{_lines(clash)}"
+                        if clash
+                        else ""
+                    )
+                )
+            if record is None:
+                problems = self.incompatibilities(event_type, [r.schema for r in older], declared)
+                if problems:
+                    against = f"version {older[-1].version} by {older[-1].registered_by}"
+                    raise IncompatibleSchema(event_type, declared.version, mode, problems, against)
+                record = await store.register_schema(
+                    SchemaRecord(
+                        event_type, declared.version, declared.schema, mode.name, registrant
+                    ),
+                    after=older[-1].version if older else 0,
+                )
+                if canonical(record.schema) == canonical(declared.schema):
+                    stored[declared.version] = record
+                    added.append(record)
+                    continue
+            if canonical(record.schema) != canonical(declared.schema):
+                raise ConfigError(
+                    f"event type {event_type!r} version {declared.version} is registered"
+                    f" with another schema (by {record.registered_by} at"
+                    f" {record.registered_at}): a registered version never changes;"
+                    f" declare the change as version {max([*stored, record.version]) + 1}"
+                )
 
 
 def registrant(app_name: str) -> str:

@@ -310,11 +310,18 @@ class Schemas(abc.ABC):
        (type, version) at once, exactly one record stands and every caller gets it back.
     4. **History.** `list_schemas(type)` returns a type's versions oldest first;
        `list_schemas()` every type's, by type then version. Nothing is ever pruned.
+    5. **Registered after the history that was checked.** `register_schema(record,
+       after=N)` stores a new version only if N (0: none) is still the type's latest
+       version; if another version was registered since, it writes nothing and raises
+       `SchemaHistoryChanged` naming the one since, so the caller reads the history again
+       and checks against it. Of several stores registering different versions after
+       one N at once, exactly one succeeds: every version was checked against the one
+       before it. A version already stored is returned as in guarantees 1-2, whatever N.
     """
 
     @abc.abstractmethod
-    async def register_schema(self, record: SchemaRecord) -> SchemaRecord:
-        """Store (type, version) unless stored; the record that stands (guarantees 1-3)."""
+    async def register_schema(self, record: SchemaRecord, *, after: int) -> SchemaRecord:
+        """Store (type, version) after version `after` unless stored (guarantees 1-3, 5)."""
 
     @abc.abstractmethod
     async def list_schemas(self, event_type: str | None = None) -> list[SchemaRecord]:

@@ -343,12 +343,13 @@ def canonical_schema(schema: Any) -> str:
         raise StoreError(f"the JSON Schema cannot be stored as JSON ({e})") from e
 
 
-def schema_values(record: SchemaRecord, registered_at: object) -> dict[str, Any]:
-    """The columns of a registered schema version."""
+def schema_values(record: SchemaRecord, registered_at: object, after: int) -> dict[str, Any]:
+    """The columns of a registered schema version, checked after version `after`."""
     return {
         "event_type": record.event_type, "version": record.version,
         "schema": canonical_schema(record.schema), "mode": record.mode,
         "registered_by": record.registered_by, "registered_at": registered_at,
+        "after_version": after,
     }  # fmt: skip
 
 

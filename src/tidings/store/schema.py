@@ -133,7 +133,7 @@ CORRELATIONS = _table(
 SCHEMAS = _table(
     "tidings_schemas",
     C("event_type", TEXT), C("version", INTEGER), C("schema", JSON_TEXT), C("mode", TEXT),
-    C("registered_by", TEXT), C("registered_at", TIMESTAMP),
+    C("registered_by", TEXT), C("registered_at", TIMESTAMP), C("after_version", INTEGER),
 )  # fmt: skip
 # Triggers: each one's status per worker, its cursor, and who holds its lease.
 TRIGGER_STATUS = _table(
@@ -188,6 +188,16 @@ def pending(migrations: Sequence[Migration], applied: int, backend: str) -> list
         )
     return list(migrations[applied:])
 
+
+# Migration 9, the same on both backends: each stored version comes after the one before.
+_AFTER_BACKFILL: Final = (
+    "UPDATE tidings_schemas SET after_version = (SELECT coalesce(max(s.version), 0)"
+    " FROM tidings_schemas s WHERE s.event_type = tidings_schemas.event_type"
+    " AND s.version < tidings_schemas.version)"
+)
+_AFTER_INDEX: Final = (
+    "CREATE UNIQUE INDEX tidings_schemas_after ON tidings_schemas (event_type, after_version)"
+)
 
 SQLITE_LEDGER_DDL: Final = (
     f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE}"
@@ -315,6 +325,17 @@ SQLITE_MIGRATIONS: Final[tuple[Migration, ...]] = (
                 name TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at TEXT NOT NULL)""",
             """CREATE TABLE tidings_trigger_leases (
                 name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at TEXT NOT NULL)""",
+        ),
+    ),
+    # Each version names the one it was checked after; unique per type, so of two
+    # versions checked against one history only the first is stored.
+    Migration(
+        9,
+        "the schema registry: each version after the one it was checked against",
+        (
+            "ALTER TABLE tidings_schemas ADD COLUMN after_version INTEGER NOT NULL DEFAULT 0",
+            _AFTER_BACKFILL,
+            _AFTER_INDEX,
         ),
     ),
 )
@@ -470,6 +491,17 @@ POSTGRES_MIGRATIONS: Final[tuple[Migration, ...]] = (
                 name text PRIMARY KEY, value text NOT NULL, updated_at timestamptz NOT NULL)""",
             """CREATE TABLE tidings_trigger_leases (
                 name text PRIMARY KEY, holder text NOT NULL, expires_at timestamptz NOT NULL)""",
+        ),
+    ),
+    # Each version names the one it was checked after; unique per type, so of two
+    # versions checked against one history only the first is stored.
+    Migration(
+        9,
+        "the schema registry: each version after the one it was checked against",
+        (
+            "ALTER TABLE tidings_schemas ADD COLUMN after_version integer NOT NULL DEFAULT 0",
+            _AFTER_BACKFILL,
+            _AFTER_INDEX,
         ),
     ),
 )

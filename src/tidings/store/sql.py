@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any, ClassVar, NamedTuple, get_args
 
+from tidings.errors import SchemaHistoryChanged
 from tidings.store.base import Store
 from tidings.store.codecs import (
     MIN_PREFIX,
@@ -293,6 +294,11 @@ MARK_RESUMED = (
 _SCHEMAS = f"SELECT {SCHEMAS.column_list()} FROM tidings_schemas"
 INSERT_SCHEMA = f"{insert_into(SCHEMAS)} ON CONFLICT DO NOTHING"
 SELECT_SCHEMA = f"{_SCHEMAS} WHERE event_type = ? AND version = ?"
+# The version registered since `after`: the one stored after it, else the latest.
+SELECT_SCHEMA_SINCE = (
+    "SELECT version, registered_by FROM tidings_schemas WHERE event_type = ?"
+    " ORDER BY after_version = ? DESC, version DESC LIMIT 1"
+)
 _KEEP_LATEST = ", ".join(
     f"{c} = excluded.{c}" for c in TRIGGER_STATUS.names if c not in ("name", "worker")
 )
@@ -838,23 +844,34 @@ class SqlStore(Store):
 
     # -- the schema registry ----------------------------------------------------------
 
-    async def register_schema(self, record: SchemaRecord) -> SchemaRecord:
-        """Store (type, version) unless stored, in one transaction; the record that stands.
+    async def register_schema(self, record: SchemaRecord, *, after: int) -> SchemaRecord:
+        """Store (type, version) after version `after` unless stored; the record that stands.
 
-        The insert does nothing on a conflict, so of concurrent registrations the first
-        stands and every caller reads it back in the same transaction.
+        The insert does nothing on a conflict: with the stored (type, version), so of
+        concurrent registrations the first stands and every caller reads it back in
+        the same transaction; or with another version stored after `after` (a unique
+        index), so a version checked against a history that moved on is not stored.
         """
-        row = ordered(SCHEMAS, schema_values(record, self._now()))
+        if not 0 <= after < record.version:
+            raise ValueError(f"after={after}: a version comes after an older one (or 0)")
+        row = ordered(SCHEMAS, schema_values(record, self._now(), after))
         sql = self.dialect.sql
-        _, found = await self._run(
+        _, found, since = await self._run(
             "register_schema",
             [
                 Query(sql(INSERT_SCHEMA), row, False),
                 Query(sql(SELECT_SCHEMA), (record.event_type, record.version)),
+                Query(sql(SELECT_SCHEMA_SINCE), (record.event_type, after)),
             ],
             write=True,
         )
-        return schema_from_row(found.rows[0])
+        if found.rows:
+            return schema_from_row(found.rows[0])
+        latest = since.rows[0]
+        raise SchemaHistoryChanged(
+            record.event_type, record.version, after, int(latest["version"]),
+            latest["registered_by"],
+        )  # fmt: skip
 
     async def list_schemas(self, event_type: str | None = None) -> list[SchemaRecord]:
         """Registered versions of one type (or all), by type then version."""
