@@ -13,9 +13,15 @@ from typing import Any
 import pytest
 
 from tidings import App
-from tidings.errors import ConfigError, SchemaViolation
+from tidings.errors import ConfigError, SchemaHistoryChanged, SchemaViolation
 from tidings.events import Event
-from tidings.schemas.registry import EventTypes, lock_of, lock_problems, parse_dataschema
+from tidings.schemas.registry import (
+    REGISTER_ATTEMPTS,
+    EventTypes,
+    lock_of,
+    lock_problems,
+    parse_dataschema,
+)
 from tidings.store.records import SchemaRecord
 
 
@@ -187,6 +193,32 @@ async def test_a_version_older_than_a_registered_one_is_refused() -> None:
         await later.register(store, "later")  # type: ignore[arg-type]
     assert "version 2" in str(refused.value) and "version 4" in str(refused.value)
     assert sorted(v for _, v in store.rows) == [1, 3]
+
+
+class _Overtaken(_Memory):
+    """Another deploy registers a version between every read and register."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def list_schemas(self, event_type: str | None = None) -> list[SchemaRecord]:
+        self.reads += 1
+        return await super().list_schemas(event_type)
+
+    async def register_schema(self, record: SchemaRecord, *, after: int) -> SchemaRecord:
+        raise SchemaHistoryChanged(record.event_type, record.version, after, after + 1, "b@h:2")
+
+
+async def test_a_history_that_keeps_changing_is_read_a_bounded_number_of_times() -> None:
+    store = _Overtaken()
+    types = EventTypes()
+    types.declare("t.made", 1, schema=needs("a"))
+    with pytest.raises(ConfigError) as refused:
+        await types.register(store, "shop")  # type: ignore[arg-type]
+    assert store.reads == REGISTER_ATTEMPTS
+    assert "5 times" in str(refused.value) and "start it again" in str(refused.value)
+    assert isinstance(refused.value.__cause__, SchemaHistoryChanged)
 
 
 # -- hand-edited lock files -------------------------------------------------------------------

@@ -853,7 +853,10 @@ class SqlStore(Store):
         index), so a version checked against a history that moved on is not stored.
         """
         if not 0 <= after < record.version:
-            raise ValueError(f"after={after}: a version comes after an older one (or 0)")
+            raise ValueError(
+                f"after={after} for version {record.version}: pass the latest version the"
+                " check read (0 for none), which is older than the one registered"
+            )
         row = ordered(SCHEMAS, schema_values(record, self._now(), after))
         sql = self.dialect.sql
         _, found, since = await self._run(
