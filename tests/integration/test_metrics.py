@@ -472,3 +472,48 @@ async def test_a_mounted_gateway_reports_the_agents_it_invoked(
     assert value(samples, "tidings_handler_seconds_count", agent="echo") == 3
     route = {"route": "/v1/agents/{name}/invoke", "status": "2xx"}
     assert value(samples, "tidings_gateway_requests_total", **route) == 3
+
+
+@pytest.mark.slow
+def test_a_hung_worker_costs_its_own_numbers_not_the_merged_scrape(tmp_path: Path) -> None:
+    """`--workers N --metrics-port`: a worker that stopped answering (SIGSTOP, swapping)
+    or was killed -9 is left out, and the others' numbers answer within Prometheus's
+    default scrape timeout (10 s); a worker's own read waited 10 s, so the whole scrape
+    timed out."""
+    import http.server
+    import threading
+
+    name = "tidings_events_handled_total"
+    lines = [f"# TYPE {name} counter", f'{name}{{agent="a"}} 5']
+    text = "\n".join([*lines, ""]).encode()
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(text)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    live = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=live.serve_forever, daemon=True).start()
+    hung = socket.socket()  # accepts connections into its backlog, never answers
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    (tmp_path / "1.url").write_text(f"http://127.0.0.1:{live.server_port}/metrics")
+    (tmp_path / "2.url").write_text(f"http://127.0.0.1:{hung.getsockname()[1]}/metrics")
+    (tmp_path / "3.url").write_text(f"http://127.0.0.1:{free_port()}/metrics")  # killed -9
+    url, stop = serve_merged("127.0.0.1", 0, tmp_path)
+    try:
+        for _ in range(2):  # and again: nothing is left waiting from the first scrape
+            answer = httpx.get(url, timeout=9.5)  # Prometheus gives up at 10 s
+            assert answer.status_code == 200
+            merged = parse(answer.text)
+            assert value(merged, "tidings_events_handled_total", agent="a") == 5
+    finally:
+        stop()
+        live.shutdown()
+        live.server_close()
+        hung.close()

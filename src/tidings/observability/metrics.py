@@ -30,7 +30,7 @@ import time
 import urllib.request
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -49,7 +49,11 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    10.0, 30.0, 60.0)  # fmt: skip
 BACKLOG_TTL = 1.0  # seconds a reading of the bus's backlog is reused across scrapes
 BACKLOG_TIMEOUT = 3.0  # seconds a scrape waits for the bus or the store
-SCRAPE_TIMEOUT = 10.0  # seconds a merging scrape waits for one worker
+SCRAPE_TIMEOUT = 10.0  # seconds a worker's scrape waits for its event loop
+# Seconds a merging scrape waits for one worker: well inside Prometheus's default
+# scrape_timeout (10 s), so one hung worker (stopped, swapping) costs its own numbers,
+# not the whole view.
+PEER_TIMEOUT = 4.0
 # Read from the bus or the store: every worker reports the same value, so merging keeps one.
 SHARED = frozenset({"tidings_consumer_lag", "tidings_consumer_pending", "tidings_dlq_depth"})
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -510,7 +514,7 @@ def fetch_all(urls: Sequence[str]) -> list[str]:
 
     def fetch(url: str) -> str | None:
         try:
-            with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT) as response:
+            with urllib.request.urlopen(url, timeout=PEER_TIMEOUT) as response:
                 return str(response.read().decode())
         except Exception as e:  # a worker stopping or starting: the others still count
             log.warning("metrics: a worker did not answer", url=url, error=str(e))
@@ -518,8 +522,17 @@ def fetch_all(urls: Sequence[str]) -> list[str]:
 
     if not urls:
         return []
-    with ThreadPoolExecutor(max_workers=min(len(urls), 16)) as pool:
-        return [text for text in pool.map(fetch, urls) if text is not None]
+    # PEER_TIMEOUT in all, not per read: a worker answering a byte at a time is left out too.
+    pool = ThreadPoolExecutor(max_workers=min(len(urls), 16))
+    try:
+        futures = [pool.submit(fetch, url) for url in urls]
+        done, late = wait(futures, timeout=PEER_TIMEOUT + 0.5)
+        for future in late:
+            log.warning("metrics: a worker did not answer", url=urls[futures.index(future)],
+                        error="timed out")  # fmt: skip
+        return [text for f in futures if f in done and (text := f.result()) is not None]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def merge(texts: Sequence[str]) -> bytes:
