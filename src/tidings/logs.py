@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from tidings.errors import ConfigError
-from tidings.observability.tracing import trace_id_of
 
 if TYPE_CHECKING:
     from tidings.events import Event
@@ -68,12 +67,29 @@ def bind_event(agent: str, event: Event) -> Mapping[str, Token[Any]]:
     The trace id is the one the event carries; a processing span that starts a trace of
     its own binds that one instead while it runs.
     """
+    # Here, not at the top: every command configures logging, few need OpenTelemetry.
+    from tidings.observability.tracing import trace_id_of
+
     return structlog.contextvars.bind_contextvars(
         agent=agent,
-        event_id=event.id,
-        correlation_id=event.correlationid,
+        event_id=_bounded(event.id),
+        correlation_id=_bounded(event.correlationid),
         trace_id=trace_id_of(event.traceparent),
     )
+
+
+MAX_FIELD = 256  # characters of an id a log line shows
+
+
+def _bounded(value: str | None) -> str | None:
+    """`value`, cut to `MAX_FIELD` characters, saying how long it was.
+
+    A foreign producer's event is not checked against the bus's bounds: a 1 MB
+    correlation id would be on every line about it.
+    """
+    if value is None or len(value) <= MAX_FIELD:
+        return value
+    return f"{value[:MAX_FIELD]}... ({len(value):,} characters)"
 
 
 def unbind(tokens: Mapping[str, Token[Any]]) -> None:

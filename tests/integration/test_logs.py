@@ -98,3 +98,38 @@ def test_docs_logs_section_settings_and_handler_are_what_the_runtime_reads(
     page: dict[str, Any] = {"__name__": "docs_logs"}
     exec(compile(code, "docs/observability.md", "exec"), page)
     assert [spec.name for spec in page["app"].agents.values()] == ["shipper"]
+
+
+def test_json_lines_stay_valid_and_bounded_for_a_foreign_producers_ids(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A raw producer's event is not held to the bus's bounds: quotes, line breaks and a
+    20 kB correlation id still make one valid JSON line per log call, of bounded size."""
+    import structlog
+
+    from tidings.events import Event
+    from tidings.logs import MAX_FIELD, bind_event, configure_logging, unbind
+
+    hostile = 'a"b\nc\u2028\x00}{' + "z" * 20_000
+    event = Event.from_dict({"specversion": "1.0", "id": 'i"d\n{"level": "error"}',
+                             "source": "/raw", "type": "x.made", "correlationid": hostile,
+                             "traceparent": "00-\n\n" + "a" * 60})  # fmt: skip
+    configure_logging(fmt="json")
+    try:
+        tokens = bind_event("agent", event)
+        try:
+            structlog.get_logger("test").info("about the event")
+        finally:
+            unbind(tokens)
+        structlog.get_logger("test").info("about nothing")
+    finally:
+        configure_logging(fmt="console")
+    lines = capsys.readouterr().err.splitlines()
+    about, nothing = (json.loads(line) for line in lines)
+    assert about["message"] == "about the event" and about["agent"] == "agent"
+    assert about["event_id"] == event.id
+    assert about["correlation_id"].startswith(hostile[:MAX_FIELD])
+    assert about["correlation_id"].endswith(f"({len(hostile):,} characters)")
+    assert about["trace_id"] is None  # junk names no trace
+    assert len(lines[0]) < 2 * MAX_FIELD + 400
+    assert "correlation_id" not in nothing
