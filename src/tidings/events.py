@@ -377,8 +377,38 @@ def fit_letter(
     return body
 
 
+@dataclasses.dataclass(slots=True)
+class Parsed:
+    """A binary-mode message decoded and checked, before an `Event` is made of it.
+
+    `decode` in two steps, so a consumer can screen an event on its type and data (a
+    filter that drops it) without paying for an `Event` it would throw away.
+    """
+
+    attributes: dict[str, Any]
+    data: Any
+    datacontenttype: str
+    depth: int
+
+    @property
+    def type(self) -> str:
+        """The event's type (checked)."""
+        return self.attributes["type"]  # type: ignore[no-any-return]
+
+    def event(self) -> Event:
+        """The `Event`, as `decode` gives it."""
+        return Event(data=self.data, datacontenttype=self.datacontenttype, depth=self.depth,
+                     **self.attributes)  # fmt: skip
+
+
 def decode(headers: Mapping[str, str] | None, body: bytes) -> Event:
     """Decode a message in binary or structured mode; raise MalformedEvent if invalid."""
+    parsed = parse(headers, body)
+    return parsed.event() if isinstance(parsed, Parsed) else parsed
+
+
+def parse(headers: Mapping[str, str] | None, body: bytes) -> Event | Parsed:
+    """`decode`, with a binary-mode message left as `Parsed` (structured mode: the Event)."""
     headers = headers or {}
     content_type = headers.get("content-type") or headers.get("Content-Type") or ""
     if content_type.startswith(STRUCTURED) or "ce-id" not in headers:
@@ -400,8 +430,7 @@ def decode(headers: Mapping[str, str] | None, body: bytes) -> Event:
             raise MalformedEvent(f"data is declared JSON but does not parse: {e}") from e
     else:
         data = body
-    depth = _depth(get("ce-depth"))
-    return Event(data=data, datacontenttype=content_type or JSON, depth=depth, **attrs)  # type: ignore[arg-type]
+    return Parsed(attrs, data, content_type or JSON, _depth(get("ce-depth")))
 
 
 def lookup(event: Event, path: str) -> Any:

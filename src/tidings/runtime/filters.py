@@ -82,11 +82,22 @@ class CelFilter:
     def __call__(self, event: Event) -> bool:
         """Whether `event` passes; FilterMiss if the expression errors on it."""
         attributes = {name: getattr(event, name) for name in ATTRIBUTES} if self.uses_event else {}
-        value = self.program.eval(data={"data": event.data, "event": attributes}).plain_value()
+        return self._eval(event.data, attributes)
+
+    def on_data(self, data: Any) -> bool:
+        """As calling it, for an expression that reads no ``event.`` attribute.
+
+        So screening can drop an event on its parsed data before an `Event` is made.
+        """
+        assert not self.uses_event, self.source
+        return self._eval(data, {})
+
+    def _eval(self, data: Any, attributes: dict[str, Any]) -> bool:
+        value = self.program.eval(data={"data": data, "event": attributes}).plain_value()
         if value is True or value is False:
             return value
         reason = str(value).split(": ", 1)[-1]  # "UNKNOWN: No matching overloads ..."
-        raise FilterMiss(f"{values_read(self.source, event.data)} ({reason})")
+        raise FilterMiss(f"{values_read(self.source, data)} ({reason})")
 
 
 def compile_filter(where: str | Predicate | None) -> Predicate | None:
