@@ -28,7 +28,7 @@ from opentelemetry.trace import SpanKind
 
 from tests.gateway.conftest import auth, gateway_config, start_gateway
 from tests.helpers import cli_env, eventually, running, settings_for, tidings_run
-from tidings import App, Context, Event
+from tidings import App, Backoff, Context, Event
 from tidings.client import Client
 from tidings.llm import FakeModel, Price
 from tidings.observability import tracing
@@ -537,3 +537,62 @@ async def test_a_hostile_traceparent_from_a_foreign_producer_is_not_carried_on(
             or tp in (HOSTILE_TRACEPARENTS["all zeros"], HOSTILE_TRACEPARENTS["version ff"])
         ), tp
         assert tp is None or len(tp) < 100
+
+
+def failing_app() -> App:
+    """An LLM that raises, a tool no service serves, a handler that fails once."""
+    app = App("failing")
+
+    def refuse(request: Any) -> str:
+        raise RuntimeError("the model is down")
+
+    app.llm.add(FakeModel(refuse, name="down"))
+
+    @app.agent("asker", on="ask.made", max_attempts=1)
+    async def asker(event: Event, ctx: Context) -> None:
+        await ctx.llm.complete([{"role": "user", "content": "hello?"}], model="down")
+
+    @app.agent("caller", on="call.made", max_attempts=1)
+    async def caller(event: Event, ctx: Context) -> None:
+        await ctx.tool("nobody.serves", {"n": 1}, timeout=0.5)
+
+    @app.agent("flaky", on="job.made", backoff=Backoff(initial=0.05, maximum=0.1))
+    async def flaky(event: Event, ctx: Context) -> str:
+        if ctx.attempt == 1:
+            raise RuntimeError("the first attempt fails")
+        return "done"
+
+    return app
+
+
+@pytest.mark.nats
+async def test_failures_end_their_spans_in_error_and_each_retry_has_its_own(
+    nats_url: str, namespace: str, tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    from opentelemetry.trace import StatusCode
+
+    settings = settings_for(nats_url, namespace, tmp_path)
+    async with running(failing_app(), settings), Client(settings) as client:
+        for kind in ("ask.made", "call.made", "job.made"):
+            await client.publish(kind, {})
+        await eventually(lambda: len(find(spans, "process job.made")) == 2,
+                         timeout=30, message="both attempts")  # fmt: skip
+        await span_of(spans, "process ask.made")
+        await span_of(spans, "process call.made")
+
+    chat = await span_of(spans, "chat down")
+    assert chat.status.status_code is StatusCode.ERROR
+    assert [e.name for e in chat.events] == ["exception"]
+    assert not any(k.startswith("gen_ai.usage") for k in chat.attributes or {})
+    call = await span_of(spans, "execute_tool nobody.serves")
+    assert call.status.status_code is StatusCode.ERROR
+    for name in ("process ask.made", "process call.made"):
+        (processing,) = find(spans, name)
+        assert processing.status.status_code is StatusCode.ERROR, name
+    first, second = sorted(find(spans, "process job.made"), key=lambda s: s.start_time or 0)
+    assert first.context.span_id != second.context.span_id
+    assert first.status.status_code is StatusCode.ERROR
+    assert "the first attempt fails" in str(first.events[0].attributes)
+    assert second.status.status_code is not StatusCode.ERROR
+    assert (second.attributes or {}).get("tidings.attempt") == 2
+    assert parent_of(first) == parent_of(second)  # both children of the publish span
