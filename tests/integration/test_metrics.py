@@ -517,3 +517,44 @@ def test_a_hung_worker_costs_its_own_numbers_not_the_merged_scrape(tmp_path: Pat
         live.shutdown()
         live.server_close()
         hung.close()
+
+
+@pytest.mark.nats
+@pytest.mark.slow
+async def test_scrapes_while_events_flow_parse_and_never_go_back(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """Scrapes from the server's thread while thousands of events flow: each one parses
+    and answers, and no counter ever reads lower than on the scrape before."""
+    app = App("busy")
+
+    @app.agent("a", on="x.made")
+    async def a(event: Event, ctx: Context) -> None:
+        return None
+
+    settings = settings_for(nats_url, namespace, tmp_path)
+    scrapes: list[Samples] = []
+    async with running(app, settings) as worker, Client(settings) as client:
+        url = worker.metrics.serve("127.0.0.1", 0)
+
+        async def scrape() -> None:
+            async with httpx.AsyncClient(timeout=9.5) as http:
+                for _ in range(200):  # bounded: ends when the events are all handled
+                    answer = await http.get(url)
+                    assert answer.status_code == 200
+                    scrapes.append(parse(answer.text))
+                    if value(scrapes[-1], "tidings_events_handled_total", agent="a") >= 3000:
+                        return
+                    await asyncio.sleep(0.02)
+
+        scraping = asyncio.create_task(scrape())
+        for n in range(3000):
+            await client.publish("x.made", {"n": n})
+        await asyncio.wait_for(scraping, 120)
+        worker.metrics.close()
+    assert len(scrapes) >= 2
+    names = ("tidings_events_received_total", "tidings_events_handled_total")
+    for name in names:
+        seen = [value(s, name, agent="a") for s in scrapes]
+        assert seen == sorted(seen), name
+    assert value(scrapes[-1], "tidings_events_handled_total", agent="a") == 3000
