@@ -82,3 +82,37 @@ def test_a_traceparent_that_is_not_w3c_names_no_trace(traceparent: str) -> None:
     assert tracing.trace_id_of(traceparent) is None
     good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     assert tracing.trace_id_of(good) == "0af7651916cd43dd8448eb211c80319c"
+
+
+def test_stopping_with_the_collector_away_drops_the_last_spans_in_bounded_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`tidings run` flushes the spans still batched when it stops: with a collector
+    that does not answer, the SDK waited 30 s (past most stop grace periods)."""
+    import threading
+
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from tidings.observability import tracing
+
+    released = threading.Event()
+
+    class Away(SpanExporter):
+        """A collector that never answers (until the test ends)."""
+
+        def export(self, spans: object) -> SpanExportResult:
+            released.wait(60)
+            return SpanExportResult.FAILURE
+
+    monkeypatch.setattr(tracing, "SHUTDOWN_TIMEOUT", 0.5)
+    provider = tracing.configure(Away())
+    try:
+        provider.get_tracer("test").start_span("last").end()
+        stopping = threading.Thread(target=tracing.shutdown, daemon=True)
+        stopping.start()
+        stopping.join(10)  # well short of the SDK's own 30 s
+        assert not stopping.is_alive()
+        assert not tracing.active()
+    finally:
+        released.set()
+        tracing.disable()

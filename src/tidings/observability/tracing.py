@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import threading
 import time
 from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
     from tidings.config import Settings
 
 OTEL_EXTRA = 'pip install "tidings[otel]"'
+SHUTDOWN_TIMEOUT = 5.0  # seconds shutdown() waits for the last spans to be exported
+log = structlog.get_logger("tidings.tracing")
 LINK_AFTER_S = 60.0  # the default of Settings.trace_link_after
 
 _tracer: trace.Tracer | None = None  # None: tracing is off, the fast path
@@ -94,12 +97,26 @@ def disable() -> None:
     _tracer, _provider, _link_after, _follows_parent = None, None, LINK_AFTER_S, False
 
 
-def shutdown() -> None:
-    """Flush and close the provider `configure()` built, then stop making spans."""
+def shutdown(timeout: float | None = None) -> None:
+    """Flush and close the provider `configure()` built, then stop making spans.
+
+    At most `timeout` seconds (`SHUTDOWN_TIMEOUT`): with the collector away, the SDK
+    waits 30 s for the spans still batched (past most stop grace periods); they are
+    dropped instead.
+    """
+    timeout = SHUTDOWN_TIMEOUT if timeout is None else timeout
     provider = _provider
     disable()
-    if provider is not None:
-        provider.shutdown()
+    if provider is None:
+        return
+    closing = threading.Thread(target=provider.shutdown, name="tracing-shutdown", daemon=True)
+    closing.start()
+    closing.join(timeout)
+    if closing.is_alive():
+        log.warning(
+            "tracing: spans not exported on stopping; the collector did not answer (dropped)",
+            waited_s=timeout,
+        )
 
 
 def configure(
