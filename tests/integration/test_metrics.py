@@ -558,3 +558,14 @@ async def test_scrapes_while_events_flow_parse_and_never_go_back(
         seen = [value(s, name, agent="a") for s in scrapes]
         assert seen == sorted(seen), name
     assert value(scrapes[-1], "tidings_events_handled_total", agent="a") == 3000
+
+
+def test_a_worker_answer_that_does_not_parse_is_left_out_of_the_merge() -> None:
+    """A worker cut off mid-answer, or its port taken over by another server after it
+    died: the others' numbers still make the merged view (it raised, and the scrape
+    failed whole)."""
+    name = "tidings_events_handled_total"
+    good = f'# TYPE {name} counter\n{name}{{agent="a"}} 5\n'
+    for bad in (good + f"{name}{{agent=", "<html>502</html>", good[:50]):
+        merged = parse(merge([good, bad, good]).decode())
+        assert value(merged, "tidings_events_handled_total", agent="a") == 10, bad

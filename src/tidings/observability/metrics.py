@@ -548,7 +548,12 @@ def merge(texts: Sequence[str]) -> bytes:
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
     for text in texts:
-        for family in text_string_to_metric_families(text):
+        try:  # whole before any of it counts: a worker cut off mid-answer, a reused port
+            parsed = list(text_string_to_metric_families(text))
+        except ValueError as e:
+            log.warning("metrics: a worker's answer does not parse, left out", error=str(e))
+            continue
+        for family in parsed:
             if family.name not in families:
                 families[family.name] = Metric(family.name, family.documentation, family.type)
                 values[family.name] = {}
