@@ -397,7 +397,7 @@ async def main() -> None:
         console.print(
             f"[bold]FastStream rows skipped[/]: FastStream is not installed in {BENCH_VENV}."
             " Add it with `python benchmarks/contenders.py --install-faststream`, or:"
-            f" python3 -m venv {BENCH_VENV} && {BENCH_VENV}/bin/pip install 'faststream[nats]'"
+            f" python3 -m venv {BENCH_VENV} && {BENCH_VENV}/bin/pip install 'faststream\\[nats]'"
             " orjson"
         )
         kinds = [k for k in kinds if k not in FASTSTREAM]
