@@ -7,26 +7,38 @@ settings for every command.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
+from typer.main import get_command_from_info, get_group_from_info
+from typer.models import CommandInfo, TyperInfo
 
 from tidings import __version__
-from tidings.cli.approvals import approvals
-from tidings.cli.asyncapi import asyncapi
-from tidings.cli.bus import agents, publish, tail
-from tidings.cli.common import GlobalOptions
-from tidings.cli.doctor import doctor
-from tidings.cli.records import decisions, dlq
-from tidings.cli.run import run
-from tidings.cli.schema import schema
-from tidings.cli.token import token
-from tidings.cli.trace import trace, why
-from tidings.cli.triggers import triggers
-from tidings.logs import configure_logging
 
 __all__ = ["cli", "main"]
+
+# Each command: its module and the function (a command) or Typer app (a group) in it, in
+# the order `tidings --help` lists them. A module is imported only when its command runs
+# or shows its help, so `tidings trace` does not pay for the worker, the gateway, ...
+COMMANDS = {
+    "run": ("run", "run"),
+    "publish": ("bus", "publish"),
+    "tail": ("bus", "tail"),
+    "agents": ("bus", "agents"),
+    "doctor": ("doctor", "doctor"),
+    "asyncapi": ("asyncapi", "asyncapi"),
+    "token": ("token", "token"),
+    "triggers": ("triggers", "triggers"),
+    "trace": ("trace", "trace"),
+    "why": ("trace", "why"),
+    "dlq": ("records", "dlq"),
+    "decisions": ("records", "decisions"),
+    "approvals": ("approvals", "approvals"),
+    "schema": ("schema", "schema"),
+}
 
 
 class Commands(TyperGroup):
@@ -55,13 +67,77 @@ def _no_flag_types(params: list[Any]) -> list[Any]:
     return params
 
 
+class LazyCommands(MutableMapping[str, Any]):
+    """The root group's commands by name, each built from its module on first access.
+
+    Names (and so `list_commands` and completion) need no import; a value does. Click
+    and Typer read the group's ``commands`` as a mapping, so this stands in for the dict.
+    """
+
+    def __init__(self, loaders: dict[str, Callable[[], Any]]) -> None:
+        self._loaders = loaders
+        self._loaded: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._loaded:
+            self._loaded[name] = self._loaders[name]()
+        return self._loaded[name]
+
+    def __setitem__(self, name: str, command: Any) -> None:
+        self._loaded[name] = command
+
+    def __delitem__(self, name: str) -> None:
+        self._loaders.pop(name, None)
+        del self._loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict.fromkeys([*self._loaders, *self._loaded]))
+
+    def __len__(self) -> int:
+        return len(dict.fromkeys([*self._loaders, *self._loaded]))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._loaders or name in self._loaded
+
+
+class RootCommands(Commands):
+    """The `tidings` group: `COMMANDS`, each imported when it is run or its help shown."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands = LazyCommands({name: _loader(name) for name in COMMANDS})
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(self.commands)  # TyperGroup's reads every value: every module
+
+
+def _loader(name: str) -> Callable[[], Any]:
+    def load() -> Any:
+        module, attribute = COMMANDS[name]
+        target = getattr(importlib.import_module(f"tidings.cli.{module}"), attribute)
+        if isinstance(target, typer.Typer):
+            return get_group_from_info(
+                TyperInfo(target, name=name, cls=Commands),
+                pretty_exceptions_short=cli.pretty_exceptions_short,
+                rich_markup_mode=cli.rich_markup_mode,
+                suggest_commands=cli.suggest_commands,
+            )
+        return get_command_from_info(
+            CommandInfo(callback=target),
+            pretty_exceptions_short=cli.pretty_exceptions_short,
+            rich_markup_mode=cli.rich_markup_mode,
+        )
+
+    return load
+
+
 cli = typer.Typer(
     name="tidings",
     help="Tidings: a runtime for event-driven AI agents.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,  # locals may hold credentials
-    cls=Commands,
+    cls=RootCommands,
 )
 
 
@@ -98,26 +174,14 @@ def root(
     ] = False,
 ) -> None:
     """Tidings: a runtime for event-driven AI agents."""
+    from tidings.cli.common import GlobalOptions
+
     ctx.obj = GlobalOptions(bus=bus, store=store, home=home)
-
-
-cli.command()(run)
-cli.command()(publish)
-cli.command()(tail)
-cli.command()(agents)
-cli.command()(doctor)
-cli.add_typer(dlq, name="dlq", cls=Commands)
-cli.add_typer(decisions, name="decisions", cls=Commands)
-cli.add_typer(approvals, name="approvals", cls=Commands)
-cli.add_typer(schema, name="schema", cls=Commands)
-cli.command()(asyncapi)
-cli.command()(token)
-cli.command()(triggers)
-cli.command()(trace)
-cli.command()(why)
 
 
 def main() -> None:
     """Entry point of the `tidings` script."""
+    from tidings.logs import configure_logging
+
     configure_logging()
     cli()
