@@ -243,6 +243,28 @@ def test_orphan_of_a_killed_worker_is_reported_adopted_and_stopped(
     assert "Traceback" not in adopter.output
 
 
+@pytest.mark.slow
+def test_workers_of_a_killed_supervisor_stop(
+    app_dir: Path, tmp_path: Path, runs: list[Running], servers: list[int]
+) -> None:
+    """kill -9 of `tidings run --workers 2` cannot forward the stop: each worker sees it."""
+    env = base_env(tmp_path)
+    home = Path(env["TIDINGS_HOME"])
+    supervisor = start(runs, ["cliapp:app", "--workers", "2"], env, app_dir)
+    servers.append(server_pid(home))
+    supervisor.wait_for("[worker 2] started", timeout=START_S)
+    supervisor.wait_for("[worker 1] started", timeout=START_S)
+    pid = supervisor.process.pid
+    workers = [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    assert len(workers) == 2, workers
+
+    supervisor.process.kill()
+    supervisor.process.wait(30)
+    poll(lambda: not any(map(_alive, workers)), "the orphaned workers to stop", timeout=30)
+    assert "is gone; worker" in supervisor.output
+    assert "Traceback" not in supervisor.output
+
+
 # -- 5. a second terminal reads the worker's store ---------------------------------------
 
 

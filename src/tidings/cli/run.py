@@ -33,6 +33,9 @@ from tidings.observability import metrics as prometheus
 from tidings.observability import tracing
 from tidings.worker import Worker
 
+SUPERVISOR_ENV = "TIDINGS_SUPERVISOR_PID"  # set for the workers of `--workers N`
+ORPHAN_CHECK_S = 1.0
+
 
 class _ObservedWorker(Worker):
     """A worker that says when it is up, so the display starts with the real bus URL."""
@@ -288,15 +291,35 @@ async def _run_worker(
     traced = tracing.configure_from_env(settings, service_name=app.name)
     running = asyncio.create_task(worker.run_until_signalled(grace))
     display = None if quiet else asyncio.create_task(_display(worker, label))
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    orphaned = asyncio.create_task(_stop_if_orphaned(int(supervisor))) if supervisor else None
     try:
         await running
     finally:
+        if orphaned is not None:
+            orphaned.cancel()
         if traced:  # the last spans still batched go out before the process ends
             await asyncio.to_thread(tracing.shutdown)
         if display is not None:
             display.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await display
+
+
+async def _stop_if_orphaned(supervisor: int) -> None:
+    """Stop this worker of `--workers N` once its supervisor is gone.
+
+    A supervisor killed with -9 cannot forward the stop, and the workers run in their own
+    process group: without this they would go on consuming, unseen by the next run.
+    """
+    while True:  # polled: no event tells a process that its parent died
+        if os.getppid() != supervisor:
+            break
+        await asyncio.sleep(ORPHAN_CHECK_S)
+    err_console.print(
+        f"the supervisor (pid {supervisor}) is gone; worker {os.getpid()} stops", style="red"
+    )
+    os.kill(os.getpid(), signal.SIGTERM)  # the worker's own handler stops it gracefully
 
 
 async def _display(worker: _ObservedWorker, label: str) -> None:
@@ -358,6 +381,7 @@ def _supervise(
         else:  # each worker joins the embedded server itself, so it counts as one of its users
             env.pop("TIDINGS_BUS", None)
         env["TIDINGS_HOME"] = str(settings.home_path)
+        env[SUPERVISOR_ENV] = str(os.getpid())
         env["TIDINGS_LOG_FORMAT"] = settings.log_format
         if settings.gateway:
             env["TIDINGS_GATEWAY_PORT"] = str(settings.gateway_port)
