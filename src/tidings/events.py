@@ -85,6 +85,15 @@ def derived_id(*parts: str) -> str:
     return str(uuid.UUID(bytes=bytes(raw)))
 
 
+def id_ms(value: str) -> int | None:
+    """When a UUIDv7 id was made, in ms since the epoch (its first 48 bits); else None."""
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        return None
+    return parsed.int >> 80 if parsed.version == 7 else None
+
+
 def now() -> str:
     """The current time as an RFC 3339 UTC timestamp."""
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")

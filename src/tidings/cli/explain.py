@@ -204,17 +204,6 @@ def _value_at(event: Event, path: str) -> Any:
     return found
 
 
-def _as_filtered(spec: AgentSpec, event: Event) -> Event:
-    """The event as the pipeline's filter sees it: with a data model, its data validated."""
-    if spec.data_model is None:
-        return event
-    try:
-        data = spec.data_model.model_validate(event.data).model_dump(mode="json")
-    except ValueError:
-        return event
-    return event.replace(data=data)
-
-
 def _shown(value: Any) -> str:
     text = repr(value) if isinstance(value, str) else _compact(value)
     return text if len(text) <= 60 else text[:59] + "…"
@@ -232,7 +221,7 @@ def evaluate(spec: AgentSpec, event: Event) -> AgentVerdict | None:
     predicate = spec.predicate
     if predicate is None:
         return None
-    seen = _as_filtered(spec, event)
+    seen = spec.as_filtered(event)
     where = spec.where if isinstance(spec.where, str) else None
     paths = referenced_paths(where) if where is not None else []
     values = {p: v for p in paths if (v := _value_at(seen, p)) is not _ABSENT}

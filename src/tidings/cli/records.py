@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -45,7 +44,7 @@ from tidings.cli.common import (
 )
 from tidings.config import Settings
 from tidings.errors import MalformedEvent
-from tidings.events import Event, decode
+from tidings.events import Event, decode, id_ms
 from tidings.schemas.registry import Upcast, parse_dataschema
 from tidings.store import open_store
 from tidings.store.base import Store
@@ -453,13 +452,8 @@ async def _read_back(settings: Settings, event_type: str, event_id: str) -> Even
 
 
 def _id_time(event_id: str) -> datetime | None:
-    try:
-        parsed = uuid.UUID(event_id.rsplit(":", 1)[-1])
-    except ValueError:
-        return None
-    if parsed.version != 7:
-        return None
-    return datetime.fromtimestamp((parsed.int >> 80) / 1000, UTC)
+    ms = id_ms(event_id.rsplit(":", 1)[-1])
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
 
 
 def _as_read_by(app: App, agent: str, event: Event) -> Upcast:

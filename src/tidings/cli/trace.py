@@ -18,7 +18,6 @@ import contextlib
 import os
 import re
 import sys
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -61,7 +60,7 @@ from tidings.cli.explain import (
 from tidings.cli.records import existing_store
 from tidings.config import Settings
 from tidings.errors import MalformedEvent, TidingsError
-from tidings.events import Event, decode
+from tidings.events import Event, decode, id_ms
 from tidings.runtime.spec import AgentSpec
 from tidings.store.base import Store
 from tidings.store.codecs import parse_ts
@@ -173,13 +172,8 @@ def as_query(text: str) -> str:
 
 def id_time(value: str) -> datetime | None:
     """When a UUIDv7 id was made (its first 48 bits), else None."""
-    try:
-        parsed = uuid.UUID(value)
-    except ValueError:
-        return None
-    if parsed.version != 7:
-        return None
-    return datetime.fromtimestamp((parsed.int >> 80) / 1000, UTC)
+    ms = id_ms(value)
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
 
 
 def record_times(records: EventRecords) -> list[datetime]:

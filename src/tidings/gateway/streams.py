@@ -27,7 +27,6 @@ import asyncio
 import base64
 import contextlib
 import time
-import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ import structlog
 
 from tidings.bus.base import Bus, RawMessage
 from tidings.errors import MalformedEvent, StoreError
-from tidings.events import Event, decode, matches
+from tidings.events import Event, decode, id_ms, matches
 from tidings.gateway.config import GatewayConfig
 from tidings.gateway.events import HttpError
 from tidings.gateway.owners import INVOKED, Audience, Owners
@@ -109,13 +108,9 @@ def uuid7_ms(value: str) -> int | None:
     """The creation time in ms of a UUIDv7 (or an invoked id made of one), else None."""
     if value.startswith(INVOKED):
         value = value.split(":", 2)[-1]
-    try:
-        parsed = uuid.UUID(value)
-    except ValueError:
+    ms = id_ms(value)
+    if ms is None:
         return None
-    if parsed.version != 7:
-        return None
-    ms = parsed.int >> 80
     # A time more than a day ahead is no id made here (and past year 9999 is no date).
     return ms if ms <= (time.time() + 86_400) * 1000 else None
 

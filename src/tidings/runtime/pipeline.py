@@ -156,7 +156,7 @@ class Pipeline:
         predicate = self.spec.predicate
         if predicate is not None:
             try:
-                passed = predicate(self._as_filtered(event))
+                passed = predicate(self.spec.as_filtered(event))
             except FilterMiss as miss:
                 self.stats.filter_errors += 1
                 self.filter_errors.note(event, miss)
@@ -191,21 +191,6 @@ class Pipeline:
             " one its own output). Narrow their on= or where=, or raise max_depth if the"
             " chain is meant to be this long"
         )
-
-    def _as_filtered(self, event: Event) -> Event:
-        """The event as the filter sees it: with a data model, its data as validated.
-
-        So "2000" for an int field compares as 2000, as the handler will see it. Data the
-        model refuses is filtered as it came; if it passes, the handler's validation
-        dead-letters it, as without a filter.
-        """
-        model = self.spec.data_model
-        if model is None:
-            return event
-        try:
-            return event.replace(data=model.model_validate(event.data).model_dump(mode="json"))
-        except ValueError:  # pydantic's ValidationError
-            return event
 
     async def flush(self) -> None:
         """Report the filter errors counted since the last report."""

@@ -57,3 +57,18 @@ class AgentSpec:
             return ""
         value = self.key(event) if callable(self.key) else lookup(event, self.key)
         return "" if value is None else str(value)
+
+    def as_filtered(self, event: Event) -> Event:
+        """The event as the filter sees it: with a data model, its data as validated.
+
+        So "2000" for an int field compares as 2000, as the handler will see it. Data the
+        model refuses is filtered as it came; if it passes, the handler's validation
+        dead-letters it, as without a filter. `tidings why` judges with the same view.
+        """
+        model = self.data_model
+        if model is None:
+            return event
+        try:
+            return event.replace(data=model.model_validate(event.data).model_dump(mode="json"))
+        except ValueError:  # pydantic's ValidationError
+            return event
