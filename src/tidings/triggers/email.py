@@ -230,8 +230,6 @@ class _Handler:
         self.trigger = trigger
         self.sink = sink
         self.folder = folder
-        self._first = asyncio.Lock()
-        self._warm = False
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content
@@ -265,12 +263,7 @@ class _Handler:
         )
         try:
             async with asyncio.timeout(trigger.publish_timeout):
-                if self._warm:
-                    await self.sink.publish(event)
-                else:
-                    async with self._first:  # the client opens its publish ledger on first use
-                        await self.sink.publish(event)
-                        self._warm = True
+                await self.sink.publish(event)
         except EventTooLarge as e:
             log.warning("a mail too large for the bus", trigger=trigger.name, error=str(e))
             return "552 5.3.4 message too large for the event bus: send less text"

@@ -233,7 +233,7 @@ class MqttTrigger(Trigger):
                 if isinstance(item, _Stop):
                     raise item.error
                 before = run.lanes.get(item.topic)
-                task = asyncio.create_task(self._publish(sink, run, item, before))
+                task = asyncio.create_task(self._publish(sink, item, before))
                 run.lanes[item.topic] = task
                 run.tasks.add(task)
                 task.add_done_callback(functools.partial(_leave_lane, run.lanes, item.topic))
@@ -267,9 +267,7 @@ class MqttTrigger(Trigger):
             if item.mid:  # 0: a QoS 0 message, nothing to acknowledge
                 connection.ack(item.mid)
 
-    async def _publish(
-        self, sink: Sink, run: _Run, item: _Arrival, before: asyncio.Task[None] | None
-    ) -> None:
+    async def _publish(self, sink: Sink, item: _Arrival, before: asyncio.Task[None] | None) -> None:
         if before is not None:
             await before  # one topic's events reach the bus in the order they came
         event = item.event
@@ -292,12 +290,7 @@ class MqttTrigger(Trigger):
                 trigger=self.name, topic=item.topic, size=len(item.payload),
             )  # fmt: skip
         async with asyncio.timeout(self.publish_timeout):
-            if run.warm:
-                await sink.publish(event)
-                return
-            async with run.first:  # the client opens its publish ledger on first use
-                await sink.publish(event)
-                run.warm = True
+            await sink.publish(event)
 
     def event_for(self, message: mqtt.MQTTMessage, journal: Redeliveries) -> Event | None:
         """The event of one message (called in paho's thread: it decides the id)."""
@@ -378,8 +371,6 @@ class _Run:
     in_order: asyncio.Queue[tuple[_Arrival, asyncio.Task[None]]] = field(
         default_factory=asyncio.Queue
     )
-    first: asyncio.Lock = field(default_factory=asyncio.Lock)
-    warm: bool = False
 
 
 @dataclass(slots=True)
