@@ -90,7 +90,8 @@ class McpBridge:
         self._ready = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._hold())
         try:
-            return await asyncio.wait_for(asyncio.shield(self._ready), START_TIMEOUT_S)
+            async with asyncio.timeout(START_TIMEOUT_S):
+                return await asyncio.shield(self._ready)
         except TimeoutError as e:
             await self.stop()
             raise ConfigError(
@@ -158,4 +159,5 @@ class McpBridge:
         self._stop.set()
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(self._task, 10)
+                async with asyncio.timeout(10):
+                    await self._task

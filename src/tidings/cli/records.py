@@ -436,7 +436,8 @@ async def _read_back(settings: Settings, event_type: str, event_id: str) -> Even
     try:
         for _ in range(READ_BACK_SCAN):
             try:
-                message = await asyncio.wait_for(anext(messages), READ_BACK_WAIT)
+                async with asyncio.timeout(READ_BACK_WAIT):
+                    message = await anext(messages)
             except (TimeoutError, StopAsyncIteration):
                 return None
             try:

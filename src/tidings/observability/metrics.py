@@ -205,7 +205,8 @@ class Metrics:
             if not readers:
                 return
             try:
-                self._backlog = await asyncio.wait_for(readers[0](), BACKLOG_TIMEOUT)
+                async with asyncio.timeout(BACKLOG_TIMEOUT):
+                    self._backlog = await readers[0]()
             except Exception as e:  # the bus is away: report the rest, without a backlog
                 log.warning("metrics: cannot read the backlog", error=str(e) or type(e).__name__)
                 self._backlog = None

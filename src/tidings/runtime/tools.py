@@ -10,6 +10,7 @@ serve (`ToolSpec`, the event types) are in `tidings.tools`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -77,10 +78,11 @@ class ReplyHub:
                 left = deadline - time.time()
                 if left <= 0:
                     return None
-                try:
-                    return await asyncio.wait_for(asyncio.shield(waiter), min(poll, left))
-                except TimeoutError:
-                    pass
+                # Not asyncio.wait_for: on Python 3.11 it returns the reply instead of
+                # raising when the handler is cancelled as the reply arrives.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(poll, left)):
+                        return await asyncio.shield(waiter)
                 # Another worker may have consumed the reply: look in the store.
                 reply = await self.store.get_reply(call_id)
                 if reply is not None:

@@ -237,14 +237,12 @@ class Exclusive:
             await asyncio.gather(self._renewing, return_exceptions=True)
         if self.lost is None:
             with contextlib.suppress(Exception):  # it expires by itself if this fails
-                await asyncio.wait_for(
-                    asyncio.shield(
+                async with asyncio.timeout(2.0):
+                    await asyncio.shield(
                         self.sink._store().release_trigger_lease(
                             self.sink.status.name, self.sink.holder
                         )
-                    ),
-                    timeout=2.0,
-                )
+                    )
             return False
         if exc_type is asyncio.CancelledError and self._body is not None:
             self._body.uncancel()
@@ -371,4 +369,5 @@ class Runner:
         self.status.state = "stopped"
         if self.store is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.store.save_trigger_status(self.status.record()), 2.0)
+                async with asyncio.timeout(2.0):
+                    await self.store.save_trigger_status(self.status.record())

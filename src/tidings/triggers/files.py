@@ -160,6 +160,7 @@ class FileDrop(Trigger):
         self.done = None if done is None else self.path / done
         self.recursive = recursive
         self.concurrency = concurrency
+        self._changed = asyncio.Event()  # set by the running watcher; one per run
 
     def describe(self) -> dict[str, Any]:
         """The folder and how files are taken from it, for `tidings triggers`."""
@@ -231,7 +232,7 @@ class FileDrop(Trigger):
         handling: dict[Path, asyncio.Task[None]] = {}
         slots = asyncio.Semaphore(self.concurrency)
         stop = asyncio.Event()
-        changed = asyncio.Event()
+        changed = self._changed = asyncio.Event()  # the watcher saw something: look now
         failures: list[BaseException] = []  # from handling: the bus or the store is down
 
         def note(path: Path) -> None:
@@ -298,8 +299,11 @@ class FileDrop(Trigger):
                     handling[path] = task
                     task.add_done_callback(functools.partial(_forget, handling, path))
                 changed.clear()
+                # Not asyncio.wait_for: on Python 3.11 it swallows a cancel that lands while
+                # the event is being set, and this loop would then never stop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), timeout=tick)
+                    async with asyncio.timeout(tick):
+                        await changed.wait()
         finally:
             stop.set()
             watcher.cancel()

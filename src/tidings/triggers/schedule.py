@@ -166,8 +166,9 @@ class SimulatedClock:
                     f"{self.sleeping()} of {count} sleepers after {self.settle_s} s: a schedule"
                     " did not go back to sleep (is it failing? see the log)"
                 )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=min(left, 0.1))
+            with contextlib.suppress(TimeoutError):  # not wait_for: it can lose a cancel
+                async with asyncio.timeout(min(left, 0.1)):
+                    await self._changed.wait()
 
     async def advance(self, to: datetime | timedelta) -> None:
         """Move time to `to` (or by it), waking sleepers at their moments, in order."""
