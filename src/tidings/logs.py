@@ -44,7 +44,7 @@ def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
             structlog.processors.JSONRenderer(sort_keys=False),
         ]
         if chosen == "json"
-        else [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
+        else [_drop_empty, structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
     )
     structlog.configure(
         processors=[
@@ -59,6 +59,14 @@ def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
         logger_factory=_StderrLogger,
         cache_logger_on_first_use=True,
     )
+
+
+def _drop_empty(_: Any, __: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """Leave out fields without a value on the console (``trace_id=None`` says nothing).
+
+    JSON lines keep them as null, so every line about an event has the same keys.
+    """
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 def bind_event(agent: str, event: Event) -> Mapping[str, Token[Any]]:

@@ -133,3 +133,24 @@ def test_json_lines_stay_valid_and_bounded_for_a_foreign_producers_ids(
     assert about["trace_id"] is None  # junk names no trace
     assert len(lines[0]) < 2 * MAX_FIELD + 400
     assert "correlation_id" not in nothing
+
+
+def test_console_lines_leave_out_ids_the_event_does_not_have(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An untraced event's console line says nothing about a trace; JSON keeps the null."""
+    import structlog
+
+    from tidings.events import Event
+    from tidings.logs import bind_event, configure_logging, unbind
+
+    event = Event.create("job.created", {"n": 1}, source="/test")
+    configure_logging(fmt="console")
+    tokens = bind_event("agent", event)
+    try:
+        structlog.get_logger("test").info("about the event")
+    finally:
+        unbind(tokens)
+    line = capsys.readouterr().err
+    assert "about the event" in line and f"event_id={event.id}" in line
+    assert "trace_id" not in line and "None" not in line
