@@ -72,6 +72,8 @@ class App:
         description: str | None = None,
         concurrency: int = 32,
         max_attempts: int = 1,
+        side_effects: bool = True,
+        stand_in: Any = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Declare a tool service: agents call it with ``await ctx.tool(name, args)``.
 
@@ -80,6 +82,11 @@ class App:
         worker running this app serves it; calls are load-balanced between them. A
         call that raises is retried up to `max_attempts` (1: not retried), then
         dead-lettered (``tidings dlq ls``) and answered with the error.
+
+        For `tidings replay` (docs/replay.md): `side_effects=False` lets a shadow replay
+        run the tool again on new arguments; otherwise such a call is reported as "would
+        call" and answered with `stand_in` (a value, or a function of the arguments), or
+        stops the decision as "blocked" when there is none.
         """
         from tidings.tools import tool_spec
 
@@ -97,7 +104,7 @@ class App:
                 raise ConfigError(f"tool {name!r}: max_attempts must be >= 1")
             self.tools[name] = tool_spec(
                 name, fn, description=description, concurrency=concurrency,
-                max_attempts=max_attempts,
+                max_attempts=max_attempts, side_effects=side_effects, stand_in=stand_in,
             )  # fmt: skip
             return fn
 

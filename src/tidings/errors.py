@@ -22,6 +22,7 @@ TidingsError
 │   ├── ToolTimeout          no result before the call's timeout
 │   └── ToolFailed           the tool raised; `.error` holds its message
 ├── ApprovalTimeout          nobody answered a `ctx.ask(...)` before its timeout
+├── ReplayRefused            a shadow replay was about to write to the store or publish
 └── LLMError                 a model provider call failed
     ├── ProviderUnavailable  5xx, timeout, connection refused: retried with backoff
     ├── RateLimited          429 or a local limit: retried after `retry_after`
@@ -157,6 +158,10 @@ class ToolFailed(ToolError):
     def __init__(self, tool: str, error: str) -> None:
         super().__init__(tool, f"tool {tool!r} failed: {error}")
         self.error = error
+
+
+class ReplayRefused(TidingsError):
+    """A shadow replay tried to write to the store or publish: refused, never done."""
 
 
 class ApprovalTimeout(TidingsError):

@@ -32,6 +32,7 @@ from tidings.errors import ConfigError
 log = structlog.get_logger("tidings.tools")
 
 INVOKE = "tool.invoke"
+NO_STAND_IN: Any = object()  # a replay blocks a decision at this tool's new call
 RESULT = "tool.result"
 ERROR = "tool.error"
 
@@ -48,6 +49,12 @@ class ToolSpec:
     concurrency: int = 32
     source: str = "app"  # "app" or "mcp:<prefix>"
     max_attempts: int = 1  # a failing call is answered with its error at once
+    # For `tidings replay` (docs/replay.md): a tool free of side effects may run again in
+    # a shadow replay; any other call with new arguments is reported as "would call" and
+    # answered with `stand_in` (a value, or a function of the arguments), or blocks the
+    # decision when it has none (NO_STAND_IN).
+    side_effects: bool = True
+    stand_in: Any = NO_STAND_IN
 
     def definition(self) -> dict[str, Any]:
         """The provider-neutral definition an LLM sees (name, description, input schema)."""
@@ -65,6 +72,8 @@ def tool_spec(
     description: str | None = None,
     concurrency: int = 32,
     max_attempts: int = 1,
+    side_effects: bool = True,
+    stand_in: Any = None,
 ) -> ToolSpec:
     """Build a `ToolSpec` from a function's type hints.
 
@@ -120,7 +129,8 @@ def tool_spec(
     doc = description if description is not None else (inspect.getdoc(fn) or "")
     return ToolSpec(
         name, doc.strip(), input_schema, output_schema, handler, concurrency,
-        max_attempts=max_attempts,
+        max_attempts=max_attempts, side_effects=side_effects,
+        stand_in=NO_STAND_IN if stand_in is None else stand_in,
     )  # fmt: skip
 
 

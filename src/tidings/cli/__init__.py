@@ -38,6 +38,7 @@ COMMANDS = {
     "decisions": ("records", "decisions"),
     "approvals": ("approvals", "approvals"),
     "schema": ("schema", "schema"),
+    "replay": ("replay", "replay_command"),
 }
 
 

@@ -102,7 +102,9 @@ async def _call_tool(ctx: Context, name: str, args: Any, timeout: float) -> Any:
     digest = args_hash(args)
     started = time.perf_counter()
     seq, recorded = await ctx.journal.begin("tool", name, digest)
-    call_id = derived_id(ctx.agent, ctx.event.id, seq, "tool")
+    # The journal's event id, not the event's: `tidings replay --apply` runs an event
+    # again under a journal of its own, and its calls must not meet the first run's ids.
+    call_id = derived_id(ctx.agent, ctx.journal.event_id, seq, "tool")
     tracing.annotate({"gen_ai.tool.call.id": call_id, "tidings.step": seq})
     replayed = recorded is not None
     if recorded is not None and recorded.status != "pending":

@@ -1,0 +1,130 @@
+"""Replay for real: run a window's triggering events again into the live system.
+
+Each event goes through the normal exactly-once path (`Committer`: processed marker,
+state, decision and outbox in one transaction, then the outbox published with the
+emitted ids as dedupe ids), under an inbox id of its own derived from (agent, event id,
+new version): the first run's marker stays, so both decisions stay in the ledger, each
+with the version that made it, and applying the same window with the same version again
+is a duplicate that commits and publishes nothing new. State is the live state (the
+window is re-processed into the system as it is now). Tool calls go over the bus to the
+running tool services under call ids derived from the new inbox id, so the first run's
+replies are not reused; model calls are made again (their journal is the new run's).
+A handler that parks on `ctx.ask` or raises is reported and not committed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from tidings.bus.base import Bus
+from tidings.errors import StateConflict
+from tidings.events import Event, now
+from tidings.replay.shadow import ReadBack
+from tidings.runtime.context import Context, Services
+from tidings.runtime.durable import AgentParked
+from tidings.runtime.outcomes import describe
+from tidings.runtime.pipeline import Pipeline
+from tidings.runtime.steps import Journal, derived_id
+from tidings.runtime.tools import ReplyHub
+from tidings.store.base import Store
+from tidings.store.records import Commit
+
+if TYPE_CHECKING:
+    from tidings.app import App
+    from tidings.replay import Window
+
+
+@dataclass(slots=True)
+class Applied:
+    """What an apply did: events committed, already applied, filtered, and failures."""
+
+    version: str
+    committed: int = 0
+    duplicates: int = 0
+    filtered: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (event id, why)
+
+    def to_json(self) -> dict[str, object]:
+        """A JSON-ready dict."""
+        return {
+            "version": self.version, "committed": self.committed, "duplicates": self.duplicates,
+            "filtered": self.filtered, "failed": [list(f) for f in self.failed],
+        }  # fmt: skip
+
+
+def inbox_id(agent: str, event_id: str, version: str) -> str:
+    """The processed-marker id of an applied run: one per (agent, event, version)."""
+    return derived_id(agent, event_id, "apply", version)
+
+
+async def apply_window(
+    app: App,
+    agent: str,
+    window: Window,
+    bus: Bus,
+    store: Store,
+    keys: Sequence[str] | None = None,
+    limit: int | None = None,
+) -> Applied:
+    """Run `agent` of `app` on every event of `window` for real, once per version."""
+    spec = app.agents[agent]
+    services = Services(
+        bus, store, ReplyHub(store), app.llm if app._llm else None, dict(app.tools),
+        schemas=app.schemas,
+    )  # fmt: skip
+    pipeline = Pipeline(spec, services, app.name)
+    committer = pipeline.committer
+    services.served.update(await store.served_tools())
+    applied = Applied(spec.version)
+    wanted = set(keys) if keys else None
+    for raw in window.events:
+        if limit is not None and applied.committed + applied.duplicates >= limit:
+            break
+        screened = pipeline.screen(ReadBack(raw))
+        if not isinstance(screened, Event):
+            applied.filtered += 1
+            continue
+        event = screened
+        key = spec.key_of(event)
+        if wanted is not None and key not in wanted:
+            continue
+        marker = inbox_id(spec.name, event.id, spec.version)
+        if await committer.replay(spec.name, marker):  # applied before: re-publish only
+            applied.duplicates += 1
+            continue
+        ctx = Context(spec, event, key, 1, store, app.name, services)
+        ctx.journal = Journal(store, spec.name, marker)
+        seen = event
+        started_at, started = now(), time.perf_counter()
+        try:
+            if spec.data_model is not None:
+                seen = event.replace(data=spec.data_model.model_validate(event.data))
+            result = await spec.handler(seen, ctx)
+            if ctx.parked is not None:
+                raise AgentParked(ctx.parked)
+            decision = pipeline._decision(event, key, ctx, result, started_at,
+                                          time.perf_counter() - started)  # fmt: skip
+        except AgentParked:
+            applied.failed.append((event.id, "parked on ctx.ask: not applied"))
+            continue
+        except Exception as e:
+            applied.failed.append((event.id, describe(e)))
+            continue
+        commit = Commit(
+            agent=spec.name, event_id=marker, key=key, decision=decision,
+            state=ctx.state.after if ctx.state.dirty else None,
+            expected_version=ctx.state.version, outbox=ctx.outbox,
+        )  # fmt: skip
+        try:
+            committed = await committer.commit(commit)
+        except StateConflict as e:  # a live worker changed the key meanwhile: run it again
+            applied.failed.append((event.id, describe(e)))
+            continue
+        if committed:
+            applied.committed += 1
+        else:
+            applied.duplicates += 1
+    return applied
