@@ -327,7 +327,7 @@ async def test_a_store_at_schema_2_upgrades_with_its_rows_and_their_order(
     await raw_script(store_url, SCHEMA_2_ROWS.replace("BLOB", "X'00'" if sqlite else "'\\x00'"))
 
     async with open_store(store_url) as store:
-        assert await store.schema_version() == latest_version(store_url) == 9
+        assert await store.schema_version() == latest_version(store_url) >= 10
         assert await columns_in(store_url) == declared(store_url)
         # the tables of migration 1
         assert (await store.load_state(AGENT, "acct-1")).values == {"n": 1}
@@ -347,6 +347,13 @@ async def test_a_store_at_schema_2_upgrades_with_its_rows_and_their_order(
         resumed = await store.get_parked("p-a")
         assert resumed is not None and resumed.resumed_at == T2
         assert [p.id for p in await store.parked_to_sweep(500.0)] == ["p-c", "p-b"]
+        # migration 10: what the sweep would have moved has its timer (due now, or then)
+        timers = {t.id: (t.kind, t.due_at, t.payload) for t in await store.list_timers()}
+        assert timers == {
+            "parked:p-b": ("parked.settle", 0.0, {"parked_id": "p-b"}),
+            "parked:p-c": ("parked.settle", 100.0, {"parked_id": "p-c"}),
+        }
+        assert {(p.kind, p.key) for p in await store.list_parked(status=None)} == {("ask", "")}
         reply = await store.get_reply("call-old")
         assert reply is not None and (reply.value, reply.created_at) == (1, T1)
         assert [s.status for s in await store.load_journal(AGENT, "ev-c")] == ["pending"]

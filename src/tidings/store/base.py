@@ -5,9 +5,11 @@
   a correlation;
 - `StepJournal`, what lets a handler run resume: steps, tool replies, parked questions;
 - `Schemas`, the schema registry: event types, their versions and JSON Schemas;
-- `Triggers`, what triggers keep: their status, cursors and leases.
+- `Triggers`, what triggers keep: their status, cursors and leases;
+- `Timers`, the timer rows every worker claims and fires (`tidings.runtime.timers`);
+- `Waits`, what `ctx.wait_for` needs: each (agent, key)'s mailbox and its waits.
 
-`Store` is all five plus opening, closing and migrating; a backend (SQLite, PostgreSQL)
+`Store` is all seven plus opening, closing and migrating; a backend (SQLite, PostgreSQL)
 is chosen by URL scheme (`tidings.store.open_store`). Each part's guarantees are checked
 against real databases by its own contract suite, ``tests/contract/test_store_<part>.py``.
 
@@ -32,6 +34,7 @@ from tidings.store.records import (
     Decision,
     EventRecords,
     FilterErrors,
+    MailboxEntry,
     OutboxEvent,
     Parked,
     PrefixMatches,
@@ -41,8 +44,10 @@ from tidings.store.records import (
     SchemaRecord,
     StateSnapshot,
     Step,
+    Timer,
     TriggerRecord,
 )
+from tidings.store.timing import TimerStatus
 
 
 class Effects(abc.ABC):
@@ -375,7 +380,126 @@ class Triggers(abc.ABC):
         """Delete status rows not updated since `before` (aware); how many (guarantee 4)."""
 
 
-class Store(Effects, Records, StepJournal, Schemas, Triggers):
+class Timers(abc.ABC):
+    """Timer rows: each fired once, by whichever worker claims it (`tidings.store.timing`).
+
+    Times are epoch seconds (floats), compared with the `now` the caller passes, so
+    every worker of one store must keep its clock in sync (NTP).
+
+    1. **Idempotent scheduling.** `schedule_timer(timer)` stores it unless a timer with
+       its id is stored, and returns the one that stands: scheduling the same id twice
+       is one timer, with the first one's due time and payload, whatever its stage.
+    2. **Compare-and-set claims.** `claim_timers(holder, now, lease_s)` takes timers
+       that are due (``due_at <= now``) and scheduled, or claimed with a lease that ran
+       out (lapsed), of one of `kinds` (None: any), earliest due first, at most `limit`;
+       each moves to claimed by
+       `holder` until ``now + lease_s`` with its `attempt` counted up, and is returned
+       so. Of any number of workers claiming at once, each timer goes to exactly one.
+    3. **Fencing.** `finish_timer`, `retry_timer` and `renew_timer` take the `attempt`
+       of the claim and change the timer only while that claim is its latest one:
+       fired (`finish`), scheduled again at a new due time with the error kept
+       (`retry`), or its lease extended (`renew`). They return whether they did; a
+       claimer that lost its lease to another worker gets False and changes nothing.
+    4. **Cancel.** `cancel_timer(id)` moves a scheduled or claimed timer to cancelled
+       and returns whether it did; a cancelled or fired timer is never claimed again.
+       A fire already in progress is not stopped: its owner's own state decides.
+    5. **Reading.** `get_timer(id)`; `list_timers(kind=, status=)` oldest due first;
+       `next_timer_due()` is the earliest due time of a scheduled timer (None if none).
+    6. **Retention.** `prune_timers(before)` deletes fired and cancelled timers that
+       finished before `before`, never scheduled or claimed ones.
+    """
+
+    @abc.abstractmethod
+    async def schedule_timer(self, timer: Timer) -> Timer:
+        """Store `timer` unless its id is stored; the timer that stands (guarantee 1)."""
+
+    @abc.abstractmethod
+    async def claim_timers(
+        self,
+        holder: str,
+        now: float,
+        lease_s: float,
+        limit: int = 100,
+        kinds: Sequence[str] | None = None,
+    ) -> list[Timer]:
+        """Claim due timers (of `kinds`, None: any) for `holder`, each once (guarantee 2)."""
+
+    @abc.abstractmethod
+    async def finish_timer(self, timer_id: str, attempt: int) -> bool:
+        """Mark a claimed timer fired, if `attempt` is its latest claim (guarantee 3)."""
+
+    @abc.abstractmethod
+    async def retry_timer(
+        self, timer_id: str, attempt: int, due_at: float, error: str | None = None
+    ) -> bool:
+        """Schedule a claimed timer again at `due_at`, if `attempt` is its claim (3)."""
+
+    @abc.abstractmethod
+    async def renew_timer(self, timer_id: str, attempt: int, lease_until: float) -> bool:
+        """Extend the claim `attempt` of a timer until `lease_until` (guarantee 3)."""
+
+    @abc.abstractmethod
+    async def cancel_timer(self, timer_id: str) -> bool:
+        """Cancel a scheduled or claimed timer; whether it did (guarantee 4)."""
+
+    @abc.abstractmethod
+    async def get_timer(self, timer_id: str) -> Timer | None:
+        """One timer by id (guarantee 5)."""
+
+    @abc.abstractmethod
+    async def list_timers(
+        self, kind: str | None = None, status: TimerStatus | None = None, limit: int = 100
+    ) -> list[Timer]:
+        """Timers by kind and status (None: any), earliest due first (guarantee 5)."""
+
+    @abc.abstractmethod
+    async def next_timer_due(self) -> float | None:
+        """The earliest due time of a scheduled timer, or None (guarantee 5)."""
+
+    @abc.abstractmethod
+    async def prune_timers(self, before: datetime) -> int:
+        """Delete fired and cancelled timers finished before `before` (guarantee 6)."""
+
+
+class Waits(abc.ABC):
+    """The mailbox of each (agent, key) and the waits of `ctx.wait_for` on it.
+
+    A wait is a parked entry of kind "wait" (`StepJournal.park`, `tidings.store.parking`)
+    with the agent's key; an answer is the event that matched it.
+
+    1. **No missed wakeups.** `register_wait(wait)` parks the wait (once per id) and, in
+       the same transaction, returns the unconsumed, unexpired mailbox entries of its
+       (agent, key), oldest first; `deliver_to_mailbox(entry)` keeps the entry (once per
+       (agent, key, event id)) and, in the same transaction, returns it as stored and
+       the waits of its (agent, key) still waiting, oldest first. The two are
+       serialized per (agent, key): of a wait and an entry registered at once, at least
+       one call sees the other.
+    2. **One event answers one wait, once.** `match_wait(wait_id, entry)` takes the entry
+       for the wait and answers the wait with it, in one transaction, only if the entry
+       is unconsumed and the wait still waiting; it returns the answered wait, else None
+       and changes nothing.
+    3. **Retention.** Entries are kept until `expires_at`; expired ones are never
+       returned and `prune_mailbox(now)` deletes them, consumed or not.
+    """
+
+    @abc.abstractmethod
+    async def register_wait(self, wait: Parked) -> list[MailboxEntry]:
+        """Park `wait` and read its (agent, key)'s mailbox, atomically (guarantee 1)."""
+
+    @abc.abstractmethod
+    async def deliver_to_mailbox(self, entry: MailboxEntry) -> tuple[MailboxEntry, list[Parked]]:
+        """Keep `entry` and read the waits on its (agent, key), atomically (guarantee 1)."""
+
+    @abc.abstractmethod
+    async def match_wait(self, wait_id: str, entry: MailboxEntry, answer: Any) -> Parked | None:
+        """Answer a waiting wait with an unconsumed entry, both once (guarantee 2)."""
+
+    @abc.abstractmethod
+    async def prune_mailbox(self, now: float) -> int:
+        """Delete entries that expired by `now` (guarantee 3); how many."""
+
+
+class Store(Effects, Records, StepJournal, Schemas, Triggers, Timers, Waits):
     """Durable agent memory, idempotency inbox, outbox, decision ledger and dead letters."""
 
     url: str

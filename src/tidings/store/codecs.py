@@ -22,6 +22,7 @@ from tidings.store.records import (
     DeadLetter,
     Decision,
     FilterErrors,
+    MailboxEntry,
     OutboxEvent,
     OutboxRecord,
     Parked,
@@ -29,6 +30,7 @@ from tidings.store.records import (
     SchemaRecord,
     StateSnapshot,
     Step,
+    Timer,
     TriggerRecord,
 )
 from tidings.store.schema import DECISIONS, OUTBOX, Table
@@ -309,7 +311,8 @@ def parked_values(p: Parked, created_at: object) -> dict[str, Any]:
         "question": dumps(p.question, f"question {p.id}"),
         "headers": dumps(p.headers, f"headers of parked {p.id}"), "body": p.body,
         "deadline": p.deadline, "status": "waiting", "answer": "null", "answered_by": None,
-        "created_at": created_at, "answered_at": None, "resumed_at": None,
+        "created_at": created_at, "answered_at": None, "resumed_at": None, "kind": p.kind,
+        "key": p.key,
     }  # fmt: skip
 
 
@@ -322,7 +325,49 @@ def parked_from_row(row: Row) -> Parked:
         deadline=None if deadline is None else float(deadline), status=row["status"],
         answer=loads(row["answer"]), answered_by=row["answered_by"],
         created_at=ts_text(row["created_at"]), answered_at=_optional_ts(row["answered_at"]),
-        resumed_at=_optional_ts(row["resumed_at"]),
+        resumed_at=_optional_ts(row["resumed_at"]), kind=row["kind"], key=row["key"],
+    )  # fmt: skip
+
+
+def timer_values(t: Timer, created_at: object) -> dict[str, Any]:
+    """The columns of a newly scheduled timer: unclaimed, never attempted."""
+    return {
+        "id": t.id, "kind": t.kind, "owner": t.owner, "key": t.key, "due_at": float(t.due_at),
+        "payload": dumps(t.payload, f"payload of timer {t.id}"), "status": "scheduled",
+        "holder": None, "lease_until": None, "attempt": 0, "error": None,
+        "created_at": created_at, "finished_at": None,
+    }  # fmt: skip
+
+
+def timer_from_row(row: Row) -> Timer:
+    """A row of ``tidings_timers`` as a `Timer`."""
+    lease = row["lease_until"]
+    return Timer(
+        id=row["id"], kind=row["kind"], due_at=float(row["due_at"]), owner=row["owner"],
+        key=row["key"], payload=loads(row["payload"]), status=row["status"],
+        holder=row["holder"], lease_until=None if lease is None else float(lease),
+        attempt=int(row["attempt"]), error=row["error"], created_at=ts_text(row["created_at"]),
+        finished_at=_optional_ts(row["finished_at"]),
+    )  # fmt: skip
+
+
+def mailbox_values(e: MailboxEntry) -> dict[str, Any]:
+    """The columns of a mailbox entry, unconsumed."""
+    return {
+        "agent": e.agent, "key": e.key, "event_id": e.event_id, "event_type": e.event_type,
+        "headers": dumps(e.headers, f"headers of event {e.event_id}"), "body": e.body,
+        "received_at": float(e.received_at), "expires_at": float(e.expires_at),
+        "consumed_by": None,
+    }  # fmt: skip
+
+
+def mailbox_from_row(row: Row) -> MailboxEntry:
+    """A row of ``tidings_mailbox`` as a `MailboxEntry`."""
+    return MailboxEntry(
+        agent=row["agent"], key=row["key"], event_id=row["event_id"],
+        event_type=row["event_type"], headers=loads(row["headers"]), body=bytes(row["body"]),
+        received_at=float(row["received_at"]), expires_at=float(row["expires_at"]),
+        consumed_by=row["consumed_by"],
     )  # fmt: skip
 
 

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final, Literal, get_args
 
+# What a parked entry waits on: `ctx.ask`, `ctx.sleep`, `ctx.wait_for`.
+ParkedKind = Literal["ask", "sleep", "wait"]
 # What the `status` column holds.
 ParkedStatus = Literal["waiting", "answered", "timed_out"]
 # What an answer may set: a person's answer, or the deadline passing.

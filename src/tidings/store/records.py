@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tidings.store.parking import ParkedStatus
+from tidings.store.parking import ParkedKind, ParkedStatus
+from tidings.store.timing import TimerStatus
 
 # How a handled event ended: committed, given up on, parked on a question, or (a tool
 # service's call) failed with an error that its caller receives as the reply.
@@ -233,6 +234,52 @@ class Parked:
     created_at: str = ""
     answered_at: str | None = None
     resumed_at: str | None = None
+    kind: ParkedKind = "ask"  # what it waits on: a question, a sleep, a matching event
+    key: str = ""  # the agent's entity key (a wait is matched against this key's mailbox)
+
+
+@dataclass(frozen=True, slots=True)
+class Timer:
+    """A timer: fire `kind` with `payload` at `due_at` (epoch seconds), once.
+
+    `id` is chosen by who schedules it, derived from what it is for (`timer_id`), so
+    scheduling the same timer twice is one timer. `owner` and `key` say whom it serves
+    (an agent, a saga, a window) and are shown to operators. Its life is the table in
+    `tidings.store.timing`; `attempt` counts the claims, and is the fencing number a
+    claimer passes back to fire, retry or renew it.
+    """
+
+    id: str
+    kind: str
+    due_at: float
+    owner: str = ""
+    key: str = ""
+    payload: Any = None
+    status: TimerStatus = "scheduled"
+    holder: str | None = None  # who claimed it last
+    lease_until: float | None = None  # its claim lapses then (epoch seconds)
+    attempt: int = 0
+    error: str | None = None  # why the last attempt failed, when it did
+    created_at: str = ""
+    finished_at: str | None = None  # when it fired or was cancelled
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxEntry:
+    """An event that a waiting agent may want, kept for its (agent, key).
+
+    `consumed_by` is the wait (parked id) it answered, once one took it.
+    """
+
+    agent: str
+    key: str
+    event_id: str
+    event_type: str
+    headers: dict[str, str]
+    body: bytes
+    received_at: float  # epoch seconds
+    expires_at: float
+    consumed_by: str | None = None
 
 
 # What a trigger is doing: "standby" waits for another worker's lease (a schedule).

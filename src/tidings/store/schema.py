@@ -119,7 +119,8 @@ PARKED = _table(
     C("id", KEY), C("agent", TEXT), C("event_id", TEXT), C("question", JSON_TEXT),
     C("headers", JSON_TEXT), C("body", BLOB), C("deadline", REAL, True), C("status", TEXT),
     C("answer", JSON_TEXT), C("answered_by", TEXT, True), C("created_at", TIMESTAMP),
-    C("answered_at", TIMESTAMP, True), C("resumed_at", TIMESTAMP, True),
+    C("answered_at", TIMESTAMP, True), C("resumed_at", TIMESTAMP, True), C("kind", TEXT),
+    C("key", TEXT),
 )  # fmt: skip
 TOOLS = _table("tidings_tools", C("name", TEXT), C("app", TEXT), C("registered_at", TIMESTAMP))
 FILTER_ERRORS = _table(
@@ -149,11 +150,45 @@ TRIGGER_CURSORS = _table(
 TRIGGER_LEASES = _table(
     "tidings_trigger_leases", C("name", TEXT), C("holder", TEXT), C("expires_at", TIMESTAMP)
 )
+# Timers (`tidings.store.timing`): due and lease times are epoch seconds, like deadlines.
+TIMERS = _table(
+    "tidings_timers",
+    C("id", KEY), C("kind", TEXT), C("owner", TEXT), C("key", TEXT), C("due_at", REAL),
+    C("payload", JSON_TEXT), C("status", TEXT), C("holder", TEXT, True),
+    C("lease_until", REAL, True), C("attempt", INTEGER), C("error", TEXT, True),
+    C("created_at", TIMESTAMP), C("finished_at", TIMESTAMP, True),
+)  # fmt: skip
+# The mailbox of `ctx.wait_for`, and one row per (agent, key) that serializes its waits.
+MAILBOX = _table(
+    "tidings_mailbox",
+    C("agent", TEXT), C("key", TEXT), C("event_id", TEXT), C("event_type", TEXT),
+    C("headers", JSON_TEXT), C("body", BLOB), C("received_at", REAL), C("expires_at", REAL),
+    C("consumed_by", TEXT, True),
+)  # fmt: skip
+WAIT_KEYS = _table("tidings_wait_keys", C("agent", TEXT), C("key", TEXT), C("turns", BIGINT))
+# Rows kept from events (`tidings.store.kept`): windows, projections, and the
+# dead-letter monitor's rules (owner: the rule, key: the pattern).
+WINDOWS = _table(
+    "tidings_windows",
+    C("owner", TEXT), C("key", TEXT), C("data", JSON_TEXT), C("version", BIGINT),
+    C("updated_at", TIMESTAMP),
+)  # fmt: skip
+PROJECTIONS = _table(
+    "tidings_projections",
+    C("owner", TEXT), C("key", TEXT), C("data", JSON_TEXT), C("version", BIGINT),
+    C("updated_at", TIMESTAMP),
+)  # fmt: skip
+DLQ_RULES = _table(
+    "tidings_dlq_rules",
+    C("owner", TEXT), C("key", TEXT), C("data", JSON_TEXT), C("version", BIGINT),
+    C("updated_at", TIMESTAMP),
+)  # fmt: skip
 MIGRATIONS_LEDGER = _table(MIGRATIONS_TABLE, C("version", INTEGER), C("applied_at", TIMESTAMP))
 
 TABLES: Final = (
     STATE, INBOX, OUTBOX, DECISIONS, DEAD_LETTERS, PUBLISHES, JOURNAL, REPLIES, PARKED, TOOLS,
     FILTER_ERRORS, CORRELATIONS, SCHEMAS, TRIGGER_STATUS, TRIGGER_CURSORS, TRIGGER_LEASES,
+    TIMERS, MAILBOX, WAIT_KEYS,
     MIGRATIONS_LEDGER,
 )  # fmt: skip
 
@@ -198,6 +233,112 @@ _AFTER_BACKFILL: Final = (
 _AFTER_INDEX: Final = (
     "CREATE UNIQUE INDEX tidings_schemas_after ON tidings_schemas (event_type, after_version)"
 )
+
+def _timers_migration(t: dict[str, str]) -> Migration:
+    """Migration 10 in one dialect (`t`: its type names and JSON builder).
+
+    The backfill gives every parked question that a sweep would have moved its timer
+    ('parked:' + id): a waiting one with a deadline fires then, an answered or timed-out
+    one not yet handed back fires at once.
+    """
+    return Migration(
+        10,
+        "timers; the mailbox and waits of wait_for; what a parked entry waits on",
+        (
+            f"""CREATE TABLE tidings_timers (
+                id {t["key"]} PRIMARY KEY, kind {t["text"]} NOT NULL,
+                owner {t["text"]} NOT NULL, key {t["text"]} NOT NULL, due_at {t["real"]} NOT NULL,
+                payload {t["text"]} NOT NULL, status {t["text"]} NOT NULL, holder {t["text"]},
+                lease_until {t["real"]}, attempt {t["int"]} NOT NULL, error {t["text"]},
+                created_at {t["ts"]} NOT NULL, finished_at {t["ts"]})""",
+            "CREATE INDEX tidings_timers_due ON tidings_timers (status, due_at)",
+            "CREATE INDEX tidings_timers_finished ON tidings_timers (finished_at)",
+            f"""CREATE TABLE tidings_mailbox (
+                agent {t["text"]} NOT NULL, key {t["text"]} NOT NULL,
+                event_id {t["text"]} NOT NULL, event_type {t["text"]} NOT NULL,
+                headers {t["text"]} NOT NULL, body {t["blob"]} NOT NULL,
+                received_at {t["real"]} NOT NULL, expires_at {t["real"]} NOT NULL,
+                consumed_by {t["text"]}, PRIMARY KEY (agent, key, event_id))""",
+            "CREATE INDEX tidings_mailbox_key ON tidings_mailbox (agent, key, received_at)",
+            "CREATE INDEX tidings_mailbox_expires ON tidings_mailbox (expires_at)",
+            f"""CREATE TABLE tidings_wait_keys (
+                agent {t["text"]} NOT NULL, key {t["text"]} NOT NULL,
+                turns {t["bigint"]} NOT NULL, PRIMARY KEY (agent, key))""",
+            f"ALTER TABLE tidings_parked ADD COLUMN kind {t['text']} NOT NULL DEFAULT 'ask'",
+            f"ALTER TABLE tidings_parked ADD COLUMN key {t['text']} NOT NULL DEFAULT ''",
+            "CREATE INDEX tidings_parked_waits ON tidings_parked (agent, key, status)",
+            "INSERT INTO tidings_timers (id, kind, owner, key, due_at, payload, status, holder,"
+            " lease_until, attempt, error, created_at, finished_at)"
+            " SELECT 'parked:' || id, 'parked.settle', agent, '',"
+            " CASE WHEN status = 'waiting' THEN deadline ELSE 0 END,"
+            f" {t['json']}, 'scheduled', NULL, NULL, 0, NULL, created_at, NULL"
+            " FROM tidings_parked WHERE resumed_at IS NULL"
+            " AND (status <> 'waiting' OR deadline IS NOT NULL)",
+        ),
+    )
+
+
+def _sagas_migration(t: dict[str, str]) -> Migration:
+    """Migration 11 in one dialect: one row per saga instance (`Sagas`, `runtime.saga_life`)."""
+    return Migration(
+        11,
+        "sagas: each instance's status and state",
+        (
+            f"""CREATE TABLE tidings_sagas (
+                id {t["key"]} NOT NULL, saga {t["text"]} NOT NULL, key {t["text"]} NOT NULL,
+                status {t["text"]} NOT NULL, state {t["text"]} NOT NULL,
+                version {t["bigint"]} NOT NULL, reason {t["text"]},
+                created_at {t["ts"]} NOT NULL, updated_at {t["ts"]} NOT NULL,
+                PRIMARY KEY (saga, key))""",
+            "CREATE UNIQUE INDEX tidings_sagas_id ON tidings_sagas (id)",
+            "CREATE INDEX tidings_sagas_status ON tidings_sagas (status, updated_at)",
+            "CREATE INDEX tidings_sagas_updated ON tidings_sagas (updated_at)",
+        ),
+    )
+
+
+def _kept_migration(t: dict[str, str]) -> Migration:
+    """Migration 13 in one dialect: the rows windows and projections keep (`store.kept`)."""
+    return Migration(
+        13,
+        "windows and projections: rows kept from events",
+        tuple(
+            f"""CREATE TABLE {table} (
+                owner {t["text"]} NOT NULL, key {t["text"]} NOT NULL, data {t["text"]} NOT NULL,
+                version {t["bigint"]} NOT NULL, updated_at {t["ts"]} NOT NULL,
+                PRIMARY KEY (owner, key))"""
+            for table in ("tidings_windows", "tidings_projections")
+        ),
+    )
+
+
+def _monitor_migration(t: dict[str, str]) -> Migration:
+    """Migration 14 in one dialect: what the dead-letter monitor's rules did, per pattern."""
+    return Migration(
+        14,
+        "the dead-letter monitor: each rule's firings per pattern",
+        (
+            f"""CREATE TABLE tidings_dlq_rules (
+                owner {t["text"]} NOT NULL, key {t["text"]} NOT NULL,
+                data {t["text"]} NOT NULL, version {t["bigint"]} NOT NULL,
+                updated_at {t["ts"]} NOT NULL, PRIMARY KEY (owner, key))""",
+        ),
+    )
+
+
+_SQLITE_TYPES: Final = {"text": "TEXT", "bigint": "INTEGER", "ts": "TEXT"}
+_POSTGRES_TYPES: Final = {"text": "text", "bigint": "bigint", "ts": "timestamptz"}
+
+
+_TIMERS_SQLITE: Final = {
+    "key": "TEXT", "text": "TEXT", "real": "REAL", "int": "INTEGER", "bigint": "INTEGER",
+    "ts": "TEXT", "blob": "BLOB", "json": "json_object('parked_id', id)",
+}  # fmt: skip
+_TIMERS_POSTGRES: Final = {
+    "key": 'text COLLATE "C"', "text": "text", "real": "double precision", "int": "integer",
+    "bigint": "bigint", "ts": "timestamptz", "blob": "bytea",
+    "json": "json_build_object('parked_id', id)::text",
+}  # fmt: skip
 
 SQLITE_LEDGER_DDL: Final = (
     f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE}"
@@ -338,6 +479,7 @@ SQLITE_MIGRATIONS: Final[tuple[Migration, ...]] = (
             _AFTER_INDEX,
         ),
     ),
+    _timers_migration(_TIMERS_SQLITE),
 )
 
 
@@ -504,4 +646,5 @@ POSTGRES_MIGRATIONS: Final[tuple[Migration, ...]] = (
             _AFTER_INDEX,
         ),
     ),
+    _timers_migration(_TIMERS_POSTGRES),
 )

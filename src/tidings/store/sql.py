@@ -17,12 +17,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 import re
+import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any, ClassVar, NamedTuple, get_args
 
 from tidings.errors import SchemaHistoryChanged
+from tidings.store import timing
 from tidings.store.base import Store
 from tidings.store.codecs import (
     MIN_PREFIX,
@@ -37,6 +39,8 @@ from tidings.store.codecs import (
     filter_errors_from_row,
     format_ts,
     loads,
+    mailbox_from_row,
+    mailbox_values,
     ordered,
     outbox_from_row,
     outbox_record_from_row,
@@ -52,6 +56,8 @@ from tidings.store.codecs import (
     snapshot_from_rows,
     step_from_row,
     step_values,
+    timer_from_row,
+    timer_values,
     trigger_status_from_row,
     trigger_status_values,
     ts_text,
@@ -71,6 +77,7 @@ from tidings.store.records import (
     Decision,
     EventRecords,
     FilterErrors,
+    MailboxEntry,
     OutboxEvent,
     Parked,
     PrefixMatches,
@@ -80,6 +87,7 @@ from tidings.store.records import (
     SchemaRecord,
     StateSnapshot,
     Step,
+    Timer,
     TriggerRecord,
 )
 from tidings.store.schema import (
@@ -89,12 +97,14 @@ from tidings.store.schema import (
     FILTER_ERRORS,
     INBOX,
     JOURNAL,
+    MAILBOX,
     MIGRATIONS_TABLE,
     OUTBOX,
     PARKED,
     PUBLISHES,
     REPLIES,
     SCHEMAS,
+    TIMERS,
     TOOLS,
     TRIGGER_CURSORS,
     TRIGGER_LEASES,
@@ -112,6 +122,9 @@ class Dialect(abc.ABC):
     prune_chunk: ClassVar[int | None] = None
     # Texts per `in_texts` condition; longer lists are split (None: any length).
     max_texts: ClassVar[int | None] = None
+    # Appended to the SELECT that picks rows to claim: concurrent claimers skip each
+    # other's rows instead of queueing on them ('' where writes are serialized anyway).
+    skip_locked: ClassVar[str] = ""
 
     def sql(self, text: str) -> str:
         """`text`, written with ``?`` placeholders, as this backend takes it."""
@@ -162,6 +175,8 @@ class SqliteDialect(Dialect):
 
 class PostgresDialect(Dialect):
     """PostgreSQL: numbered placeholders, timestamptz, text arrays."""
+
+    skip_locked = " FOR UPDATE SKIP LOCKED"
 
     def sql(self, text: str) -> str:
         """``?`` placeholders numbered ``$1``, ``$2``, ... in order."""
@@ -319,6 +334,111 @@ CLAIM_TRIGGER_LEASE = (
 SELECT_PARKED_TO_SWEEP = (
     f"{_PARKED} WHERE ({in_stages(sources('time_out'))} AND deadline IS NOT NULL"
     f" AND deadline <= ?) OR {in_stages(sources('resume'))} ORDER BY created_at LIMIT 500"
+)
+
+
+# -- timers and waits ----------------------------------------------------------------------
+
+
+def in_timer_stages(stages: Iterable[timing.Stage]) -> tuple[str, int]:
+    """A condition true exactly for timers in one of `stages`, and its count of ``?``.
+
+    Each ``?`` takes the current time: a claim lapses when its lease has run out.
+    """
+    wanted = set(stages)
+    parts: list[str] = []
+    uses_now = 0
+    statuses: list[str] = [s for s in ("scheduled", "fired", "cancelled") if s in wanted]
+    if {"claimed", "lapsed"} <= wanted:
+        statuses.append("claimed")
+    elif "claimed" in wanted:
+        parts.append("(status = 'claimed' AND lease_until > ?)")
+        uses_now += 1
+    elif "lapsed" in wanted:
+        parts.append("(status = 'claimed' AND lease_until <= ?)")
+        uses_now += 1
+    if statuses:
+        parts.insert(0, f"status IN ({', '.join(repr(s) for s in statuses)})")
+    return (f"({' OR '.join(parts)})" if parts else "FALSE"), uses_now
+
+
+_TIMERS = f"SELECT {TIMERS.column_list()} FROM tidings_timers"
+_CLAIMABLE, _CLAIMABLE_NOW = in_timer_stages(timing.sources("claim"))
+_FENCED = {move: in_timer_stages(timing.sources(move)) for move in ("fire", "retry", "renew")}
+assert not any(n for _, n in _FENCED.values())  # a fenced move holds in claimed and lapsed
+_CANCELLABLE, _CANCEL_NOW = in_timer_stages(timing.sources("cancel"))
+assert not _CANCEL_NOW
+_TIMER_FINAL, _ = in_timer_stages(timing.final_stages())
+INSERT_TIMER = f"{insert_into(TIMERS)} ON CONFLICT DO NOTHING"
+
+
+def claim_timers_sql(dialect: Dialect, kinds: int | None) -> str:
+    """The claim: the due, claimable timers (earliest first) become the claimer's.
+
+    The outer WHERE repeats the condition, so a row another claimer took between the
+    inner SELECT and the UPDATE (PostgreSQL re-checks a row it waited for) is skipped.
+    `kinds` is how many kinds it is limited to (None: any).
+    """
+    of_kinds = "" if kinds is None else f" AND {dialect.in_texts('kind', kinds)}"
+    return dialect.sql(
+        f"UPDATE tidings_timers SET status = '{timing.target_status('claim')}', holder = ?,"
+        " lease_until = ?, attempt = attempt + 1 WHERE id IN (SELECT id FROM tidings_timers"
+        f" WHERE {_CLAIMABLE} AND due_at <= ?{of_kinds} ORDER BY due_at LIMIT ?"
+        f"{dialect.skip_locked}) AND {_CLAIMABLE} RETURNING {TIMERS.column_list()}"
+    )
+
+
+FINISH_TIMER = (
+    f"UPDATE tidings_timers SET status = '{timing.target_status('fire')}', finished_at = ?"
+    f" WHERE id = ? AND attempt = ? AND {_FENCED['fire'][0]}"
+)
+RETRY_TIMER = (
+    f"UPDATE tidings_timers SET status = '{timing.target_status('retry')}', due_at = ?,"
+    f" error = ?, lease_until = NULL WHERE id = ? AND attempt = ? AND {_FENCED['retry'][0]}"
+)
+RENEW_TIMER = (
+    "UPDATE tidings_timers SET lease_until = ?"
+    f" WHERE id = ? AND attempt = ? AND {_FENCED['renew'][0]}"
+)
+CANCEL_TIMER = (
+    f"UPDATE tidings_timers SET status = '{timing.target_status('cancel')}', finished_at = ?"
+    f" WHERE id = ? AND {_CANCELLABLE}"
+)
+NEXT_TIMER_DUE = (
+    "SELECT (SELECT min(due_at) FROM tidings_timers WHERE status = 'scheduled') AS due,"
+    " (SELECT min(lease_until) FROM tidings_timers WHERE status = 'claimed') AS lapses"
+)
+PRUNE_TIMERS = f"DELETE FROM tidings_timers WHERE {_TIMER_FINAL} AND finished_at < ?"
+
+# Every statement about one (agent, key)'s waits first takes this row's lock, so a wait
+# registering and an event arriving for the same key run one after the other.
+LOCK_WAIT_KEY = (
+    "INSERT INTO tidings_wait_keys (agent, key, turns) VALUES (?, ?, 1) ON CONFLICT"
+    " (agent, key) DO UPDATE SET turns = tidings_wait_keys.turns + 1"
+)
+_MAILBOX = f"SELECT {MAILBOX.column_list()} FROM tidings_mailbox"
+INSERT_MAILBOX = f"{insert_into(MAILBOX)} ON CONFLICT DO NOTHING"
+SELECT_MAILBOX_OPEN = (
+    f"{_MAILBOX} WHERE agent = ? AND key = ? AND consumed_by IS NULL AND expires_at > ?"
+    " ORDER BY received_at, event_id LIMIT 100"
+)
+SELECT_MAILBOX_ENTRY = f"{_MAILBOX} WHERE agent = ? AND key = ? AND event_id = ?"
+_STILL_WAITING = in_stages(sources("answer"))
+SELECT_WAITING = (
+    f"{_PARKED} WHERE agent = ? AND key = ? AND kind = 'wait' AND {_STILL_WAITING}"
+    " ORDER BY created_at, id LIMIT 100"
+)
+TAKE_ENTRY = (
+    "UPDATE tidings_mailbox SET consumed_by = ? WHERE agent = ? AND key = ? AND event_id = ?"
+    " AND consumed_by IS NULL AND expires_at > ? AND EXISTS (SELECT 1 FROM tidings_parked"
+    " WHERE tidings_parked.id = ? AND tidings_parked.agent = ? AND tidings_parked.key = ?"
+    f" AND tidings_parked.kind = 'wait' AND {_STILL_WAITING})"
+)
+ANSWER_WAIT = (
+    f"UPDATE tidings_parked SET status = '{after('waiting', 'answer')}', answer = ?,"
+    f" answered_by = ?, answered_at = ? WHERE id = ? AND {_STILL_WAITING} AND EXISTS"
+    " (SELECT 1 FROM tidings_mailbox WHERE agent = ? AND key = ? AND event_id = ?"
+    f" AND consumed_by = ?) RETURNING {PARKED.column_list()}"
 )
 
 
@@ -942,3 +1062,152 @@ class SqlStore(Store):
             self.dialect.timestamp(before),
         )
         return result.rowcount
+
+    # -- timers -----------------------------------------------------------------------
+
+    async def schedule_timer(self, timer: Timer) -> Timer:
+        """Insert unless the id is stored, and read back the timer that stands."""
+        row = ordered(TIMERS, timer_values(timer, self._now()))
+        sql = self.dialect.sql
+        _, found = await self._run(
+            "schedule_timer",
+            [
+                Query(sql(INSERT_TIMER), row, False),
+                Query(sql(f"{_TIMERS} WHERE id = ?"), (timer.id,)),
+            ],
+            write=True,
+        )
+        return timer_from_row(found.rows[0])
+
+    async def claim_timers(
+        self,
+        holder: str,
+        now: float,
+        lease_s: float,
+        limit: int = 100,
+        kinds: Sequence[str] | None = None,
+    ) -> list[Timer]:
+        """One conditional UPDATE: each due, claimable timer goes to one claimer."""
+        if kinds is not None and not kinds:
+            return []
+        if kinds is not None and self.dialect.max_texts and len(kinds) > self.dialect.max_texts:
+            raise ValueError(f"claim_timers takes at most {self.dialect.max_texts} kinds")
+        lapse = (now,) * _CLAIMABLE_NOW
+        of_kinds = () if kinds is None else self.dialect.texts(list(kinds))
+        sql = claim_timers_sql(self.dialect, None if kinds is None else len(kinds))
+        query = Query(
+            sql, (holder, now + max(lease_s, 0.0), *lapse, now, *of_kinds, max(limit, 0), *lapse)
+        )
+        (result,) = await self._run("claim_timers", [query], write=True)
+        return sorted(map(timer_from_row, result.rows), key=lambda t: (t.due_at, t.id))
+
+    async def finish_timer(self, timer_id: str, attempt: int) -> bool:
+        """Fired, if `attempt` is still the timer's claim."""
+        done = await self._change("finish_timer", FINISH_TIMER, self._now(), timer_id, attempt)
+        return done.rowcount > 0
+
+    async def retry_timer(
+        self, timer_id: str, attempt: int, due_at: float, error: str | None = None
+    ) -> bool:
+        """Scheduled again at `due_at`, if `attempt` is still the timer's claim."""
+        done = await self._change("retry_timer", RETRY_TIMER, due_at, error, timer_id, attempt)
+        return done.rowcount > 0
+
+    async def renew_timer(self, timer_id: str, attempt: int, lease_until: float) -> bool:
+        """The claim `attempt` holds until `lease_until`, if it is still the claim."""
+        done = await self._change("renew_timer", RENEW_TIMER, lease_until, timer_id, attempt)
+        return done.rowcount > 0
+
+    async def cancel_timer(self, timer_id: str) -> bool:
+        """Cancelled, if scheduled or claimed."""
+        done = await self._change("cancel_timer", CANCEL_TIMER, self._now(), timer_id)
+        return done.rowcount > 0
+
+    async def get_timer(self, timer_id: str) -> Timer | None:
+        """One timer by id."""
+        rows = await self._select("get_timer", f"{_TIMERS} WHERE id = ?", timer_id)
+        return timer_from_row(rows[0]) if rows else None
+
+    async def list_timers(
+        self, kind: str | None = None, status: timing.TimerStatus | None = None, limit: int = 100
+    ) -> list[Timer]:
+        """Timers by kind and status, earliest due first."""
+        used = {c: v for c, v in (("kind", kind), ("status", status)) if v is not None}
+        where = " AND ".join(f"{column} = ?" for column in used)
+        rows = await self._select(
+            "list_timers",
+            f"{_TIMERS} {'WHERE ' + where if where else ''} ORDER BY due_at, id LIMIT ?",
+            *used.values(),
+            max(limit, 0),
+        )
+        return [timer_from_row(r) for r in rows]
+
+    async def next_timer_due(self) -> float | None:
+        """The earliest time a timer becomes claimable: due, or its claim lapsing."""
+        (row,) = await self._select("next_timer_due", NEXT_TIMER_DUE)
+        times = [float(t) for t in (row["due"], row["lapses"]) if t is not None]
+        return min(times) if times else None
+
+    async def prune_timers(self, before: datetime) -> int:
+        """Delete fired and cancelled timers finished before `before`."""
+        done = await self._change("prune_timers", PRUNE_TIMERS, self.dialect.timestamp(before))
+        return done.rowcount
+
+    # -- waits ------------------------------------------------------------------------
+
+    async def register_wait(self, wait: Parked) -> list[MailboxEntry]:
+        """Lock the key, park the wait, read the open mailbox: one transaction."""
+        if wait.kind != "wait":
+            raise ValueError(f"register_wait parks waits (kind 'wait'), not {wait.kind!r}")
+        row = ordered(PARKED, parked_values(wait, self._now()))
+        sql = self.dialect.sql
+        *_, found = await self._run(
+            "register_wait",
+            [
+                Query(sql(LOCK_WAIT_KEY), (wait.agent, wait.key), False),
+                Query(sql(f"{insert_into(PARKED)} ON CONFLICT DO NOTHING"), row, False),
+                Query(sql(SELECT_MAILBOX_OPEN), (wait.agent, wait.key, time.time())),
+            ],
+            write=True,
+        )
+        return [mailbox_from_row(r) for r in found.rows]
+
+    async def deliver_to_mailbox(self, entry: MailboxEntry) -> tuple[MailboxEntry, list[Parked]]:
+        """Lock the key, keep the entry, read it back and the waits: one transaction."""
+        sql, where = self.dialect.sql, (entry.agent, entry.key)
+        *_, stored, waits = await self._run(
+            "deliver_to_mailbox",
+            [
+                Query(sql(LOCK_WAIT_KEY), where, False),
+                Query(sql(INSERT_MAILBOX), ordered(MAILBOX, mailbox_values(entry)), False),
+                Query(sql(SELECT_MAILBOX_ENTRY), (*where, entry.event_id)),
+                Query(sql(SELECT_WAITING), where),
+            ],
+            write=True,
+        )
+        return mailbox_from_row(stored.rows[0]), [parked_from_row(r) for r in waits.rows]
+
+    async def match_wait(self, wait_id: str, entry: MailboxEntry, answer: Any) -> Parked | None:
+        """Lock the key, take the entry for the wait, answer the wait: one transaction."""
+        sql, where = self.dialect.sql, (entry.agent, entry.key)
+        value = dumps(answer, f"answer to wait {wait_id}")
+        take = (wait_id, *where, entry.event_id, time.time(), wait_id, *where)
+        by = f"event:{entry.event_id}"
+        answer_it = (value, by, self._now(), wait_id, *where, entry.event_id, wait_id)
+        *_, answered = await self._run(
+            "match_wait",
+            [
+                Query(sql(LOCK_WAIT_KEY), where, False),
+                Query(sql(TAKE_ENTRY), take, False),
+                Query(sql(ANSWER_WAIT), answer_it),
+            ],
+            write=True,
+        )
+        return parked_from_row(answered.rows[0]) if answered.rows else None
+
+    async def prune_mailbox(self, now: float) -> int:
+        """Delete entries that expired by `now`."""
+        done = await self._change(
+            "prune_mailbox", "DELETE FROM tidings_mailbox WHERE expires_at <= ?", now
+        )
+        return done.rowcount
