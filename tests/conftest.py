@@ -13,9 +13,13 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 import pytest
+
+if TYPE_CHECKING:
+    from tidings.bus.cluster import LocalCluster
 
 POSTGRES_URL = os.environ.get("TIDINGS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -124,6 +128,19 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
 @pytest.fixture
 def nats_url(nats_server: NatsServer) -> str:
     return nats_server.url
+
+
+@pytest.fixture(scope="session")
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """Three routed nats-servers with JetStream on loopback (tidings.bus.cluster), each with
+    its own store; tests may kill and restart nodes, so each test uses its own namespace
+    and waits for `wait_healthy()` before it ends."""
+    from tidings.bus.cluster import LocalCluster
+
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"), 3, binary=nats_server_binary())
+    cluster.start(logs=True)
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture

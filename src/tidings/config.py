@@ -27,6 +27,16 @@ class Settings:
     ack_wait: float = 30.0  # seconds before an unacked delivery is redelivered
     retention_days: float = 7.0  # inbox/outbox/decision rows older than this are pruned
     max_in_flight: int = 1000  # unacked deliveries per agent consumer
+    # NATS: copies of each stream, consumer and lease bucket (1, or 3/5 on a cluster), and
+    # the fsync policy of the servers Tidings starts itself ("" the server's default 2 min,
+    # "always", or a duration such as "10s"); docs/production.md.
+    replicas: int = 1
+    sync_interval: str = ""
+    # NATS: split each keyed agent's events into this many partitions by event subject,
+    # each owned by one worker at a time, so per-key order holds across workers (0: off,
+    # one queue group per agent). Read from the stream once it exists; docs/production.md.
+    partitions: int = 0
+    lease_ttl: float = 6.0  # seconds a dead worker keeps its partitions
     # An outbox row still unpublished this many seconds after its commit is published by
     # the workers' sweep: its source event will not come back to publish it.
     outbox_sweep_after: float = 60.0

@@ -28,7 +28,14 @@ def open_bus(url: str, settings: Settings | None = None) -> Bus:
     if scheme in ("nats", "tls", "ws", "wss"):
         from tidings.bus.nats import NatsBus
 
-        return NatsBus(url, namespace=settings.namespace, dedupe_window=settings.dedupe_window)
+        return NatsBus(
+            url,
+            namespace=settings.namespace,
+            dedupe_window=settings.dedupe_window,
+            replicas=settings.replicas,
+            partitions=settings.partitions,
+            lease_ttl=settings.lease_ttl,
+        )
     if scheme == "memory":
         from tidings.bus.memory import MemoryBus
 

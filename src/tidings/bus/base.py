@@ -135,6 +135,9 @@ class ConsumerSpec:
     max_in_flight: int = 1000
     ack_wait: float = 30.0
     start: Literal["all", "new"] | datetime = "all"
+    # Whether the agent orders events per key: on a partitioned NATS stream its events are
+    # split by subject over partitions, each owned by one worker at a time (guarantee 3).
+    keyed: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.start, datetime):

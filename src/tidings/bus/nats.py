@@ -9,6 +9,17 @@ Layout per namespace ``ns``:
   with the agent's name as queue group, so every worker process of the agent shares it.
   Push beats ``fetch()`` pulls by ~4x in nats-py; the server still bounds unacked
   deliveries with ``max_ack_pending``.
+
+A *partitioned* stream (``partitions=N``, kept in the stream's metadata so every process
+of the namespace agrees) holds ``{ns}.events.<p>.<type>`` and ``{ns}.retry.<agent>.<p>``,
+``p = crc32(event subject) % N``: a keyed agent gets one consumer per partition, each
+owned by one worker at a time through leases (`tidings.bus.nats_partitions`), so one
+key's events run on one worker at a time, in order, across every worker. Keyless agents
+keep one shared consumer over every partition.
+
+Streams, consumers and the lease bucket have ``replicas`` copies. A publish that meets a
+leader election or a fail-over to another node is sent again with the same message id
+(the dedupe window makes that safe) for up to ``failover`` seconds before it raises.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import re
 import ssl
 import time
 import uuid
+import zlib
 from collections.abc import AsyncGenerator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +45,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as CoreSubscription
 from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
 
 from tidings.bus.base import (
     Bus,
@@ -67,6 +80,8 @@ _LOG_EVERY = 30.0  # seconds between repeats of one connection warning
 MAX_CONTROL_LINE = 4096
 MAX_SUBJECT_BYTES = MAX_CONTROL_LINE - 256
 _STREAM_EXISTS = 10058  # "stream name already in use with a different configuration"
+_PARTITIONS_KEY = "tidings_partitions"  # stream metadata: how the stream is laid out
+MAX_PARTITIONS = 1024
 _ACK, _WPI, _TERM, _NAK = b"+ACK", b"+WPI", b"+TERM", b"-NAK"
 _WHITESPACE = re.compile(r"\s")  # for str, exactly what str.isspace() is true for
 
@@ -212,12 +227,18 @@ class NatsSubscription(Subscription):
     """A core queue subscription on an agent's push consumer, with a heartbeat watchdog."""
 
     def __init__(
-        self, bus: NatsBus, spec: ConsumerSpec, config: api.ConsumerConfig, handler: DeliveryHandler
+        self,
+        bus: NatsBus,
+        spec: ConsumerSpec,
+        config: api.ConsumerConfig,
+        handler: DeliveryHandler,
+        *,
+        name: str | None = None,
     ) -> None:
         self._bus = bus
         self._spec = spec
         self.config = config
-        self.durable = agent_token(spec.name)
+        self.durable = name or agent_token(spec.name)
         self._handler = handler
         self._sub: CoreSubscription | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -334,12 +355,28 @@ class NatsBus(Bus):
         heartbeat: float = 5.0,
         timeout: float = 5.0,
         connect_timeout: float = 2.0,
+        replicas: int = 1,
+        partitions: int = 0,
+        lease_ttl: float = 6.0,
+        failover: float = 20.0,
     ) -> None:
         if not re.match(r"^[A-Za-z0-9_-]+$", namespace):
             raise ConfigError(
                 f"namespace {namespace!r} must be letters, digits, '_' or '-' (one subject token)"
             )
+        if not 1 <= replicas <= 5:
+            raise ConfigError(f"replicas={replicas}: JetStream keeps 1 to 5 copies (use 1 or 3)")
+        if not 0 <= partitions <= MAX_PARTITIONS:
+            raise ConfigError(
+                f"partitions={partitions}: use 0 (off) up to {MAX_PARTITIONS}, e.g. 16"
+            )
         self.url = url
+        self.servers = [u.strip() for u in url.split(",") if u.strip()]
+        self.replicas = replicas
+        self.partitions = partitions  # the stream's own count wins once it exists
+        self.lease_ttl = lease_ttl
+        # A publish sent again after the dedupe window could be stored twice: stay within.
+        self.failover = min(failover, dedupe_window / 2)
         self.namespace = namespace
         self.dedupe_window = dedupe_window
         self.heartbeat = heartbeat
@@ -376,6 +413,12 @@ class NatsBus(Bus):
     @property
     def _safe_url(self) -> str:
         return re.sub(r"//[^@/]*@", "//***@", self.url)
+
+    def _clustered(self) -> bool:
+        """Whether the server is one node of a cluster (or several URLs were given)."""
+        nc = self._nc
+        info: dict[str, Any] = (getattr(nc, "_server_info", None) or {}) if nc else {}
+        return len(self.servers) > 1 or bool(info.get("cluster"))
 
     @property
     def connected(self) -> bool:
@@ -429,7 +472,7 @@ class NatsBus(Bus):
         try:
             # Two quick tries, then give up: a missing bus should be reported, not awaited.
             nc = await nats.connect(
-                servers=[self.url],
+                servers=self.servers,
                 name="tidings",
                 connect_timeout=self.connect_timeout,
                 allow_reconnect=False,
@@ -539,37 +582,57 @@ class NatsBus(Bus):
 
     async def _ensure_streams(self) -> None:
         ns = self.namespace
-        await self._ensure_stream(
-            self.events_stream, [f"{ns}.events.>", f"{ns}.retry.>"], self.dedupe_window
+        layout = {_PARTITIONS_KEY: str(self.partitions)}
+        current = await self._ensure_stream(
+            self.events_stream, [f"{ns}.events.>", f"{ns}.retry.>"], self.dedupe_window, layout
         )
+        # The stream's layout wins over this process's setting: publishers and workers of
+        # one namespace must agree on it, and stored events keep the layout they have.
+        stored = int((current.metadata or {}).get(_PARTITIONS_KEY, "0") or 0)
+        if stored != self.partitions:
+            log.warning(
+                "stream %s is laid out in %d partitions; using that, not partitions=%d"
+                " (a new namespace takes a new count)", self.events_stream, stored,
+                self.partitions,
+            )  # fmt: skip
+            self.partitions = stored
         await self._ensure_stream(self.dlq_stream, [f"{ns}.dlq.>"], self.dedupe_window)
 
-    async def _ensure_stream(self, name: str, subjects: list[str], window: float) -> None:
-        """Add the stream, or fix subjects/dedupe window of an existing one, keeping the rest."""
+    async def _ensure_stream(
+        self, name: str, subjects: list[str], window: float, metadata: dict[str, str] | None = None
+    ) -> api.StreamConfig:
+        """Add the stream, or fix subjects/window/replicas of an existing one, keeping the rest.
+
+        `metadata` is written on creation only: an existing stream keeps its own.
+        """
         js = self._js()
         config = api.StreamConfig(
             name=name,
             subjects=subjects,
             storage=api.StorageType.FILE,
             duplicate_window=window,
+            num_replicas=self.replicas,
             description=f"tidings namespace {self.namespace}",
+            metadata=metadata,
         )
         try:
             try:
-                await js.add_stream(config)
-                return
+                return (await js.add_stream(config)).config
             except nats.js.errors.BadRequestError as e:
                 if e.err_code != _STREAM_EXISTS:
                     raise
             # Exists with other settings (an operator may have set limits): change only ours.
             current = (await js.stream_info(name)).config
-            if sorted(current.subjects or []) == sorted(subjects) and (
-                current.duplicate_window == window
+            if (
+                sorted(current.subjects or []) == sorted(subjects)
+                and current.duplicate_window == window
+                and (current.num_replicas or 1) == self.replicas
             ):
-                return
+                return current
             current.subjects = subjects
             current.duplicate_window = window
-            await js.update_stream(current)
+            current.num_replicas = self.replicas
+            return (await js.update_stream(current)).config
         except nats.js.errors.APIError as e:
             raise BusError(f"cannot set up stream {name} on {self._safe_url}: {e}") from e
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
@@ -578,28 +641,87 @@ class NatsBus(Bus):
                 " is the server started with -js and its store writable?"
             ) from e
 
-    def _consumer_config(self, spec: ConsumerSpec) -> api.ConsumerConfig:
+    async def _lease_bucket(self) -> KeyValue:
+        """The key-value bucket of partition leases and live workers (created if missing)."""
+        js = self._js()
+        name = f"{self.namespace.upper()}_LEASES"
+        try:
+            return await js.create_key_value(
+                api.KeyValueConfig(
+                    bucket=name,
+                    history=1,
+                    ttl=self.lease_ttl,
+                    storage=api.StorageType.MEMORY,
+                    replicas=self.replicas,
+                    description=f"tidings partition leases of namespace {self.namespace}",
+                )
+            )
+        except nats.js.errors.BadRequestError:  # exists with other settings: use it as is
+            return await js.key_value(name)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
+            raise BusUnavailable(f"JetStream at {self._safe_url} did not answer") from e
+
+    # -- subjects: the stream's layout ---------------------------------------------------
+
+    def partition_of(self, event: Event) -> int:
+        """The partition of `event` on a partitioned stream: by its subject, the entity key."""
+        if not self.partitions or not event.subject:
+            return 0
+        return zlib.crc32(event.subject.encode()) % self.partitions
+
+    def events_subject(self, event: Event) -> str:
+        """Where `event` is published."""
+        if self.partitions:
+            return f"{self.namespace}.events.{self.partition_of(event)}.{event.type}"
+        return f"{self.namespace}.events.{event.type}"
+
+    def events_filter(self, pattern: str, partition: int | None = None) -> str:
+        """The subject filter of a type pattern: one partition, or every one (None)."""
+        if not self.partitions:
+            return f"{self.namespace}.events.{pattern}"
+        return f"{self.namespace}.events.{'*' if partition is None else partition}.{pattern}"
+
+    def event_type_of(self, subject: str) -> str:
+        """The type (or pattern) in an events subject or filter."""
+        rest = subject.removeprefix(f"{self.namespace}.events.")
+        return rest.split(".", 1)[1] if self.partitions and "." in rest else rest
+
+    def retry_subject(self, token: str, partition: int | str | None = None) -> str:
+        """An agent's retry subject (on a partitioned stream: of one partition, or '*')."""
+        if not self.partitions:
+            return f"{self.namespace}.retry.{token}"
+        return f"{self.namespace}.retry.{token}.{'*' if partition is None else partition}"
+
+    def _consumer_config(
+        self, spec: ConsumerSpec, partition: int | None = None
+    ) -> api.ConsumerConfig:
+        """The agent's durable; with `partition`, the one of that partition alone."""
         token = agent_token(spec.name)
         ns = self.namespace
-        subjects = [f"{ns}.events.{p}" for p in normalize_patterns(spec.patterns)]
+        subjects = [self.events_filter(p, partition) for p in normalize_patterns(spec.patterns)]
+        name, deliver, in_flight = token, f"_tidings.{ns}.deliver.{token}", spec.max_in_flight
+        if partition is not None:
+            name, deliver = f"{token}_p{partition}", f"{deliver}.p{partition}"
+            # The agent's bound, shared out: a worker owns several partitions at once.
+            in_flight = max(1, -(-spec.max_in_flight // self.partitions))
         policy, since = api.DeliverPolicy.ALL, None  # guarantee 10, on first creation only
         if spec.start == "new":
             policy = api.DeliverPolicy.NEW
         elif isinstance(spec.start, datetime):
             policy, since = api.DeliverPolicy.BY_START_TIME, spec.start
         return api.ConsumerConfig(
-            name=token,
-            durable_name=token,
+            name=name,
+            durable_name=name,
             description=f"tidings agent {spec.name}",
             deliver_policy=policy,
             opt_start_time=since,
             ack_policy=api.AckPolicy.EXPLICIT,
             ack_wait=spec.ack_wait,
             max_deliver=-1,  # the runtime counts attempts and dead-letters itself
-            max_ack_pending=spec.max_in_flight,
-            filter_subjects=[*subjects, f"{ns}.retry.{token}"],
-            deliver_subject=f"_tidings.{ns}.deliver.{token}",
-            deliver_group=token,
+            max_ack_pending=in_flight,
+            filter_subjects=[*subjects, self.retry_subject(token, partition)],
+            deliver_subject=deliver,
+            deliver_group=name,
             idle_heartbeat=self.heartbeat,
             metadata={"tidings_agent": spec.name},
         )
@@ -638,7 +760,7 @@ class NatsBus(Bus):
 
     def check(self, event: Event) -> None:
         """Refuse what nats-server would refuse or close the connection over (guarantee 12)."""
-        self._message(event, f"{self.namespace}.events.{event.type}", event.id)
+        self._message(event, self.events_subject(event), event.id)
 
     def _message(self, event: Event, subject: str, msg_id: str) -> tuple[dict[str, str], bytes]:
         check_attributes(event)
@@ -659,41 +781,66 @@ class NatsBus(Bus):
         check_size(headers, body, self._max_payload, "nats-server max_payload")
 
     async def _publish(self, subject: str, headers: dict[str, str], body: bytes) -> api.PubAck:
-        js = self._js()
-        if not self._client().is_connected:  # nats-py would buffer it and wait for the ack
-            raise BusUnavailable(
-                f"not connected to {self._safe_url} (reconnecting); publishing the same event"
-                " again is safe"
-            )
-        for first_try in (True, False):
-            try:
-                return await js.publish(subject, body, timeout=self.timeout, headers=headers)
-            except nats.js.errors.NoStreamResponseError as e:
-                if first_try:  # the server lost its state: recreate the streams once
-                    await self._ensure_streams()
-                    continue
-                raise BusError(f"no JetStream stream stores {subject!r} on {self._safe_url}") from e
-            except nats.errors.TimeoutError as e:
-                raise BusUnavailable(
-                    f"{self._safe_url} did not confirm a publish within {self.timeout}s"
-                    " (server down or restarting?); publishing the same event again is safe"
-                ) from e
-            except nats.js.errors.ServiceUnavailableError as e:
-                raise BusUnavailable(f"JetStream at {self._safe_url} is not ready: {e}") from e
-            except nats.js.errors.APIError as e:
-                raise BusError(f"publish to {subject!r} rejected: {e}") from e
-            except nats.errors.Error as e:
-                raise BusUnavailable(f"publish to {self._safe_url} failed: {e!r}") from e
-        raise AssertionError("unreachable")
+        """Send and wait for the stream's ack, riding out a leader election or a fail-over.
+
+        The message id stays the same on every try, so a try whose ack was lost and the
+        one after it store one message (the dedupe window is longer than `failover`).
+        On a lone server, a publish fails at once: nothing is electing there.
+        """
+        deadline = time.monotonic() + (self.failover if self._clustered() else 0.0)
+        recreated = False
+        pause = 0.05
+        while True:
+            nc = self._client()
+            js = self._js()
+            problem: BusError
+            if not nc.is_connected:  # nats-py would buffer it and wait for the ack
+                problem = BusUnavailable(
+                    f"not connected to {self._safe_url} (reconnecting); publishing the same"
+                    " event again is safe"
+                )
+            else:
+                try:
+                    return await js.publish(subject, body, timeout=self.timeout, headers=headers)
+                except nats.js.errors.NoStreamResponseError as e:
+                    # No stream leader answers: one is being elected, or the server lost
+                    # its state; recreate the streams once (it fails while electing).
+                    problem = BusError(
+                        f"no JetStream stream stores {subject!r} on {self._safe_url}"
+                    )
+                    problem.__cause__ = e
+                    if not recreated:
+                        recreated = True
+                        with contextlib.suppress(BusError):
+                            await self._ensure_streams()
+                            continue
+                except nats.errors.TimeoutError as e:
+                    problem = BusUnavailable(
+                        f"{self._safe_url} did not confirm a publish within {self.timeout}s"
+                        " (server down or restarting?); publishing the same event again is safe"
+                    )
+                    problem.__cause__ = e
+                except nats.js.errors.ServiceUnavailableError as e:
+                    problem = BusUnavailable(f"JetStream at {self._safe_url} is not ready: {e}")
+                    problem.__cause__ = e
+                except nats.js.errors.APIError as e:
+                    raise BusError(f"publish to {subject!r} rejected: {e}") from e
+                except nats.errors.Error as e:
+                    problem = BusUnavailable(f"publish to {self._safe_url} failed: {e!r}")
+                    problem.__cause__ = e
+            if time.monotonic() + pause > deadline:
+                raise problem
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
     async def publish(self, event: Event) -> None:
         """Store `event`; its id is the broker's dedupe id (Nats-Msg-Id)."""
-        subject = f"{self.namespace}.events.{event.type}"
+        subject = self.events_subject(event)
         await self._publish(subject, *self._message(event, subject, event.id))
 
     async def retry(self, agent: str, event: Event) -> None:
         """Send `event` to one agent's retry subject, with a fresh dedupe id on purpose."""
-        subject = f"{self.namespace}.retry.{agent_token(agent)}"
+        subject = self.retry_subject(agent_token(agent), self.partition_of(event))
         await self._publish(subject, *self._message(event, subject, f"retry-{uuid.uuid4()}"))
 
     async def dead_letter(self, agent: str, delivery: Delivery, reason: str) -> None:
@@ -714,7 +861,16 @@ class NatsBus(Bus):
     # -- consuming ------------------------------------------------------------------------
 
     async def subscribe(self, spec: ConsumerSpec, handler: DeliveryHandler) -> Subscription:
-        """Create or join the agent's durable push consumer; each delivery runs in a task."""
+        """Create or join the agent's durable push consumer; each delivery runs in a task.
+
+        A keyed agent on a partitioned stream takes its share of the partitions instead.
+        """
+        if self.partitions and spec.keyed:
+            from tidings.bus.nats_partitions import PartitionedSubscription
+
+            partitioned = PartitionedSubscription(self, spec, handler)
+            await partitioned.start()
+            return partitioned
         config = self._consumer_config(spec)
         await self._ensure_consumer(config)
         sub = NatsSubscription(self, spec, config, handler)
@@ -729,9 +885,13 @@ class NatsBus(Bus):
         return _Tail(self, patterns, last, since).run()
 
     async def consumers(self) -> list[ConsumerInfo]:
-        """Each durable consumer of the events stream, with its backlog."""
+        """Each agent's durable consumer of the events stream, with its backlog.
+
+        An agent with one consumer per partition is one entry, its numbers summed.
+        """
         prefix = f"{self.namespace}.events."
         out: list[ConsumerInfo] = []
+        by_agent: dict[str, int] = {}
         infos: list[api.ConsumerInfo] = []
         try:
             while True:  # the server pages the list (256 a page)
@@ -746,10 +906,22 @@ class NatsBus(Bus):
             if not cfg.durable_name:
                 continue
             filters = cfg.filter_subjects or ([cfg.filter_subject] if cfg.filter_subject else [])
+            name = (cfg.metadata or {}).get("tidings_agent", ci.name)
+            if name in by_agent and ci.name != name:  # another partition of the same agent
+                seen = out[by_agent[name]]
+                out[by_agent[name]] = dataclasses.replace(
+                    seen,
+                    pending=seen.pending + (ci.num_pending or 0),
+                    in_flight=seen.in_flight + (ci.num_ack_pending or 0),
+                    redelivered=seen.redelivered + (ci.num_redelivered or 0),
+                    extra={**seen.extra, "partitions": seen.extra.get("partitions", 1) + 1},
+                )
+                continue
+            by_agent[name] = len(out)
             out.append(
                 ConsumerInfo(
-                    name=(cfg.metadata or {}).get("tidings_agent", ci.name),
-                    patterns=[f.removeprefix(prefix) for f in filters if f.startswith(prefix)],
+                    name=name,
+                    patterns=[self.event_type_of(f) for f in filters if f.startswith(prefix)],
                     pending=ci.num_pending or 0,
                     in_flight=ci.num_ack_pending or 0,
                     redelivered=ci.num_redelivered or 0,
@@ -803,8 +975,7 @@ class _Tail:
     ) -> None:
         self._bus = bus
         self._since = since  # until the first message: start by time, then by sequence
-        ns = bus.namespace
-        self._subjects = [f"{ns}.events.{p}" for p in normalize_patterns(patterns)]
+        self._subjects = [bus.events_filter(p) for p in normalize_patterns(patterns)]
         self._last = last
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
         self._sub: CoreSubscription | None = None

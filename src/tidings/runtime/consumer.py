@@ -169,7 +169,7 @@ class Consumer:
         spec = self.processor.consumer
         spec = ConsumerSpec(
             spec.name, spec.patterns, max_in_flight=self.max_in_flight, ack_wait=self.ack_wait,
-            start=spec.start,
+            start=spec.start, keyed=spec.keyed,
         )  # fmt: skip
         self.subscription = await self.bus.subscribe(spec, self.on_delivery)
         self._heartbeat = asyncio.create_task(extend_deadlines(self.in_flight, self.ack_wait))

@@ -82,7 +82,9 @@ class Pipeline:
         self.app_name = app_name
         self.stats = AgentStats()
         self.committer = Committer(services.bus, services.store)
-        self.consumer = ConsumerSpec(spec.name, spec.patterns, start=spec.start)
+        self.consumer = ConsumerSpec(
+            spec.name, spec.patterns, start=spec.start, keyed=spec.key is not None
+        )
         where = (
             spec.where if isinstance(spec.where, str) else getattr(spec.where, "__qualname__", "")
         )
