@@ -321,8 +321,18 @@ class ShadowContext(Context):
             self._llm = ShadowLLM(self)
         return self._llm
 
-    async def tool(self, name: str, args: Any = None, *, timeout: float = 60.0) -> Any:  # noqa: ASYNC109
-        """From the journal, run again (no side effects), a stand-in, or blocked."""
+    async def tool(
+        self,
+        name: str,
+        args: Any = None,
+        *,
+        timeout: float = 60.0,  # noqa: ASYNC109
+        undo: Callable[[Any], Any] | None = None,
+    ) -> Any:
+        """From the journal, run again (no side effects), a stand-in, or blocked.
+
+        An `undo` is not registered: a shadow run commits nothing there is to undo.
+        """
         try:
             orjson.dumps(args)
         except TypeError as e:
@@ -369,7 +379,14 @@ class ShadowContext(Context):
         )
         raise self._block(why)
 
-    async def step(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def step(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        undo: Callable[[Any], Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """The recorded result of the same step, or blocked: a new step's code may do anything."""
         digest = args_hash(args, kwargs)
         seq, _ = await self.journal.begin("step", name, digest)
@@ -443,7 +460,18 @@ class ShadowLLM(LLM):
             completion = await services.models.complete(name, request)
             ctx.options.llm_calls += 1
             ctx.options.llm_cost += completion.cost
-        ctx.llm_done.append(llm_entry(completion.to_dict(), messages, completion.model, answered))
+        # Not completion.to_dict(): dataclasses.asdict costs more than the rest of the call.
+        result = {
+            "text": completion.text,
+            "tokens_in": completion.tokens_in,
+            "tokens_out": completion.tokens_out,
+            "cost": completion.cost,
+            "tool_calls": [
+                {"id": c.id, "name": c.name, "arguments": c.arguments}
+                for c in completion.tool_calls
+            ],
+        }
+        ctx.llm_done.append(llm_entry(result, messages, completion.model, answered))
         return completion
 
 

@@ -1,0 +1,88 @@
+"""The replay's diff and verdicts, pure; the read-only store and the bus that never publishes."""
+
+from __future__ import annotations
+
+import pytest
+
+from tidings.errors import ReplayRefused
+from tidings.events import Event
+from tidings.replay import Outcome, Report, diff, parse_threshold
+from tidings.replay.report import judge
+from tidings.replay.shadow import ReadOnlyStore, ShadowBus
+from tidings.store import open_store
+from tidings.store.records import Commit, Decision, Step
+
+
+def test_diff_names_each_leaf_by_path_and_types_count() -> None:
+    old = {"a": 1, "b": [1, {"c": "x"}], "d": True, "e": 1}
+    new = {"a": 1.0, "b": [1, {"c": "y"}, 3], "d": 1, "f": None}
+    got = {(c.path, repr(c.old), repr(c.new)) for c in diff(old, new)}
+    assert got == {
+        ("a", "1", "1.0"),
+        ("b[1].c", "'x'", "'y'"),
+        ("b[2]", "<absent>", "3"),
+        ("d", "True", "1"),
+        ("e", "1", "<absent>"),
+        ("f", "<absent>", "None"),
+    }
+    assert diff({"x": [1, 2]}, {"x": [1, 2]}) == []
+
+
+def test_verdicts_and_the_gate() -> None:
+    same = Outcome("ok", {"q": 1})
+    report = Report("a", "s", "u", "v2", None, False)
+    report.decisions = [
+        judge("a", "1", "t", "k", same, Outcome("ok", {"q": 1}, llm=[{"answer": "other"}])),
+        judge("a", "2", "t", "k", same, Outcome("ok", {"q": 2})),
+        judge("a", "3", "t", None, None, same),
+        judge("a", "4", "t", None, same, None),
+        judge("a", "5", "t", None, same, Outcome("blocked"), blocked="would call x"),
+    ]
+    assert report.counts() == {"same": 1, "changed": 1, "new": 1, "missing": 1, "blocked": 1}
+    assert [c.path for c in report.decisions[1].changes] == ["result.q"]
+    assert report.changed == 4 and report.changed_share == pytest.approx(0.8)
+    assert report.exceeds("3") and not report.exceeds("4")
+    assert report.exceeds("79.9%") and not report.exceeds("80%")
+    assert report.json_bytes() == report.json_bytes()
+    for bad in ("-1", "x", "101%", "1.5"):
+        with pytest.raises(ValueError, match="give a number of decisions"):
+            parse_threshold(bad)
+
+
+def _decision() -> Decision:
+    return Decision("d1", "a", "v1", "e1", "t", None, "k", "ok", None, {}, {}, [], [], 1,
+                    "2026-01-01T00:00:00Z", 0.0)  # fmt: skip
+
+
+async def test_the_shadow_store_reads_and_refuses_every_write(tmp_path: object) -> None:
+    store = open_store(f"sqlite:///{tmp_path}/s.db")
+    await store.open()
+    try:
+        shadow = ReadOnlyStore(store)  # type: ignore[abstract]
+        assert (await shadow.load_state("a", "k")).version == 0
+        assert await shadow.list_decisions("a") == []
+        step = Step("a", "e1", 0, "step", "s", "h", "done", 1, {})
+        for write in (
+            shadow.commit(Commit("a", "e1", "k", _decision())),
+            shadow.add_decision(_decision()),
+            shadow.save_step(step),
+            shadow.register_tool("t", "app"),
+        ):
+            with pytest.raises(ReplayRefused, match="it writes, so it was refused"):
+                await write
+        assert await store.count_decisions() == 0
+    finally:
+        await store.close()
+
+
+async def test_the_shadow_bus_never_publishes() -> None:
+    from tidings.bus.memory import MemoryBus
+
+    bus = MemoryBus("memory://replay-unit")
+    await bus.connect()
+    try:
+        with pytest.raises(ReplayRefused, match="tried to publish"):
+            await ShadowBus(bus).publish(Event.create("a.b", {}, source="/t"))
+        ShadowBus(bus).check(Event.create("a.b", {}, source="/t"))  # limits as the real bus
+    finally:
+        await bus.close()
