@@ -7,9 +7,10 @@
 - `Schemas`, the schema registry: event types, their versions and JSON Schemas;
 - `Triggers`, what triggers keep: their status, cursors and leases;
 - `Timers`, the timer rows every worker claims and fires (`tidings.runtime.timers`);
-- `Waits`, what `ctx.wait_for` needs: each (agent, key)'s mailbox and its waits.
+- `Waits`, what `ctx.wait_for` needs: each (agent, key)'s mailbox and its waits;
+- `Sagas`, where each saga instance is: its status and state, written by commits.
 
-`Store` is all seven plus opening, closing and migrating; a backend (SQLite, PostgreSQL)
+`Store` is all eight plus opening, closing and migrating; a backend (SQLite, PostgreSQL)
 is chosen by URL scheme (`tidings.store.open_store`). Each part's guarantees are checked
 against real databases by its own contract suite, ``tests/contract/test_store_<part>.py``.
 
@@ -41,6 +42,8 @@ from tidings.store.records import (
     PublishClaim,
     RecordKind,
     Reply,
+    SagaRecord,
+    SagaStatus,
     SchemaRecord,
     StateSnapshot,
     Step,
@@ -499,7 +502,41 @@ class Waits(abc.ABC):
         """Delete entries that expired by `now` (guarantee 3); how many."""
 
 
-class Store(Effects, Records, StepJournal, Schemas, Triggers, Timers, Waits):
+class Sagas(abc.ABC):
+    """Where each saga instance is (`tidings.runtime.saga_life`), for its driver and the CLI.
+
+    1. **Written by commits only.** A `Commit` with `saga=` writes the saga's row in the
+       same transaction as its marker, decision and outbox (`Effects` 1): all or none.
+    2. **Optimistic version.** A saga write whose `expected_version` is not the stored
+       version (0: no row) raises `StateConflict` and the whole commit changes nothing;
+       a successful write bumps the version by one. So two workers, or a worker and its
+       own redelivery, never both move a saga on from the same state.
+    3. **One row per (saga, key)**, whose `id` is unique: `get_saga(saga, key)` and
+       `find_saga(id)` (a unique prefix of at least 6 characters also matches) read it.
+    4. **Listing.** `list_sagas(saga, status)` lists rows last changed first;
+       `count_sagas(saga)` counts them per status. Sagas are never pruned.
+    """
+
+    @abc.abstractmethod
+    async def get_saga(self, saga: str, key: str) -> SagaRecord | None:
+        """The saga `saga` of `key`, if it has begun (guarantee 3)."""
+
+    @abc.abstractmethod
+    async def find_saga(self, saga_id: str) -> SagaRecord | None:
+        """One saga by id or a unique prefix of at least 6 characters (guarantee 3)."""
+
+    @abc.abstractmethod
+    async def list_sagas(
+        self, saga: str | None = None, status: SagaStatus | None = None, limit: int = 50
+    ) -> list[SagaRecord]:
+        """Sagas, last changed first, by saga name and status (guarantee 4)."""
+
+    @abc.abstractmethod
+    async def count_sagas(self, saga: str | None = None) -> dict[str, int]:
+        """How many sagas are in each status (guarantee 4)."""
+
+
+class Store(Effects, Records, StepJournal, Schemas, Triggers, Timers, Waits, Sagas):
     """Durable agent memory, idempotency inbox, outbox, decision ledger and dead letters."""
 
     url: str

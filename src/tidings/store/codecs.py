@@ -27,6 +27,7 @@ from tidings.store.records import (
     OutboxRecord,
     Parked,
     Reply,
+    SagaRecord,
     SchemaRecord,
     StateSnapshot,
     Step,
@@ -166,6 +167,7 @@ class EncodedCommit:
     state: str | None
     decision: str
     headers: list[str]  # per outbox event
+    saga: str | None = None  # the saga's new state as JSON, when the commit writes one
 
     def claims(self) -> tuple[tuple[str, str, str], ...]:
         """What no other commit in the same batch may touch (see `Batcher`).
@@ -176,6 +178,8 @@ class EncodedCommit:
         """
         c = self.commit
         marker = ("marker", c.agent, c.event_id)
+        if c.saga is not None:
+            return (marker, ("saga", c.saga.saga, c.saga.key))
         return (marker, ("state", c.agent, c.key)) if self.state is not None else (marker,)
 
     def outbox_rows(self, now: object) -> list[tuple[Any, ...]]:
@@ -193,14 +197,19 @@ class EncodedCommit:
 
 def encode_commit(commit: Commit) -> EncodedCommit:
     """Encode the JSON of `commit`; a value that cannot be stored fails here."""
-    state = None
+    state = saga = None
     if commit.state is not None:
         state = dumps(commit.state, f"state of agent {commit.agent!r} key {commit.key!r}")
+    if commit.saga is not None:
+        if state is not None:
+            raise AssertionError("a commit writes an agent's state or a saga's, not both")
+        saga = dumps(commit.saga.state, f"state of saga {commit.saga.saga!r} {commit.saga.key!r}")
     return EncodedCommit(
         commit=commit,
         state=state,
         decision=decision_to_json(commit.decision),
         headers=[dumps(e.headers, f"headers of event {e.event_id}") for e in commit.outbox],
+        saga=saga,
     )
 
 
@@ -214,6 +223,16 @@ def state_conflict(commit: Commit) -> StateConflict:
     return StateConflict(
         f"state of agent {commit.agent!r} key {commit.key!r} changed since it"
         f" was read at version {commit.expected_version}; the event is retried"
+    )
+
+
+def saga_conflict(commit: Commit) -> StateConflict:
+    """The error of a commit whose saga moved on since it was read."""
+    saga = commit.saga
+    assert saga is not None
+    return StateConflict(
+        f"saga {saga.saga!r} key {saga.key!r} changed since it was read at version"
+        f" {saga.expected_version}; the event is retried"
     )
 
 
@@ -425,4 +444,13 @@ def trigger_status_from_row(row: Row) -> TriggerRecord:
         last_event_id=row["last_event_id"], last_event_at=_optional_ts(row["last_event_at"]),
         lag_s=row["lag_s"], error=row["error"], description=loads(row["description"]),
         since=ts_text(row["since"]), updated_at=ts_text(row["updated_at"]),
+    )  # fmt: skip
+
+
+def saga_from_row(row: Row) -> SagaRecord:
+    """A row of ``tidings_sagas`` as a `SagaRecord`."""
+    return SagaRecord(
+        id=row["id"], saga=row["saga"], key=row["key"], status=row["status"],
+        state=loads(row["state"]), version=int(row["version"]), reason=row["reason"],
+        created_at=ts_text(row["created_at"]), updated_at=ts_text(row["updated_at"]),
     )  # fmt: skip

@@ -33,6 +33,7 @@ from tidings.store.codecs import (
     decision_row,
     encode_commit,
     ordered,
+    saga_conflict,
     snapshot_from_rows,
     state_conflict,
     utc_now,
@@ -57,6 +58,7 @@ from tidings.store.sql import (
     Query,
     Result,
     SqlStore,
+    saga_write,
 )
 
 if TYPE_CHECKING:
@@ -317,7 +319,8 @@ class PostgresStore(SqlStore):
         pool = self._require()
         now = utc_now()
         results: list[BaseException | None] = [None] * len(batch)
-        if len(batch) > 1:
+        # The statement writes no saga row: a batch with one goes the long way.
+        if len(batch) > 1 and not any(rows.commit.saga for rows in batch):
             try:
                 async with pool.acquire() as conn:
                     fresh, done = await _commit_batch_statement(conn, batch, now)
@@ -520,6 +523,12 @@ async def _write_commit(conn: _Connection, rows: EncodedCommit, now: datetime) -
     look at the marker first still reports a duplicate before a stale version.
     """
     commit = rows.commit
+    if commit.saga is not None and rows.saga is not None:  # a saga commit writes no other state
+        if await conn.fetchval(_SELECT_MARKER, commit.agent, commit.event_id):
+            raise already_processed(commit)
+        text, params = saga_write(commit.saga, rows.saga, now)
+        if _rowcount(await conn.execute(POSTGRES.sql(text), *params)) == 0:
+            raise saga_conflict(commit)  # the transaction or savepoint undoes the rest
     if rows.state is not None:
         if await conn.fetchval(_SELECT_MARKER, commit.agent, commit.event_id):
             raise already_processed(commit)

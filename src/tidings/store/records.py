@@ -19,6 +19,8 @@ DecisionStatus = Literal["ok", "dead_lettered", "parked", "failed"]
 # "pending": a tool call sent or a question asked, no answer yet.
 StepStatus = Literal["done", "failed", "pending"]
 ReplyStatus = Literal["ok", "error"]
+# Where a saga is in its life (`tidings.runtime.saga_life.LIFE`).
+SagaStatus = Literal["running", "compensating", "stuck", "completed", "compensated"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,37 @@ class Commit:
     state: dict[str, Any] | None = None
     expected_version: int = 0
     outbox: list[OutboxEvent] = field(default_factory=list)
+    # A saga's new state, written with the marker (`Sagas`); a commit carries either
+    # this or `state`, not both.
+    saga: SagaWrite | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SagaRecord:
+    """One saga instance as the store keeps it: its status and its whole state (JSON)."""
+
+    id: str
+    saga: str
+    key: str
+    status: SagaStatus
+    state: dict[str, Any]
+    version: int
+    reason: str | None
+    created_at: str
+    updated_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class SagaWrite:
+    """A saga's new state, written only if the stored version is still `expected_version`."""
+
+    id: str
+    saga: str
+    key: str
+    status: SagaStatus
+    state: dict[str, Any]
+    reason: str | None
+    expected_version: int  # 0: the saga is new
 
 
 @dataclass(frozen=True, slots=True)

@@ -183,13 +183,20 @@ DLQ_RULES = _table(
     C("owner", TEXT), C("key", TEXT), C("data", JSON_TEXT), C("version", BIGINT),
     C("updated_at", TIMESTAMP),
 )  # fmt: skip
+# Sagas: one row per (saga, key), its whole state as JSON and a version for the commit.
+SAGAS = _table(
+    "tidings_sagas",
+    C("id", KEY), C("saga", TEXT), C("key", TEXT), C("status", TEXT), C("state", JSON_TEXT),
+    C("version", BIGINT), C("reason", TEXT, True), C("created_at", TIMESTAMP),
+    C("updated_at", TIMESTAMP),
+)  # fmt: skip
 MIGRATIONS_LEDGER = _table(MIGRATIONS_TABLE, C("version", INTEGER), C("applied_at", TIMESTAMP))
 
 TABLES: Final = (
     STATE, INBOX, OUTBOX, DECISIONS, DEAD_LETTERS, PUBLISHES, JOURNAL, REPLIES, PARKED, TOOLS,
     FILTER_ERRORS, CORRELATIONS, SCHEMAS, TRIGGER_STATUS, TRIGGER_CURSORS, TRIGGER_LEASES,
     TIMERS, MAILBOX, WAIT_KEYS,
-    MIGRATIONS_LEDGER,
+    SAGAS, MIGRATIONS_LEDGER,
 )  # fmt: skip
 
 
@@ -480,6 +487,7 @@ SQLITE_MIGRATIONS: Final[tuple[Migration, ...]] = (
         ),
     ),
     _timers_migration(_TIMERS_SQLITE),
+    _sagas_migration({"key": "TEXT", "text": "TEXT", "bigint": "INTEGER", "ts": "TEXT"}),
 )
 
 
@@ -647,4 +655,7 @@ POSTGRES_MIGRATIONS: Final[tuple[Migration, ...]] = (
         ),
     ),
     _timers_migration(_TIMERS_POSTGRES),
+    _sagas_migration(
+        {"key": 'text COLLATE "C"', "text": "text", "bigint": "bigint", "ts": "timestamptz"}
+    ),
 )

@@ -50,6 +50,7 @@ from tidings.store.codecs import (
     prefix_range,
     reply_from_row,
     reply_values,
+    saga_from_row,
     schema_from_row,
     schema_values,
     shared_length,
@@ -84,6 +85,9 @@ from tidings.store.records import (
     PublishClaim,
     RecordKind,
     Reply,
+    SagaRecord,
+    SagaStatus,
+    SagaWrite,
     SchemaRecord,
     StateSnapshot,
     Step,
@@ -103,6 +107,7 @@ from tidings.store.schema import (
     PARKED,
     PUBLISHES,
     REPLIES,
+    SAGAS,
     SCHEMAS,
     TIMERS,
     TOOLS,
@@ -241,6 +246,33 @@ UPDATE_STATE = (
 )
 INSERT_DECISION = insert_into(DECISIONS)
 INSERT_OUTBOX = insert_into(OUTBOX)
+
+# A saga's state, written in the commit with its optimistic version (`Sagas`).
+INSERT_SAGA = f"{insert_into(SAGAS)} ON CONFLICT DO NOTHING"
+UPDATE_SAGA = (
+    "UPDATE tidings_sagas SET status = ?, state = ?, reason = ?, version = version + 1,"
+    " updated_at = ? WHERE saga = ? AND key = ? AND version = ?"
+)
+_SAGAS = f"SELECT {SAGAS.column_list()} FROM tidings_sagas"
+
+
+def saga_write(write: SagaWrite, state: str, now: object) -> tuple[str, tuple[Any, ...]]:
+    """The statement (``?`` placeholders) and parameters that write a saga in a commit.
+
+    It changes no row when the stored version is not `write.expected_version`: the
+    backend then undoes the commit and raises `StateConflict`.
+    """
+    if write.expected_version == 0:
+        row = ordered(SAGAS, {
+            "id": write.id, "saga": write.saga, "key": write.key, "status": write.status,
+            "state": state, "version": 1, "reason": write.reason, "created_at": now,
+            "updated_at": now,
+        })  # fmt: skip
+        return INSERT_SAGA, row
+    return UPDATE_SAGA, (
+        write.status, state, write.reason, now, write.saga, write.key, write.expected_version,
+    )  # fmt: skip
+
 
 _OUTBOX_EVENT = "SELECT event_id, event_type, headers, body FROM tidings_outbox"
 SELECT_UNPUBLISHED = (
@@ -1211,3 +1243,43 @@ class SqlStore(Store):
             "prune_mailbox", "DELETE FROM tidings_mailbox WHERE expires_at <= ?", now
         )
         return done.rowcount
+
+    # -- sagas ------------------------------------------------------------------------
+
+    async def get_saga(self, saga: str, key: str) -> SagaRecord | None:
+        """The saga `saga` of `key`, if it has begun."""
+        rows = await self._select("get_saga", f"{_SAGAS} WHERE saga = ? AND key = ?", saga, key)
+        return saga_from_row(rows[0]) if rows else None
+
+    async def find_saga(self, saga_id: str) -> SagaRecord | None:
+        """One saga by id (a unique prefix of at least 6 characters also matches)."""
+        row = await self._by_id_or_prefix("find_saga", _SAGAS, saga_id)
+        return None if row is None else saga_from_row(row)
+
+    async def list_sagas(
+        self, saga: str | None = None, status: SagaStatus | None = None, limit: int = 50
+    ) -> list[SagaRecord]:
+        """Sagas, last changed first, by saga name and status (None: any)."""
+        where, params = [], []
+        if saga is not None:
+            where.append("saga = ?")
+            params.append(saga)
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = await self._select(
+            "list_sagas", f"{_SAGAS}{clause} ORDER BY updated_at DESC, id LIMIT ?",
+            *params, limit,
+        )  # fmt: skip
+        return [saga_from_row(r) for r in rows]
+
+    async def count_sagas(self, saga: str | None = None) -> dict[str, int]:
+        """How many sagas are in each status, of one saga name or of all."""
+        clause, params = (" WHERE saga = ?", (saga,)) if saga is not None else ("", ())
+        rows = await self._select(
+            "count_sagas",
+            f"SELECT status, count(*) FROM tidings_sagas{clause} GROUP BY status",
+            *params,
+        )
+        return {str(r[0]): int(r[1]) for r in rows}

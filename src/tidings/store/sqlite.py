@@ -35,6 +35,7 @@ from tidings.store.codecs import (
     decision_row,
     encode_commit,
     ordered,
+    saga_conflict,
     state_conflict,
     utc_now,
 )
@@ -57,6 +58,7 @@ from tidings.store.sql import (
     Query,
     Result,
     SqlStore,
+    saga_write,
 )
 
 BUSY_TIMEOUT_S = 30.0  # how long a writer waits for another process's write lock
@@ -373,6 +375,11 @@ def _write_commit(c: EncodedCommit, now: object, db: sqlite3.Connection) -> None
                              "processed_at": now})  # fmt: skip
     if not db.execute(INSERT_MARKER, marker).rowcount:
         raise already_processed(commit)
+    if commit.saga is not None and c.saga is not None:  # a saga commit writes no other state
+        sql, params = saga_write(commit.saga, c.saga, now)
+        if not db.execute(sql, params).rowcount:
+            db.execute(DELETE_MARKER, (commit.agent, commit.event_id))
+            raise saga_conflict(commit)
     if c.state is not None:
         if commit.expected_version == 0:
             written = db.execute(INSERT_STATE, (commit.agent, commit.key, c.state, now)).rowcount
