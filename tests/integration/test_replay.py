@@ -23,7 +23,7 @@ import nats
 import orjson
 import pytest
 
-from tests.helpers import cli_env, eventually, running, settings_for
+from tests.helpers import cli_env, eventually, running, settings_for, stored_counts
 from tests.integration import replay_app
 from tidings import Settings
 from tidings.bus.connect import connect_bus
@@ -299,3 +299,47 @@ async def _routed(rec: Recorded) -> int:
 
 async def _routed_is(rec: Recorded, n: int) -> bool:
     return await _routed(rec) == n
+
+
+@pytest.mark.kafka
+async def test_on_kafka_the_window_is_read_by_time_and_nothing_is_touched(
+    kafka_server: object, namespace: str, tmp_path: Path
+) -> None:
+    """A smaller recording on tansu: 60 tickets, 5 of them answered differently by v2."""
+    url: str = kafka_server.url  # type: ignore[attr-defined]
+    mail_log = tmp_path / "mail.log"
+    os.environ["REPLAY_MAIL_LOG"] = str(mail_log)
+    try:
+        settings = settings_for(url, namespace, tmp_path)
+        app = replay_app.app_v1
+        app.settings = settings
+        since = datetime.now(UTC) - timedelta(seconds=1)
+        async with running(app, settings) as worker:
+            async with app.client() as client:
+                for n in range(60):
+                    await client.publish("ticket.opened", {"n": n, "customer": f"c{n % 6}"})
+            store = worker.store
+            assert store is not None
+
+            async def all_recorded() -> bool:
+                return await store.count_decisions("triage") == 60
+
+            await eventually(all_recorded, timeout=120, message="60 decisions on Kafka")
+            await eventually(lambda: _lines(mail_log) == 60, timeout=30, message="60 mails")
+        until = datetime.now(UTC) + timedelta(seconds=1)
+        rec = Recorded(settings, since, until, mail_log, url, tmp_path / "store.db", [])
+        before = table_checksums(rec.db)
+        stored = await stored_counts(url, namespace, ">")
+        first, report = await _replay(rec)
+        assert first == (await _replay(rec))[0]
+        counts = report.counts()  # type: ignore[attr-defined]
+        assert counts == {"same": 55, "changed": 5, "new": 0, "missing": 0, "blocked": 0}
+        changed = [d for d in orjson.loads(first)["decisions"] if d["verdict"] == "changed"]
+        assert {d["new"]["emitted"][0]["data"]["n"] for d in changed} == {
+            n for n in replay_app.CHANGED if n < 60
+        }
+        assert table_checksums(rec.db) == before
+        assert await stored_counts(url, namespace, ">") == stored  # nothing published
+        assert _lines(mail_log) == 60
+    finally:
+        os.environ.pop("REPLAY_MAIL_LOG", None)
