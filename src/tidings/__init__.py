@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from tidings.events import Event
     from tidings.runtime.context import Context
     from tidings.runtime.outcomes import Backoff
+    from tidings.runtime.saga_life import Step
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ _MODULES = {
     "MalformedEvent": "tidings.errors",
     "PolicyViolation": "tidings.errors",
     "Settings": "tidings.config",
+    "Step": "tidings.runtime.saga_life",
     "StoreError": "tidings.errors",
     "TidingsError": "tidings.errors",
     "connect": "tidings.client",
@@ -64,6 +66,7 @@ __all__ = [
     "MalformedEvent",
     "PolicyViolation",
     "Settings",
+    "Step",
     "StoreError",
     "TidingsError",
     "__version__",

@@ -6,7 +6,7 @@ import hashlib
 import inspect
 import re
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import structlog
@@ -16,6 +16,7 @@ from tidings.errors import ConfigError
 from tidings.events import Event, check_pattern, matches
 from tidings.runtime.filters import Predicate, compile_filter
 from tidings.runtime.outcomes import Backoff
+from tidings.runtime.saga_life import DEFAULT_COMPENSATE_WITHIN, SagaSpec, Step
 from tidings.runtime.spec import DEFAULT_MAX_DEPTH, AgentSpec, Handler, Start
 from tidings.schemas.compat import Mode
 from tidings.schemas.registry import EventTypes, EventVersion, Upcaster
@@ -54,6 +55,7 @@ class App:
         self.tools: dict[str, ToolSpec] = {}
         self.mcp_servers: list[McpServer] = []
         self.schemas = EventTypes()  # declared event types: @app.event, @app.upcaster
+        self.sagas: dict[str, SagaSpec] = {}  # app.saga(...)
         self._llm: Models | None = None
 
     @property
@@ -272,6 +274,41 @@ class App:
             return handler
 
         return register
+
+    def saga(
+        self,
+        name: str,
+        *,
+        start: str | Sequence[str],
+        key: str | Callable[[Event], Any],
+        steps: Sequence[Step],
+        fails_on: str | Sequence[str] = (),
+        timeout: str | float | timedelta | None = None,
+        compensate_within: str | float | timedelta = DEFAULT_COMPENSATE_WITHIN,
+        max_attempts: int = 10,
+    ) -> SagaSpec:
+        """Declare a saga: watch one process's events per `key`, undo it when it fails.
+
+        `start` is the type (or types) that begins the process; `key` a dotted path
+        (``data.order_id``) or a callable that every event of the process carries;
+        `steps` the `Step(name, done=, compensate=, compensated=)` list, completed in
+        any order; `fails_on` the failure types (patterns); `timeout` how long the
+        whole process may take. On a failure, the timeout or ``tidings saga cancel``
+        the saga emits each completed step's `compensate` event, latest first, with
+        the data of the step's `done` event, and waits for its `compensated` event
+        (for `compensate_within`, or the step's `within=`) before the next; it ends
+        with ``saga.completed`` or ``saga.compensated``, or is ``stuck`` (docs/sagas.md).
+        """
+        if not _NAME_RE.match(name):
+            raise ConfigError(f"saga name {name!r}: use letters, digits, '-' and '_'")
+        if name in self.sagas:
+            raise ConfigError(f"saga {name!r} is declared twice in app {self.name!r}")
+        spec = SagaSpec.declare(
+            name, start=start, key=key, steps=steps, fails_on=fails_on, timeout=timeout,
+            compensate_within=compensate_within, max_attempts=max_attempts,
+        )  # fmt: skip
+        self.sagas[name] = spec
+        return spec
 
     def trigger(self, trigger: TriggerT) -> TriggerT:
         """Declare a trigger: a source outside (a schedule, a folder...) that publishes events.

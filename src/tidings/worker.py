@@ -27,13 +27,16 @@ from tidings.bus.base import Bus
 from tidings.bus.connect import start_bus
 from tidings.client import Client
 from tidings.config import Settings
+from tidings.events import Event
 from tidings.home import publish_worker, unpublish_worker
+from tidings.observability import tracing
 from tidings.observability.metrics import Backlog, Metrics, Source
 from tidings.runtime.approvals import Answers, Sweeper
 from tidings.runtime.commits import Committer
-from tidings.runtime.consumer import Consumer, Processor
+from tidings.runtime.consumer import Consumer, DeadLetterHook, Processor
 from tidings.runtime.context import Services
 from tidings.runtime.pipeline import AgentStats, Pipeline
+from tidings.runtime.sagas import SagaProcessor, SagaStats, dead_letter_notices
 from tidings.runtime.tools import ReplyHub, ReplyRecorder, ToolService, ToolStats
 from tidings.schemas.registry import registrant
 from tidings.store import open_store
@@ -91,6 +94,7 @@ class Worker:
         self.triggers: dict[str, Runner] = {}  # by trigger name
         self.runners: dict[str, Consumer] = {}  # agents, by agent name
         self.tool_runners: dict[str, Consumer] = {}  # tool services, by tool name
+        self.saga_runners: dict[str, Consumer] = {}  # sagas, by saga name
         self.consumers: list[Consumer] = []  # agents and tools: stopped first
         self.helpers: list[Consumer] = []  # replies and answers: stopped last
         self.bus: Bus | None = None
@@ -165,6 +169,13 @@ class Worker:
             await self._consume(ReplyRecorder(services.replies, spec.name), helper=True)
             pipeline = Pipeline(spec, services, self.app.name)
             self.runners[spec.name] = await self._consume(pipeline)
+        for saga in self.app.sagas.values() if self.consumes else ():
+            processor = SagaProcessor(saga, self.bus, store, self.app.name)
+            self.saga_runners[saga.name] = await self._consume(processor)
+        if self.saga_runners:
+            tell = self._tell_sagas()
+            for consumer in self.consumers:
+                consumer.on_dead_letter = tell
         if agents:
             await self._consume(Answers(store, self.bus, self.app.name), helper=True)
             self._sweeper = Sweeper(store, self.bus, agents)
@@ -212,6 +223,21 @@ class Worker:
                     log.error("the embedded nats-server stopped and cannot be restarted",
                               error=str(e))  # fmt: skip
                     reported = str(e)
+
+    def _tell_sagas(self) -> DeadLetterHook:
+        """A dead-letter hook: a dead-lettered compensating event tells its saga at once."""
+        compensations: dict[str, list[str]] = {}
+        for saga in self.app.sagas.values():
+            for step in saga.steps:
+                if step.compensate is not None:
+                    compensations.setdefault(step.compensate, []).append(saga.name)
+
+        async def tell(consumer: str, event: Event | None, error: str) -> None:
+            assert self.bus is not None
+            for notice in dead_letter_notices(compensations, consumer, event, error):
+                await tracing.publish(self.bus, notice)
+
+        return tell
 
     def pipeline(self, agent: str) -> Pipeline:
         """The pipeline of one agent (for the gateway and tests)."""
@@ -298,6 +324,14 @@ class Worker:
     def stats(self) -> dict[str, AgentStats]:
         """Counters per agent, for the terminal display and metrics."""
         return {name: self.pipeline(name).stats for name in self.runners}
+
+    def saga_stats(self) -> dict[str, SagaStats]:
+        """Counters per saga run here."""
+        out: dict[str, SagaStats] = {}
+        for name, consumer in self.saga_runners.items():
+            assert isinstance(consumer.processor, SagaProcessor)
+            out[name] = consumer.processor.stats
+        return out
 
     def tool_stats(self) -> dict[str, ToolStats]:
         """Counters per tool served here."""

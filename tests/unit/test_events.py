@@ -23,6 +23,7 @@ def test_public_api_is_guarded() -> None:
             "MalformedEvent",
             "PolicyViolation",
             "Settings",
+            "Step",
             "StoreError",
             "TidingsError",
             "__version__",

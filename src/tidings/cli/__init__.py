@@ -37,6 +37,7 @@ COMMANDS = {
     "dlq": ("records", "dlq"),
     "decisions": ("records", "decisions"),
     "approvals": ("approvals", "approvals"),
+    "saga": ("sagas", "saga"),
     "schema": ("schema", "schema"),
     "replay": ("replay", "replay_command"),
 }

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,6 +43,9 @@ from tidings.store.base import Store
 from tidings.store.records import DeadLetter as DeadLetterRecord
 
 log = structlog.get_logger("tidings.consumer")
+
+# (consumer name, the event if it decoded, the error) once a dead letter is kept.
+DeadLetterHook = Callable[[str, Event | None, str], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -153,6 +156,9 @@ class Consumer:
         self.stopping = False
         self.subscription: Subscription | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        # Told of each dead letter once it is kept (the worker tells sagas whose
+        # compensating event it was); a failure here is logged, the letter stands.
+        self.on_dead_letter: DeadLetterHook | None = None
 
     @property
     def name(self) -> str:
@@ -283,6 +289,11 @@ class Consumer:
         await self.store.add_dead_letter(record)
         await self.processor.dead_lettered(delivery, event, out)
         await self.bus.dead_letter(self.name, delivery, out.error)
+        if self.on_dead_letter is not None:
+            try:
+                await self.on_dead_letter(self.name, named, out.error)
+            except Exception as e:
+                log.warning("telling of a dead letter failed", error=describe(e))
         log.error(
             "dead-lettered",
             consumer=self.name,
