@@ -11,6 +11,8 @@ import asyncio
 from pathlib import Path
 
 import nats
+import nats.errors
+import nats.js.errors
 import pytest
 
 from tests.chaos.scale_app import app
@@ -29,12 +31,17 @@ KEYS = 40
 
 async def lease_owners(url: str, namespace: str, agent: str = "ordered") -> dict[int, str]:
     """Partition -> member holding its lease, read from the lease bucket itself."""
-    nc = await nats.connect(url.split(",")[0])
+    nc = await nats.connect(servers=url.split(","), connect_timeout=2)
     try:
         bucket = f"{namespace.upper()}_LEASES"
         js = nc.jetstream()
         prefix = f"$KV.{bucket}.l.{agent}."
-        info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}*")
+        try:
+            info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}*")
+        except nats.js.errors.NotFoundError:
+            return {}  # no worker has started yet
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            return {}  # electing: ask again
         kv = await js.key_value(bucket)
         out = {}
         for subject in info.state.subjects or {}:

@@ -34,7 +34,7 @@ import ssl
 import time
 import uuid
 import zlib
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -234,8 +234,15 @@ class NatsSubscription(Subscription):
         handler: DeliveryHandler,
         *,
         name: str | None = None,
+        on_gap: Callable[[], None] | None = None,
     ) -> None:
         self._bus = bus
+        # A consumer with one subscriber (a partition's) numbers what it sends 1, 2, ...:
+        # a number skipped is a delivery lost on the way (a consumer leader that died
+        # with it in flight), which would come back only after ack_wait, behind later
+        # events of its key. `on_gap` is told, once per subscription.
+        self._on_gap = on_gap
+        self._cseq = 0
         self._spec = spec
         self.config = config
         self.durable = name or agent_token(spec.name)
@@ -262,7 +269,17 @@ class NatsSubscription(Subscription):
             # Heartbeats and flow-control requests; the latter (never enabled) wants a reply.
             if msg.reply:
                 await self._bus._client().publish(msg.reply, b"")
+            elif self._on_gap is not None and self._cseq:
+                last = headers.get("Nats-Last-Consumer", "0")
+                if last.isdigit() and int(last) > self._cseq:
+                    self._gap()
             return
+        if self._on_gap is not None:
+            parts = msg.reply.split(".")
+            cseq = int(parts[6] if len(parts) == 9 else parts[8]) if len(parts) > 8 else 0
+            if self._cseq and cseq > self._cseq + 1:
+                self._gap()
+            self._cseq = max(self._cseq, cseq)
         if self._stopping:
             # Buffered after stop(): hand it straight back so another worker takes it now.
             await self._bus._client().publish(msg.reply, _NAK)
@@ -270,6 +287,12 @@ class NatsSubscription(Subscription):
         # Awaited in the subscription's own task, in delivery order: a task per message
         # halves throughput, and the handler contract says it returns quickly.
         await deliver(self._handler, NatsDelivery(self._bus, msg))
+
+    def _gap(self) -> None:
+        on_gap, self._on_gap = self._on_gap, None
+        if on_gap is not None and not self._stopping:
+            log.warning("consumer %s skipped deliveries; restarting it", self.durable)
+            on_gap()
 
     async def _watch(self) -> None:
         """Guarantee 9: no heartbeat for a while means the consumer may be gone; recreate it.
@@ -597,6 +620,7 @@ class NatsBus(Bus):
             )  # fmt: skip
             self.partitions = stored
         await self._ensure_stream(self.dlq_stream, [f"{ns}.dlq.>"], self.dedupe_window)
+        await self._led(self.events_stream)
 
     async def _ensure_stream(
         self, name: str, subjects: list[str], window: float, metadata: dict[str, str] | None = None
@@ -641,12 +665,16 @@ class NatsBus(Bus):
                 " is the server started with -js and its store writable?"
             ) from e
 
-    async def _lease_bucket(self) -> KeyValue:
-        """The key-value bucket of partition leases and live workers (created if missing)."""
+    async def _lease_bucket(self, patience: float | None = None) -> KeyValue:
+        """The key-value bucket of partition leases and live workers (created if missing).
+
+        Its requests wait at most `patience` seconds: a lease round must not outlast the
+        lease.
+        """
         js = self._js()
         name = f"{self.namespace.upper()}_LEASES"
         try:
-            return await js.create_key_value(
+            kv = await js.create_key_value(
                 api.KeyValueConfig(
                     bucket=name,
                     history=1,
@@ -657,9 +685,25 @@ class NatsBus(Bus):
                 )
             )
         except nats.js.errors.BadRequestError:  # exists with other settings: use it as is
-            return await js.key_value(name)
+            kv = await js.key_value(name)
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
             raise BusUnavailable(f"JetStream at {self._safe_url} did not answer") from e
+        await self._led(f"KV_{name}")
+        if patience is not None:
+            kv = await self._client().jetstream(timeout=patience).key_value(name)
+        return kv
+
+    async def _led(self, stream: str, patience: float = 10.0) -> None:
+        """Wait (bounded) until a new replicated stream has elected its leader."""
+        if self.replicas < 2:
+            return
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline:
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                cluster = (await self._js().stream_info(stream)).cluster
+                if cluster is None or cluster.leader:
+                    return
+            await asyncio.sleep(0.1)
 
     # -- subjects: the stream's layout ---------------------------------------------------
 
@@ -731,7 +775,18 @@ class NatsBus(Bus):
 
         An existing durable keeps where it started (guarantee 10): the server refuses to
         change a deliver policy in place, and the position is the consumer's, not the spec's.
+        On a cluster, a request that meets an election is asked again for up to `failover`.
         """
+        deadline = time.monotonic() + (self.failover if self._clustered() else 0.0)
+        while True:
+            try:
+                return await self._ensure_consumer_once(config)
+            except BusUnavailable:
+                if time.monotonic() + 0.5 > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+    async def _ensure_consumer_once(self, config: api.ConsumerConfig) -> api.ConsumerInfo:
         js = self._js()
         assert config.durable_name is not None
         try:

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RELEASE_WAIT_S = 10.0  # at most this long for handed-out deliveries before a lease goes
+RECREATE_S = 20.0  # at most this long for re-adding a partition's consumer after deleting it
 
 
 def rank(member: str, partition: int) -> bytes:
@@ -115,6 +116,7 @@ class _Partition:
     renewed: float  # monotonic time of the last write the server took
     sub: NatsSubscription | None = None
     open: int = 0  # deliveries handed out and not yet settled
+    releasing: bool = False
     idle: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
@@ -135,6 +137,7 @@ class PartitionedSubscription(Subscription):
         self._stopping = False
         self.tick = max(bus.lease_ttl / 4, 0.2)
         self.moves = 0  # partitions taken over, for tests and logs
+        self._releases: set[asyncio.Task[None]] = set()
 
     @property
     def durable(self) -> str:
@@ -143,24 +146,35 @@ class PartitionedSubscription(Subscription):
 
     async def start(self) -> None:
         """Join the members, take this worker's share, and keep it in a background task."""
-        self._kv = await self._bus._lease_bucket()
-        await self._round()
+        try:
+            await self._round()
+        except (nats.errors.Error, TimeoutError) as e:  # a new replicated bucket may not
+            log.info("first lease round of %s: %s; trying again", self._spec.name, e)  # lead yet
         self._loop = asyncio.create_task(self._keep(), name=f"tidings-leases-{self._spec.name}")
 
     # -- the lease loop -----------------------------------------------------------------
 
     async def _keep(self) -> None:
+        failing = False
         while not self._stopping:
             await asyncio.sleep(self.tick)
             try:
                 await self._round()
+                failing = False
             except Exception as e:  # the server is away or electing: keep what is safe
-                log.warning("lease round of %s failed: %s", self._spec.name, e)
+                (log.debug if failing else log.warning)(
+                    "agent %s: lease round failed (%s); trying again", self._spec.name, e
+                )
+                failing = True
             await self._fence()
 
     async def _fence(self) -> None:
-        """Stop consuming partitions whose lease may have expired on the server."""
-        limit = self._bus.lease_ttl - self.tick
+        """Stop consuming partitions whose lease may have expired on the server.
+
+        The server stamps a renewal no earlier than it was sent, so a lease lasts at least
+        `lease_ttl` from `renewed`; half a second is left for stopping the subscription.
+        """
+        limit = self._bus.lease_ttl - 0.5
         for part in list(self.owned.values()):
             if time.monotonic() - part.renewed > limit:
                 log.warning(
@@ -170,7 +184,8 @@ class PartitionedSubscription(Subscription):
                 await self._drop(part)
 
     async def _drop(self, part: _Partition) -> None:
-        self.owned.pop(part.number, None)
+        if self.owned.get(part.number) is part:
+            del self.owned[part.number]
         if part.sub is not None:
             sub, part.sub = part.sub, None
             with contextlib.suppress(Exception):
@@ -178,37 +193,51 @@ class PartitionedSubscription(Subscription):
 
     async def _members(self) -> list[str]:
         """The live members: one stream-info request (the subjects the bucket still holds)."""
+        assert self._kv is not None
         prefix = f"$KV.{self._bucket}.m.{self._token}."
-        info = await self._bus._js().stream_info(f"KV_{self._bucket}", subjects_filter=f"{prefix}*")
+        info = await self._kv._js.stream_info(f"KV_{self._bucket}", subjects_filter=f"{prefix}*")
         return sorted(s.removeprefix(prefix) for s in (info.state.subjects or {}))
 
+    async def _renew(self, part: _Partition) -> None:
+        assert self._kv is not None
+        sent = time.monotonic()
+        try:
+            part.revision = await self._kv.update(
+                self._lease_key(part.number), self.member.encode(), last=part.revision
+            )
+            part.renewed = sent
+        except nats.js.errors.KeyWrongLastSequenceError:
+            log.warning("agent %s: partition %d was taken over", self._spec.name, part.number)
+            await self._drop(part)
+
     async def _round(self) -> None:
-        """Say this worker lives, renew what it keeps, give up and take what moved."""
+        """Say this worker lives, renew what it keeps, give up and take what moved.
+
+        Renewals go first and together, so a slow take or hand-over never delays them.
+        """
+        if self._kv is None or self._kv._js._nc is not self._bus._nc:  # a new connection
+            self._kv = await self._bus._lease_bucket(patience=max(self.tick, 1.0))
         kv = self._kv
-        assert kv is not None
         self._joined = await kv.put(f"m.{self._token}.{self.member}", b"1")
+        await asyncio.gather(*(self._renew(p) for p in list(self.owned.values())))
         members = await self._members()
         if self.member not in members:
             members = sorted([*members, self.member])
         wanted = owners(members, self._bus.partitions)
         for number, part in list(self.owned.items()):
-            if self._stopping:
-                return
-            if wanted[number] != self.member:
-                await self._release(part)
-                continue
-            sent = time.monotonic()
-            try:
-                part.revision = await kv.update(
-                    self._lease_key(number), self.member.encode(), last=part.revision
-                )
-                part.renewed = sent
-            except nats.js.errors.KeyWrongLastSequenceError:
-                log.warning("agent %s: partition %d was taken over", self._spec.name, number)
-                await self._drop(part)
+            if wanted[number] != self.member and not part.releasing and not self._stopping:
+                part.releasing = True  # renewed until its deliveries are settled
+                task = asyncio.create_task(self._release(part))
+                self._releases.add(task)
+                task.add_done_callback(self._releases.discard)
         for number, owner in enumerate(wanted):
             if owner == self.member and number not in self.owned and not self._stopping:
-                await self._take(number)
+                try:
+                    await self._take(number)
+                except Exception as e:  # given back; the next round tries again
+                    log.warning(
+                        "agent %s: taking partition %d failed: %s", self._spec.name, number, e
+                    )
 
     def _lease_key(self, number: int) -> str:
         return f"l.{self._token}.{number}"
@@ -254,28 +283,74 @@ class PartitionedSubscription(Subscription):
             # Deliveries a dead owner took stay pending until ack_wait and would then come
             # after later events of their key: start again from the floor instead.
             floor = info.ack_floor.stream_seq if info.ack_floor else 0
-            await js.delete_consumer(bus.events_stream, config.durable_name)
             config = dataclasses.replace(
                 config,
                 deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
                 opt_start_seq=(floor or 0) + 1,
                 opt_start_time=None,
             )
-            await js.add_consumer(bus.events_stream, config)
+            await self._recreate(config)
         else:
             await bus._ensure_consumer(config)
 
         async def on_delivery(delivery: Delivery) -> None:
             await self._handler(_Tracked(delivery, part))
 
-        sub = NatsSubscription(bus, self._spec, config, on_delivery, name=config.durable_name)
+        def on_gap() -> None:
+            if not part.releasing and self.owned.get(part.number) is part:
+                task = asyncio.create_task(self._restart(part))
+                self._releases.add(task)
+                task.add_done_callback(self._releases.discard)
+
+        sub = NatsSubscription(
+            bus, self._spec, config, on_delivery, name=config.durable_name, on_gap=on_gap
+        )
         await sub.start()
         bus._subscriptions.add(sub)
         return sub
 
+    async def _restart(self, part: _Partition) -> None:
+        """Deliver the partition again from its ack floor (deliveries were lost on the way).
+
+        What this worker still runs of it stays in its keys' lanes, so the copies wait
+        behind it and the store's inbox drops them: order and exactly-once both hold.
+        """
+        old, part.sub = part.sub, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.stop()
+        try:
+            part.sub = await self._subscribe(part)
+        except Exception as e:  # let the lease go; whoever takes it starts from the floor
+            log.warning("agent %s: restarting partition %d failed: %s", self._spec.name,
+                        part.number, e)  # fmt: skip
+            await self._drop(part)
+
+    async def _recreate(self, config: api.ConsumerConfig) -> None:
+        """Delete the partition's consumer and add it again as `config` says.
+
+        A replicated delete is applied by the meta leader a moment later: until then the
+        add is refused as "name already in use", so it is asked again (bounded).
+        """
+        bus = self._bus
+        js = bus._js()
+        assert config.durable_name is not None
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_consumer(bus.events_stream, config.durable_name)
+        deadline = time.monotonic() + RECREATE_S
+        while True:
+            try:
+                await js.add_consumer(bus.events_stream, config)
+                return
+            except (nats.js.errors.BadRequestError, nats.errors.TimeoutError) as e:
+                if time.monotonic() > deadline:
+                    raise
+                log.debug("re-adding consumer %s: %s", config.durable_name, e)
+                await asyncio.sleep(0.2)
+
     async def _release(self, part: _Partition, wait: float = RELEASE_WAIT_S) -> None:
         """Give `part` up: no new deliveries, the handed-out ones settled, then the lease."""
-        self.owned.pop(part.number, None)
+        part.releasing = True
         if part.sub is not None:
             sub, part.sub = part.sub, None
             await sub.stop()
@@ -284,6 +359,8 @@ class PartitionedSubscription(Subscription):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await part.idle.wait()
+        if self.owned.get(part.number) is part:
+            del self.owned[part.number]
         assert self._kv is not None
         with contextlib.suppress(Exception):
             await self._kv.delete(self._lease_key(part.number), last=part.revision)
@@ -297,7 +374,10 @@ class PartitionedSubscription(Subscription):
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop
-        await asyncio.gather(*(self._release(p) for p in list(self.owned.values())))
+        await asyncio.gather(
+            *self._releases,
+            *(self._release(p) for p in list(self.owned.values()) if not p.releasing),
+        )
         if self._joined:  # removed outright (a delete marker would still list it)
             with contextlib.suppress(Exception):
                 await self._bus._js().delete_msg(f"KV_{self._bucket}", self._joined)
