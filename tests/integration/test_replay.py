@@ -194,10 +194,13 @@ async def test_reuse_llm_with_the_recorded_code_finds_every_decision_the_same(
     assert report.llm_calls == 0  # every request was identical to a journaled one
 
 
-async def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+async def _run(
+    args: list[str], env: dict[str, str], answer: str = ""
+) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(
-        subprocess.run, args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180
-    )
+        subprocess.run, args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180,
+        input=answer,
+    )  # fmt: skip
 
 
 def _cli(rec: Recorded, *args: str) -> list[str]:
@@ -261,7 +264,11 @@ async def test_apply_makes_one_new_decision_per_trigger_and_publishes_once(
     routed_before = await _routed(recorded)
     async with running(app, recorded.settings):  # serves mail.send and records replies
         args = _cli(recorded, "--code", "tests.integration.replay_app:app_v2", "--apply",
-                    "--yes", "--key", keys[0], "--key", keys[1])  # fmt: skip
+                    "--key", keys[0], "--key", keys[1])  # fmt: skip
+        declined = await _run(args, env, answer="n\n")  # it asks first
+        assert declined.returncode == 0, declined.stdout + declined.stderr
+        assert "Nothing applied." in declined.stderr
+        args.append("--yes")
         for _ in range(2):  # the second apply of the same version finds it all applied
             done = await _run(args, env)
             assert done.returncode == 0, done.stdout + done.stderr

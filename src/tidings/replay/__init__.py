@@ -51,6 +51,7 @@ from tidings.replay.shadow import (
 )
 from tidings.runtime.context import Services
 from tidings.runtime.outcomes import DeadLetter, describe
+from tidings.runtime.outcomes import Outcome as Outcome_
 from tidings.runtime.pipeline import Pipeline
 from tidings.runtime.tools import ReplyHub
 from tidings.store.base import Store
@@ -280,40 +281,47 @@ class Replayer:
     ) -> None:
         """Judge every event of `window` into `report`, in stored order."""
         spec, wanted = self.spec, set(keys) if keys else None
-        events: list[tuple[RawMessage, Event]] = []
-        malformed = 0
+        events: list[tuple[Event, Event | Outcome_]] = []
+        malformed, seen = 0, set()
         for raw in window.events:
-            try:
-                event = decode(raw.headers, raw.body)
-            except MalformedEvent:
-                malformed += 1
+            # Decoded, upcast and filtered as live; an event the filter drops is decoded
+            # on its own, for the recorded decision it may have.
+            screened = self.pipeline.screen(ReadBack(raw))
+            if isinstance(screened, Event):
+                event = screened
+            else:
+                try:
+                    event = decode(raw.headers, raw.body)
+                except MalformedEvent:
+                    malformed += 1
+                    continue
+            if event.id in seen:  # a copy the log kept (Kafka): the live inbox drops it
                 continue
+            seen.add(event.id)
             if wanted is not None and spec.key_of(event) not in wanted:
                 continue
-            events.append((raw, event))
+            events.append((event, screened))
         if malformed:
             report.notes.append(f"{malformed} malformed messages in the window were skipped")
-        decisions, outbox = await self.recorded([e.id for _, e in events])
+        decisions, outbox = await self.recorded([e.id for e, _ in events])
         self._steps = {i: d.steps for i, d in decisions.items()}
         seeds: dict[str, dict[str, Any]] = {}
-        for _, event in events:  # each key's state at the window's start
+        for event, _ in events:  # each key's state at the window's start
             d = decisions.get(event.id)
             key = (d.key or "") if d is not None else None
             if d is not None and d.status == "ok" and key is not None and key not in seeds:
                 seeds[key] = d.state_before
         overlay = Overlay(self.store, spec.name, seeds)
-        for raw, event in events:
+        for event, screened in events:
             if limit is not None and len(report.decisions) >= limit:
                 report.notes.append(f"stopped at --limit {limit}")
                 break
             recorded = decisions.get(event.id)
             old = recorded_outcome(recorded, outbox) if recorded is not None else None
-            screened = self.pipeline.screen(ReadBack(raw))
             new: Outcome | None = None
             ctx: ShadowContext | None = None
             key = spec.key_of(event)
             if isinstance(screened, Event):
-                key = spec.key_of(screened)
                 new, ctx = await self.run(screened, key, overlay)
             elif isinstance(screened, DeadLetter):
                 new = Outcome(status="dead_lettered", error=screened.error, version=spec.version)

@@ -196,7 +196,7 @@ class Report:
     reuse_llm: bool
     decisions: list[DecisionDiff] = field(default_factory=list)
     scanned: int = 0  # events read from the bus in the window
-    ended: str = ""  # why reading the bus stopped
+    ended: str = ""  # why reading the bus stopped (not in the JSON: it depends on later events)
     notes: list[str] = field(default_factory=list)
     # Model calls the replay made for real (not answered from the journal), and their cost.
     llm_calls: int = 0
@@ -247,7 +247,7 @@ class Report:
         return {
             "agent": self.agent, "since": self.since, "until": self.until,
             "version_new": self.version_new, "model": self.model, "reuse_llm": self.reuse_llm,
-            "scanned": self.scanned, "ended": self.ended, "notes": self.notes,
+            "scanned": self.scanned, "notes": self.notes,
             "counts": self.counts(), "per_agent": self.per_agent(), "changed": self.changed,
             "changed_share": round(self.changed_share, 6), "deltas": self.deltas(),
             "llm_calls": self.llm_calls, "llm_cost": round(self.llm_cost, 8),
