@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import drop_schema, with_schema
-from tests.helpers import eventually, settings_for
+from tests.conftest import NatsServer, drop_schema, with_schema
+from tests.contract.test_bus import publish_eventually
+from tests.helpers import eventually, running, settings_for
 from tests.integration.test_partitions import lease_owners
-from tidings import Event, Settings
+from tidings import App, Context, Event, Settings
 from tidings.bus.cluster import LocalCluster
 from tidings.bus.nats import NatsBus
 from tidings.store import open_store
@@ -187,3 +188,67 @@ async def test_cluster_leader_and_worker_killed_mid_stream_lose_duplicate_and_re
             await asyncio.to_thread(nats_cluster.start_node, n)
         await asyncio.to_thread(nats_cluster.wait_healthy, 60)
         await drop_schema(postgres_url, schema)
+
+
+RESTARTS = 20  # the issue asks 200; 20 fit the suite's time budget (about 1 s each)
+
+
+@pytest.mark.timeout(180)
+async def test_many_broker_restarts_under_a_trickle_leave_no_consumer_silent(
+    tmp_path: Path, namespace: str
+) -> None:
+    server = NatsServer(tmp_path / "jetstream")
+    server.start()
+    app = App("restarts")
+    plain_seen: set[str] = set()
+    keyed_seen: set[str] = set()
+
+    @app.agent("plain", on="trickle.*")
+    async def plain(event: Event, ctx: Context) -> None:
+        plain_seen.add(event.id)
+
+    @app.agent("keyed", on="trickle.*", key="subject")  # one consumer per partition
+    async def keyed(event: Event, ctx: Context) -> None:
+        keyed_seen.add(event.id)
+
+    settings = settings_for(
+        server.url, namespace, tmp_path, partitions=4, lease_ttl=2.0, ack_wait=5.0
+    )
+    bus = NatsBus(server.url, namespace=namespace, partitions=4)
+    published: list[str] = []
+    stop = asyncio.Event()
+
+    async def trickle() -> None:
+        n = 0
+        while not stop.is_set():
+            event = Event.create("trickle.drip", {"n": n}, subject=f"s{n % 5}")
+            await publish_eventually(bus, event)
+            published.append(event.id)
+            n += 1
+            await asyncio.sleep(0.1)
+
+    try:
+        async with running(app, settings):
+            await bus.connect()
+            dripping = asyncio.create_task(trickle())
+            for r in range(RESTARTS):
+                await asyncio.to_thread(server.stop, r % 2 == 0)  # kill -9 and SIGTERM in turn
+                await asyncio.to_thread(server.start)
+                after = Event.create("trickle.after", {"restart": r}, subject=f"r{r}")
+                await publish_eventually(bus, after)
+                await eventually(
+                    lambda e=after.id: e in plain_seen and e in keyed_seen,  # type: ignore[misc]
+                    timeout=30,
+                    message=f"the event after restart {r} handled by both agents",
+                )
+            stop.set()
+            await dripping
+            await eventually(
+                lambda: set(published) <= plain_seen and set(published) <= keyed_seen,
+                timeout=30,
+                message="every trickled event handled",
+            )
+    finally:
+        stop.set()
+        await bus.close()
+        server.stop(kill=True)

@@ -679,7 +679,7 @@ class NatsBus(Bus):
                     bucket=name,
                     history=1,
                     ttl=self.lease_ttl,
-                    storage=api.StorageType.MEMORY,
+                    storage=api.StorageType.FILE,  # survives a lone server's restart
                     replicas=self.replicas,
                     description=f"tidings partition leases of namespace {self.namespace}",
                 )

@@ -44,6 +44,7 @@ from nats.js.kv import KeyValue
 
 from tidings.bus.base import ConsumerSpec, Delivery, DeliveryHandler, Subscription
 from tidings.bus.names import agent_token
+from tidings.errors import BusError
 
 if TYPE_CHECKING:
     from tidings.bus.nats import NatsBus, NatsSubscription
@@ -162,6 +163,10 @@ class PartitionedSubscription(Subscription):
                 await self._round()
                 failing = False
             except Exception as e:  # the server is away or electing: keep what is safe
+                if isinstance(
+                    e, nats.js.errors.NoStreamResponseError | nats.js.errors.NotFoundError
+                ):
+                    self._kv = None  # the bucket may be gone (a server that lost its state)
                 (log.debug if failing else log.warning)(
                     "agent %s: lease round failed (%s); trying again", self._spec.name, e
                 )
@@ -279,19 +284,30 @@ class PartitionedSubscription(Subscription):
             info = await js.consumer_info(bus.events_stream, config.durable_name)
         except nats.js.errors.NotFoundError:
             info = None
-        if info is not None and (info.num_ack_pending or 0) > 0:
+        if info is None:
+            await bus._ensure_consumer(config)
+        else:
             # Deliveries a dead owner took stay pending until ack_wait and would then come
-            # after later events of their key: start again from the floor instead.
+            # after later events of their key: start again from the floor instead. The
+            # server may also refuse to move a replicated push consumer to a new deliver
+            # subject ("name already in use"): the same restart does that.
             floor = info.ack_floor.stream_seq if info.ack_floor else 0
-            config = dataclasses.replace(
+            again = dataclasses.replace(
                 config,
                 deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
                 opt_start_seq=(floor or 0) + 1,
                 opt_start_time=None,
             )
-            await self._recreate(config)
-        else:
-            await bus._ensure_consumer(config)
+            if (info.num_ack_pending or 0) > 0:
+                config = again
+                await self._recreate(config)
+            else:
+                try:
+                    await bus._ensure_consumer(config)
+                except BusError as e:
+                    log.debug("moving consumer %s: %s", config.durable_name, e)
+                    config = again
+                    await self._recreate(config)
 
         async def on_delivery(delivery: Delivery) -> None:
             await self._handler(_Tracked(delivery, part))
