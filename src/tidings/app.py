@@ -207,6 +207,7 @@ class App:
         start: Start = "all",
         max_depth: int = DEFAULT_MAX_DEPTH,
         data_version: int | dict[str, int] | None = None,
+        waits: Sequence[str] = (),
     ) -> Callable[[Handler], Handler]:
         """Declare an agent: `handler(event, ctx)` runs for each matching event.
 
@@ -221,7 +222,9 @@ class App:
         a consumer keeps its place); `max_depth` how deep in a causal chain an event may
         be before the agent dead-letters it as a loop; `data_version` the version of the
         declared event types the handler reads (one number, or one per type; default:
-        `data_model`'s declared version, else the latest): older events are upcast.
+        `data_model`'s declared version, else the latest): older events are upcast;
+        `waits` the type patterns `ctx.wait_for` may wait for, whose events are kept per
+        key in the agent's mailbox (docs/workflows.md).
         """
         if not _NAME_RE.match(name):
             raise ConfigError(f"agent name {name!r}: use letters, digits, '-' and '_'")
@@ -230,7 +233,7 @@ class App:
         patterns = (on,) if isinstance(on, str) else tuple(on)
         if not patterns:
             raise ConfigError(f"agent {name!r}: on= needs at least one type pattern")
-        for pattern in patterns:
+        for pattern in (*patterns, *waits):
             try:
                 check_pattern(pattern)
             except ValueError as e:
@@ -270,6 +273,7 @@ class App:
                 start=start,
                 max_depth=max_depth,
                 data_version=data_version,
+                waits=tuple(waits),
             )
             return handler
 

@@ -17,11 +17,13 @@ TidingsError
 ├── FilterError              a `where=` expression does not compile
 ├── PolicyViolation          an agent emitted a type it did not declare; not retried
 ├── DeterminismError         a re-run handler took a different step than the journal says
+│   └── Compensated          an event that failed for good, its undos run, ran on: refused
 ├── ToolError                a `ctx.tool(...)` call did not produce a result
 │   ├── ToolNotServed        no tool service has registered that name
 │   ├── ToolTimeout          no result before the call's timeout
 │   └── ToolFailed           the tool raised; `.error` holds its message
 ├── ApprovalTimeout          nobody answered a `ctx.ask(...)` before its timeout
+│   └── WaitTimeout          no event matched `ctx.wait_for(..., raise_on_timeout=True)` in time
 ├── ReplayRefused            a shadow replay was about to write to the store or publish
 └── LLMError                 a model provider call failed
     ├── ProviderUnavailable  5xx, timeout, connection refused: retried with backoff
@@ -136,6 +138,14 @@ class DeterminismError(TidingsError):
     """
 
 
+class Compensated(DeterminismError):
+    """An event that failed for good (its undos ran) ran again: it stays failed.
+
+    Its registered undos (`ctx.on_failure`, ``undo=``) rolled its steps back, so a later
+    run must not commit on top of them; a retry only runs the undos that had failed.
+    """
+
+
 class ToolError(TidingsError):
     """A tool call did not produce a result; the agent may catch it and carry on."""
 
@@ -166,6 +176,13 @@ class ReplayRefused(TidingsError):
 
 class ApprovalTimeout(TidingsError):
     """Nobody answered a question or approval before its timeout."""
+
+
+class WaitTimeout(ApprovalTimeout):
+    """No matching event came before a `ctx.wait_for` timeout (``raise_on_timeout=True``).
+
+    Like an unanswered question it is not retried: the wait's outcome is journaled.
+    """
 
 
 class LLMError(TidingsError):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,13 +32,16 @@ from tidings.events import Event
 from tidings.home import publish_worker, unpublish_worker
 from tidings.observability import tracing
 from tidings.observability.metrics import Backlog, Metrics, Source
-from tidings.runtime.approvals import Answers, Sweeper
+from tidings.runtime.approvals import Answers
 from tidings.runtime.commits import Committer
 from tidings.runtime.consumer import Consumer, DeadLetterHook, Processor
 from tidings.runtime.context import Services
+from tidings.runtime.durable import SETTLE
 from tidings.runtime.pipeline import AgentStats, Pipeline
 from tidings.runtime.sagas import SagaProcessor, SagaStats, dead_letter_notices
+from tidings.runtime.timers import TimerService
 from tidings.runtime.tools import ReplyHub, ReplyRecorder, ToolService, ToolStats
+from tidings.runtime.workflows import Mailbox, settler
 from tidings.schemas.registry import registrant
 from tidings.store import open_store
 from tidings.store.base import Store
@@ -103,7 +107,9 @@ class Worker:
         self.services: Services | None = None
         self.tools: dict[str, ToolSpec] = {}  # the app's tools and those MCP servers serve
         self._background: set[asyncio.Task[None]] = set()
-        self._sweeper: Sweeper | None = None
+        # Every timer of the app (runtime/timers.py): register a kind's handler on it
+        # before start() returns; it runs in workers that consume (not --triggers-only).
+        self.timers: TimerService | None = None
         self.mcp: list[McpBridge] = []
         self._phase: Literal["new", "starting", "started", "stopped"] = "new"
         self._published: Path | None = None
@@ -145,6 +151,8 @@ class Worker:
         assert self.bus is not None and self.store is not None
         store = self.store
         await store.open()
+        if self.consumes:  # created first, so every consumer below may register its kinds
+            self.timers = TimerService(store, self.bus)
         if self.app.schemas:  # refuse to start on an incompatible schema, before any consumer
             added = await self.app.schemas.register(store, registrant(self.app.name))
             if added:
@@ -178,8 +186,12 @@ class Worker:
                 consumer.on_dead_letter = tell
         if agents:
             await self._consume(Answers(store, self.bus, self.app.name), helper=True)
-            self._sweeper = Sweeper(store, self.bus, agents)
-            self._sweeper.start()
+        for spec in agents.values():
+            if spec.waits:  # what its ctx.wait_for may wait for, kept per key
+                await self._consume(Mailbox(spec, store, self.bus), helper=True)
+        if self.timers is not None:
+            self.timers.register(SETTLE, settler(store, self.bus))  # ask, sleep, wait_for
+            self.timers.start()
         self.metrics.add(self.metric_source())
         client = Client(settings=self.settings, source=f"/{self.app.name}", bus=self.bus,
                         store=store, schemas=self.app.schemas)  # fmt: skip
@@ -291,8 +303,8 @@ class Worker:
             _, pending = await asyncio.wait(pending, timeout=min(0.2, left))
 
     async def _disconnect(self, grace: float) -> None:
-        if self._sweeper is not None:
-            await self._sweeper.stop()
+        if self.timers is not None:
+            await self.timers.stop()
         # Agents and tools wind down first: a handler finishing in its grace period
         # still gets its tool replies recorded and woken.
         await asyncio.gather(*(consumer.stop(grace) for consumer in self.consumers))
@@ -311,6 +323,8 @@ class Worker:
         removed = await self.store.prune(before)
         removed.update(await self.store.prune_steps(before))
         removed["trigger_statuses"] = await self.store.prune_trigger_statuses(before)
+        removed["timers"] = await self.store.prune_timers(before)
+        removed["mailbox"] = await self.store.prune_mailbox(time.time())
         if any(removed.values()):
             log.info("pruned old records", **removed)
 

@@ -4,16 +4,15 @@
 without a worker slot or an unacked message. An answer (CLI, an ``approval.answered``
 event, or `answer()` from any code) is recorded once, then the event is handed back to
 its agent with `Bus.retry`; the handler re-runs, its earlier steps come from the journal,
-and `ctx.ask` returns the answer. Every worker sweeps the store: it times out questions
-past their deadline and resumes answered events whose hand-back was lost in a crash.
+and `ctx.ask` returns the answer. Timers do the rest (`tidings.runtime.timers`, kind
+``parked.settle`` in `tidings.runtime.workflows`): a question with a timeout has one at its
+deadline that times it out, and an answer schedules one a few seconds on that hands the
+event back if the answerer crashed before it did.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-from collections.abc import Collection
 
 import structlog
 
@@ -21,14 +20,13 @@ from tidings.bus.base import Bus, ConsumerSpec, Delivery
 from tidings.errors import MalformedEvent
 from tidings.events import Event, decode
 from tidings.runtime.consumer import SimpleProcessor
-from tidings.runtime.durable import APPROVAL_ANSWERED
+from tidings.runtime.durable import APPROVAL_ANSWERED, settle_timer
 from tidings.runtime.outcomes import Ack, DeadLetter, Outcome, describe
+from tidings.runtime.workflows import HANDBACK_S, resume
 from tidings.store.base import Store
 from tidings.store.records import Parked
 
 log = structlog.get_logger("tidings.approvals")
-
-SWEEP_S = 1.0  # how often a worker looks for overdue and unresumed questions
 
 
 async def answer(
@@ -38,36 +36,13 @@ async def answer(
     entry = await store.get_parked(parked_id)
     if entry is None:
         return None
+    if entry.status == "waiting":  # a crash between the answer and the hand-back: the timer
+        handback = settle_timer(entry.id, entry.agent, time.time() + HANDBACK_S, handback=True)
+        await store.schedule_timer(handback)
     answered = await store.answer_parked(entry.id, value, by=by)
     if answered is not None:
         await resume(store, bus, answered)
     return answered
-
-
-async def resume(store: Store, bus: Bus, entry: Parked) -> None:
-    """Hand a parked event back to its agent.
-
-    A crash before `mark_resumed` makes the sweep send it again, which the agent's inbox
-    and journal make harmless.
-    """
-    await bus.retry(entry.agent, decode(entry.headers, entry.body))
-    await store.mark_resumed(entry.id)
-
-
-async def sweep(store: Store, bus: Bus, agents: Collection[str]) -> int:
-    """Time out overdue questions and resume unresumed answered ones; how many moved."""
-    moved = 0
-    for entry in await store.parked_to_sweep(time.time()):
-        if entry.agent not in agents:
-            continue
-        if entry.status == "waiting":
-            timed_out = await store.answer_parked(entry.id, None, status="timed_out", by="timeout")
-            if timed_out is None:  # answered meanwhile; the next sweep resumes it
-                continue
-            entry = timed_out
-        await resume(store, bus, entry)
-        moved += 1
-    return moved
 
 
 class Answers(SimpleProcessor):
@@ -107,32 +82,3 @@ class Answers(SimpleProcessor):
             log.info("approval for a question that is not waiting", parked_id=data["id"])
             return Ack("not waiting")
         return Ack()
-
-
-class Sweeper:
-    """A worker's sweep of parked questions: time out overdue ones, resume lost hand-backs."""
-
-    def __init__(self, store: Store, bus: Bus, agents: Collection[str]) -> None:
-        self.store = store
-        self.bus = bus
-        self.agents = set(agents)
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        """Sweep every `SWEEP_S` seconds until stopped."""
-        self._task = asyncio.create_task(self._sweep_forever())
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            try:
-                await sweep(self.store, self.bus, self.agents)
-            except Exception as e:
-                log.warning("sweeping parked questions failed", error=describe(e))
-            await asyncio.sleep(SWEEP_S)
-
-    async def stop(self) -> None:
-        """Stop sweeping."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task

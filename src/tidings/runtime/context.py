@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from tidings.llm import Completion, Message, Models
     from tidings.runtime.spec import AgentSpec
     from tidings.runtime.tools import ReplyHub
+    from tidings.runtime.workflows import Undo
     from tidings.schemas.registry import EventTypes
     from tidings.tools import ToolSpec
 
@@ -138,6 +139,7 @@ class Context:
         self._services = services
         self._llm: LLM | None = None
         self._progress = 0
+        self.undos: list[Undo] = []  # compensations registered by this run, in order
 
     @property
     def services(self) -> Services:
@@ -156,14 +158,26 @@ class Context:
             self._llm = LLM(self)
         return self._llm
 
-    async def step(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def step(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        undo: Callable[[Any], Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Run `fn(*args, **kwargs)` once per event: a re-run returns the recorded result.
 
-        `fn` may be sync or async; its result must be JSON-serialisable.
+        `fn` may be sync or async; its result must be JSON-serialisable. `undo(result)`,
+        if given, runs when the handler fails for good (see `on_failure`).
         """
         from tidings.runtime.durable import run_step
+        from tidings.runtime.workflows import undo_of
 
-        return await run_step(self, name, fn, args, kwargs)
+        result = await run_step(self, name, fn, args, kwargs)
+        if (registered := undo_of(name, undo, result)) is not None:
+            self.undos.append(registered)
+        return result
 
     # The timeouts below are durable deadlines (journaled, stored), not await timeouts.
     async def tool(
@@ -172,14 +186,62 @@ class Context:
         args: Any = None,
         *,
         timeout: float = 60.0,  # noqa: ASYNC109
+        undo: Callable[[Any], Any] | None = None,
     ) -> Any:
         """Call a tool over the bus and wait for its result (journaled).
 
         Raises `ToolNotServed`, `ToolTimeout` or `ToolFailed`, which the handler may catch.
+        `undo(result)`, if given, runs when the handler fails for good (see `on_failure`).
         """
         from tidings.runtime.durable import call_tool
+        from tidings.runtime.workflows import undo_of
 
-        return await call_tool(self, name, args, timeout)
+        result = await call_tool(self, name, args, timeout)
+        if (registered := undo_of(name, undo, result)) is not None:
+            self.undos.append(registered)
+        return result
+
+    def on_failure(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Register `fn(*args, **kwargs)` (sync or async) to undo what this run did.
+
+        When the handler fails for good (its next outcome is the dead-letter queue), the
+        registered undos run in reverse order of registration, each once (journaled),
+        before the event is dead-lettered. Register each undo right after the step it
+        undoes, so a re-run registers the same ones in the same order.
+        """
+        from tidings.runtime.workflows import Undo
+
+        self.undos.append(Undo(name, fn, args, kwargs))
+
+    async def sleep(self, seconds: float) -> None:
+        """Park this event for `seconds`, durably: no worker slot or message is held.
+
+        The event is acked and parked; a timer hands it back when the time is up, and
+        the handler runs again from its journal. Counted from the first run: a
+        redelivery or restart meanwhile does not sleep again.
+        """
+        from tidings.runtime.workflows import sleep
+
+        await sleep(self, seconds)
+
+    async def wait_for(
+        self,
+        type_pattern: str,
+        *,
+        match: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+        raise_on_timeout: bool = False,
+    ) -> Event | None:
+        """Park this event until an event of `type_pattern` for the same key arrives.
+
+        `match` is a CEL expression the event must also pass (``"data.amount > 10"``).
+        The agent must declare the pattern in ``waits=``; an event that arrived before
+        the wait (up to an hour before) counts. Returns the event, or None after
+        `timeout` seconds (`WaitTimeout` with `raise_on_timeout`). Durable like `ask`.
+        """
+        from tidings.runtime.workflows import wait_for
+
+        return await wait_for(self, type_pattern, match, timeout, raise_on_timeout)
 
     async def ask(
         self,

@@ -29,7 +29,7 @@ from tidings.errors import (
 from tidings.events import Event, encode
 from tidings.observability import tracing
 from tidings.runtime.steps import args_hash, derived_id, error_detail, replayed_error
-from tidings.store.records import Parked, Step, StepStatus
+from tidings.store.records import Parked, Step, StepStatus, Timer
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -42,6 +42,20 @@ PROGRESS = "agent.task.progress"
 # workers start in any order, and a tool service may come up just after its caller.
 NOT_SERVED_GRACE_S = 5.0
 APPROVAL_ANSWERED = "approval.answered"
+
+
+SETTLE = "parked.settle"  # the timer kind that moves a parked entry on and hands it back
+
+
+def settle_timer(parked_id: str, agent: str, due_at: float, *, handback: bool = False) -> Timer:
+    """The timer that moves parked entry `parked_id` on at `due_at` (its deadline).
+
+    With `handback`, the one that checks an answered entry was handed back
+    (`tidings.runtime.workflows.settle` is its handler).
+    """
+    suffix = ":handback" if handback else ""
+    return Timer(id=f"parked:{parked_id}{suffix}", kind=SETTLE, due_at=due_at, owner=agent,
+                 payload={"parked_id": parked_id})  # fmt: skip
 
 
 class AgentParked(Exception):
@@ -241,6 +255,8 @@ async def ask(ctx: Context, question: Any, timeout: float | None) -> Any:  # noq
     if recorded is None:
         headers, body = encode(ctx.event)
         deadline = None if timeout is None else time.time() + timeout
+        if deadline is not None:  # first: a crash before the park leaves a timer of nothing
+            await store.schedule_timer(settle_timer(parked_id, ctx.agent, deadline))
         await store.park(Parked(parked_id, ctx.agent, ctx.event.id, question, headers, body,
                                 deadline))  # fmt: skip
         recorded = _step(ctx, seq, "ask", "ask", digest, "pending", parked_id=parked_id)

@@ -38,6 +38,7 @@ from tidings.runtime.durable import AgentParked
 from tidings.runtime.filters import CelFilter, FilterErrorReport, FilterMiss
 from tidings.runtime.outcomes import Ack, Backoff, DeadLetter, Outcome, describe
 from tidings.runtime.spec import AgentSpec
+from tidings.runtime.workflows import on_handler_done, on_handler_error
 from tidings.store.base import Store
 from tidings.store.records import Commit, Decision, DecisionStatus
 
@@ -226,6 +227,10 @@ class Pipeline:
             result = await spec.handler(seen, ctx)
         except AgentParked:
             result = None
+        except Exception as exc:
+            # Failing for good: its undos run first, each once (runtime/workflows.py).
+            await on_handler_error(ctx, exc, spec.max_attempts, spec.backoff)
+            raise
         elapsed = time.perf_counter() - started
         self.stats.handler_seconds += elapsed
         self.stats.latency.observe(elapsed)
@@ -235,6 +240,7 @@ class Pipeline:
             self.stats.parked += 1
             return Ack("parked", decision)
         ctx.journal.check_complete()
+        await on_handler_done(ctx)  # Compensated if an earlier run failed for good
 
         decision = self._decision(event, key, ctx, result, started_at, elapsed)  # 5, 6
         committed = await self.committer.commit(

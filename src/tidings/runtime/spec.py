@@ -50,6 +50,8 @@ class AgentSpec:
     # The version of each declared event type the handler reads: one for all, or per
     # type; None: its data_model's declared version, else the latest (schemas/registry.py).
     data_version: int | Mapping[str, int] | None = None
+    # Type patterns `ctx.wait_for` may wait for: their events are kept in a mailbox per key.
+    waits: tuple[str, ...] = ()
 
     def key_of(self, event: Event) -> str:
         """The entity key of `event` for this agent ('' when the agent is not keyed)."""
