@@ -14,6 +14,7 @@ one host share its disk and its fate. docs/production.md describes a real cluste
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tidings.bus.embedded import find_nats_server
-from tidings.errors import BusUnavailable
+from tidings.errors import BusUnavailable, ConfigError
 
 CLUSTER_NAME = "tidings-dev"
 READY_TIMEOUT_S = 30.0
@@ -70,9 +71,21 @@ class Node:
 class LocalCluster:
     """`size` routed nats-servers with JetStream on loopback, each with its own store."""
 
-    def __init__(self, root: Path, size: int = 3, *, binary: str | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        size: int = 3,
+        *,
+        binary: str | None = None,
+        sync_interval: str | None = None,
+    ) -> None:
         if size < 1:
             raise ValueError("a cluster has at least one node")
+        if sync_interval is not None and not re.fullmatch(r"always|\d+(ms|s|m|h)", sync_interval):
+            raise ConfigError(
+                f"sync_interval {sync_interval!r}: use 'always' or a duration such as '10s'"
+            )
+        self.sync_interval = sync_interval
         self.root = Path(root)
         self.binary = binary or find_nats_server()
         self.nodes = [
@@ -102,6 +115,11 @@ class LocalCluster:
         routes = ",".join(f"nats://127.0.0.1:{n.cluster_port}" for n in self.nodes if n is not node)
         args = [self.binary, "-n", node.name, "-a", "127.0.0.1", "-p", str(node.port),
                 "-m", str(node.monitor_port), "-js", "-sd", str(node.store_dir)]  # fmt: skip
+        if self.sync_interval:  # no command-line flag for it: a config file
+            conf = self.root / f"{node.name}.conf"
+            value = "always" if self.sync_interval == "always" else f'"{self.sync_interval}"'
+            conf.write_text(f"jetstream {{\n  sync_interval: {value}\n}}\n")
+            args += ["-c", str(conf)]
         if len(self.nodes) > 1:
             listen = f"nats://127.0.0.1:{node.cluster_port}"
             args += ["--cluster_name", CLUSTER_NAME, "--cluster", listen, "--routes", routes]

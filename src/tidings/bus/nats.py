@@ -1008,6 +1008,17 @@ class NatsBus(Bus):
                 "last_seq": si.state.last_seq,
                 "consumers": si.state.consumer_count,
                 "duplicate_window": si.config.duplicate_window,
+                "replicas": si.config.num_replicas or 1,
+                "leader": si.cluster.leader if si.cluster else None,
+                "peers": [
+                    {
+                        "name": p.name,
+                        "current": bool(p.current),
+                        "offline": bool(p.offline),
+                        "lag": p.lag or 0,
+                    }
+                    for p in ((si.cluster.replicas or []) if si.cluster else [])
+                ],
             }
         return {
             "backend": "nats",
@@ -1017,6 +1028,9 @@ class NatsBus(Bus):
             "jetstream": bool(info.get("jetstream")),
             "max_payload": nc.max_payload,
             "cluster": info.get("cluster"),
+            "cluster_urls": list(info.get("connect_urls") or []),
+            "replicas": self.replicas,
+            "partitions": self.partitions,
             "namespace": self.namespace,
             "streams": streams,
         }

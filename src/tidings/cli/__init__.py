@@ -29,6 +29,7 @@ COMMANDS = {
     "tail": ("bus", "tail"),
     "agents": ("bus", "agents"),
     "doctor": ("doctor", "doctor"),
+    "dev": ("dev", "dev"),
     "asyncapi": ("asyncapi", "asyncapi"),
     "token": ("token", "token"),
     "triggers": ("triggers", "triggers"),

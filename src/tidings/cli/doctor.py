@@ -100,7 +100,7 @@ def _trigger_results(app: App) -> list[Result]:
 async def _run_checks(settings: Settings) -> bool:
     """Run and report each check in turn; True if any failed."""
     failed = False
-    for check in (_bus, _embedded, _store, _binary):
+    for check in (_bus, _cluster, _embedded, _store, _binary):
         result = await check(settings)
         if result is None:
             continue
@@ -190,6 +190,66 @@ async def _bus(settings: Settings) -> Result:
     if settings.bus is None:
         where = f"embedded nats-server at {where} (found under {settings.home_path})"
     return Result(True, title, [where, *_server_lines(info)])
+
+
+async def _cluster(settings: Settings) -> Result | None:
+    """Replication on NATS: enough nodes for `replicas`, every copy of each stream current."""
+    from tidings.bus.connect import connect_bus
+
+    try:
+        async with asyncio.timeout(BUS_TIMEOUT_S):
+            bus = await connect_bus(settings)
+    except (TimeoutError, TidingsError):
+        return None  # the bus check said why
+    try:
+        info = await bus.server_info()
+    except TidingsError:
+        return None
+    finally:
+        await bus.close()
+    if info.get("backend") != "nats":
+        return None
+    return cluster_result(info, settings.replicas)
+
+
+def cluster_result(info: dict[str, Any], replicas: int) -> Result:
+    """The replication check on `NatsBus.server_info()`'s facts (pure, for tests)."""
+    title = "bus replication"
+    version = str(info.get("version") or "?")
+    partitions = info.get("partitions") or 0
+    layout = (
+        f"{partitions} partitions: per-key order across workers (leases, nats-server 2.9+)"
+        if partitions
+        else "not partitioned: per-key order holds inside each worker (set partitions=16)"
+    )
+    if not info.get("cluster"):
+        lines = [f"one nats-server {version}, not clustered: each stream has 1 copy", layout]
+        if replicas > 1:
+            return Result(False, title, lines, f"replicas={replicas} needs a cluster of at least"
+                          f" {replicas} nats-servers; or set replicas=1")  # fmt: skip
+        return Result(None, title, lines)
+    nodes = len(info.get("cluster_urls") or []) or 1
+    lines = [f"cluster {info['cluster']!r}, nats-server {version}, {nodes} nodes", layout]
+    problems: list[str] = []
+    for stream, state in (info.get("streams") or {}).items():
+        copies = state.get("replicas", 1)
+        peers = state.get("peers") or []
+        behind = [p["name"] for p in peers if p.get("offline") or not p.get("current")]
+        lines.append(
+            f"stream {stream}: {copies} cop{'y' if copies == 1 else 'ies'}, leader"
+            f" {state.get('leader') or 'NONE'}"
+            + (f", not current: {', '.join(behind)}" if behind else "")
+        )
+        if not state.get("leader"):
+            problems.append(f"{stream} has no leader (fewer than a majority of its nodes up)")
+        elif behind:
+            problems.append(f"{stream}'s copies on {', '.join(behind)} are offline or behind")
+        if copies < replicas:
+            problems.append(f"{stream} has {copies} copies, replicas={replicas}")
+    if problems:
+        fix = "start the nodes named again (a stream runs while most of its copies are up)"
+        return Result(False, title, [*lines, *problems], fix)
+    return Result(True, title, lines)
 
 
 async def _embedded(settings: Settings) -> Result | None:
