@@ -178,7 +178,7 @@ class Worker:
             pipeline = Pipeline(spec, services, self.app.name)
             self.runners[spec.name] = await self._consume(pipeline)
         for saga in self.app.sagas.values() if self.consumes else ():
-            processor = SagaProcessor(saga, self.bus, store, self.app.name)
+            processor = SagaProcessor(saga, self.bus, store, self.app.name, self.timers)
             self.saga_runners[saga.name] = await self._consume(processor)
         if self.saga_runners:
             tell = self._tell_sagas()

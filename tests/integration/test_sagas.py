@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from tests.helpers import eventually, running, settings_for
 from tests.integration import saga_app
-from tidings import Client, Settings
+from tidings import App, Client, Context, Settings, Step
 from tidings.cli import cli
 from tidings.events import Event, decode, encode
 from tidings.store import open_store
@@ -230,3 +230,54 @@ async def test_flaky_compensation_finishes_and_a_broken_one_is_stuck_until_retri
         assert len(refunds) == 2 and refunds[0].id != refunds[1].id  # the retry: a new attempt
     finally:
         saga_app.refund_broken.discard("b1-ship")
+
+
+def timed_app() -> App:
+    """A saga that times out after 1.5 s, whose refunds are never confirmed within 1 s."""
+    app = App("timed")
+    app.saga(
+        "checkout", start="cart.opened", key="data.cart", timeout="1.5s",
+        compensate_within="1s",
+        steps=[Step("hold", done="seat.held", compensate="seat.free", compensated="seat.freed"),
+               Step("pay", done="card.paid", compensate="card.refund",
+                    compensated="card.refunded")],
+    )  # fmt: skip
+
+    @app.agent("freer", on="seat.free", key="data.cart", emits=["seat.freed"])
+    async def free(event: Event, ctx: Context) -> None:
+        await ctx.emit("seat.freed", {"cart": event.data["cart"]})
+
+    @app.agent("refunder", on="card.refund", key="data.cart", emits=[])
+    async def refund(event: Event, ctx: Context) -> None:
+        """Takes the refund and never says so: its confirmation never comes."""
+
+    return app
+
+
+async def test_the_timeout_compensates_and_a_confirmation_that_never_comes_is_stuck(
+    settings: Settings,
+) -> None:
+    app = timed_app()
+    async with running(app, settings):
+        async with Client(settings) as client:
+            await client.publish("cart.opened", {"cart": "c1"})
+            await client.publish("seat.held", {"cart": "c1", "seat": "12A"})
+            await client.publish("cart.opened", {"cart": "c2"})
+            await client.publish("card.paid", {"cart": "c2", "amount": 5})
+
+        async def both() -> bool:
+            async with open_store(settings.store_url) as store:
+                found = {r.key: r for r in await store.list_sagas("checkout")}
+            return (found.get("c1") is not None and found["c1"].status == "compensated"
+                    and found.get("c2") is not None and found["c2"].status == "stuck")  # fmt: skip
+
+        await eventually(both, timeout=30, message="c1 timed out and compensated, c2 stuck")
+        async with open_store(settings.store_url) as store:
+            c1 = await store.get_saga("checkout", "c1")
+            c2 = await store.get_saga("checkout", "c2")
+    assert c1 is not None and c1.reason == "timed out after 1.5s"
+    assert c2 is not None and c2.reason == "no card.refunded for step pay within 1s"
+    events = await stream_events(settings.bus or "", settings.namespace)
+    freed = [e for e in events if e.type == "seat.free"]
+    assert [e.data for e in freed] == [{"cart": "c1", "seat": "12A"}]
+    assert [e.data["key"] for e in events if e.type == "saga.stuck"] == ["c2"]

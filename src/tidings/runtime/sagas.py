@@ -51,7 +51,7 @@ from tidings.runtime.saga_life import (
     key_of,
     saga_id,
 )
-from tidings.runtime.timers import event_timer
+from tidings.runtime.timers import TimerService, event_timer
 from tidings.store.base import Store
 from tidings.store.records import Commit, Decision, OutboxEvent, SagaWrite, Timer
 
@@ -86,9 +86,13 @@ class SagaProcessor:
     concurrency = 64
     backoff = Backoff(initial=0.2, maximum=10.0)
 
-    def __init__(self, spec: SagaSpec, bus: Bus, store: Store, app_name: str) -> None:
+    def __init__(
+        self, spec: SagaSpec, bus: Bus, store: Store, app_name: str,
+        timers: TimerService | None = None,
+    ) -> None:  # fmt: skip
         self.spec = spec
         self.store = store
+        self.timers = timers  # scheduling through it wakes its loop; else a store row
         self.name = consumer_name(spec.name)
         self.source = f"/{app_name}/sagas/{spec.name}"
         self.committer = Committer(bus, store)
@@ -150,7 +154,11 @@ class SagaProcessor:
                 outbox.append(_outbox(event.derive(command.type, command.data,
                                                    source=self.source, id=command.id)))  # fmt: skip
             elif isinstance(command, Arm):
-                await self.store.schedule_timer(self._timer(command, key, event))
+                timer = self._timer(command, key, event)
+                if self.timers is not None:
+                    await self.timers.schedule(timer)
+                else:
+                    await self.store.schedule_timer(timer)
         write = None
         if decided.state is not None:
             state = decided.state
