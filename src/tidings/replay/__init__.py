@@ -199,7 +199,7 @@ class Replayer:
         self.bus = ShadowBus(bus)
         self.options = options
         self.services = Services(
-            self.bus, self.store, ReplyHub(self.store), app.llm if app._llm else None,
+            self.bus, self.store, ReplyHub(self.store), app.llm,
             dict(app.tools), schemas=app.schemas,
         )  # fmt: skip
         # Decoding, upcasting and filtering exactly as live; its counters stay in memory.

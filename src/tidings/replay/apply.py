@@ -72,7 +72,7 @@ async def apply_window(
     """Run `agent` of `app` on every event of `window` for real, once per version."""
     spec = app.agents[agent]
     services = Services(
-        bus, store, ReplyHub(store), app.llm if app._llm else None, dict(app.tools),
+        bus, store, ReplyHub(store), app.llm, dict(app.tools),
         schemas=app.schemas,
     )  # fmt: skip
     pipeline = Pipeline(spec, services, app.name)
