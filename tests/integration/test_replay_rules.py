@@ -45,10 +45,12 @@ async def test_each_call_follows_its_rule_and_filters_give_new_and_missing() -> 
         ids = [(await t.publish("job.run", {"n": n, "k": f"k{n}"})).id for n in range(6)]
         await t.settle()
         mails, calcs = len(MAILS), len(CALCS)
-        report = await replay(
-            build("v2", "data.n != 4", 1), "a", since=since,
-            until=datetime.now(UTC) + timedelta(seconds=1), bus=t.worker.bus, store=t.store,
-        )  # fmt: skip
+        until = datetime.now(UTC) + timedelta(seconds=1)
+        report = await replay(build("v2", "data.n != 4", 1), "a", since=since, until=until,
+                              bus=t.worker.bus, store=t.store)  # fmt: skip
+        some = await replay(build("v2", "data.n != 4", 1), "a", since=since, until=until,
+                            bus=t.worker.bus, store=t.store, keys=["k1", "k2", "k5"],
+                            limit=2)  # fmt: skip
     verdicts = {d.event_id: d for d in report.decisions}
     assert [verdicts[i].verdict for i in ids] == ["changed", "changed", "blocked", "new",
                                                   "missing", "same"]  # fmt: skip
@@ -60,7 +62,10 @@ async def test_each_call_follows_its_rule_and_filters_give_new_and_missing() -> 
     assert blocked.would_call == [{"tool": "mail.send", "args": {"n": 20}}]
     assert "would call tool 'mail.send'" in (blocked.blocked or "")
     assert len(MAILS) == mails  # the tool with side effects never ran
-    assert CALCS[calcs:] == [1, 2, 3]  # the pure one ran for new arguments only (0+1, 1+1, 3)
+    # The pure one ran for new arguments only (0+1, 1+1, 3), then 1+1 for --key k1.
+    assert CALCS[calcs:] == [1, 2, 3, 2]
+    assert [d.event_id for d in some.decisions] == [ids[1], ids[2]]
+    assert some.notes == ["stopped at --limit 2"]
 
 
 def billing(version: str, models: dict[str, str]) -> App:
