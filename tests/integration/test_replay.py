@@ -218,6 +218,7 @@ async def test_the_cli_gates_writes_json_and_html(recorded: Recorded, tmp_path: 
     assert done.returncode == 3, done.stdout + done.stderr  # 7.4% > 5%
     assert "above --max-changed 5%" in done.stderr
     assert orjson.loads(out.read_bytes())["counts"]["changed"] == 37
+    assert out.read_bytes() == (await _replay(recorded))[0]  # the same bytes in another process
     assert "urgent queue-" in page.read_text()
     args[-1] = "10%"
     done = await _run(args, env)
