@@ -14,6 +14,7 @@ import structlog
 from tidings.config import Settings
 from tidings.errors import ConfigError
 from tidings.events import Event, check_pattern, matches
+from tidings.policy import AgentRules, Policy, Rules
 from tidings.runtime.filters import Predicate, compile_filter
 from tidings.runtime.outcomes import Backoff
 from tidings.runtime.saga_life import DEFAULT_COMPENSATE_WITHIN, SagaSpec, Step
@@ -55,6 +56,7 @@ class App:
         self.tools: dict[str, ToolSpec] = {}
         self.mcp_servers: list[McpServer] = []
         self.schemas = EventTypes()  # declared event types: @app.event, @app.upcaster
+        self.policy = Policy()  # what each agent may do: app.policy.agent(...), .entity(...)
         self.sagas: dict[str, SagaSpec] = {}  # app.saga(...)
         self._llm: Models | None = None
 
@@ -313,6 +315,28 @@ class App:
         )  # fmt: skip
         self.sagas[name] = spec
         return spec
+
+    def rules(self) -> Rules:
+        """The policy table as workers enforce it: `app.policy` with each agent's `emits=`.
+
+        A policy row naming an agent or tool this app does not declare is refused here,
+        since it would guard nothing.
+        """
+        rules = self.policy.resolve({name: spec.emits for name, spec in self.agents.items()})
+        rows = {name: rules.agents.get(name, AgentRules(name)) for name in self.agents}
+        for name, row in rules.agents.items():
+            if name not in self.agents:
+                raise ConfigError(
+                    f"app.policy names agent {name!r}, which app {self.name!r} does not"
+                    f" declare; declared: {sorted(self.agents)}"
+                )
+            for tool in row.tools or ():
+                if "*" not in tool and ">" not in tool and self.tools and tool not in self.tools:
+                    log.warning(
+                        "policy lets an agent call a tool this app does not serve",
+                        agent=name, tool=tool, served=sorted(self.tools),
+                    )  # fmt: skip
+        return Rules(rows, rules.entities, rules.publishers)
 
     def trigger(self, trigger: TriggerT) -> TriggerT:
         """Declare a trigger: a source outside (a schedule, a folder...) that publishes events.

@@ -15,7 +15,10 @@ TidingsError
 │   └── SchemaViolation      data that breaks its event type's schema; `.pointer`, `.rule`
 ├── IdTaken                  an explicit event id another publisher used first: choose another
 ├── FilterError              a `where=` expression does not compile
-├── PolicyViolation          an agent emitted a type it did not declare; not retried
+├── PolicyViolation          the policy denied an emit, a move or a tool call; `.rule`
+│                            names the rule; recorded as a denied decision, not retried
+├── BudgetExceeded           an agent's budget is spent for now: held (`.retry_after`) or
+│                            dead-lettered, as its budget declares
 ├── DeterminismError         a re-run handler took a different step than the journal says
 │   └── Compensated          an event that failed for good, its undos run, ran on: refused
 ├── ToolError                a `ctx.tool(...)` call did not produce a result
@@ -127,7 +130,29 @@ class FilterError(TidingsError):
 
 
 class PolicyViolation(TidingsError):
-    """An agent did something its declaration forbids (e.g. emitted an undeclared type)."""
+    """An agent did something its declaration forbids (e.g. emitted an undeclared type).
+
+    `rule` names the row of the policy table that denied it (``emits:<agent>``,
+    ``tools:<agent>``, ``transitions:<entity>``, ``publishers``).
+    """
+
+    def __init__(self, message: str, rule: str | None = None) -> None:
+        super().__init__(message)
+        self.rule = rule
+
+
+class BudgetExceeded(TidingsError):
+    """An agent's budget for the current window is spent (`tidings.policy.Budget`).
+
+    `rule` names it (``budget:<agent>:<metric>``); `hold` says whether the event waits
+    `retry_after` seconds for the next window (True) or is dead-lettered (False).
+    """
+
+    def __init__(self, message: str, *, rule: str, hold: bool, retry_after: float) -> None:
+        super().__init__(message)
+        self.rule = rule
+        self.hold = hold
+        self.retry_after = retry_after
 
 
 class DeterminismError(TidingsError):

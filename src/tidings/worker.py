@@ -74,7 +74,7 @@ def services_for(
     """What agents of `app` need beyond the store; the same for a worker and a gateway."""
     return Services(
         bus, store, ReplyHub(store), app.llm, dict(app.tools if tools is None else tools),
-        schemas=app.schemas,
+        schemas=app.schemas, policy=app.rules(),
     )  # fmt: skip
 
 
@@ -167,8 +167,9 @@ class Worker:
                 bridge = McpBridge(server)
                 self.tools.update(await bridge.start())
                 self.mcp.append(bridge)
+        rules = self.app.rules()  # the policy table: a bad one stops the start here
         for tool in self.tools.values():  # served before agents start, so calls find them
-            service = ToolService(tool, self.bus, store, self.app.name)
+            service = ToolService(tool, self.bus, store, self.app.name, rules)
             await service.register()
             self.tool_runners[tool.name] = await self._consume(service)
         self.services = services = services_for(self.app, self.bus, store, self.tools)

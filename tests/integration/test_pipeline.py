@@ -339,7 +339,7 @@ async def test_policy_violations_and_schema_errors_are_not_retried(
         await client.publish("payment.made", {"customer_id": "c1", "amount": 12.5})
         await eventually(
             lambda: (
-                worker.stats()["rogue"].dead_lettered == 1
+                worker.stats()["rogue"].denied == 1
                 and worker.stats()["typed"].dead_lettered == 1
                 and len(typed) == 1
             ),
@@ -350,8 +350,11 @@ async def test_policy_violations_and_schema_errors_are_not_retried(
     assert isinstance(typed[0], Payment) and typed[0].amount == 12.5
     store = await open_test_store(settings.store_url)
     try:
-        (letter,) = await store.list_dead_letters("rogue")
-        assert "x.forbidden" in letter.error and letter.attempts == 1
+        # A policy denial is a decision with its rule, committed: not a dead letter.
+        assert await store.list_dead_letters("rogue") == []
+        (denied,) = await store.list_decisions("rogue")
+        assert (denied.status, denied.rule, denied.attempts) == ("denied", "emits:rogue", 1)
+        assert "x.forbidden" in (denied.error or "")
         (letter,) = await store.list_dead_letters("typed")
         assert "ValidationError" in letter.error and letter.attempts == 1
     finally:

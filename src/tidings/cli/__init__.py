@@ -39,6 +39,7 @@ COMMANDS = {
     "decisions": ("records", "decisions"),
     "approvals": ("approvals", "approvals"),
     "saga": ("sagas", "saga"),
+    "policy": ("policy", "policy"),
     "schema": ("schema", "schema"),
     "replay": ("replay", "replay_command"),
 }

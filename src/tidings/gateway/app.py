@@ -97,6 +97,7 @@ class Gateway:
         self.settings = settings or app.settings
         self.config = config or GatewayConfig.load()
         self.auth = Authenticator(self.config)
+        self.rules = app.rules()  # the policy: which token scopes publish which types
         self._bus, self._store = bus, store
         self._owns = bus is None, store is None
         self._pipelines: dict[str, Pipeline] = dict(pipelines or {})
@@ -528,6 +529,9 @@ def create_app(
                     if why is not None:
                         raise HttpError(400, f"event {name} {value[:80]!r}: {why}")
                 check_event(event, g.bus)
+                denied = g.rules.publish(who.scopes, event.type)
+                if denied is not None:  # the policy's publishers: by token scope
+                    raise HttpError(403, f"PolicyViolation: {denied}")
                 event = _declared(g.app, event, n if batch else None)
                 await _check_correlation(g, event, who)
             except HttpError as e:

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
-from tidings.errors import PolicyViolation
 from tidings.events import (
     MAX_PAYLOAD,
     Event,
@@ -18,9 +17,10 @@ from tidings.events import (
     check_size,
     check_type,
     encode,
-    matches,
 )
 from tidings.observability import tracing
+from tidings.policy import Rules
+from tidings.runtime.policing import Guard, rules_for
 from tidings.runtime.steps import Journal
 from tidings.store.base import Store
 from tidings.store.records import OutboxEvent
@@ -46,6 +46,7 @@ class Services:
     tools: Mapping[str, ToolSpec] = field(default_factory=dict)
     served: set[str] = field(default_factory=set)  # tool names known to be served
     schemas: EventTypes | None = None  # the app's declared event types: emit validates
+    policy: Rules | None = None  # the app's policy table (tidings.policy)
 
 
 _MISSING = object()
@@ -123,6 +124,7 @@ class Context:
         store: Store,
         app_name: str,
         services: Services | None = None,
+        rules: Rules | None = None,
     ) -> None:
         self.agent = spec.name
         self.event = event
@@ -137,6 +139,9 @@ class Context:
         self.journal = Journal(store, spec.name, event.id)
         self.parked: str | None = None  # the id of the question this run parked on
         self._services = services
+        if rules is None:
+            rules = rules_for(spec, services.policy if services is not None else None)
+        self.guard = Guard(rules, spec.name, store)  # the policy: denials, entity moves
         self._llm: LLM | None = None
         self._progress = 0
         self.undos: list[Undo] = []  # compensations registered by this run, in order
@@ -296,12 +301,7 @@ class Context:
         `EventTooLarge` here, before the commit: committed, it would fail at every publish.
         """
         check_type(type)
-        declared = self._spec.emits
-        if declared is not None and not any(matches(p, type) for p in declared):
-            raise PolicyViolation(
-                f"agent {self.agent!r} emitted {type!r} but declares emits={list(declared)};"
-                " add it to emits= or emit a declared type"
-            )
+        self.guard.check_emit(type)  # PolicyViolation, recorded as the run's denial
         traceparent = tracing.current_traceparent()  # None unless tracing: then the run's span
         if traceparent is not None:
             attributes.setdefault("traceparent", traceparent)
@@ -322,6 +322,8 @@ class Context:
         else:  # a handler run without a bus (a bare Pipeline): the memory bus's limits
             check_attributes(event)
             check_size(headers, body, MAX_PAYLOAD, "the bus's default max_payload")
+        if self.guard.rules.entities:  # moves its entity along the table, or is denied
+            await self.guard.move(event)
         self.emitted.append(event)
         self.outbox.append(OutboxEvent(event.id, type, headers, body))
         return event

@@ -113,6 +113,7 @@ async def _call_tool(ctx: Context, name: str, args: Any, timeout: float) -> Any:
         orjson.dumps(args)
     except TypeError as e:
         raise TypeError(f"ctx.tool({name!r}) arguments must be JSON-serialisable: {e}") from e
+    ctx.guard.check_tool(name)  # PolicyViolation, recorded as the run's denial
     digest = args_hash(args)
     started = time.perf_counter()
     seq, recorded = await ctx.journal.begin("tool", name, digest)
@@ -139,6 +140,9 @@ async def _call_tool(ctx: Context, name: str, args: Any, timeout: float) -> Any:
             deadline = time.time() + timeout
             # Refuse arguments the bus cannot carry before journaling a call never sent.
             services.bus.check(_invoke_event(ctx, call_id, invoke_type(name), args, name, deadline))
+            # Charged before it is journaled: a crash in between counts a call not made
+            # (the budget errs on the safe side), never makes one uncounted.
+            await ctx.guard.charge_tool_call()
             # Journal the call before sending it: a crash after the send then waits for
             # the reply on the re-run instead of calling the tool a second time.
             await ctx.journal.save(_step(ctx, seq, "tool", name, digest, "pending",
@@ -226,6 +230,7 @@ async def complete(
     if recorded is not None:
         ctx.journal.note(recorded, started, replayed=True, messages=messages)
         return Completion.from_dict(recorded.result)
+    await ctx.guard.check_llm()  # BudgetExceeded once an hourly budget is spent
     request = Request(messages, definitions, max_tokens, temperature, options)
     provider, asked = chat.provider, str(getattr(chat, "model", name))
     with tracing.llm_call(provider, asked, max_tokens, temperature) as span:
@@ -235,6 +240,8 @@ async def complete(
     step = _step(ctx, seq, "llm", name, digest, "done", completion.to_dict(),
                  model=completion.model, tokens_in=completion.tokens_in,
                  tokens_out=completion.tokens_out, cost=completion.cost)  # fmt: skip
+    # Charged before it is journaled: a crash in between pays (and counts) the call again.
+    await ctx.guard.charge_llm(completion.tokens_in + completion.tokens_out, completion.cost)
     await ctx.journal.save(step)
     ctx.journal.note(step, started, replayed=False, messages=messages)
     return completion

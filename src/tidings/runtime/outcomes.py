@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from tidings.errors import (
     AlreadyProcessed,
     ApprovalTimeout,
+    BudgetExceeded,
     BusError,
     DeterminismError,
     MalformedEvent,
@@ -88,6 +89,12 @@ def outcome_for(exc: Exception, attempt: int, max_attempts: int, backoff: Backof
         # A journaled failure replays on every retry, a diverging handler needs new code,
         # and a provider that refused the request refuses it again.
         return DeadLetter(error, traceback.format_exc())
+    if isinstance(exc, BudgetExceeded):
+        # Never spent silently: held until its window has room (no attempt used up), or
+        # dead-lettered at once, as the agent's budget declares.
+        if exc.hold:
+            return Retry(exc.retry_after, error)
+        return DeadLetter(error, None)
     if isinstance(exc, RateLimited):
         # Held back, not failed: wait as long as the limit says, without using up attempts.
         return Retry(max(exc.retry_after, backoff.delay(1)), error)

@@ -18,6 +18,7 @@ Steps 1-2 are synchronous and cheap because most events stop there.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,7 +27,7 @@ import orjson
 import structlog
 
 from tidings.bus.base import ConsumerSpec, Delivery
-from tidings.errors import ConfigError, MalformedEvent
+from tidings.errors import ConfigError, MalformedEvent, PolicyViolation
 from tidings.events import Event, Parsed, encode, new_id, now, parse
 from tidings.logs import bind_event, unbind
 from tidings.observability import tracing
@@ -37,6 +38,7 @@ from tidings.runtime.context import Context, Services
 from tidings.runtime.durable import AgentParked
 from tidings.runtime.filters import CelFilter, FilterErrorReport, FilterMiss
 from tidings.runtime.outcomes import Ack, Backoff, DeadLetter, Outcome, describe
+from tidings.runtime.policing import rules_for
 from tidings.runtime.spec import AgentSpec
 from tidings.runtime.workflows import on_handler_done, on_handler_error
 from tidings.store.base import Store
@@ -55,6 +57,7 @@ class AgentStats(Settled):
     handled: int = 0
     duplicates: int = 0
     parked: int = 0
+    denied: int = 0  # runs the policy denied (a decision with the rule, no effects)
     handler_seconds: float = 0.0
     latency: Histogram = field(default_factory=Histogram)  # per event, for the metrics
 
@@ -83,6 +86,7 @@ class Pipeline:
         self.app_name = app_name
         self.stats = AgentStats()
         self.committer = Committer(services.bus, services.store)
+        self.rules = rules_for(spec, services.policy)  # the policy table it runs under
         self.consumer = ConsumerSpec(
             spec.name, spec.patterns, start=spec.start, keyed=spec.key is not None
         )
@@ -218,7 +222,8 @@ class Pipeline:
             return Ack("duplicate")
 
         key = spec.key_of(event)  # 4
-        ctx = Context(spec, event, key, delivery.attempt, store, self.app_name, self.services)
+        ctx = Context(spec, event, key, delivery.attempt, store, self.app_name, self.services,
+                      self.rules)  # fmt: skip
         seen = event
         if spec.data_model is not None:
             seen = event.replace(data=spec.data_model.model_validate(event.data))
@@ -228,12 +233,16 @@ class Pipeline:
         except AgentParked:
             result = None
         except Exception as exc:
-            # Failing for good: its undos run first, each once (runtime/workflows.py).
-            await on_handler_error(ctx, exc, spec.max_attempts, spec.backoff)
-            raise
+            if not ctx.guard.denials:
+                # Failing for good: its undos run first, each once (runtime/workflows.py).
+                await on_handler_error(ctx, exc, spec.max_attempts, spec.backoff)
+                raise
+            result = None  # denied: whatever the handler raised after, the denial stands
         elapsed = time.perf_counter() - started
         self.stats.handler_seconds += elapsed
         self.stats.latency.observe(elapsed)
+        if ctx.guard.denials:  # not retried: one decision with the rule, no effects
+            return await self._denied(event, key, ctx, started_at, elapsed)
         if ctx.parked is not None:  # waiting on an answer: acked, not processed
             decision = self._decision(event, key, ctx, None, started_at, elapsed, "parked")
             await store.add_decision(decision)
@@ -252,6 +261,7 @@ class Pipeline:
                 state=ctx.state.after if ctx.state.dirty else None,
                 expected_version=ctx.state.version,
                 outbox=ctx.outbox,
+                more_state=ctx.guard.writes(),
             )
         )
         if not committed:  # another worker committed this event first; its effects stand
@@ -259,6 +269,25 @@ class Pipeline:
             return Ack("duplicate")
         self.stats.handled += 1
         return Ack("handled", decision)
+
+    async def _denied(
+        self, event: Event, key: str, ctx: Context, started_at: str, elapsed: float
+    ) -> Outcome:
+        """Commit the denial with the processed marker: a redelivery is a duplicate."""
+        denied = ctx.guard.denials[0]
+        decision = self._decision(event, key, ctx, None, started_at, elapsed, "denied")
+        decision = dataclasses.replace(
+            decision, emitted=[], state_after=decision.state_before, rule=denied.rule,
+            error=f"PolicyViolation: {denied}",
+        )  # fmt: skip
+        committed = await self.committer.commit(Commit(self.spec.name, event.id, key, decision))
+        if not committed:
+            self.stats.duplicates += 1
+            return Ack("duplicate")
+        self.stats.denied += 1
+        log.warning("denied by policy", agent=self.spec.name, rule=denied.rule,
+                    reason=denied.reason)  # fmt: skip
+        return Ack("denied", decision)
 
     def _decision(
         self,
@@ -360,6 +389,10 @@ class Pipeline:
             done = [d for d in earlier if d.status == "ok"]
             return Invoked("duplicate", done[0] if done else None)
         assert outcome.decision is not None
+        if outcome.reason == "denied":  # committed as denied; the caller learns why
+            raise PolicyViolation(
+                outcome.decision.error or "denied by policy", outcome.decision.rule
+            )
         return Invoked("parked" if outcome.reason == "parked" else "ok", outcome.decision)
 
 

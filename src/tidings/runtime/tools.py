@@ -21,6 +21,7 @@ from tidings.bus.base import Bus, ConsumerSpec, Delivery
 from tidings.errors import MalformedEvent
 from tidings.events import Event, decode, encode, new_id, now
 from tidings.observability import tracing
+from tidings.policy import Rules
 from tidings.runtime.commits import Committer
 from tidings.runtime.consumer import Settled, SimpleProcessor
 from tidings.runtime.outcomes import Ack, Backoff, DeadLetter, Outcome, describe
@@ -141,8 +142,11 @@ class ToolService:
     dead-lettered like an agent's event, and the caller gets the error as its reply.
     """
 
-    def __init__(self, spec: ToolSpec, bus: Bus, store: Store, app_name: str) -> None:
+    def __init__(
+        self, spec: ToolSpec, bus: Bus, store: Store, app_name: str, rules: Rules | None = None
+    ) -> None:
         self.spec = spec
+        self.rules = rules  # the app's policy: which agents may call this tool
         self.store = store
         self.name = f"tool:{spec.name}"  # its inbox, decisions and dead letters go here
         self.source = f"/{app_name}/tools/{spec.name}"
@@ -195,7 +199,12 @@ class ToolService:
         data = event.data if isinstance(event.data, dict) else {}
         deadline = data.get("deadline")
         started_at, started = now(), time.perf_counter()
-        if isinstance(deadline, int | float) and time.time() > deadline:
+        caller = self._reply_to(event)
+        rules = self.rules
+        denied = None if rules is None or caller is None else rules.tool(caller, self.spec.name)
+        if denied is not None:  # a caller that did not check (another app): not run
+            ok, value = False, f"PolicyViolation: {denied}"
+        elif isinstance(deadline, int | float) and time.time() > deadline:
             self.stats.expired += 1
             ok, value = False, "expired: the caller's timeout passed before the call was served"
         else:
@@ -215,11 +224,13 @@ class ToolService:
         decision = Decision(
             id=new_id(), agent=self.name, agent_version="tool", event_id=event.id,
             event_type=event.type, correlation_id=event.correlationid, key=None,
-            status="ok" if ok else "failed", result=value if ok else None, state_before={},
+            status="ok" if ok else "denied" if denied else "failed",
+            result=value if ok else None, state_before={},
             state_after={}, emitted=[{"id": e.event_id, "type": e.event_type} for e in outbox],
             steps=[{"kind": "tool", "name": self.spec.name, "args": data.get("args")}],
             attempts=delivery.attempt, started_at=started_at,
             duration_ms=round(elapsed * 1000, 3), error=None if ok else str(value),
+            rule=denied.rule if denied else None,
         )  # fmt: skip
         committed = await self.committer.commit(
             Commit(self.name, event.id, "", decision, outbox=outbox)

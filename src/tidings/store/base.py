@@ -383,6 +383,36 @@ class Triggers(abc.ABC):
         """Delete status rows not updated since `before` (aware); how many (guarantee 4)."""
 
 
+class Budgets(abc.ABC):
+    """What each agent has spent in the current window of the clock (`tidings.policy`).
+
+    A budget's total lives in one state row (agent ``policy:budget``, key `name`), so
+    it holds across every worker of one store.
+
+    1. **Within the limit, atomically.** `charge_budget(name, window, amount, limit)`
+       adds `amount` to the total of `name` in `window` only if the total stays within
+       `limit`: ``total + amount <= limit`` (a zero `amount`, a call charged once its cost
+       is known: ``total < limit``); `limit` None always admits. It returns whether it
+       charged. Of any number of charges racing (any workers, one database), each is
+       admitted or refused against the total of the ones admitted before it, so an
+       admitted total never passes the limit by a charge that did not fit.
+    2. **Windows.** A charge for a later window than the stored one starts that window
+       at zero; one for an earlier window (a worker whose clock lags) counts in the
+       stored one. `budget_spent(name, window)` is the total in `window` (0 when another
+       window is stored, or nothing was charged).
+    """
+
+    @abc.abstractmethod
+    async def charge_budget(
+        self, name: str, window: int, amount: float, limit: float | None
+    ) -> bool:
+        """Add `amount` to `name`'s total in `window` if it fits `limit` (guarantee 1)."""
+
+    @abc.abstractmethod
+    async def budget_spent(self, name: str, window: int) -> float:
+        """`name`'s total in `window` (guarantee 2)."""
+
+
 class Timers(abc.ABC):
     """Timer rows: each fired once, by whichever worker claims it (`tidings.store.timing`).
 
@@ -536,7 +566,7 @@ class Sagas(abc.ABC):
         """How many sagas are in each status (guarantee 4)."""
 
 
-class Store(Effects, Records, StepJournal, Schemas, Triggers, Timers, Waits, Sagas):
+class Store(Effects, Records, StepJournal, Schemas, Triggers, Timers, Waits, Sagas, Budgets):
     """Durable agent memory, idempotency inbox, outbox, decision ledger and dead letters."""
 
     url: str

@@ -168,6 +168,7 @@ class EncodedCommit:
     decision: str
     headers: list[str]  # per outbox event
     saga: str | None = None  # the saga's new state as JSON, when the commit writes one
+    more: tuple[str, ...] = ()  # each of `commit.more_state`'s values as JSON
 
     def claims(self) -> tuple[tuple[str, str, str], ...]:
         """What no other commit in the same batch may touch (see `Batcher`).
@@ -178,9 +179,11 @@ class EncodedCommit:
         """
         c = self.commit
         marker = ("marker", c.agent, c.event_id)
+        more = tuple(("state", w.agent, w.key) for w in c.more_state)
         if c.saga is not None:
-            return (marker, ("saga", c.saga.saga, c.saga.key))
-        return (marker, ("state", c.agent, c.key)) if self.state is not None else (marker,)
+            return (marker, ("saga", c.saga.saga, c.saga.key), *more)
+        own = (("state", c.agent, c.key),) if self.state is not None else ()
+        return (marker, *own, *more)
 
     def outbox_rows(self, now: object) -> list[tuple[Any, ...]]:
         """The outbox rows to insert, in emit order (`position`), written at `now`."""
@@ -201,7 +204,7 @@ def encode_commit(commit: Commit) -> EncodedCommit:
     if commit.state is not None:
         state = dumps(commit.state, f"state of agent {commit.agent!r} key {commit.key!r}")
     if commit.saga is not None:
-        if state is not None:
+        if state is not None or commit.more_state:
             raise AssertionError("a commit writes an agent's state or a saga's, not both")
         saga = dumps(commit.saga.state, f"state of saga {commit.saga.saga!r} {commit.saga.key!r}")
     return EncodedCommit(
@@ -210,6 +213,7 @@ def encode_commit(commit: Commit) -> EncodedCommit:
         decision=decision_to_json(commit.decision),
         headers=[dumps(e.headers, f"headers of event {e.event_id}") for e in commit.outbox],
         saga=saga,
+        more=tuple(dumps(w.values, f"state {w.agent!r} key {w.key!r}") for w in commit.more_state),
     )
 
 

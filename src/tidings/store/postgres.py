@@ -319,8 +319,8 @@ class PostgresStore(SqlStore):
         pool = self._require()
         now = utc_now()
         results: list[BaseException | None] = [None] * len(batch)
-        # The statement writes no saga row: a batch with one goes the long way.
-        if len(batch) > 1 and not any(rows.commit.saga for rows in batch):
+        # The statement writes one state row per commit: one with more goes the long way.
+        if len(batch) > 1 and not any(rows.commit.more_state or rows.commit.saga for rows in batch):
             try:
                 async with pool.acquire() as conn:
                     fresh, done = await _commit_batch_statement(conn, batch, now)
@@ -539,6 +539,15 @@ async def _write_commit(conn: _Connection, rows: EncodedCommit, now: datetime) -
                 _UPDATE_STATE, rows.state, now, commit.agent, commit.key, commit.expected_version
             )
         if _rowcount(status) == 0:
+            raise state_conflict(commit)
+    for write, values in zip(commit.more_state, rows.more, strict=True):
+        if write.expected_version == 0:
+            status = await conn.execute(_INSERT_STATE, write.agent, write.key, values, now)
+        else:
+            status = await conn.execute(
+                _UPDATE_STATE, values, now, write.agent, write.key, write.expected_version
+            )
+        if _rowcount(status) == 0:  # the savepoint rolls back what was written
             raise state_conflict(commit)
     marker = {"agent": commit.agent, "event_id": commit.event_id, "processed_at": now}
     if _rowcount(await conn.execute(_INSERT_MARKER, *ordered(INBOX, marker))) == 0:

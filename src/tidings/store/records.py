@@ -12,9 +12,10 @@ from typing import Any, Literal
 from tidings.store.parking import ParkedKind, ParkedStatus
 from tidings.store.timing import TimerStatus
 
-# How a handled event ended: committed, given up on, parked on a question, or (a tool
-# service's call) failed with an error that its caller receives as the reply.
-DecisionStatus = Literal["ok", "dead_lettered", "parked", "failed"]
+# How a handled event ended: committed, given up on, parked on a question, (a tool
+# service's call) failed with an error that its caller receives as the reply, or denied
+# by the policy (committed with its marker and the rule, none of its effects).
+DecisionStatus = Literal["ok", "dead_lettered", "parked", "failed", "denied"]
 # "done": result recorded; "failed": the error is recorded and replays raise it again;
 # "pending": a tool call sent or a question asked, no answer yet.
 StepStatus = Literal["done", "failed", "pending"]
@@ -91,6 +92,21 @@ class Decision:
     tokens_in: int = 0
     tokens_out: int = 0
     cost: float = 0.0
+    rule: str | None = None  # the policy rule that denied it (status "denied")
+
+
+@dataclass(frozen=True, slots=True)
+class StateWrite:
+    """Another state row a commit writes, by the same optimistic rule as its own.
+
+    The policy keeps each entity's state this way (``policy:entity:<name>``, its key):
+    a stale `expected_version` fails the whole commit with `StateConflict`.
+    """
+
+    agent: str
+    key: str
+    values: dict[str, Any]
+    expected_version: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +114,8 @@ class Commit:
     """Everything one handled event changes, written in one transaction.
 
     `state` is None when the handler did not write state; otherwise the whole new value
-    for (agent, key), and `expected_version` is the version it was read at.
+    for (agent, key), and `expected_version` is the version it was read at. `more_state`
+    are other rows written by the same rule in the same transaction.
     """
 
     agent: str
@@ -111,6 +128,7 @@ class Commit:
     # A saga's new state, written with the marker (`Sagas`); a commit carries either
     # this or `state`, not both.
     saga: SagaWrite | None = None
+    more_state: tuple[StateWrite, ...] = ()  # other state rows: the policy's entities
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any, ClassVar, NamedTuple, get_args
 
-from tidings.errors import SchemaHistoryChanged
+from tidings.errors import SchemaHistoryChanged, StateConflict
 from tidings.store import timing
 from tidings.store.base import Store
 from tidings.store.codecs import (
@@ -244,6 +244,9 @@ UPDATE_STATE = (
     "UPDATE tidings_state SET data = ?, version = version + 1, updated_at = ?"
     " WHERE agent = ? AND key = ? AND version = ?"
 )
+# Budgets are state rows of an agent name no agent can have (names hold no ':').
+BUDGET_ROWS = "policy:budget"
+BUDGET_ATTEMPTS = 64  # compare-and-set tries before the caller retries the event
 INSERT_DECISION = insert_into(DECISIONS)
 INSERT_OUTBOX = insert_into(OUTBOX)
 
@@ -1243,6 +1246,39 @@ class SqlStore(Store):
             "prune_mailbox", "DELETE FROM tidings_mailbox WHERE expires_at <= ?", now
         )
         return done.rowcount
+
+    # -- budgets ----------------------------------------------------------------------
+
+    async def charge_budget(
+        self, name: str, window: int, amount: float, limit: float | None
+    ) -> bool:
+        """Add `amount` to `name`'s total in `window` if it fits `limit` (compare-and-set)."""
+        for _ in range(BUDGET_ATTEMPTS):
+            rows = await self._select("charge_budget", SELECT_STATE, BUDGET_ROWS, name)
+            snapshot = snapshot_from_rows(rows)
+            stored = int(snapshot.values.get("window", window))
+            spent = float(snapshot.values.get("spent", 0.0)) if stored >= window else 0.0
+            if limit is not None and not (spent + amount <= limit if amount > 0 else spent < limit):
+                return False
+            values = dumps({"window": max(stored, window), "spent": spent + amount}, name)
+            if snapshot.version == 0:
+                params: tuple[Any, ...] = (BUDGET_ROWS, name, values, self._now())
+                sql = INSERT_STATE
+            else:
+                params = (values, self._now(), BUDGET_ROWS, name, snapshot.version)
+                sql = UPDATE_STATE
+            if (await self._change("charge_budget", sql, *params)).rowcount:
+                return True
+        raise StateConflict(
+            f"budget {name!r} kept changing under {BUDGET_ATTEMPTS} charges in a row;"
+            " the event is retried"
+        )
+
+    async def budget_spent(self, name: str, window: int) -> float:
+        """`name`'s total in `window`."""
+        rows = await self._select("budget_spent", SELECT_STATE, BUDGET_ROWS, name)
+        values = snapshot_from_rows(rows).values
+        return float(values.get("spent", 0.0)) if values.get("window") == window else 0.0
 
     # -- sagas ------------------------------------------------------------------------
 

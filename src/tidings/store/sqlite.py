@@ -380,6 +380,9 @@ def _write_commit(c: EncodedCommit, now: object, db: sqlite3.Connection) -> None
         if not db.execute(sql, params).rowcount:
             db.execute(DELETE_MARKER, (commit.agent, commit.event_id))
             raise saga_conflict(commit)
+    if commit.more_state and not _more_state_fresh(commit, db):
+        db.execute(DELETE_MARKER, (commit.agent, commit.event_id))
+        raise state_conflict(commit)
     if c.state is not None:
         if commit.expected_version == 0:
             written = db.execute(INSERT_STATE, (commit.agent, commit.key, c.state, now)).rowcount
@@ -391,6 +394,27 @@ def _write_commit(c: EncodedCommit, now: object, db: sqlite3.Connection) -> None
             # Undo the marker ourselves, so the batch need not roll anything back.
             db.execute(DELETE_MARKER, (commit.agent, commit.event_id))
             raise state_conflict(commit)
+    for write, values in zip(commit.more_state, c.more, strict=True):  # checked just above
+        if write.expected_version == 0:
+            db.execute(INSERT_STATE, (write.agent, write.key, values, now))
+        else:
+            db.execute(UPDATE_STATE, (values, now, write.agent, write.key, write.expected_version))
     db.execute(INSERT_DECISION, decision_row(commit.decision, c.decision, now))
     if commit.outbox:
         db.executemany(INSERT_OUTBOX, c.outbox_rows(now))
+
+
+SELECT_STATE_VERSION = "SELECT version FROM tidings_state WHERE agent = ? AND key = ?"
+
+
+def _more_state_fresh(commit: Commit, db: sqlite3.Connection) -> bool:
+    """Whether every extra state row is still at its expected version.
+
+    Read before anything is written: inside the batch's ``BEGIN IMMEDIATE`` no other
+    writer can change a row between this read and the write, so the writes cannot fail.
+    """
+    for write in commit.more_state:
+        row = db.execute(SELECT_STATE_VERSION, (write.agent, write.key)).fetchone()
+        if (0 if row is None else int(row[0])) != write.expected_version:
+            return False
+    return True
