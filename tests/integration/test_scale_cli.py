@@ -56,8 +56,14 @@ def test_dev_cluster_starts_three_replicating_nodes_and_stops_them(tmp_path: Pat
         shown = read_json(process)
         nodes = shown["nodes"]
         assert isinstance(nodes, list) and len(nodes) == 3
-        info = asyncio.run(replication(str(shown["url"])))
-        result = cluster_result(info, 3)
+        # A new stream's copies catch up with its leader a moment after it is created.
+        deadline = time.monotonic() + 20
+        while True:
+            info = asyncio.run(replication(str(shown["url"])))
+            result = cluster_result(info, 3)
+            if result.ok or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert result.ok is True, result
         assert info["streams"]["DEVCHECK_EVENTS"]["replicas"] == 3
         # --sync always reached every node's JetStream (its monitoring port says so).
@@ -99,3 +105,26 @@ def test_doctor_names_a_stream_without_leader_or_with_copies_behind() -> None:
     text = "\n".join(result.details)
     assert "n1 are offline or behind" in text and "T_DLQ has no leader" in text
     assert "16 partitions" in text
+
+
+async def test_the_embedded_server_takes_the_sync_interval_setting(tmp_path: Path) -> None:
+    from tidings.bus.embedded import EmbeddedNats
+
+    embedded = EmbeddedNats(tmp_path / "home", sync_interval="always")
+    url = await embedded.ensure()
+    try:
+        assert "sync_interval: always" in (tmp_path / "home" / "nats.conf").read_text()
+        bus = NatsBus(url, namespace="synccheck")
+        await bus.connect()
+        await bus.close()
+    finally:
+        embedded.stop()
+
+
+def test_a_sync_interval_nats_server_cannot_read_is_refused_with_the_fix() -> None:
+    from tidings.bus.embedded import check_sync_interval
+    from tidings.errors import ConfigError
+
+    assert check_sync_interval("10s") == "10s"
+    with pytest.raises(ConfigError, match="'always' or a duration"):
+        check_sync_interval("fast")

@@ -14,7 +14,6 @@ one host share its disk and its fate. docs/production.md describes a real cluste
 from __future__ import annotations
 
 import json
-import re
 import signal
 import socket
 import subprocess
@@ -24,8 +23,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tidings.bus.embedded import find_nats_server
-from tidings.errors import BusUnavailable, ConfigError
+from tidings.bus.embedded import check_sync_interval, find_nats_server
+from tidings.errors import BusUnavailable
 
 CLUSTER_NAME = "tidings-dev"
 READY_TIMEOUT_S = 30.0
@@ -81,11 +80,7 @@ class LocalCluster:
     ) -> None:
         if size < 1:
             raise ValueError("a cluster has at least one node")
-        if sync_interval is not None and not re.fullmatch(r"always|\d+(ms|s|m|h)", sync_interval):
-            raise ConfigError(
-                f"sync_interval {sync_interval!r}: use 'always' or a duration such as '10s'"
-            )
-        self.sync_interval = sync_interval
+        self.sync_interval = check_sync_interval(sync_interval)
         self.root = Path(root)
         self.binary = binary or find_nats_server()
         self.nodes = [

@@ -42,7 +42,7 @@ async def start_bus(settings: Settings) -> tuple[Bus, EmbeddedNats | None]:
     """
     if settings.bus is not None:
         return await _connected(settings.bus, settings), None
-    embedded = EmbeddedNats(settings.home_path)
+    embedded = EmbeddedNats(settings.home_path, sync_interval=settings.sync_interval)
     url = await embedded.ensure()
     try:
         return await _connected(url, settings), embedded

@@ -39,7 +39,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlparse
 
-from tidings.errors import BusError, BusTooOld, BusUnavailable
+from tidings.errors import BusError, BusTooOld, BusUnavailable, ConfigError
 from tidings.home import process_alive, process_start
 
 MIN_VERSION = (2, 10)
@@ -56,6 +56,13 @@ def _version(binary: str) -> tuple[int, int, int] | None:
         return None
     m = re.search(r"v?(\d+)\.(\d+)\.(\d+)", out)
     return (int(m[1]), int(m[2]), int(m[3])) if m else None
+
+
+def check_sync_interval(value: str | None) -> str | None:
+    """A JetStream ``sync_interval`` as nats-server reads it, or None (its 2 min default)."""
+    if value is not None and not re.fullmatch(r"always|\d+(ms|s|m|h)", value):
+        raise ConfigError(f"sync_interval {value!r}: use 'always' or a duration such as '10s'")
+    return value
 
 
 def find_nats_server() -> str:
@@ -214,8 +221,10 @@ class EmbeddedNats:
         host: str = "127.0.0.1",
         binary: str | None = None,
         start_timeout: float = 20.0,
+        sync_interval: str | None = None,
     ) -> None:
         self.home = Path(home).resolve()
+        self.sync_interval = check_sync_interval(sync_interval or None)
         self.host = host
         self.binary = binary
         self.start_timeout = start_timeout
@@ -383,12 +392,18 @@ class EmbeddedNats:
         Not our child, so it can outlive us for the other users, and whoever stops it last
         needs no process handle; its own session keeps a terminal's Ctrl-C away from it.
         """
+        extra: list[str] = []
+        if self.sync_interval:  # no command-line flag for it: a config file
+            conf = self.home / "nats.conf"
+            value = "always" if self.sync_interval == "always" else f'"{self.sync_interval}"'
+            conf.write_text(f"jetstream {{\n  sync_interval: {value}\n}}\n")
+            extra = ["-c", str(conf)]
         with open(self.log_file, "ab") as log:
             log.write(f"--- tidings starting {binary} at {self.host}:{port}\n".encode())
             log.flush()
             try:
                 shell = subprocess.run(
-                    ["/bin/sh", "-c", '"$@" 1>&2 & echo $!', "nats-server", binary,
+                    ["/bin/sh", "-c", '"$@" 1>&2 & echo $!', "nats-server", binary, *extra,
                      "-a", self.host, "-p", str(port), "-js", "-sd", str(self.store_dir)],
                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
                     start_new_session=True, timeout=30, check=True,
