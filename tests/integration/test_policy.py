@@ -287,3 +287,34 @@ async def test_a_model_budget_stops_calls_once_spent(
         await eventually(lambda: stats.handled + stats.dead_lettered == 4)
     # Checked before a call, charged after: 0 and 6 tokens are under 10, 12 is not.
     assert (stats.handled, stats.dead_lettered, len(model.requests)) == (2, 2, 2)
+
+
+async def test_what_a_denied_run_did_is_undone_once(
+    nats_url: str, namespace: str, tmp_path: Path, store_url: str
+) -> None:
+    done: Counter[str] = Counter()
+    app = App("shop")
+
+    def charge(amount: int) -> dict[str, int]:
+        done["charged"] += 1
+        return {"amount": amount}
+
+    def refund(receipt: dict[str, int]) -> None:
+        done["refunded"] += receipt["amount"]
+
+    @app.agent("billing", on="order.placed", emits=["order.paid"], backoff=FAST)
+    async def billing(event: Event, ctx: Context) -> None:
+        await ctx.step("charge", charge, 42, undo=refund)
+        await ctx.emit("order.refunded", {})  # not declared: denied after the charge
+
+    settings = settings_for(nats_url, namespace, tmp_path, store_url)
+    app.settings = settings
+    async with running(app, settings) as worker, Client(settings) as client:
+        event = await client.publish("order.placed", {"order_id": "o1"})
+        await eventually(lambda: worker.stats()["billing"].denied == 1)
+        assert worker.bus is not None
+        await worker.bus.retry("billing", event)
+        await eventually(lambda: worker.stats()["billing"].duplicates == 1)
+    assert done == Counter({"charged": 1, "refunded": 42})
+    (denied,) = await decisions(settings.store_url, "billing")
+    assert (denied.status, denied.rule) == ("denied", "emits:billing")

@@ -273,8 +273,17 @@ class Pipeline:
     async def _denied(
         self, event: Event, key: str, ctx: Context, started_at: str, elapsed: float
     ) -> Outcome:
-        """Commit the denial with the processed marker: a redelivery is a duplicate."""
+        """Commit the denial with the processed marker: a redelivery is a duplicate.
+
+        A denial is final, so what the run did before it is undone first (its undos, as
+        for any run that fails for good); an undo that fails dead-letters the event
+        instead, and `tidings dlq retry` runs the undos that had failed.
+        """
         denied = ctx.guard.denials[0]
+        violation = PolicyViolation(str(denied), denied.rule)
+        await on_handler_error(ctx, violation, self.spec.max_attempts, self.spec.backoff)
+        if getattr(violation, "__notes__", None):  # an undo failed
+            raise violation
         decision = self._decision(event, key, ctx, None, started_at, elapsed, "denied")
         decision = dataclasses.replace(
             decision, emitted=[], state_after=decision.state_before, rule=denied.rule,
