@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 
 from tests.chaos.scale_app import app as app_scale
-from tests.conftest import NatsServer, drop_schema, with_schema
+from tests.conftest import KafkaServer, NatsServer, drop_schema, with_schema
 from tests.contract.test_bus import publish_eventually
 from tests.helpers import eventually, running, settings_for
 from tests.integration.test_partitions import lease_owners
 from tidings import App, Context, Event, Settings
+from tidings.bus import Bus, open_bus
 from tidings.bus.cluster import LocalCluster
 from tidings.bus.nats import NatsBus
 from tidings.store import open_store
@@ -84,7 +85,7 @@ async def handled_per_key(settings: Settings, keys: list[str]) -> dict[str, dict
 class Publisher:
     """Per-key numbered events from several concurrent lanes; every error is kept."""
 
-    def __init__(self, bus: NatsBus, keys: list[str], total: int, lanes: int = 8) -> None:
+    def __init__(self, bus: Bus, keys: list[str], total: int, lanes: int = 8) -> None:
         self.bus, self.keys, self.total, self.lanes = bus, keys, total, lanes
         self.sent = 0
         self.errors: list[BaseException] = []
@@ -314,3 +315,43 @@ async def _more(count: Callable[[], Awaitable[int]], than: int) -> bool:
 
 async def _equal(count: Callable[[], Awaitable[int]], total: int) -> bool:
     return await count() == total
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(240)
+async def test_kafka_workers_joining_and_leaving_keep_each_key_once_and_in_order(
+    kafka_server: KafkaServer, namespace: str, tmp_path: Path
+) -> None:
+    """Three workers join and leave while keyed events flow (the key is the subject)."""
+    total, nkeys = 3_000, 100
+    url = f"{kafka_server.url}?metadata_max_age_ms=500"
+    settings = settings_for(url, namespace, tmp_path, ack_wait=10.0)
+    keys = [f"k{n}" for n in range(nkeys)]
+    bus = open_bus(url, settings)
+    await bus.connect()
+    workers = [start_worker(settings)]
+    try:
+        publisher = Publisher(bus, keys, total, lanes=4)
+        publishing = asyncio.create_task(publisher.run())
+
+        async def handled() -> int:
+            got = await handled_per_key(settings, keys)
+            return sum(s.get("count", 0) for s in got.values())
+
+        await eventually(lambda: _more(handled, 0), timeout=60, message="the first handled")
+        workers.append(start_worker(settings))  # two join
+        workers.append(start_worker(settings))
+        await eventually(lambda: publisher.sent >= total // 2 or publishing.done(), timeout=90)
+        workers[0].terminate()  # one leaves cleanly, one dies
+        workers[1].kill()
+        await asyncio.wait_for(publishing, timeout=120)
+        assert publisher.errors == []
+        await eventually(lambda: _equal(handled, total), timeout=120, interval=1.0,
+                         message=f"{total} handled")  # fmt: skip
+        got = await handled_per_key(settings, keys)
+        assert {k: s.get("count", 0) for k, s in got.items()} == publisher.per_key
+        bad = {k: s["bad"] for k, s in got.items() if s.get("bad")}
+        assert bad == {}, f"{len(bad)} keys saw an event out of order"
+    finally:
+        stop_all(workers)
+        await bus.close()

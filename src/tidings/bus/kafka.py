@@ -403,6 +403,13 @@ class KafkaSubscription(Subscription):
         held = self.held.get(token)
         if held is None or held.requeued:
             return
+        if delay <= 0 and self._stopping:
+            # Handed back on the way out: left unsettled, so the commit stays before it
+            # and the next owner reads it again in its partition's order. A copy on the
+            # retry topic would run after later events of its key (found by the chaos
+            # test of workers leaving mid-stream).
+            del self.held[token]
+            return
         delivery = held.delivery
         headers = dict(delivery.headers)
         headers[_RETRY_ATTEMPT] = str(delivery.attempt + 1)

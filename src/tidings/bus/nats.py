@@ -410,6 +410,7 @@ class NatsBus(Bus):
         self._nc: Client | None = None
         self._jsctx: JetStreamContext | None = None
         self._subscriptions: set[NatsSubscription] = set()
+        self._partitioned: set[Subscription] = set()  # keyed agents' partition shares
         self._max_payload = MAX_PAYLOAD  # until the server says (INFO)
         self._closing = False
         self._revive: asyncio.Task[None] | None = None
@@ -587,6 +588,9 @@ class NatsBus(Bus):
             revive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await revive
+        for shares in list(self._partitioned):  # hands their leases over while connected
+            await shares.stop()
+        self._partitioned.clear()
         for sub in list(self._subscriptions):
             await sub.stop()
         nc, self._nc = self._nc, None
@@ -925,6 +929,7 @@ class NatsBus(Bus):
 
             partitioned = PartitionedSubscription(self, spec, handler)
             await partitioned.start()
+            self._partitioned.add(partitioned)
             return partitioned
         config = self._consumer_config(spec)
         await self._ensure_consumer(config)

@@ -218,8 +218,10 @@ class PartitionedSubscription(Subscription):
     async def _round(self) -> None:
         """Say this worker lives, renew what it keeps, give up and take what moved.
 
-        Renewals go first and together, so a slow take or hand-over never delays them.
+        Renewals go first and together, so a slow take or hand-over never delays them, and
+        takes stop after a tick (the rest wait for the next round) so renewals stay on time.
         """
+        began = time.monotonic()
         if self._kv is None or self._kv._js._nc is not self._bus._nc:  # a new connection
             self._kv = await self._bus._lease_bucket(patience=max(self.tick, 1.0))
         kv = self._kv
@@ -237,6 +239,8 @@ class PartitionedSubscription(Subscription):
                 task.add_done_callback(self._releases.discard)
         for number, owner in enumerate(wanted):
             if owner == self.member and number not in self.owned and not self._stopping:
+                if time.monotonic() - began > self.tick:
+                    break
                 try:
                     await self._take(number)
                 except Exception as e:  # given back; the next round tries again
@@ -394,6 +398,7 @@ class PartitionedSubscription(Subscription):
             *self._releases,
             *(self._release(p) for p in list(self.owned.values()) if not p.releasing),
         )
+        self._bus._partitioned.discard(self)
         if self._joined:  # removed outright (a delete marker would still list it)
             with contextlib.suppress(Exception):
                 await self._bus._js().delete_msg(f"KV_{self._bucket}", self._joined)
