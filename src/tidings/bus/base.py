@@ -10,7 +10,10 @@ contract suite in ``tests/contract/test_bus.py`` checks against a real server:
    twice within the dedupe window stores one message.
 3. **One durable consumer per agent**, shared by every worker process of that agent and
    filtered by the agent's type patterns ('*' one token, '>' the rest). Setting it up is
-   idempotent across restarts and across processes.
+   idempotent across restarts and across processes. A keyed agent (`ConsumerSpec.keyed`)
+   on a backend that partitions by event subject (Kafka; NATS with ``partitions``) gets
+   each partition from one worker at a time, so one key's events never run on two
+   workers at once; a dead worker's partitions move to the others.
 4. **Attempts are counted** by the broker: `Delivery.attempt` is 1 on first delivery.
 5. **Delayed retry**: `nak(delay)` redelivers no sooner than `delay` seconds later without
    blocking other messages; `in_progress()` extends the ack deadline of a slow handler.
