@@ -17,7 +17,12 @@ from tidings.events import Event, check_pattern, matches
 from tidings.policy import AgentRules, Policy, Rules
 from tidings.runtime.filters import Predicate, compile_filter
 from tidings.runtime.outcomes import Backoff
-from tidings.runtime.saga_life import DEFAULT_COMPENSATE_WITHIN, SagaSpec, Step
+from tidings.runtime.saga_life import (
+    DEFAULT_COMPENSATE_WITHIN,
+    DEFAULT_FAILURE_GRACE,
+    SagaSpec,
+    Step,
+)
 from tidings.runtime.spec import DEFAULT_MAX_DEPTH, AgentSpec, Handler, Start
 from tidings.schemas.compat import Mode
 from tidings.schemas.registry import EventTypes, EventVersion, Upcaster
@@ -292,6 +297,7 @@ class App:
         timeout: str | float | timedelta | None = None,
         compensate_within: str | float | timedelta = DEFAULT_COMPENSATE_WITHIN,
         max_attempts: int = 10,
+        failure_grace: str | float | timedelta = DEFAULT_FAILURE_GRACE,
     ) -> SagaSpec:
         """Declare a saga: watch one process's events per `key`, undo it when it fails.
 
@@ -304,6 +310,8 @@ class App:
         the data of the step's `done` event, and waits for its `compensated` event
         (for `compensate_within`, or the step's `within=`) before the next; it ends
         with ``saga.completed`` or ``saga.compensated``, or is ``stuck`` (docs/sagas.md).
+        A failure caused by an event the saga has not taken yet (its ``causationid``)
+        waits for it up to `failure_grace`, so that completion is undone in its order.
         """
         if not _NAME_RE.match(name):
             raise ConfigError(f"saga name {name!r}: use letters, digits, '-' and '_'")
@@ -312,6 +320,7 @@ class App:
         spec = SagaSpec.declare(
             name, start=start, key=key, steps=steps, fails_on=fails_on, timeout=timeout,
             compensate_within=compensate_within, max_attempts=max_attempts,
+            failure_grace=failure_grace,
         )  # fmt: skip
         self.sagas[name] = spec
         return spec

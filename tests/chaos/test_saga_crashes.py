@@ -1,4 +1,4 @@
-"""Break sagas: 200 at once, a third failing, the worker killed with SIGKILL again and again.
+"""Break sagas: 200 at once, a third failing, two workers killed with SIGKILL again and again.
 
 Every saga must end completed or compensated; each compensation must happen exactly
 once (one compensating event per step, handled once by its agent) and in reverse order
@@ -74,7 +74,8 @@ async def test_200_sagas_survive_repeated_kill_9(
     settings = settings_for(nats_url, namespace, tmp_path, store_url, ack_wait=2.0)
     placed = orders(SAGAS, "k")
     rng = random.Random(os.environ.get("PYTEST_SEED", namespace))
-    worker = start_worker(settings)
+    # Two workers: events of one saga race between them (the optimistic version decides).
+    workers = [start_worker(settings), start_worker(settings)]
     try:
         async with Client(settings) as client:
             await asyncio.gather(*(client.publish("order.placed", o) for o in placed))
@@ -83,12 +84,13 @@ async def test_200_sagas_survive_repeated_kill_9(
             # Kill once the new worker has moved on, a random moment later.
             seen = await progressed(settings, seen)
             await asyncio.sleep(rng.uniform(0.0, 0.4))
-            worker.send_signal(signal.SIGKILL)
-            worker.wait(timeout=10)
+            victim = rng.randrange(len(workers))
+            workers[victim].send_signal(signal.SIGKILL)
+            workers[victim].wait(timeout=10)
             kills += 1
             counts = await saga_counts(settings)
             mid_stream += counts.get("completed", 0) + counts.get("compensated", 0) < SAGAS
-            worker = start_worker(settings)
+            workers[victim] = start_worker(settings)
 
         async def finished() -> bool:
             found = await sagas(settings)
@@ -99,11 +101,13 @@ async def test_200_sagas_survive_repeated_kill_9(
         await eventually(finished, timeout=90, interval=0.5, message="every saga finished")
         assert mid_stream >= 3, "the kills landed after the sagas had finished"
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        for worker in workers:
+            try:
+                worker.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                worker.kill()
     found = await sagas(settings)
     events = await stream_events(nats_url, namespace)
     check_compensations(events, {k: r.status for k, r in found.items()})
@@ -115,4 +119,6 @@ async def test_200_sagas_survive_repeated_kill_9(
                        if d.status == "ok"]  # fmt: skip
             assert sorted(handled) == sorted(sent), agent
     ends = [e.data["key"] for e in events if e.type in ("saga.completed", "saga.compensated")]
-    assert sorted(ends) == sorted(found)  # one end event per saga
+    twice = {k: found[k].state["history"] for k in set(ends) if ends.count(k) > 1}
+    assert not twice, twice  # one end event per saga
+    assert sorted(ends) == sorted(found)

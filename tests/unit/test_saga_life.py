@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
 from tidings.errors import ConfigError
@@ -231,3 +233,80 @@ def test_mistakes_name_their_fix(kwargs: dict[str, object], says: str) -> None:
     args: dict[str, object] = {"start": "a", "key": "data.k", "steps": [Step("a", done="x")]}
     with pytest.raises(ConfigError, match=says):
         SagaSpec.declare("s", **{**args, **kwargs})  # type: ignore[arg-type]
+
+
+def test_compensation_follows_when_the_steps_completed_not_when_the_saga_saw_them() -> None:
+    # Two workers: payment.charged (made at t=20) was taken before inventory.reserved (t=10).
+    charged = Signal("done", "c", step="charge", data={"what": "charge"}, at=20.0)
+    reserved = Signal("done", "r", step="reserve", data={"what": "reserve"}, at=10.0)
+    state, out = run([charged, reserved, Signal("failed", "f", "shipment.failed")])
+    assert state is not None and state.done_steps() == ["charge", "reserve"]
+    assert [t for t, _ in emitted(out)] == ["payment.refund"]  # the latest completion first
+    # An event without a time: the order seen decides, for every step.
+    untimed = Signal("done", "r", step="reserve", data={"what": "reserve"})
+    state, out = run([charged, untimed, Signal("failed", "f", "shipment.failed")])
+    assert [t for t, _ in emitted(out)] == ["inventory.release"]
+
+
+def test_classify_reads_the_completion_time() -> None:
+    event = Event.create("payment.charged", {"order_id": 1}, source="/t")
+    stamp = classify(SPEC, event.replace(time="2026-01-01T00:00:01.5Z"))
+    assert stamp is not None and stamp.at == datetime(2026, 1, 1, 0, 0, 1, 500000, UTC).timestamp()
+    assert classify(SPEC, event.replace(time="not a time")).at is None  # type: ignore[union-attr]
+
+
+def test_a_failure_waits_for_the_completion_that_caused_it() -> None:
+    # shipment.failed was caused by payment.charged, which another worker still holds.
+    fail = Signal("failed", "f", "shipment.failed", cause="charge-0", cause_type="payment.charged")
+    state, out = run([done("reserve"), fail])
+    assert state is not None and state.status == "running" and state.failing is not None
+    (arm,) = [c for c in out[1].commands if isinstance(c, Arm)]
+    assert arm.signal == "grace" and arm.at == 1001.0 + SPEC.failure_grace
+    assert emitted(out) == []  # nothing undone yet
+    state, more = run_on(state, [done("charge")])  # the cause: compensation begins with it
+    assert state.status == "compensating" and state.reason == "shipment.failed (f)"
+    assert [t for t, _ in emitted(more)] == ["payment.refund"]  # the latest completion first
+    assert decide(SPEC, state, Signal("grace", "g"), "o1", 9e9).state is None  # moot now
+
+
+def test_a_failure_whose_cause_never_comes_compensates_after_its_grace() -> None:
+    lost = Signal("failed", "f", "x.failed", cause="lost", cause_type="inventory.reserved")
+    state, _ = run([done("reserve"), lost])
+    assert state is not None and state.status == "running"
+    state, more = run_on(state, [Signal("grace", "g")])
+    assert state.status == "compensating"
+    assert [t for t, _ in emitted(more)] == ["inventory.release"]
+    # a failure caused by what the saga has seen compensates at once
+    seen, _ = run([done("reserve"), Signal("failed", "f", "x.failed", cause="reserve-0")])
+    assert seen is not None and seen.status == "compensating"
+    # so does one caused by an event of a type the saga does not take (it never comes)
+    other = Signal("failed", "f", "x.failed", cause="q", cause_type="payment.requested")
+    elsewhere, _ = run([Signal("started", "s"), done("reserve"), other])
+    assert elsewhere is not None and elsewhere.status == "compensating"
+    # or by one the store does not know, once the start was seen (a client published it)
+    unknown = Signal("failed", "f", "x.failed", cause="q")
+    started, _ = run([Signal("started", "s"), done("reserve"), unknown])
+    assert started is not None and started.status == "compensating"
+
+
+def test_a_failure_taken_before_its_start_waits_for_the_start() -> None:
+    state, _ = run([Signal("failed", "f", "inventory.failed", cause="s")])
+    assert state is not None and state.status == "running"
+    state, out = run_on(state, [Signal("started", "s", "order.placed")])
+    assert state.status == "compensated"
+    assert [t for t, _ in emitted(out)] == [COMPENSATED]
+
+
+def test_a_failure_waits_for_every_cause_further_back_the_saga_has_not_taken() -> None:
+    # Seen: the start, payment.charged (caused by inventory.reserved, not taken yet) and
+    # shipment.failed (caused by payment.charged): the reservation is still on its way.
+    charged = Signal("done", "c", step="charge", data={"what": "charge"}, at=20.0, cause="r",
+                     cause_type="inventory.reserved")  # fmt: skip
+    failed = Signal("failed", "f", "shipment.failed", cause="c")
+    state, out = run([Signal("started", "s"), charged, failed])
+    assert state is not None and state.status == "running" and state.awaiting == ("r",)
+    assert emitted(out) == []
+    reserved = Signal("done", "r", step="reserve", data={"what": "reserve"}, at=10.0, cause="s")
+    state, more = run_on(state, [reserved])
+    assert state.status == "compensating" and state.awaiting == ()
+    assert [t for t, _ in emitted(more)] == ["payment.refund"]  # still the latest first

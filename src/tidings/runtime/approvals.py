@@ -34,7 +34,7 @@ async def answer(
 ) -> Parked | None:
     """Answer a waiting question once and resume its event; None if it was not waiting."""
     entry = await store.get_parked(parked_id)
-    if entry is None or entry.kind != "ask":  # a sleep or a wait is not a question
+    if entry is None:
         return None
     if entry.status == "waiting":  # a crash between the answer and the hand-back: the timer
         handback = settle_timer(entry.id, entry.agent, time.time() + HANDBACK_S, handback=True)

@@ -26,7 +26,7 @@ import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -44,6 +44,9 @@ DEAD_LETTERED = "saga.dead_lettered"  # a compensating event was dead-lettered (
 CONTROL: Final = (CANCEL, RETRY, DEAD_LETTERED)
 
 DEFAULT_COMPENSATE_WITHIN = 300.0  # seconds a compensation's confirmation may take
+# Seconds at most a failure waits for the start or completion that caused it and that the
+# saga has not taken yet (held by another worker, or redelivered after a crash).
+DEFAULT_FAILURE_GRACE = 60.0
 HISTORY_KEPT = 50  # entries of a saga's history kept in its state
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -57,10 +60,13 @@ LIFE: Final[Mapping[tuple[SagaStatus | None, str], tuple[SagaStatus, ...]]] = Ma
     {
         (None, "started"): ("running",),
         (None, "done"): ("running", "completed"),
-        (None, "failed"): ("compensated",),
-        ("running", "started"): ("running",),
-        ("running", "done"): ("running", "completed"),
-        ("running", "failed"): ("compensating", "compensated"),
+        (None, "failed"): ("running", "compensated"),
+        # A failure whose cause the saga has not seen yet waits for it (or its grace):
+        # then the start or the completion that caused it begins the compensation.
+        ("running", "started"): ("running", "compensating", "compensated"),
+        ("running", "done"): ("running", "completed", "compensating", "compensated"),
+        ("running", "failed"): ("running", "compensating", "compensated"),
+        ("running", "grace"): ("compensating", "compensated"),
         ("running", "timed_out"): ("compensating", "compensated"),
         ("running", "cancel"): ("compensating", "compensated"),
         ("compensating", "done"): ("compensating",),
@@ -132,6 +138,7 @@ class SagaSpec:
     timeout: float | None = None
     compensate_within: float = DEFAULT_COMPENSATE_WITHIN
     max_attempts: int = 10
+    failure_grace: float = DEFAULT_FAILURE_GRACE
     _steps: dict[str, Step] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -146,6 +153,7 @@ class SagaSpec:
         timeout: str | float | timedelta | None = None,
         compensate_within: str | float | timedelta = DEFAULT_COMPENSATE_WITHIN,
         max_attempts: int = 10,
+        failure_grace: str | float | timedelta = DEFAULT_FAILURE_GRACE,
     ) -> SagaSpec:
         """Check a declaration and make its spec; every mistake names its fix."""
         starts = (start,) if isinstance(start, str) else tuple(start)
@@ -186,6 +194,7 @@ class SagaSpec:
             timeout=None if timeout is None else seconds(timeout, f"saga {name!r}: timeout"),
             compensate_within=seconds(compensate_within, f"saga {name!r}: compensate_within"),
             max_attempts=max_attempts, _steps=seen,
+            failure_grace=seconds(failure_grace, f"saga {name!r}: failure_grace"),
         )  # fmt: skip
 
     def step(self, name: str) -> Step:
@@ -197,6 +206,10 @@ class SagaSpec:
         if step.within is None:
             return self.compensate_within
         return seconds(step.within, "within")
+
+    def watched(self) -> set[str]:
+        """The types of the events a failure may wait for: the start and the completions."""
+        return {*self.start, *(step.done for step in self.steps)}
 
     def patterns(self) -> list[str]:
         """Every type the saga listens to (its durable consumer's patterns)."""
@@ -219,7 +232,8 @@ class Signal:
     """One thing that happened to a saga.
 
     `kind` is one of: ``started``, ``done`` (a step's completion), ``failed`` (a failure
-    event), ``timed_out`` (the saga's timeout), ``confirmed`` (a compensation confirmed),
+    event), ``grace`` (a failure's wait for its cause ended), ``timed_out`` (the saga's
+    timeout), ``confirmed`` (a compensation confirmed),
     ``overdue`` (no confirmation within the bound), ``dead_lettered`` (the compensating
     event was dead-lettered), ``retry`` and ``cancel`` (an operator's commands).
     """
@@ -231,6 +245,9 @@ class Signal:
     data: Any = None
     attempt: int = 0  # overdue: the attempt the timer was armed for
     detail: str | None = None  # why: a dead letter's error, who cancelled
+    at: float | None = None  # done: when the completion event was made (its `time`)
+    cause: str | None = None  # done, failed: the event that caused it (causationid)
+    cause_type: str | None = None  # its type, when the driver found it (the outbox)
 
 
 def classify(spec: SagaSpec, event: Event) -> Signal | None:
@@ -254,12 +271,24 @@ def classify(spec: SagaSpec, event: Event) -> Signal | None:
             return Signal("confirmed", event.id, event.type, step=step.name)
     for step in spec.steps:
         if step.done == event.type:
-            return Signal("done", event.id, event.type, step=step.name, data=event.data)
+            return Signal("done", event.id, event.type, step=step.name, data=event.data,
+                          at=_epoch(event.time), cause=event.causationid)  # fmt: skip
     if any(matches(p, event.type) for p in spec.fails_on):
-        return Signal("failed", event.id, event.type, data=event.data)
+        return Signal("failed", event.id, event.type, data=event.data, cause=event.causationid)
     if any(matches(p, event.type) for p in spec.start):
-        return Signal("started", event.id, event.type)
+        return Signal("started", event.id, event.type)  # its cause is outside the process
     return None
+
+
+def _epoch(stamp: str | None) -> float | None:
+    """An event's RFC 3339 `time` as epoch seconds; None when it has none or it does not parse."""
+    if not stamp:
+        return None
+    try:
+        moment = datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def key_of(spec: SagaSpec, event: Event) -> str | None:
@@ -315,23 +344,44 @@ class SagaState:
 
     status: SagaStatus
     deadline: float | None = None
-    done: tuple[dict[str, Any], ...] = ()  # {"step", "event_id", "data"} in completion order
+    done: tuple[dict[str, Any], ...] = ()  # {"step", "event_id", "data", "at"}, as seen
     undone: tuple[str, ...] = ()  # steps whose compensation is confirmed (or not awaited)
     current: dict[str, Any] | None = None  # {"step", "attempt", "event_id", "due"}
     reason: str | None = None  # why it compensates, or why it is stuck
     round: int = 0  # how many times it finished compensating (a late step reopens it)
     history: tuple[dict[str, Any], ...] = ()
+    started_by: str | None = None  # the start event's id
+    # Starts and completions that caused what the saga took, not taken yet (their ids).
+    awaiting: tuple[str, ...] = ()
+    failing: dict[str, Any] | None = None  # {"reason"}: a failure waiting for `awaiting`
 
     def done_steps(self) -> list[str]:
-        """The completed steps, in completion order."""
+        """The completed steps, in the order the saga saw them."""
         return [entry["step"] for entry in self.done]
+
+    def latest_first(self) -> list[dict[str, Any]]:
+        """The completions, latest first.
+
+        By the time their events were made, which two workers cannot take in the wrong
+        order; if one has no time, by the order the saga saw them.
+        """
+        seen = list(enumerate(self.done))
+        if any(entry.get("at") is None for entry in self.done):
+            return [entry for _, entry in reversed(seen)]
+        return [e for _, e in sorted(seen, key=lambda p: (p[1]["at"], p[0]), reverse=True)]
+
+    def seen(self) -> set[str]:
+        """The ids of the events this saga took that a failure may be caused by."""
+        ids = {entry["event_id"] for entry in self.done}
+        return ids | ({self.started_by} if self.started_by else set())
 
     def to_json(self) -> dict[str, Any]:
         """The state as the store keeps it."""
         return {
             "status": self.status, "deadline": self.deadline, "done": list(self.done),
             "undone": list(self.undone), "current": self.current, "reason": self.reason,
-            "round": self.round, "history": list(self.history),
+            "round": self.round, "history": list(self.history), "started_by": self.started_by,
+            "awaiting": list(self.awaiting), "failing": self.failing,
         }  # fmt: skip
 
     @classmethod
@@ -342,6 +392,8 @@ class SagaState:
             done=tuple(value.get("done") or ()), undone=tuple(value.get("undone") or ()),
             current=value.get("current"), reason=value.get("reason"),
             round=int(value.get("round") or 0), history=tuple(value.get("history") or ()),
+            started_by=value.get("started_by"), awaiting=tuple(value.get("awaiting") or ()),
+            failing=value.get("failing"),
         )  # fmt: skip
 
 
@@ -369,9 +421,6 @@ def decide(
     if state is None:
         deadline = None if spec.timeout is None else now + spec.timeout
         state = SagaState("running", deadline=deadline)
-        if signal.kind == "failed":
-            # A failure before anything completed: nothing to undo.
-            return moves.finish(_begin(state, _failure(signal), signal, now), signal)
         if deadline is not None:
             moves.arm(emitted_id(spec.name, key, "timeout"), deadline, "timed_out")
     handler = _HANDLERS[signal.kind]
@@ -408,7 +457,7 @@ class _Moves:
     def compensate_next(self, state: SagaState, signal: Signal) -> Decided:
         """Undo the latest completed step not yet undone, or finish compensating."""
         while True:
-            pending = [e for e in reversed(state.done) if e["step"] not in state.undone]
+            pending = [e for e in state.latest_first() if e["step"] not in state.undone]
             undoable = [e for e in pending if self.spec.step(e["step"]).compensate]
             if not undoable:
                 return self.finish(state, signal)
@@ -454,18 +503,58 @@ def _begin(state: SagaState, reason: str, signal: Signal, now: float) -> SagaSta
 
 
 def _started(moves: _Moves, state: SagaState, signal: Signal) -> Decided:
-    if state.history:  # an existing saga: the start came after a step
+    if state.started_by is not None:
         return Decided(None, note="already started")
-    return moves.decided(_log(state, moves.now, f"started by {signal.event_type}"), "started")
+    state = replace(state, started_by=signal.event_id)
+    state = _log(_taken(moves.spec, state, signal), moves.now, f"started by {signal.event_type}")
+    if state.failing is not None and not state.awaiting:
+        return _fail_now(moves, state, signal)
+    return moves.decided(state, "started")
+
+
+def _taken(spec: SagaSpec, state: SagaState, signal: Signal) -> SagaState:
+    """`state` once it took `signal`'s event, and awaiting its cause if the saga needs it.
+
+    The event is no longer awaited; its cause is, if that is a start or a completion of
+    this saga that the saga has not taken yet. The cause's type comes from the outbox of
+    the agent that emitted it (the driver reads it); one the store does not know (a
+    client published it) may be the start, while the saga has not seen its start. So
+    the saga follows its process's causation back, one event at a time, and knows what
+    is still on its way to it.
+    """
+    awaiting = tuple(a for a in state.awaiting if a != signal.event_id)
+    cause = signal.cause
+    if cause is not None and cause not in state.seen() and cause not in awaiting:
+        if signal.cause_type is None:
+            wanted = state.started_by is None
+        else:
+            wanted = signal.cause_type in spec.watched()
+        if wanted:
+            awaiting = (*awaiting, cause)
+    return replace(state, awaiting=awaiting)
+
+
+def _fail_now(moves: _Moves, state: SagaState, signal: Signal) -> Decided:
+    """Begin compensating for the failure that waited for its causes."""
+    assert state.failing is not None
+    reason = str(state.failing["reason"])
+    return moves.compensate_next(_begin(replace(state, failing=None), reason, signal, moves.now),
+                                 signal)  # fmt: skip
 
 
 def _done(moves: _Moves, state: SagaState, signal: Signal) -> Decided:
     assert signal.step is not None
     if signal.step in state.done_steps():
         return Decided(None, note=f"step {signal.step} already done")
-    entry = {"step": signal.step, "event_id": signal.event_id, "data": signal.data}
-    state = _log(replace(state, done=(*state.done, entry)), moves.now, f"done {signal.step}")
+    entry = {"step": signal.step, "event_id": signal.event_id, "data": signal.data,
+             "at": signal.at}  # fmt: skip
+    state = _taken(moves.spec, replace(state, done=(*state.done, entry)), signal)
+    state = _log(state, moves.now, f"done {signal.step}")
     if state.status == "running":
+        if state.failing is not None:  # a failure waits for what caused it
+            if not state.awaiting:
+                return _fail_now(moves, state, signal)
+            return moves.decided(state, f"done {signal.step} while a failure waits")
         if len(state.done) == len(moves.spec.steps):
             moves.emit(COMPLETED, moves.about({"steps": state.done_steps()}), "completed")
             return moves.decided(_log(replace(state, status="completed"), moves.now,
@@ -481,18 +570,41 @@ def _done(moves: _Moves, state: SagaState, signal: Signal) -> Decided:
 
 
 def _failed(moves: _Moves, state: SagaState, signal: Signal) -> Decided:
-    return moves.compensate_next(_begin(state, _failure(signal), signal, moves.now), signal)
+    if state.failing is not None:
+        return Decided(None, note="a failure already waits for its causes")
+    reason = _failure(signal)
+    state = _taken(moves.spec, state, signal)
+    grace = moves.spec.failure_grace
+    if state.awaiting and grace > 0:
+        # Caused, directly or further back, by a start or completion not taken yet
+        # (another worker still holds it): wait, so the compensation undoes it too, in
+        # its order.
+        waits = f"failure {signal.event_type} waits up to {grace:g}s for {len(state.awaiting)}"
+        state = _log(replace(state, failing={"reason": reason}), moves.now,
+                     f"{waits} event(s) that caused it")  # fmt: skip
+        moves.arm(emitted_id(moves.spec.name, moves.key, "grace", signal.event_id),
+                  moves.now + grace, "grace")  # fmt: skip
+        return moves.decided(state, "failure waits for its causes")
+    return moves.compensate_next(_begin(state, reason, signal, moves.now), signal)
+
+
+def _grace(moves: _Moves, state: SagaState, signal: Signal) -> Decided:
+    if state.failing is None:
+        return Decided(None, note="no failure waits")
+    return _fail_now(moves, state, signal)
 
 
 def _timed_out(moves: _Moves, state: SagaState, signal: Signal) -> Decided:
     if state.deadline is None or moves.now + 1e-3 < state.deadline:
         return Decided(None, note="timer before the deadline: ignored")
     reason = f"timed out after {moves.spec.timeout:g}s"
+    state = replace(state, failing=None)
     return moves.compensate_next(_begin(state, reason, signal, moves.now), signal)
 
 
 def _cancel(moves: _Moves, state: SagaState, signal: Signal) -> Decided:
     reason = f"cancelled by {signal.detail}" if signal.detail else "cancelled"
+    state = replace(state, failing=None)
     return moves.compensate_next(_begin(state, reason, signal, moves.now), signal)
 
 
@@ -555,7 +667,8 @@ def _retry(moves: _Moves, state: SagaState, signal: Signal) -> Decided:
 
 _HANDLERS: Final[Mapping[str, Callable[[_Moves, SagaState, Signal], Decided]]] = (
     MappingProxyType({
-        "started": _started, "done": _done, "failed": _failed, "timed_out": _timed_out,
+        "started": _started, "done": _done, "failed": _failed, "grace": _grace,
+        "timed_out": _timed_out,
         "cancel": _cancel, "confirmed": _confirmed, "overdue": _overdue,
         "dead_lettered": _dead_lettered, "retry": _retry,
     })

@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -147,6 +147,11 @@ class SagaProcessor:
         started = time.perf_counter()
         record = await self.store.get_saga(self.spec.name, key)
         before = None if record is None else SagaState.from_json(record.state)
+        # What caused a completion or a failure, when the saga has not taken it: its type
+        # says whether it is on its way to the saga (saga_life._taken).
+        unseen = signal.cause is not None and (before is None or signal.cause not in before.seen())
+        if signal.kind in ("done", "failed") and signal.cause is not None and unseen:
+            signal = replace(signal, cause_type=await self._type_of(signal.cause))
         decided = decide(self.spec, before, signal, key, time.time())
         outbox: list[OutboxEvent] = []
         for command in decided.commands:
@@ -179,6 +184,11 @@ class SagaProcessor:
             return Ack("duplicate")
         self._count(before, decided.state)
         return Ack("handled", decision)
+
+    async def _type_of(self, event_id: str) -> str | None:
+        """The type of an event some agent emitted (its outbox row), if the store has it."""
+        found = await self.store.records_about([event_id], limit=50)
+        return next((row.event_type for row in found.outbox if row.event_id == event_id), None)
 
     def _count(self, before: SagaState | None, after: SagaState | None) -> None:
         if after is None or (before is not None and before.status == after.status):
