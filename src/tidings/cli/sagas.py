@@ -9,6 +9,7 @@ inbox marker and what it emits. A worker running the app must be up for it to ha
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import typer
@@ -118,7 +119,8 @@ def saga_show(ctx: typer.Context, saga_id: IdArgument, as_json: JsonOption = Fal
     history.add_column("at", no_wrap=True)
     history.add_column("what", overflow="fold")
     for entry in state.get("history") or ():
-        history.add_row(f"{entry['at']:.3f}", str(entry["what"]))
+        at = datetime.fromtimestamp(float(entry["at"])).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        history.add_row(at, str(entry["what"]))
     data = {e["step"]: e.get("data") for e in state.get("done") or ()}
     parts: list[Any] = [facts, history]
     if data:
