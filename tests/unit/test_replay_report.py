@@ -61,6 +61,10 @@ async def test_the_shadow_store_reads_and_refuses_every_write(tmp_path: object) 
         shadow = ReadOnlyStore(store)  # type: ignore[abstract]
         assert (await shadow.load_state("a", "k")).version == 0
         assert await shadow.list_decisions("a") == []
+        # The reads of the policy's budgets, sagas and timers are allowed too.
+        assert await shadow.budget_spent("a:tool_calls_per_minute", 0) == 0
+        assert await shadow.get_saga("s", "k") is None
+        assert await shadow.list_timers() == []
         step = Step("a", "e1", 0, "step", "s", "h", "done", 1, {})
         for write in (
             shadow.commit(Commit("a", "e1", "k", _decision())),
@@ -86,3 +90,39 @@ async def test_the_shadow_bus_never_publishes() -> None:
         ShadowBus(bus).check(Event.create("a.b", {}, source="/t"))  # limits as the real bus
     finally:
         await bus.close()
+
+
+def test_the_command_is_listed_as_replay_and_its_help_fits_80_columns() -> None:
+    from typer.testing import CliRunner
+
+    from tidings.cli import cli
+
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert "│ replay " in listed.output and "replay-command" not in listed.output
+    shown = runner.invoke(cli, ["replay", "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert shown.exit_code == 0
+    intro = shown.output.split("╭")[0].splitlines()
+    # Each line of the description is filled: none is a lone word a re-wrap left behind.
+    assert all(len(line.split()) != 1 for line in intro if line.strip()), intro
+
+
+def test_the_terminal_table_keeps_each_old_and_new_value_beside_its_field() -> None:
+    from rich.console import Console
+
+    from tidings.replay.render import terminal
+
+    old = Outcome(status="ok", result={"queue": "billing"},
+                  emitted=[{"type": "ticket.routed", "data": {"queue": "billing"}}])  # fmt: skip
+    new = Outcome(status="ok", result={"queue": "refunds"},
+                  emitted=[{"type": "ticket.routed", "data": {"queue": "refunds"}}])  # fmt: skip
+    report = Report("support", "t0", "t1", "v2", None, False)
+    report.decisions.append(judge("support", "e" * 36, "ticket.opened", "c4", old, new))
+    console = Console(width=80, record=True, color_system=None)
+    console.print(terminal(report))
+    lines = console.export_text().splitlines()
+    # The long path wraps inside its cell; its values stay on its first line.
+    first = next(line for line in lines if "emitted[0]" in line)
+    second = next(line for line in lines if "result.queue" in line)
+    assert "billing" in first and "refunds" in first
+    assert "billing" in second and "refunds" in second

@@ -21,14 +21,15 @@ from tidings.cli.common import (
 from tidings.cli.records import existing_store
 from tidings.cli.trace import parse_since
 from tidings.config import Settings
-from tidings.replay import Report, parse_threshold, read_window, replay
+from tidings.replay import Report, parse_threshold, read_window
+from tidings.replay import replay as shadow_replay
 from tidings.replay.apply import Applied, apply_window
 from tidings.replay.render import terminal, to_html
 
 GATE_EXIT = 3  # --max-changed exceeded: a CI job fails on it
 
 
-def replay_command(
+def replay(
     ctx: typer.Context,
     agent: Annotated[str, typer.Argument(metavar="AGENT", help="The agent to replay.")],
     since: Annotated[
@@ -84,9 +85,10 @@ def replay_command(
 ) -> None:
     """Replay AGENT over a window in shadow and show which decisions would change.
 
-    Nothing is written to the store and nothing is published (docs/replay.md): state
-    goes to an overlay, tool calls are answered from the journal, a tool with side
-    effects is never called. With --apply the window is then run again for real.
+    Nothing is written to the store and nothing is published: state goes
+    to an overlay, tool calls are answered from the journal, a tool with
+    side effects is never called (docs/replay.md). With --apply the
+    window is then run again for real.
     """
     now = datetime.now(UTC)
     start = parse_since(since, now)
@@ -109,7 +111,7 @@ def replay_command(
             store = await stack.enter_async_context(existing_store(settings))
             bus = await connect_bus(settings)
             stack.push_async_callback(bus.close)
-            report = await replay(
+            report = await shadow_replay(
                 app, agent, since=start, until=end, bus=bus, store=store, model=model,
                 reuse_llm=reuse_llm, keys=key, limit=limit,
             )  # fmt: skip
@@ -154,3 +156,7 @@ def _show(report: Report, json_file: Path | None, html_file: Path | None) -> Non
             json_file.write_bytes(report.json_bytes())
     if html_file is not None:
         html_file.write_text(to_html(report), encoding="utf-8")
+
+
+# The command's name is its function's: `tidings replay` (the CLI loads this attribute).
+replay_command = replay

@@ -78,6 +78,8 @@ __all__ = [
 QUIET = 1.0  # seconds without a message: the stored history has been read
 FIRST = {True: 2.0, False: 5.0}  # the first message (a Kafka tail looks up offsets first)
 LOOKUP = 400  # event ids per store lookup of recorded decisions
+RUN_LIMIT = 300.0  # seconds one handler run may take in a replay before it is stopped
+MAX_EVENTS = 1_000_000  # events read from the bus per replay: the window is held in memory
 
 
 @dataclass(slots=True)
@@ -200,7 +202,7 @@ class Replayer:
         self.options = options
         self.services = Services(
             self.bus, self.store, ReplyHub(self.store), app.llm,
-            dict(app.tools), schemas=app.schemas,
+            dict(app.tools), schemas=app.schemas, policy=app.rules(),
         )  # fmt: skip
         # Decoding, upcasting and filtering exactly as live; its counters stay in memory.
         self.pipeline = Pipeline(spec, self.services, app.name)
@@ -209,7 +211,7 @@ class Replayer:
         """The recorded decision of each event (ok first, else the latest), emitted rows."""
         decisions: dict[str, Decision] = {}
         outbox: dict[str, OutboxRecord] = {}
-        rank = {"ok": 3, "dead_lettered": 2, "failed": 1, "parked": 0}
+        rank = {"ok": 3, "denied": 3, "dead_lettered": 2, "failed": 1, "parked": 0}
         for start in range(0, len(ids), LOOKUP):
             chunk = ids[start : start + LOOKUP]
             found = await self.store.records_about(chunk, limit=LOOKUP * 50)
@@ -217,7 +219,7 @@ class Replayer:
                 if d.agent != self.spec.name:
                     continue
                 held = decisions.get(d.event_id)
-                if held is None or rank[d.status] >= rank[held.status]:
+                if held is None or rank.get(d.status, 0) >= rank.get(held.status, 0):
                     decisions[d.event_id] = d
             for row in found.outbox:
                 if row.agent == self.spec.name:
@@ -240,12 +242,21 @@ class Replayer:
         try:
             if spec.data_model is not None:
                 seen = event.replace(data=spec.data_model.model_validate(event.data))
-            result = _json(await spec.handler(seen, ctx))
+            async with asyncio.timeout(RUN_LIMIT):
+                result = _json(await spec.handler(seen, ctx))
         except Blocked:
             status = "blocked"
+        except TimeoutError:
+            status = "blocked"
+            ctx.blocked = ctx.blocked or (
+                f"the handler ran past {RUN_LIMIT:g} s in the replay and was stopped"
+                " (a loop, or a call that does not return?)"
+            )
         except Exception as e:  # live: retried, then dead-lettered with this error
             status, error = "dead_lettered", describe(e)
-        if ctx.blocked is not None:  # even if the handler caught Blocked
+        if ctx.guard.denials:  # as live: one "denied" decision, none of its effects
+            status, result, error = "denied", None, f"PolicyViolation: {ctx.guard.denials[0]}"
+        elif ctx.blocked is not None:  # even if the handler caught Blocked
             status = "blocked"
         ok = status == "ok"
         before = ctx.state.before
@@ -382,8 +393,18 @@ async def replay(
             stack.push_async_callback(store.close)
         options = Options(model, reuse_llm)
         report = Report(agent, since.isoformat(), until.isoformat(), spec.version, model, reuse_llm)
-        window = await read_window(bus, spec.patterns, since, until)
+        window = await read_window(bus, spec.patterns, since, until, MAX_EVENTS)
         report.scanned, report.ended = window.scanned, window.ended
+        if window.ended.startswith("cut at"):  # the report covers the window's start only
+            report.notes.append(
+                f"the window was cut at {MAX_EVENTS} events: only its first {MAX_EVENTS}"
+                " were replayed; give a later --since or an earlier --until"
+            )
+        elif not window.events:
+            report.notes.append(
+                f"no {' or '.join(spec.patterns)} event was stored in the window: check"
+                " --since and --until, and that TIDINGS_BUS is the bus the agent reads"
+            )
         await Replayer(app, spec, bus, store, options).replay(window, report, keys, limit)
         report.llm_calls, report.llm_cost = options.llm_calls, round(options.llm_cost, 8)
         return report

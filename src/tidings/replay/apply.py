@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tidings.bus.base import Bus
-from tidings.errors import StateConflict
+from tidings.errors import PolicyViolation, StateConflict
 from tidings.events import Event, now
 from tidings.replay.shadow import ReadBack
 from tidings.runtime.context import Context, Services
@@ -73,7 +73,7 @@ async def apply_window(
     spec = app.agents[agent]
     services = Services(
         bus, store, ReplyHub(store), app.llm, dict(app.tools),
-        schemas=app.schemas,
+        schemas=app.schemas, policy=app.rules(),  # the live path's, denials included
     )  # fmt: skip
     pipeline = Pipeline(spec, services, app.name)
     committer = pipeline.committer
@@ -105,6 +105,8 @@ async def apply_window(
             result = await spec.handler(seen, ctx)
             if ctx.parked is not None:
                 raise AgentParked(ctx.parked)
+            if ctx.guard.denials:  # even if the handler caught it: live commits no effect
+                raise PolicyViolation(str(ctx.guard.denials[0]), ctx.guard.denials[0].rule)
             decision = pipeline._decision(event, key, ctx, result, started_at,
                                           time.perf_counter() - started)  # fmt: skip
         except AgentParked:
@@ -117,6 +119,7 @@ async def apply_window(
             agent=spec.name, event_id=marker, key=key, decision=decision,
             state=ctx.state.after if ctx.state.dirty else None,
             expected_version=ctx.state.version, outbox=ctx.outbox,
+            more_state=ctx.guard.writes(),  # the entities its emits moved (app.policy)
         )  # fmt: skip
         try:
             committed = await committer.commit(commit)

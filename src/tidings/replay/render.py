@@ -49,30 +49,35 @@ def changes(report: Report, limit: int = 50) -> Table | None:
     rows = [d for d in report.decisions if d.verdict != "same"]
     if not rows:
         return None
-    table = Table(title=f"decisions not the same ({len(rows)})", show_lines=True)
+    table = Table(title=f"decisions not the same ({len(rows)})")
     for name in ("event", "key", "verdict", "field", "old", "new"):
         table.add_column(name, overflow="fold")
     for d in rows[:limit]:
-        paths, old, new = _cells(d)
         style = STYLES[d.verdict]
-        table.add_row(d.event_id, d.key or "", Text(d.verdict, style), paths, old, new)
+        # One table row per field: a value that wraps keeps the next one on its own line.
+        for i, (path, old, new) in enumerate(_cells(d)):
+            first = i == 0
+            table.add_row(d.event_id if first else "", (d.key or "") if first else "",
+                          Text(d.verdict, style) if first else "", path, old, new)  # fmt: skip
+        table.add_section()
     if len(rows) > limit:
         table.caption = f"{len(rows) - limit} more in --json / --html"
     return table
 
 
-def _cells(d: DecisionDiff) -> tuple[str, str, str]:
+def _cells(d: DecisionDiff) -> list[tuple[str, str, str]]:
+    """(field path, old, new) of each change shown, then why it was blocked."""
     if d.verdict == "new":
-        return "(whole decision)", "", _short(d.new.result if d.new else None)
+        return [("(whole decision)", "", _short(d.new.result if d.new else None))]
     if d.verdict == "missing":
-        return "(whole decision)", _short(d.old.result if d.old else None), ""
-    lines = d.changes[:SHOWN]
-    paths = "\n".join(c.path for c in lines)
-    old = "\n".join(_short(c.to_json()["old"]) for c in lines)
-    new = "\n".join(_short(c.to_json()["new"]) for c in lines)
+        return [("(whole decision)", _short(d.old.result if d.old else None), "")]
+    cells = [(c.path, _short(c.to_json()["old"]), _short(c.to_json()["new"]))
+             for c in d.changes[:SHOWN]]  # fmt: skip
+    if len(d.changes) > SHOWN:
+        cells.append((f"{len(d.changes) - SHOWN} more fields in --json / --html", "", ""))
     if d.blocked:
-        paths, new = (paths + "\n" if paths else "") + "blocked", new + "\n" + d.blocked
-    return paths, old, new
+        cells.append(("blocked", "", d.blocked))
+    return cells or [("", "", "")]
 
 
 def terminal(report: Report) -> RenderableType:

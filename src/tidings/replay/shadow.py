@@ -19,6 +19,7 @@ publish that got past the above raises `ReplayRefused` instead of happening.
 
 from __future__ import annotations
 
+import base64
 import copy
 import inspect
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -28,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from tidings.bus.base import Bus, ConsumerInfo, ConsumerSpec, Delivery, RawMessage, Subscription
-from tidings.errors import ConfigError, ReplayRefused, ToolFailed
-from tidings.events import Event
+from tidings.errors import ConfigError, ReplayRefused, ToolFailed, WaitTimeout
+from tidings.events import Event, decode
 from tidings.llm import Completion, Message, Request
 from tidings.runtime.context import LLM, Context, Services, State
 from tidings.runtime.steps import Journal, args_hash, replayed_error
@@ -54,7 +55,8 @@ READS = frozenset({
     "count_decisions", "prefix_matches", "filter_errors", "was_published",
     "correlation_owner", "records_about", "load_journal", "get_reply", "get_parked",
     "list_parked", "parked_to_sweep", "served_tools", "list_schemas", "trigger_statuses",
-    "trigger_cursor", "schema_version",
+    "trigger_cursor", "schema_version", "load_row", "list_rows", "budget_spent", "get_timer",
+    "list_timers", "next_timer_due", "get_saga", "find_saga", "list_sagas", "count_sagas",
 })  # fmt: skip
 
 
@@ -337,6 +339,7 @@ class ShadowContext(Context):
             orjson.dumps(args)
         except TypeError as e:
             raise TypeError(f"ctx.tool({name!r}) arguments must be JSON-serialisable: {e}") from e
+        self.guard.check_tool(name)  # PolicyViolation as live: the run is "denied"
         digest = args_hash(args)
         seq, _ = await self.journal.begin("tool", name, digest)
         call: dict[str, Any] = {"name": name, "args": args}
@@ -411,6 +414,36 @@ class ShadowContext(Context):
         self.steps_done.append(entry)
         entry["result"] = _answer(recorded)
         return entry["result"]
+
+    async def sleep(self, seconds: float) -> None:
+        """Returns at once: a shadow run parks nothing and schedules no timer."""
+        if seconds < 0:
+            raise ValueError(f"ctx.sleep takes a duration >= 0 seconds, got {seconds}")
+        await self.journal.begin("sleep", "sleep", args_hash(seconds))  # numbered as live
+
+    async def wait_for(
+        self,
+        type_pattern: str,
+        *,
+        match: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+        raise_on_timeout: bool = False,
+    ) -> Event | None:
+        """The event the recorded run's same wait got, or blocked: nothing is parked."""
+        digest = args_hash(type_pattern, match, timeout)
+        seq, _ = await self.journal.begin("wait", type_pattern, digest)
+        recorded = (await self.recorded()).take("wait", type_pattern, digest, seq)
+        if recorded is None:
+            self.steps_done.append({"kind": "wait", "name": type_pattern, "status": "blocked"})
+            raise self._block(
+                f"would wait for {type_pattern!r} (match {match!r}), which no recorded run did"
+            )
+        result = _answer(recorded)  # not in the diff: a recorded decision lists no waits
+        if result is None:
+            if raise_on_timeout:
+                raise WaitTimeout(f"the recorded wait for {type_pattern!r} timed out")
+            return None
+        return decode(result["headers"], base64.b64decode(result["body"]))
 
     async def progress(self, fraction: float, message: str = "") -> Event:
         """Nothing is published in a replay."""

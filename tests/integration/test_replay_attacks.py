@@ -1,0 +1,164 @@
+"""A shadow replay against handlers that try to do what a replay may not, on the memory bus.
+
+Each test records with one version, replays (or applies) another, and checks that the
+verdict says what live would have done and that nothing real was touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+import tidings.replay
+from tidings import App, Context, Event
+from tidings.replay import read_window, replay
+from tidings.replay.apply import apply_window
+from tidings.testing import harness
+
+CALLS: list[str] = []
+
+
+def _window() -> tuple[datetime, datetime]:
+    now = datetime.now(UTC)
+    return now - timedelta(seconds=5), now + timedelta(seconds=5)
+
+
+def guarded(version: str) -> App:
+    """`a` may call only `ok.t`; v2 also calls `bad.t`, which the policy denies."""
+    app = App("guarded")
+    app.policy.agent("a", tools=["ok.t"])
+
+    @app.tool("ok.t", side_effects=False)
+    async def ok(n: int) -> int:
+        CALLS.append(f"ok {n}")
+        return n
+
+    @app.tool("bad.t", side_effects=False)
+    async def bad(n: int) -> int:
+        CALLS.append(f"bad {n}")
+        return n
+
+    @app.agent("a", on="job.*", key="data.k", version=version)
+    async def agent(event: Event, ctx: Context) -> dict[str, Any]:
+        n = event.data["n"]
+        if n == 0 or version == "v2":
+            try:
+                await ctx.tool("bad.t", {"n": n})
+            except Exception:  # a handler that carries on: the denial still stands
+                return {"n": n, "bad": "refused"}
+        return {"n": n}
+
+    return app
+
+
+async def test_the_policy_is_enforced_in_a_replay_and_in_an_apply() -> None:
+    since, until = _window()
+    async with harness(guarded("v1")) as t:
+        for n in range(2):
+            await t.publish("job.run", {"n": n, "k": f"k{n}"})
+        await t.settle()
+        CALLS.clear()
+        report = await replay(guarded("v2"), "a", since=since, until=until, bus=t.worker.bus,
+                              store=t.store)  # fmt: skip
+        shadow_calls = list(CALLS)
+        v2 = guarded("v2")
+        window = await read_window(t.worker.bus, ["job.*"], since, until)
+        applied = await apply_window(v2, "a", window, t.worker.bus, t.store)
+        decisions = await t.store.list_decisions(agent="a")
+    # Recorded denied and denied again: the same. Recorded ok, denied now: changed.
+    assert [(d.verdict, d.new.status if d.new else None) for d in report.decisions] == [
+        ("same", "denied"), ("changed", "denied"),
+    ]  # fmt: skip
+    assert report.decisions[1].new is not None
+    assert "may call only ['ok.t']" in (report.decisions[1].new.error or "")
+    assert shadow_calls == []  # the denied tool did not run in the shadow
+    # The apply commits nothing the policy denies, and the denied tool is never called.
+    assert applied.committed == 0 and len(applied.failed) == 2
+    assert all("PolicyViolation" in why for _, why in applied.failed)
+    assert CALLS == []
+    assert len(decisions) == 2
+
+
+def waiting(version: str) -> App:
+    app = App("waiting")
+
+    @app.agent("w", on="job.*", key="data.k", version=version, waits=["job.done"])
+    async def agent(event: Event, ctx: Context) -> dict[str, Any]:
+        await ctx.sleep(0.05)
+        if version == "v2" and event.data["n"] == 1:
+            await ctx.wait_for("job.done", timeout=5)
+        return {"n": event.data["n"]}
+
+    return app
+
+
+async def test_sleep_returns_at_once_and_a_new_wait_is_blocked() -> None:
+    since, until = _window()
+    async with harness(waiting("v1")) as t:
+        for n in range(2):
+            await t.publish("job.run", {"n": n, "k": f"k{n}"})
+
+        async def done() -> bool:
+            return await t.store.count_decisions("w") >= 4  # parked, then ok, per event
+
+        for _ in range(100):
+            if await done():
+                break
+            await asyncio.sleep(0.05)
+        await t.settle()
+        timers = await t.store.list_timers()
+        report = await replay(waiting("v2"), "w", since=since, until=until, bus=t.worker.bus,
+                              store=t.store)  # fmt: skip
+        assert await t.store.list_timers() == timers
+    assert [d.verdict for d in report.decisions] == ["same", "blocked"]
+    assert "would wait for 'job.done'" in (report.decisions[1].blocked or "")
+
+
+def looping(version: str) -> App:
+    app = App("looping")
+
+    @app.agent("l", on="job.*", version=version)
+    async def agent(event: Event, ctx: Context) -> dict[str, Any]:
+        while version == "v2":  # a bug in the new code
+            await asyncio.sleep(0.01)
+        return {}
+
+    return app
+
+
+async def test_a_handler_that_never_returns_is_stopped_and_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tidings.replay, "RUN_LIMIT", 0.2)
+    since, until = _window()
+    async with harness(looping("v1")) as t:
+        await t.publish("job.run", {})
+        await t.settle()
+        report = await replay(looping("v2"), "l", since=since, until=until, bus=t.worker.bus,
+                              store=t.store)  # fmt: skip
+    assert [d.verdict for d in report.decisions] == ["blocked"]
+    assert "ran past 0.2 s in the replay" in (report.decisions[0].blocked or "")
+
+
+async def test_an_empty_window_and_a_cut_one_say_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    since, until = _window()
+    async with harness(looping("v1")) as t:
+        for _ in range(3):
+            await t.publish("job.run", {})
+        await t.settle()
+        past = await replay(looping("v1"), "l", since=since - timedelta(days=2),
+                            until=since - timedelta(days=1), bus=t.worker.bus,
+                            store=t.store)  # fmt: skip
+        monkeypatch.setattr(tidings.replay, "MAX_EVENTS", 2)
+        cut = await replay(looping("v1"), "l", since=since, until=until, bus=t.worker.bus,
+                           store=t.store)  # fmt: skip
+    assert past.decisions == []
+    assert past.notes == [
+        "no job.* event was stored in the window: check --since and --until, and that"
+        " TIDINGS_BUS is the bus the agent reads"
+    ]
+    assert len(cut.decisions) == 2
+    assert cut.notes[0].startswith("the window was cut at 2 events")
