@@ -202,3 +202,27 @@ async def test_racing_waits_and_entries_never_miss_each_other(make_store: StoreF
         if not seen_by_wait and not seen_by_entry:
             missed += 1
     assert missed == 0
+
+
+async def test_an_answer_is_stored_with_its_hand_back_timer(store: Store) -> None:
+    question = Parked(
+        id=new_id(), agent="approver", event_id=new_id(), question={"q": 1},
+        headers={"ce-id": "e"}, body=b"{}", deadline=None,
+    )  # fmt: skip
+    await store.park(question)
+    before = time.time()
+    assert await store.answer_parked(question.id, "go", by="ann") is not None
+    handback = await store.get_timer(f"parked:{question.id}:handback")
+    assert handback is not None and handback.kind == "parked.settle"
+    assert handback.payload == {"parked_id": question.id} and handback.owner == "approver"
+    assert before < handback.due_at < time.time() + 10
+    # A refused answer, and a time-out, schedule nothing more.
+    assert await store.answer_parked(question.id, "again") is None
+    other = Parked(
+        id=new_id(), agent="approver", event_id=new_id(), question={"q": 2},
+        headers={"ce-id": "e"}, body=b"{}", deadline=1.0,
+    )  # fmt: skip
+    await store.park(other)
+    assert await store.answer_parked(other.id, None, status="timed_out") is not None
+    assert await store.get_timer(f"parked:{other.id}:handback") is None
+    assert len(await store.list_timers(kind="parked.settle")) == 1

@@ -6,13 +6,11 @@ event, or `answer()` from any code) is recorded once, then the event is handed b
 its agent with `Bus.retry`; the handler re-runs, its earlier steps come from the journal,
 and `ctx.ask` returns the answer. Timers do the rest (`tidings.runtime.timers`, kind
 ``parked.settle`` in `tidings.runtime.workflows`): a question with a timeout has one at its
-deadline that times it out, and an answer schedules one a few seconds on that hands the
-event back if the answerer crashed before it did.
+deadline that times it out, and an answer is stored with one a few seconds on that hands
+the event back if the answerer crashed before it did.
 """
 
 from __future__ import annotations
-
-import time
 
 import structlog
 
@@ -20,9 +18,9 @@ from tidings.bus.base import Bus, ConsumerSpec, Delivery
 from tidings.errors import MalformedEvent
 from tidings.events import Event, decode
 from tidings.runtime.consumer import SimpleProcessor
-from tidings.runtime.durable import APPROVAL_ANSWERED, settle_timer
+from tidings.runtime.durable import APPROVAL_ANSWERED
 from tidings.runtime.outcomes import Ack, DeadLetter, Outcome, describe
-from tidings.runtime.workflows import HANDBACK_S, resume
+from tidings.runtime.workflows import resume
 from tidings.store.base import Store
 from tidings.store.records import Parked
 
@@ -34,11 +32,10 @@ async def answer(
 ) -> Parked | None:
     """Answer a waiting question once and resume its event; None if it was not waiting."""
     entry = await store.get_parked(parked_id)
-    if entry is None:
+    if entry is None or entry.kind != "ask":  # a sleep or a wait is not a question
         return None
-    if entry.status == "waiting":  # a crash between the answer and the hand-back: the timer
-        handback = settle_timer(entry.id, entry.agent, time.time() + HANDBACK_S, handback=True)
-        await store.schedule_timer(handback)
+    # The answer schedules its hand-back check with it (`StepJournal`, guarantee 3), so a
+    # crash between the answer and the hand-back below leaves it to the timers.
     answered = await store.answer_parked(entry.id, value, by=by)
     if answered is not None:
         await resume(store, bus, answered)

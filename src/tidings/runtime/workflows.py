@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("tidings.workflows")
 
-HANDBACK_S = 5.0  # an answer's hand-back is checked again this long after, in case it was lost
 MAILBOX_TTL_S = 3600.0  # how long an event waits in a mailbox for a wait to take it
 GAVE_UP_SEQ = -1  # the journal's marker: this event failed for good, its undos run
 _FIRST_UNDO_SEQ = -2  # undo n (in order of registration) is journaled at seq -2 - n

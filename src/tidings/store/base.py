@@ -229,7 +229,10 @@ class StepJournal(abc.ABC):
     3. **Parking.** `park()` is idempotent per id. A parked entry moves only as
        `tidings.store.parking.LIFE` allows, each move once: `answer_parked()` takes a
        waiting entry to answered or timed out (a second answer returns None and changes
-       nothing), `mark_resumed()` an answered or timed-out one to resumed.
+       nothing), `mark_resumed()` an answered or timed-out one to resumed. An answer
+       ("answered") schedules, in its transaction,
+       the timer ``parked:<id>:handback`` (kind ``parked.settle``) `HANDBACK_S` later,
+       so an event whose hand-back was lost in a crash is handed back by the timers.
        `parked_to_sweep(now)` lists waiting entries past their deadline and answered or
        timed-out ones not yet resumed.
     4. **Tool registry.** `register_tool()` is idempotent; `served_tools()` lists names.

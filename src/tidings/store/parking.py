@@ -37,6 +37,10 @@ LIFE: Final[Mapping[tuple[Stage, Move], Stage]] = MappingProxyType(
     }
 )
 
+# An answer schedules, in its own transaction, a timer this long after it that hands the
+# event back if whoever answered crashed before doing so (`Timers`, kind parked.settle).
+HANDBACK_S: Final = 5.0
+
 _ANSWER_MOVES: Final[Mapping[str, Move]] = MappingProxyType(
     {"answered": "answer", "timed_out": "time_out"}
 )

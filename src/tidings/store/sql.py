@@ -65,6 +65,7 @@ from tidings.store.codecs import (
     utc_now,
 )
 from tidings.store.parking import (
+    HANDBACK_S,
     AnswerStatus,
     ParkedStatus,
     Stage,
@@ -338,6 +339,13 @@ def _answer_statements() -> dict[AnswerStatus, str]:
 
 
 ANSWER_PARKED = _answer_statements()
+# The hand-back check an answer schedules with itself (its id, due time, payload, created
+# at; then the parked id): a no-op unless the entry is answered and not yet handed back.
+SCHEDULE_HANDBACK = (
+    f"INSERT INTO tidings_timers ({TIMERS.column_list()}) SELECT ?, 'parked.settle', agent,"
+    " '', ?, ?, 'scheduled', NULL, NULL, 0, NULL, ?, NULL FROM tidings_parked"
+    f" WHERE id = ? AND {in_stages(['answered'])} ON CONFLICT DO NOTHING"
+)
 MARK_RESUMED = (
     f"UPDATE tidings_parked SET resumed_at = ? WHERE id = ? AND {in_stages(sources('resume'))}"
 )
@@ -955,15 +963,14 @@ class SqlStore(Store):
         """Answer a waiting entry once; None if `LIFE` does not allow it (not waiting)."""
         answer_move(status)  # a status no answer sets is a ValueError, before any write
         value = dumps(answer, f"answer to {parked_id}")
-        result = await self._change(
-            "answer_parked",
-            ANSWER_PARKED[status],
-            value,
-            by,
-            self._now(),
-            parked_id,
-            rows=True,
-        )
+        sql, now = self.dialect.sql, self._now()
+        queries = [Query(sql(ANSWER_PARKED[status]), (value, by, now, parked_id))]
+        if status == "answered":  # with its hand-back check, in the same transaction
+            payload = dumps({"parked_id": parked_id}, "a hand-back timer")
+            handback = (f"parked:{parked_id}:handback", time.time() + HANDBACK_S, payload, now,
+                        parked_id)  # fmt: skip
+            queries.append(Query(sql(SCHEDULE_HANDBACK), handback, False))
+        result, *_ = await self._run("answer_parked", queries, write=True)
         return parked_from_row(result.rows[0]) if result.rows else None
 
     async def mark_resumed(self, parked_id: str) -> None:
