@@ -158,6 +158,16 @@ async def test_undos_run_in_reverse_once_when_the_handler_fails_for_good(
         assert sorted((s.seq, s.kind) for s in journal if s.seq < 0) == [
             (-3, "undo"), (-2, "undo"), (-1, "gave_up"),
         ]  # fmt: skip
+        # The event comes back (a retry of the dead letter): it fails again, and its undos,
+        # journaled, do not run again.
+        assert worker.bus is not None
+        await worker.bus.retry("checkout", decode(letter.headers, letter.body))
+
+        async def dead_again() -> bool:
+            return len(await store.list_dead_letters("checkout")) == 2
+
+        await eventually(dead_again, timeout=30, message="the copy dead-lettered too")
+        assert undone == ["told o-9", "released sku-1"]
 
 
 async def test_a_timer_scheduled_twice_fires_once(
