@@ -59,7 +59,7 @@ def state_of(entry: Parked, now: float) -> str:
             return "no deadline"
         left = entry.deadline - now
         if left < 0:
-            return f"deadline passed {_span(-left)} ago; times out at the next sweep"
+            return f"deadline passed {_span(-left)} ago; its timer times it out"
         return f"deadline in {_span(left)}"
     said = "answered" if entry.status == "answered" else "timed out"
     if entry.status == "answered" and entry.answered_by:
@@ -95,7 +95,8 @@ def approvals_ls(
 
     async def work(settings: Settings) -> list[Parked]:
         async with existing_store(settings) as store:
-            return await store.list_parked(agent, None if status == "all" else status, limit)
+            found = await store.list_parked(agent, None if status == "all" else status, limit)
+            return [e for e in found if e.kind == "ask"]  # not ctx.sleep, ctx.wait_for
 
     entries = execute(ctx, work)
     if as_json:
