@@ -7,6 +7,7 @@ verdict says what live would have done and that nothing real was touched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -162,3 +163,35 @@ async def test_an_empty_window_and_a_cut_one_say_so(monkeypatch: pytest.MonkeyPa
     ]
     assert len(cut.decisions) == 2
     assert cut.notes[0].startswith("the window was cut at 2 events")
+
+
+def parking(version: str) -> App:
+    app = App("parking")
+
+    @app.agent("p", on="job.*", version=version)
+    async def agent(event: Event, ctx: Context) -> dict[str, Any]:
+        if version == "v2" and event.data["n"] == 0:
+            await ctx.ask({"refund?": True})
+        elif version == "v2":
+            with contextlib.suppress(Exception):  # carries on: it is still not applied
+                await ctx.sleep(60)
+        return {}
+
+    return app
+
+
+async def test_an_applied_run_that_would_park_leaves_no_question_or_timer() -> None:
+    since, until = _window()
+    async with harness(parking("v1")) as t:
+        for n in range(2):
+            await t.publish("job.run", {"n": n})
+        await t.settle()
+        window = await read_window(t.worker.bus, ["job.*"], since, until)
+        applied = await apply_window(parking("v2"), "p", window, t.worker.bus, t.store)
+        parked, timers = await t.store.list_parked(), await t.store.list_timers()
+        decisions = await t.store.count_decisions("p")
+    assert (parked, timers, decisions, applied.committed) == ([], [], 2, 0)
+    assert [why for _, why in applied.failed] == [
+        "it asks (ctx.ask): an applied run cannot park, so it was not applied",
+        "it sleeps (ctx.sleep): an applied run cannot park, so it was not applied",
+    ]

@@ -9,7 +9,8 @@ is a duplicate that commits and publishes nothing new. State is the live state (
 window is re-processed into the system as it is now). Tool calls go over the bus to the
 running tool services under call ids derived from the new inbox id, so the first run's
 replies are not reused; model calls are made again (their journal is the new run's).
-A handler that parks on `ctx.ask` or raises is reported and not committed.
+A handler that would park (`ctx.ask`, `ctx.sleep`, `ctx.wait_for`) is stopped before it
+writes anything, and it and one that raises are reported and not committed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tidings.bus.base import Bus
 from tidings.errors import PolicyViolation, StateConflict
@@ -35,6 +36,46 @@ from tidings.store.records import Commit
 if TYPE_CHECKING:
     from tidings.app import App
     from tidings.replay import Window
+
+
+class CannotPark(Exception):
+    """Raised into an applied handler at a call that would park its event."""
+
+
+class ApplyContext(Context):
+    """`Context` for an applied run: a park (ask, sleep, wait_for) is refused before it writes.
+
+    A parked entry or timer of an applied run would be left in the live store (a question
+    in `tidings approvals`, a timer handing the event back to the live agent), so the
+    event is reported as not applied instead.
+    """
+
+    refused: CannotPark | None = None  # kept: a handler that catches it is still refused
+
+    def _refuse(self, what: str) -> CannotPark:
+        self.refused = self.refused or CannotPark(
+            f"it {what}: an applied run cannot park, so it was not applied"
+        )
+        return self.refused
+
+    async def ask(self, question: Any, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109
+        """Refused: the event is not applied."""
+        raise self._refuse("asks (ctx.ask)")
+
+    async def sleep(self, seconds: float) -> None:
+        """Refused: the event is not applied."""
+        raise self._refuse("sleeps (ctx.sleep)")
+
+    async def wait_for(
+        self,
+        type_pattern: str,
+        *,
+        match: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+        raise_on_timeout: bool = False,
+    ) -> Event | None:
+        """Refused: the event is not applied."""
+        raise self._refuse(f"waits for {type_pattern!r} (ctx.wait_for)")
 
 
 @dataclass(slots=True)
@@ -95,7 +136,7 @@ async def apply_window(
         if await committer.replay(spec.name, marker):  # applied before: re-publish only
             applied.duplicates += 1
             continue
-        ctx = Context(spec, event, key, 1, store, app.name, services)
+        ctx = ApplyContext(spec, event, key, 1, store, app.name, services)
         ctx.journal = Journal(store, spec.name, marker)
         seen = event
         started_at, started = now(), time.perf_counter()
@@ -105,12 +146,17 @@ async def apply_window(
             result = await spec.handler(seen, ctx)
             if ctx.parked is not None:
                 raise AgentParked(ctx.parked)
+            if ctx.refused is not None:
+                raise ctx.refused
             if ctx.guard.denials:  # even if the handler caught it: live commits no effect
                 raise PolicyViolation(str(ctx.guard.denials[0]), ctx.guard.denials[0].rule)
             decision = pipeline._decision(event, key, ctx, result, started_at,
                                           time.perf_counter() - started)  # fmt: skip
-        except AgentParked:
-            applied.failed.append((event.id, "parked on ctx.ask: not applied"))
+        except CannotPark as e:
+            applied.failed.append((event.id, str(e)))
+            continue
+        except AgentParked:  # parked some other way (nothing in the API today)
+            applied.failed.append((event.id, "parked: not applied"))
             continue
         except Exception as e:
             applied.failed.append((event.id, describe(e)))
