@@ -24,6 +24,7 @@ runs once, before the event is dead-lettered.
 from __future__ import annotations
 
 import base64
+import functools
 import inspect
 import time
 from collections import Counter
@@ -163,6 +164,7 @@ async def sleep(ctx: Context, seconds: float) -> None:
 # -- ctx.wait_for --------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=512)  # every event of a key is matched against its waits
 def _match_filter(match: str | None) -> CelFilter | None:
     if match is None:
         return None
