@@ -185,3 +185,26 @@ async def test_a_timer_scheduled_twice_fires_once(
         assert done.result == {"expired": "o-5"}
         (timer,) = await store.list_timers(kind="event")
         assert (timer.id, timer.status) == ("order:o-5:expiry", "fired")
+
+
+async def test_wait_for_can_raise_on_timeout_and_is_not_retried(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    app = App("shop")
+
+    @app.agent("strict", on="order.placed", key="data.order_id", waits=["payment.*"])
+    async def strict(event: Any, ctx: Any) -> None:
+        await ctx.wait_for("payment.charged", timeout=0.3, raise_on_timeout=True)
+
+    settings = settings_for(nats_url, namespace, tmp_path)
+    async with running(app, settings) as worker, Client(settings) as client:
+        store = worker.store
+        assert store is not None
+        await client.publish("order.placed", {"order_id": "o-7"})
+
+        async def dead() -> bool:
+            return bool(await store.list_dead_letters("strict"))
+
+        await eventually(dead, timeout=30, message="the timed-out wait dead-lettered")
+        (letter,) = await store.list_dead_letters("strict")
+        assert letter.error.startswith("WaitTimeout: ") and letter.attempts == 1
