@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import re
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -14,8 +14,10 @@ import structlog
 from tidings.config import Settings
 from tidings.errors import ConfigError
 from tidings.events import Event, check_pattern, matches
+from tidings.monitor import Rule, check_rules
 from tidings.policy import AgentRules, Policy, Rules
-from tidings.runtime.filters import Predicate, compile_filter
+from tidings.runtime.enrich import ProjectionSpec
+from tidings.runtime.filters import CelFilter, Predicate, compile_filter
 from tidings.runtime.outcomes import Backoff
 from tidings.runtime.saga_life import (
     DEFAULT_COMPENSATE_WITHIN,
@@ -27,6 +29,7 @@ from tidings.runtime.spec import DEFAULT_MAX_DEPTH, AgentSpec, Handler, Start
 from tidings.schemas.compat import Mode
 from tidings.schemas.registry import EventTypes, EventVersion, Upcaster
 from tidings.triggers.base import Trigger
+from tidings.windows import Window
 
 log = structlog.get_logger("tidings.app")
 
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
 StartupHook = Callable[["Client"], Coroutine[Any, Any, None]]
 TriggerT = TypeVar("TriggerT", bound=Trigger)
 ModelT = TypeVar("ModelT", bound=type[Any])
+Fold = Callable[[Any, Event], Any]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
@@ -61,8 +65,10 @@ class App:
         self.tools: dict[str, ToolSpec] = {}
         self.mcp_servers: list[McpServer] = []
         self.schemas = EventTypes()  # declared event types: @app.event, @app.upcaster
-        self.policy = Policy()  # what each agent may do: app.policy.agent(...), .entity(...)
+        self.projections: dict[str, ProjectionSpec] = {}  # read models: @app.projection
+        self.monitor_rules: list[Rule] = []  # the dead-letter monitor: app.dlq_monitor
         self.sagas: dict[str, SagaSpec] = {}  # app.saga(...)
+        self.policy = Policy()  # what each agent may do: app.policy.agent(...), .entity(...)
         self._llm: Models | None = None
 
     @property
@@ -214,6 +220,8 @@ class App:
         start: Start = "all",
         max_depth: int = DEFAULT_MAX_DEPTH,
         data_version: int | dict[str, int] | None = None,
+        windows: Mapping[str, Window] | None = None,
+        enrich: Mapping[str, Callable[..., Any]] | None = None,
         waits: Sequence[str] = (),
     ) -> Callable[[Handler], Handler]:
         """Declare an agent: `handler(event, ctx)` runs for each matching event.
@@ -230,8 +238,11 @@ class App:
         be before the agent dead-letters it as a loop; `data_version` the version of the
         declared event types the handler reads (one number, or one per type; default:
         `data_model`'s declared version, else the latest): older events are upcast;
-        `waits` the type patterns `ctx.wait_for` may wait for, whose events are kept per
-        key in the agent's mailbox (docs/workflows.md).
+        `windows` aggregates per key (``{"visits_1h": Count("1h", on="page.viewed")}``)
+        and `enrich` functions ``fn(event, ctx)`` that run, in that order, before `where`,
+        which reads them as ``w.visits_1h`` and ``e.name`` (docs/enrichment.md); `waits`
+        the type patterns `ctx.wait_for` may wait for, whose events are kept per key in
+        the agent's mailbox (docs/workflows.md).
         """
         if not _NAME_RE.match(name):
             raise ConfigError(f"agent name {name!r}: use letters, digits, '-' and '_'")
@@ -259,6 +270,7 @@ class App:
         elif start not in ("all", "new"):
             raise ConfigError(f"agent {name!r}: start={start!r}; use 'all', 'new' or a datetime")
         predicate = compile_filter(where)
+        _check_enrichment(name, predicate, windows or {}, enrich or {})
 
         def register(handler: Handler) -> Handler:
             if not inspect.iscoroutinefunction(handler):
@@ -280,11 +292,35 @@ class App:
                 start=start,
                 max_depth=max_depth,
                 data_version=data_version,
+                windows=dict(windows or {}),
+                enrich=dict(enrich or {}),
                 waits=tuple(waits),
             )
             return handler
 
         return register
+
+    def rules(self) -> Rules:
+        """The policy table as workers enforce it: `app.policy` with each agent's `emits=`.
+
+        A policy row naming an agent or tool this app does not declare is refused here,
+        since it would guard nothing.
+        """
+        rules = self.policy.resolve({name: spec.emits for name, spec in self.agents.items()})
+        rows = {name: rules.agents.get(name, AgentRules(name)) for name in self.agents}
+        for name, row in rules.agents.items():
+            if name not in self.agents:
+                raise ConfigError(
+                    f"app.policy names agent {name!r}, which app {self.name!r} does not"
+                    f" declare; declared: {sorted(self.agents)}"
+                )
+            for tool in row.tools or ():
+                if "*" not in tool and ">" not in tool and self.tools and tool not in self.tools:
+                    log.warning(
+                        "policy lets an agent call a tool this app does not serve",
+                        agent=name, tool=tool, served=sorted(self.tools),
+                    )  # fmt: skip
+        return Rules(rows, rules.entities, rules.publishers)
 
     def saga(
         self,
@@ -325,27 +361,40 @@ class App:
         self.sagas[name] = spec
         return spec
 
-    def rules(self) -> Rules:
-        """The policy table as workers enforce it: `app.policy` with each agent's `emits=`.
+    def projection(
+        self, name: str, *, on: str | Sequence[str], key: str | Callable[[Event], Any]
+    ) -> Callable[[Fold], Fold]:
+        """Declare a read model: ``fold(value, event) -> value`` kept per key, exactly once.
 
-        A policy row naming an agent or tool this app does not declare is refused here,
-        since it would guard nothing.
+        Every worker folds the events of `on` into the value of their `key` (None until
+        the first), each event once; enrichers and handlers read it with
+        ``await ctx.projection(name, key)`` (docs/enrichment.md). `fold` must be pure.
         """
-        rules = self.policy.resolve({name: spec.emits for name, spec in self.agents.items()})
-        rows = {name: rules.agents.get(name, AgentRules(name)) for name in self.agents}
-        for name, row in rules.agents.items():
-            if name not in self.agents:
-                raise ConfigError(
-                    f"app.policy names agent {name!r}, which app {self.name!r} does not"
-                    f" declare; declared: {sorted(self.agents)}"
-                )
-            for tool in row.tools or ():
-                if "*" not in tool and ">" not in tool and self.tools and tool not in self.tools:
-                    log.warning(
-                        "policy lets an agent call a tool this app does not serve",
-                        agent=name, tool=tool, served=sorted(self.tools),
-                    )  # fmt: skip
-        return Rules(rows, rules.entities, rules.publishers)
+        if not _NAME_RE.match(name):
+            raise ConfigError(f"projection name {name!r}: use letters, digits, '-' and '_'")
+        if name in self.projections:
+            raise ConfigError(f"projection {name!r} is declared twice in app {self.name!r}")
+        patterns = (on,) if isinstance(on, str) else tuple(on)
+        for pattern in patterns:
+            try:
+                check_pattern(pattern)
+            except ValueError as e:
+                raise ConfigError(f"projection {name!r}: {e}") from e
+
+        def register(fold: Fold) -> Fold:
+            self.projections[name] = ProjectionSpec(name, patterns, key, fold)
+            return fold
+
+        return register
+
+    def dlq_monitor(self, *rules: Rule) -> None:
+        """Watch the dead letters: `Alert`, `Transient` and `Escalate` rules (tidings.monitor).
+
+        Dead letters are grouped by agent, error class and a fingerprint of the message;
+        each rule fires once per pattern per window. One worker at a time runs it.
+        """
+        check_rules([*self.monitor_rules, *rules])
+        self.monitor_rules.extend(rules)
 
     def trigger(self, trigger: TriggerT) -> TriggerT:
         """Declare a trigger: a source outside (a schedule, a folder...) that publishes events.
@@ -371,6 +420,35 @@ class App:
         from tidings.client import Client
 
         return Client(settings=self.settings, source=f"/{self.name}", schemas=self.schemas)
+
+
+def _check_enrichment(
+    name: str, predicate: Predicate | None, windows: Mapping[str, Any],
+    enrich: Mapping[str, Any],
+) -> None:  # fmt: skip
+    """Refuse at declaration what would only fail per event: a where= reading no window."""
+    for window_name, window in windows.items():
+        if not isinstance(window, Window):
+            raise ConfigError(
+                f"agent {name!r}: windows={{{window_name!r}: ...}} takes Count, Sum, Min, Max,"
+                " Distinct or Collect from tidings.windows"
+            )
+        if not _NAME_RE.match(window_name) or "-" in window_name:
+            raise ConfigError(
+                f"agent {name!r}: window name {window_name!r}: use letters, digits and '_'"
+                " (it is read as w.<name> in where=)"
+            )
+    for enricher, fn in enrich.items():
+        if not callable(fn) or "-" in enricher or not _NAME_RE.match(enricher):
+            raise ConfigError(
+                f"agent {name!r}: enrich={{{enricher!r}: ...}} takes a function fn(event, ctx)"
+                " under a name of letters, digits and '_' (read as e.<name> in where=)"
+            )
+    if isinstance(predicate, CelFilter) and predicate.uses_enrichment and not (windows or enrich):
+        raise ConfigError(
+            f"agent {name!r}: where={predicate.source!r} reads w. or e., but the agent declares"
+            " no windows= or enrich=; declare them, or drop w./e. from the expression"
+        )
 
 
 def _warn_if_it_feeds_itself(

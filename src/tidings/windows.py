@@ -198,6 +198,23 @@ def Collect(
                    on_close=on_close, last=last)  # fmt: skip
 
 
+class _Drop:
+    """What an enricher returns to drop its event before the filter (counted)."""
+
+    _instance: _Drop | None = None
+
+    def __new__(cls) -> _Drop:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "DROP"
+
+
+DROP = _Drop()  # ``return DROP`` from an enricher (tidings.runtime.enrich)
+
+
 # -- state ------------------------------------------------------------------------------
 # {"wm": watermark ms or None, "b": {str(bucket start ms): aggregate}}
 
@@ -228,16 +245,20 @@ def accept(
     watermark = state.get("wm")
     verdict: Verdict = "added"
     start = bucket_of(window, t_ms)
-    if watermark is not None and start < _kept_from(window, watermark):
+    closed_to = state.get("ct")  # a tumbling window closed on time stays closed
+    if (watermark is not None and start < _kept_from(window, watermark)) or (
+        closed_to is not None and start < closed_to
+    ):
         if window.late == "drop":
             return state, "late"
-        start, verdict = bucket_of(window, watermark), "moved"
+        start, verdict = bucket_of(window, max(watermark or t_ms, closed_to or 0)), "moved"
     new_wm = t_ms if watermark is None else max(watermark, t_ms)
     slot = str(start)
+    new_bucket = slot not in buckets
     buckets[slot] = _add(window, buckets.get(slot), value, t_ms, event_id)
-    # Forget buckets no read can reach any more. A tumbling window's closed buckets go in
-    # `closing` (with the close they report), never here.
-    if not window.tumbling:
+    # Forget buckets no read can reach any more (only a new bucket can push one out). A
+    # tumbling window's closed buckets go in `closing` (with the close they report).
+    if new_bucket and not window.tumbling:
         oldest = _kept_from(window, new_wm)
         buckets = {s: a for s, a in buckets.items() if int(s) >= oldest}
     return {"wm": new_wm, "b": buckets, **_rest(state)}, verdict
@@ -274,7 +295,9 @@ def closing(
             del buckets[slot]
     if not closed:
         return state, []
-    return {"wm": state.get("wm"), "b": buckets, **_rest(state)}, closed
+    rest = _rest(state)
+    rest["ct"] = max(rest.get("ct") or 0, closed[-1].end_ms)
+    return {"wm": state.get("wm"), "b": buckets, **rest}, closed
 
 
 def next_close(window: Window, state: dict[str, Any]) -> int | None:

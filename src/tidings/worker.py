@@ -36,7 +36,10 @@ from tidings.runtime.approvals import Answers
 from tidings.runtime.commits import Committer
 from tidings.runtime.consumer import Consumer, DeadLetterHook, Processor
 from tidings.runtime.context import Services
+from tidings.runtime.dlq import PERIOD_S as MONITOR_PERIOD_S
+from tidings.runtime.dlq import DeadLetterMonitor
 from tidings.runtime.durable import SETTLE
+from tidings.runtime.enrich import WINDOW_CLOSE, ProjectionKeeper, Windows, window_closer
 from tidings.runtime.pipeline import AgentStats, Pipeline
 from tidings.runtime.sagas import SagaProcessor, SagaStats, dead_letter_notices
 from tidings.runtime.timers import TimerService
@@ -110,6 +113,7 @@ class Worker:
         # Every timer of the app (runtime/timers.py): register a kind's handler on it
         # before start() returns; it runs in workers that consume (not --triggers-only).
         self.timers: TimerService | None = None
+        self.monitor: DeadLetterMonitor | None = None  # app.dlq_monitor's rules
         self.mcp: list[McpBridge] = []
         self._phase: Literal["new", "starting", "started", "stopped"] = "new"
         self._published: Path | None = None
@@ -177,6 +181,8 @@ class Worker:
             # Replies before the agent, so a call made at once finds its reply recorded.
             await self._consume(ReplyRecorder(services.replies, spec.name), helper=True)
             pipeline = Pipeline(spec, services, self.app.name)
+            if pipeline.enrichment is not None:  # tumbling windows close on time
+                pipeline.enrichment.attach(self.timers)
             self.runners[spec.name] = await self._consume(pipeline)
         for saga in self.app.sagas.values() if self.consumes else ():
             processor = SagaProcessor(saga, self.bus, store, self.app.name, self.timers)
@@ -185,6 +191,12 @@ class Worker:
             tell = self._tell_sagas()
             for consumer in self.consumers:
                 consumer.on_dead_letter = tell
+        for projection in self.app.projections.values() if self.consumes else ():
+            await self._consume(ProjectionKeeper(projection, store))
+        if self.app.monitor_rules and self.consumes:  # one worker at a time, by lease
+            self.monitor = DeadLetterMonitor(self.app.monitor_rules, store, self.bus,
+                                             self.app.name)  # fmt: skip
+            self._every(MONITOR_PERIOD_S, self.monitor.tick)
         if agents:
             await self._consume(Answers(store, self.bus, self.app.name), helper=True)
         for spec in agents.values():
@@ -192,6 +204,8 @@ class Worker:
                 await self._consume(Mailbox(spec, store, self.bus), helper=True)
         if self.timers is not None:
             self.timers.register(SETTLE, settler(store, self.bus))  # ask, sleep, wait_for
+            self.timers.register(WINDOW_CLOSE, window_closer(self._windows, self.bus,
+                                                             f"/{self.app.name}"))  # fmt: skip
             self.timers.start()
         self.metrics.add(self.metric_source())
         client = Client(settings=self.settings, source=f"/{self.app.name}", bus=self.bus,
@@ -251,6 +265,14 @@ class Worker:
                 await tracing.publish(self.bus, notice)
 
         return tell
+
+    def _windows(self, agent: str) -> Windows | None:
+        """The windows of `agent` in this worker, for the timers that close them."""
+        consumer = self.runners.get(agent)
+        processor = consumer.processor if consumer is not None else None
+        if isinstance(processor, Pipeline) and processor.enrichment is not None:
+            return processor.enrichment.windows
+        return None
 
     def pipeline(self, agent: str) -> Pipeline:
         """The pipeline of one agent (for the gateway and tests)."""

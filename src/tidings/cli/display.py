@@ -34,6 +34,8 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
     # Events whose `where` could not be evaluated (a missing field): filtered as well, but a
     # sign of a broken filter rather than of events it rightly skips.
     ("filter\nerrors", "filter_errors", "filter_errors"),
+    # Stopped by windows, enrichers or where= before the handler (docs/enrichment.md).
+    ("before\ninference", "avoided", "inference_avoided"),
     ("handled", "handled", "handled"),
     ("duplicates", "duplicates", "duplicates"),
     ("retried", "retried", "retried"),

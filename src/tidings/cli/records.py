@@ -45,6 +45,7 @@ from tidings.cli.common import (
 from tidings.config import Settings
 from tidings.errors import MalformedEvent
 from tidings.events import Event, decode, id_ms
+from tidings.monitor import letter as monitor_letter
 from tidings.schemas.registry import Upcast, parse_dataschema
 from tidings.store import open_store
 from tidings.store.base import Store
@@ -127,14 +128,25 @@ def dlq_ls(
     agent: AgentOption = None,
     limit: LimitOption = 50,
     as_json: JsonOption = False,
+    group: Annotated[
+        bool,
+        typer.Option(
+            "--group",
+            help="One row per pattern (agent, error class, fingerprint of the message),"
+            " with how many and the newest, as the dead-letter monitor groups them.",
+        ),
+    ] = False,
 ) -> None:
-    """List dead letters, newest first."""
+    """List dead letters, newest first (--group: one row per pattern)."""
 
     async def work(settings: Settings) -> list[DeadLetter]:
         async with existing_store(settings) as store:
             return await store.list_dead_letters(agent, limit)
 
     records = execute(ctx, work)
+    if group:
+        _dlq_groups(records, limit, as_json)
+        return
     if as_json:
         print_json([dead_letter_json(r) for r in records])
         return
@@ -166,6 +178,34 @@ def dlq_ls(
                 whole(r.agent, f"{r.attempts} attempt{'s' if r.attempts != 1 else ''}"),
                 cut(Text(first_line(r.error), style="red"), local_time(r.created_at)),
             )
+    console.print(table)
+
+
+def _dlq_groups(records: list[DeadLetter], limit: int, as_json: bool) -> None:
+    """`tidings dlq ls --group`: the listed dead letters by pattern, largest first."""
+    groups: dict[str, dict[str, Any]] = {}
+    for r in records:  # newest first: the first of a pattern is its newest
+        found = monitor_letter(r.id, r.agent, r.event_type, r.error, 0)
+        entry = groups.setdefault(found.pattern, {
+            "pattern": found.pattern, "agent": r.agent, "error_class": found.error_class,
+            "fingerprint": found.fingerprint, "count": 0, "newest_id": r.id,
+            "newest_at": r.created_at, "error": first_line(r.error),
+        })  # fmt: skip
+        entry["count"] += 1
+    rows = sorted(groups.values(), key=lambda g: (-g["count"], g["pattern"]))
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        console.print("No dead letters.")
+        return
+    table = list_table(counted("dead letters", len(records), limit, "newest") + " by pattern")
+    for column in ("count", "agent", "error class", "fingerprint", "newest"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("error", overflow="ellipsis")
+    for g in rows:
+        table.add_row(str(g["count"]), g["agent"], g["error_class"], g["fingerprint"],
+                      local_time(g["newest_at"]), cut(g["error"], style="red"))  # fmt: skip
     console.print(table)
 
 

@@ -102,6 +102,10 @@ class AgentCounters(Protocol):
     parked: int
     retried: int
     dead_lettered: int
+    dropped_windows: int
+    dropped_enrichment: int
+    inference_avoided: int
+    window_updates: int
     latency: Histogram
 
 
@@ -421,6 +425,23 @@ _AGENT_COUNTERS = (
     ("parked", "tidings_events_parked", "Handler runs that parked on a question."),
     ("retried", "tidings_events_retried", "Deliveries handed back to be retried later."),
     ("dead_lettered", "tidings_events_dead_lettered", "Events an agent gave up on."),
+    # The enrichment layer (docs/enrichment.md): what it stopped before the handler.
+    (
+        "dropped_windows",
+        "tidings_events_dropped_windows",
+        "Trigger events a window refused as too late (past its grace).",
+    ),
+    (
+        "dropped_enrichment",
+        "tidings_events_dropped_enrichment",
+        "Trigger events an enricher dropped before the filter.",
+    ),
+    (
+        "inference_avoided",
+        "tidings_inference_avoided",
+        "Trigger events stopped by windows, enrichers or where= before the handler.",
+    ),
+    ("window_updates", "tidings_window_updates", "Window updates applied (per window)."),
 )
 _TOOL_COUNTERS = (
     ("calls", "tidings_tool_calls", "Tool calls served."),

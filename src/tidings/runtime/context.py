@@ -145,6 +145,8 @@ class Context:
         self._llm: LLM | None = None
         self._progress = 0
         self.undos: list[Undo] = []  # compensations registered by this run, in order
+        self.windows: dict[str, Any] = {}  # the agent's window values for this event
+        self.enriched: dict[str, Any] = {}  # what its enrichers added (``e.`` in where)
 
     @property
     def services(self) -> Services:
@@ -155,6 +157,11 @@ class Context:
                 " a handler run by a worker (or a Pipeline given services=)"
             )
         return self._services
+
+    async def projection(self, name: str, key: str) -> Any:
+        """The value projection `name` keeps for `key` (None if it keeps none)."""
+        snapshot = await self.state._store.load_row("projections", name, key)
+        return snapshot.values["data"]
 
     @property
     def llm(self) -> LLM:

@@ -37,7 +37,10 @@ def _environment() -> Any:
     if _ENVIRONMENT is None:
         from cel_expr_python import cel
 
-        _ENVIRONMENT = cel.NewEnv(variables={"data": cel.Type.DYN, "event": cel.Type.DYN})
+        # w and e: the agent's windows and enrichment (runtime/enrich.py), when it has any.
+        _ENVIRONMENT = cel.NewEnv(
+            variables={name: cel.Type.DYN for name in ("data", "event", "w", "e")}
+        )
     return _ENVIRONMENT
 
 
@@ -84,6 +87,16 @@ class CelFilter:
         attributes = {name: getattr(event, name) for name in ATTRIBUTES} if self.uses_event else {}
         return self._eval(event.data, attributes)
 
+    @property
+    def uses_enrichment(self) -> bool:
+        """Whether the expression reads windows (``w.``) or enrichment (``e.``)."""
+        return re.search(r"\b[we]\s*\.", self.source) is not None
+
+    def enriched(self, event: Event, w: dict[str, Any], e: dict[str, Any]) -> bool:
+        """As calling it, with the agent's window values and enrichment in scope."""
+        attributes = {name: getattr(event, name) for name in ATTRIBUTES} if self.uses_event else {}
+        return self._eval(event.data, attributes, {"w": w, "e": e})
+
     def on_data(self, data: Any) -> bool:
         """As calling it, for an expression that reads no ``event.`` attribute.
 
@@ -92,8 +105,13 @@ class CelFilter:
         assert not self.uses_event, self.source
         return self._eval(data, {})
 
-    def _eval(self, data: Any, attributes: dict[str, Any]) -> bool:
-        value = self.program.eval(data={"data": data, "event": attributes}).plain_value()
+    def _eval(
+        self, data: Any, attributes: dict[str, Any], extra: dict[str, Any] | None = None
+    ) -> bool:
+        scope = {"data": data, "event": attributes}
+        if extra is not None:
+            scope.update(extra)
+        value = self.program.eval(data=scope).plain_value()
         if value is True or value is False:
             return value
         reason = str(value).split(": ", 1)[-1]  # "UNKNOWN: No matching overloads ..."

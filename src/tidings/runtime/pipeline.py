@@ -36,6 +36,7 @@ from tidings.runtime.commits import Committer
 from tidings.runtime.consumer import Settled
 from tidings.runtime.context import Context, Services
 from tidings.runtime.durable import AgentParked
+from tidings.runtime.enrich import Enrichment
 from tidings.runtime.filters import CelFilter, FilterErrorReport, FilterMiss
 from tidings.runtime.outcomes import Ack, Backoff, DeadLetter, Outcome, describe
 from tidings.runtime.policing import rules_for
@@ -58,6 +59,11 @@ class AgentStats(Settled):
     duplicates: int = 0
     parked: int = 0
     denied: int = 0  # runs the policy denied (a decision with the rule, no effects)
+    # The enrichment layer (runtime/enrich.py): events it stopped before the handler.
+    dropped_windows: int = 0
+    dropped_enrichment: int = 0
+    inference_avoided: int = 0
+    window_updates: int = 0
     handler_seconds: float = 0.0
     latency: Histogram = field(default_factory=Histogram)  # per event, for the metrics
 
@@ -87,8 +93,14 @@ class Pipeline:
         self.stats = AgentStats()
         self.committer = Committer(services.bus, services.store)
         self.rules = rules_for(spec, services.policy)  # the policy table it runs under
+        self.enrichment = (
+            Enrichment(spec.name, spec.windows, spec.enrich, spec.predicate, spec.patterns,
+                       spec.key_of, services.store)
+            if spec.windows or spec.enrich else None
+        )  # fmt: skip
+        patterns = self.enrichment.patterns if self.enrichment is not None else spec.patterns
         self.consumer = ConsumerSpec(
-            spec.name, spec.patterns, start=spec.start, keyed=spec.key is not None
+            spec.name, patterns, start=spec.start, keyed=spec.key is not None
         )
         where = (
             spec.where if isinstance(spec.where, str) else getattr(spec.where, "__qualname__", "")
@@ -101,6 +113,7 @@ class Pipeline:
             if isinstance(predicate, CelFilter)
             and not predicate.uses_event
             and spec.data_model is None
+            and self.enrichment is None
             else None
         )
         # The declared types this agent reads and as which version; a missing upcaster
@@ -161,7 +174,7 @@ class Pipeline:
             except (MalformedEvent, ConfigError) as e:  # SchemaViolation: names the pointer
                 return DeadLetter(describe(e), None)
         predicate = self.spec.predicate
-        if predicate is not None:
+        if predicate is not None and self.enrichment is None:  # else after the windows
             try:
                 passed = predicate(self.spec.as_filtered(event))
             except FilterMiss as miss:
@@ -217,13 +230,34 @@ class Pipeline:
 
     async def _steps(self, delivery: Delivery, event: Event) -> Outcome:
         spec, store = self.spec, self.store
-        if await self.committer.replay(spec.name, event.id):  # 3
+        enrichment = self.enrichment
+        if enrichment is not None:  # windows first: an event feeds them once (enrich.py)
+            fed = await enrichment.feed(event, delivery.attempt)
+            self.stats.window_updates = enrichment.window_updates
+            if not enrichment.triggers(event):
+                return Ack("windowed")
+        # With enrichment, step 3 waits until the event passed its filter (below).
+        elif await self.committer.replay(spec.name, event.id):  # 3
             self.stats.duplicates += 1
             return Ack("duplicate")
 
         key = spec.key_of(event)  # 4
-        ctx = Context(spec, event, key, delivery.attempt, store, self.app_name, self.services,
-                      self.rules)  # fmt: skip
+        early = None  # with enrichers, the handler's context is made before the filter
+        if enrichment is not None:  # then enrichers and where: a drop costs no inference
+            if enrichment.enrichers:
+                early = Context(spec, event, key, delivery.attempt, store, self.app_name,
+                                self.services, self.rules)  # fmt: skip
+            stopped = await enrichment.before(event, fed, early)
+            if stopped is not None:
+                self._count_stop(stopped)
+                return Ack("filtered")
+            if await self.committer.replay(spec.name, event.id):  # 3, for what passed
+                self.stats.duplicates += 1
+                return Ack("duplicate")
+        ctx = early or Context(spec, event, key, delivery.attempt, store, self.app_name,
+                               self.services, self.rules)  # fmt: skip
+        if enrichment is not None:
+            enrichment.seen(ctx, fed)
         seen = event
         if spec.data_model is not None:
             seen = event.replace(data=spec.data_model.model_validate(event.data))
@@ -297,6 +331,17 @@ class Pipeline:
         log.warning("denied by policy", agent=self.spec.name, rule=denied.rule,
                     reason=denied.reason)  # fmt: skip
         return Ack("denied", decision)
+
+    def _count_stop(self, why: str) -> None:
+        """Count an event the enrichment layer stopped before the handler."""
+        stats = self.stats
+        if why == "late":
+            stats.dropped_windows += 1
+        elif why.startswith("enrichment"):
+            stats.dropped_enrichment += 1
+        else:
+            stats.filtered += 1
+        stats.inference_avoided += 1
 
     def _decision(
         self,

@@ -50,6 +50,9 @@ class AgentSpec:
     # The version of each declared event type the handler reads: one for all, or per
     # type; None: its data_model's declared version, else the latest (schemas/registry.py).
     data_version: int | Mapping[str, int] | None = None
+    # The enrichment layer (runtime/enrich.py): windows by name, enrichers by name.
+    windows: Mapping[str, Any] = field(default_factory=dict)
+    enrich: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
     # Type patterns `ctx.wait_for` may wait for: their events are kept in a mailbox per key.
     waits: tuple[str, ...] = ()
 

@@ -8,9 +8,11 @@
 - `Triggers`, what triggers keep: their status, cursors and leases;
 - `Timers`, the timer rows every worker claims and fires (`tidings.runtime.timers`);
 - `Waits`, what `ctx.wait_for` needs: each (agent, key)'s mailbox and its waits;
-- `Sagas`, where each saga instance is: its status and state, written by commits.
+- `Sagas`, where each saga instance is: its status and state, written by commits;
+- `Kept`, rows kept from events: windows, projections and the dead-letter monitor's
+  rules (`tidings.store.kept`).
 
-`Store` is all eight plus opening, closing and migrating; a backend (SQLite, PostgreSQL)
+`Store` is all nine plus opening, closing and migrating; a backend (SQLite, PostgreSQL)
 is chosen by URL scheme (`tidings.store.open_store`). Each part's guarantees are checked
 against real databases by its own contract suite, ``tests/contract/test_store_<part>.py``.
 
@@ -28,6 +30,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from tidings.store.kept import Kept
 from tidings.store.parking import AnswerStatus, ParkedStatus
 from tidings.store.records import (
     Commit,
@@ -569,7 +572,7 @@ class Sagas(abc.ABC):
         """How many sagas are in each status (guarantee 4)."""
 
 
-class Store(Effects, Records, StepJournal, Schemas, Triggers, Timers, Waits, Sagas, Budgets):
+class Store(Effects, Records, StepJournal, Schemas, Triggers, Timers, Waits, Sagas, Budgets, Kept):
     """Durable agent memory, idempotency inbox, outbox, decision ledger and dead letters."""
 
     url: str

@@ -26,6 +26,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from tidings.errors import AlreadyProcessed, ConfigError, StateConflict, StoreError
+from tidings.store import kept
 from tidings.store.batching import Batcher
 from tidings.store.codecs import (
     EncodedCommit,
@@ -38,6 +39,7 @@ from tidings.store.codecs import (
     state_conflict,
     utc_now,
 )
+from tidings.store.kept import RowCommit
 from tidings.store.records import Commit, StateSnapshot
 from tidings.store.schema import (
     INBOX,
@@ -298,6 +300,33 @@ class PostgresStore(SqlStore):
             )
         processed = {int(r[0]) for r in rows}
         return [n in processed for n in range(len(lookups))]
+
+    async def commit_rows(self, commits: Sequence[RowCommit]) -> list[Exception | None]:
+        """Kept rows and their markers in one transaction, each group in a savepoint.
+
+        A row read at a version another worker moved on changes nothing (READ COMMITTED
+        re-checks the version after that worker's commit), so the group is undone.
+        """
+        kept.check(commits)
+        now = utc_now()
+        groups = [kept.statements(c, now) for c in commits]
+        results: list[Exception | None] = []
+        sql = POSTGRES.sql
+        async with self._conn("commit_rows", transaction=True) as conn:
+            for commit, statements in zip(commits, groups, strict=True):
+                failed: Exception | None = None
+                savepoint = conn.transaction()
+                await savepoint.start()
+                for text, params, what in statements:
+                    if not _rowcount(await conn.execute(sql(text), *params)):
+                        failed = kept.failure(commit, what)
+                        break
+                if failed is None:
+                    await savepoint.commit()
+                else:
+                    await savepoint.rollback()
+                results.append(failed)
+        return results
 
     async def commit(self, commit: Commit) -> None:
         """Marker, state, decision and outbox in one transaction, shared with other commits."""

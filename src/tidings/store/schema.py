@@ -196,7 +196,7 @@ TABLES: Final = (
     STATE, INBOX, OUTBOX, DECISIONS, DEAD_LETTERS, PUBLISHES, JOURNAL, REPLIES, PARKED, TOOLS,
     FILTER_ERRORS, CORRELATIONS, SCHEMAS, TRIGGER_STATUS, TRIGGER_CURSORS, TRIGGER_LEASES,
     TIMERS, MAILBOX, WAIT_KEYS,
-    SAGAS, MIGRATIONS_LEDGER,
+    SAGAS, WINDOWS, PROJECTIONS, DLQ_RULES, MIGRATIONS_LEDGER,
 )  # fmt: skip
 
 
@@ -333,6 +333,9 @@ def _monitor_migration(t: dict[str, str]) -> Migration:
     )
 
 
+# Number 12 went to the policy table, whose budgets live in tidings_state: no change, kept
+# so the numbers stay one sequence on both backends (as migration 3 on SQLite).
+_POLICY_MIGRATION: Final = Migration(12, "the policy table (budgets are state rows)", ())
 _SQLITE_TYPES: Final = {"text": "TEXT", "bigint": "INTEGER", "ts": "TEXT"}
 _POSTGRES_TYPES: Final = {"text": "text", "bigint": "bigint", "ts": "timestamptz"}
 
@@ -488,6 +491,9 @@ SQLITE_MIGRATIONS: Final[tuple[Migration, ...]] = (
     ),
     _timers_migration(_TIMERS_SQLITE),
     _sagas_migration({"key": "TEXT", "text": "TEXT", "bigint": "INTEGER", "ts": "TEXT"}),
+    _POLICY_MIGRATION,
+    _kept_migration(_SQLITE_TYPES),
+    _monitor_migration(_SQLITE_TYPES),
 )
 
 
@@ -658,4 +664,7 @@ POSTGRES_MIGRATIONS: Final[tuple[Migration, ...]] = (
     _sagas_migration(
         {"key": 'text COLLATE "C"', "text": "text", "bigint": "bigint", "ts": "timestamptz"}
     ),
+    _POLICY_MIGRATION,
+    _kept_migration(_POSTGRES_TYPES),
+    _monitor_migration(_POSTGRES_TYPES),
 )

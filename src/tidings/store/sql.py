@@ -24,7 +24,7 @@ from functools import lru_cache
 from typing import Any, ClassVar, NamedTuple, get_args
 
 from tidings.errors import SchemaHistoryChanged, StateConflict
-from tidings.store import timing
+from tidings.store import kept, timing
 from tidings.store.base import Store
 from tidings.store.codecs import (
     MIN_PREFIX,
@@ -64,6 +64,7 @@ from tidings.store.codecs import (
     ts_text,
     utc_now,
 )
+from tidings.store.kept import RowTable
 from tidings.store.parking import (
     HANDBACK_S,
     AnswerStatus,
@@ -1095,6 +1096,22 @@ class SqlStore(Store):
             name,
             holder,
         )
+
+    # -- kept rows (windows, projections) ---------------------------------------------
+
+    async def load_row(self, table: RowTable, owner: str, key: str) -> StateSnapshot:
+        """One kept row: its data under "data" and its version (0: never written)."""
+        rows = await self._select("load_row", kept.select_row(table), owner, key)
+        if not rows:
+            return StateSnapshot({"data": None}, 0)
+        return StateSnapshot({"data": loads(rows[0]["data"])}, int(rows[0]["version"]))
+
+    async def list_rows(
+        self, table: RowTable, owner: str, limit: int = 1000
+    ) -> list[tuple[str, Any]]:
+        """(key, data) of one owner's rows that hold data, by key."""
+        rows = await self._select("list_rows", kept.select_rows(table), owner, max(limit, 0))
+        return [(str(r["key"]), loads(r["data"])) for r in rows]
 
     async def prune_trigger_statuses(self, before: datetime) -> int:
         """Delete status rows not updated since `before`."""

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from tidings.errors import AlreadyProcessed, ConfigError, StateConflict, StoreError
+from tidings.store import kept
 from tidings.store.batching import Batcher
 from tidings.store.codecs import (
     EncodedCommit,
@@ -39,6 +40,7 @@ from tidings.store.codecs import (
     state_conflict,
     utc_now,
 )
+from tidings.store.kept import RowCommit
 from tidings.store.records import Commit
 from tidings.store.schema import (
     INBOX,
@@ -282,6 +284,14 @@ class SqliteStore(SqlStore):
         """One write as one job in the batch's transaction, without a `Query`."""
         return await self._call(action, partial(_execute, sql, params, rows), write=True)
 
+    async def commit_rows(self, commits: Sequence[RowCommit]) -> list[Exception | None]:
+        """Kept rows and their markers, each group in a savepoint of the batch's transaction."""
+        kept.check(commits)
+        groups = [kept.statements(c, SQLITE.timestamp(utc_now())) for c in commits]
+        return await self._call(
+            "commit_rows", partial(_write_rows, list(commits), groups), write=True
+        )
+
     async def commit(self, commit: Commit) -> None:
         """Marker, state, decision and outbox together, in the batch's write transaction."""
         rows = encode_commit(commit)  # a value that cannot be stored fails before any write
@@ -366,6 +376,27 @@ def _execute(sql: str, params: tuple[Any, ...], rows: bool, db: sqlite3.Connecti
 
 def _run_queries(queries: Sequence[Query], db: sqlite3.Connection) -> list[Result]:
     return [_execute(q.sql, q.params, q.rows, db) for q in queries]
+
+
+def _write_rows(
+    commits: list[RowCommit],
+    groups: list[list[tuple[str, tuple[Any, ...], str]]],
+    db: sqlite3.Connection,
+) -> list[Exception | None]:
+    """Each group in its own savepoint: one that changes nothing where it must is undone."""
+    results: list[Exception | None] = []
+    for commit, statements in zip(commits, groups, strict=True):
+        db.execute("SAVEPOINT kept")
+        failed: Exception | None = None
+        for sql, params, what in statements:
+            if not db.execute(sql, params).rowcount:
+                failed = kept.failure(commit, what)
+                break
+        if failed is not None:
+            db.execute("ROLLBACK TO kept")
+        db.execute("RELEASE kept")
+        results.append(failed)
+    return results
 
 
 def _write_commit(c: EncodedCommit, now: object, db: sqlite3.Connection) -> None:

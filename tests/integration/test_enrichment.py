@@ -1,0 +1,150 @@
+"""The enrichment layer end to end: windows, enrichers and where before the handler, and
+projections, on the real pipeline and store."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from tidings import App, Context, Event
+from tidings.errors import ConfigError
+from tidings.llm.base import Request
+from tidings.llm.fake import FakeModel
+from tidings.testing import harness
+from tidings.windows import DROP, Collect, Count, Distinct, Sum, read
+
+BASE = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def at(minutes: float) -> str:
+    return (BASE + timedelta(minutes=minutes)).isoformat()
+
+
+def support_app(calls: list[str]) -> App:
+    app = App("support")
+
+    def answer(request: Request) -> str:
+        calls.append(str(request.messages[0]["content"]))
+        return "triaged"
+
+    app.llm.add(FakeModel(answer))
+
+    @app.projection("open_tickets", on=["ticket.opened", "ticket.closed"], key="data.customer")
+    def open_tickets(value: Any, event: Event) -> Any:
+        return event.type == "ticket.opened" or None
+
+    async def open_ticket(event: Event, ctx: Context) -> bool:
+        return bool(await ctx.projection("open_tickets", event.data["customer"]))
+
+    async def known(event: Event, ctx: Context) -> Any:
+        return DROP if event.data["customer"].startswith("bot") else True
+
+    @app.agent(
+        "triage",
+        on="support.message.received",
+        key="data.customer",
+        windows={
+            "help_visits_1h": Count("1h", on="page.viewed", where="data.path.startsWith('/help')"),
+        },
+        enrich={"known": known, "open_ticket": open_ticket},
+        where="w.help_visits_1h > 3 && e.open_ticket",
+    )
+    async def triage(event: Event, ctx: Context) -> dict[str, Any]:
+        answer = await ctx.llm.complete([{"role": "user", "content": event.data["customer"]}])
+        return {"answer": answer.text, "visits": ctx.windows["help_visits_1h"]}
+
+    return app
+
+
+async def test_the_scripted_llm_is_called_once_per_event_that_passed_every_step() -> None:
+    calls: list[str] = []
+    app = support_app(calls)
+    rng = random.Random(7)
+    customers = [f"c{n}" for n in range(30)] + ["bot1", "bot2"]
+    visits: dict[str, int] = defaultdict(int)
+    opened: set[str] = set()
+    async with harness(app) as h:
+        for customer in customers:
+            if rng.random() < 0.6:
+                await h.publish("ticket.opened", {"customer": customer})
+                opened.add(customer)
+                if rng.random() < 0.3:
+                    await h.publish("ticket.closed", {"customer": customer})
+                    opened.discard(customer)
+            for _ in range(rng.randrange(7)):
+                path = rng.choice(["/help/a", "/help/b", "/shop"])
+                await h.publish("page.viewed", {"customer": customer, "path": path}, time=at(1))
+                visits[customer] += path.startswith("/help")
+        await h.settle()
+        for customer in customers:
+            await h.publish("support.message.received", {"customer": customer}, time=at(2))
+        await h.settle()
+        passed = sorted(
+            c for c in customers if visits[c] > 3 and c in opened and not c.startswith("bot")
+        )
+        assert sorted(calls) == passed
+        stats = h.worker.stats()["triage"]
+        assert stats.handled == len(passed)
+        assert stats.inference_avoided == len(customers) - len(passed)
+        assert stats.dropped_enrichment == sum(visits[c] >= 0 for c in customers if "bot" in c)
+        decisions = await h.decisions("triage")
+        assert len(decisions) == len(passed)
+        for decision in decisions:  # what the filter saw is in the record
+            windows = next(s for s in decision.steps if s["kind"] == "windows")
+            assert windows["result"]["help_visits_1h"] == decision.result["visits"] > 3
+            enriched = {s["name"]: s["result"] for s in decision.steps if s["kind"] == "step"}
+            assert enriched == {"enrich.known": True, "enrich.open_ticket": True}
+
+
+async def test_windows_count_each_event_once_under_redelivery_and_out_of_order() -> None:
+    """Every event published twice (same id), in random order: each counted once."""
+    app = App("counts")
+    windows = {
+        "n": Count("1h", grace="30m"),
+        "total": Sum("1h", field="data.v", grace="30m"),
+        "users": Distinct("1h", field="data.user", grace="30m"),
+        "last": Collect("1h", last=3, field="data.v", grace="30m"),
+    }
+
+    @app.agent("tally", on="tick", key="data.key", windows=windows, where="false")
+    async def tally(event: Event, ctx: Context) -> None:
+        raise AssertionError("where=false: never handled")
+
+    rng = random.Random(11)
+    events = [
+        Event.create("tick", {"key": f"k{rng.randrange(50)}", "v": rng.randrange(100),
+                           "user": f"u{rng.randrange(20)}"}, time=at(rng.uniform(0, 50)))
+        for _ in range(600)
+    ]  # fmt: skip
+    copies = events + rng.sample(events, 200)
+    rng.shuffle(copies)
+    async with harness(app) as h:
+        for event in copies:
+            await h.publish_event(event)
+        await h.settle()
+        rows = dict(await h.store.list_rows("windows", "tally"))
+    by_key: dict[str, list[Event]] = defaultdict(list)
+    for event in events:
+        by_key[event.data["key"]].append(event)
+    end = int((BASE + timedelta(minutes=50)).timestamp() * 1000)
+    for key, mine in by_key.items():
+        state = rows[key]
+        assert read(windows["n"], state["n"], end) == len(mine)
+        assert read(windows["total"], state["total"], end) == sum(e.data["v"] for e in mine)
+        assert read(windows["users"], state["users"], end) == len({e.data["user"] for e in mine})
+        ordered = sorted(mine, key=lambda e: (e.time, e.id))
+        assert read(windows["last"], state["last"], end) == [e.data["v"] for e in ordered[-3:]]
+
+
+def test_declarations_refuse_what_would_fail_per_event() -> None:
+    app = App("bad")
+    with pytest.raises(ConfigError, match="declares no windows"):
+        app.agent("a", on="x", where="w.n > 1")
+    with pytest.raises(ConfigError, match="letters, digits and '_'"):
+        app.agent("b", on="x", windows={"help-visits": Count("1h")})
+    with pytest.raises(ConfigError, match=r"tidings\.windows"):
+        app.agent("c", on="x", windows={"n": 3})  # type: ignore[dict-item]
