@@ -35,7 +35,8 @@ import logging
 import os
 import time
 import uuid
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 import nats.errors
 import nats.js.errors
@@ -212,6 +213,13 @@ class PartitionedSubscription(Subscription):
             )
             part.renewed = sent
         except nats.js.errors.KeyWrongLastSequenceError:
+            # A renewal that timed out may still have been stored: then the lease is ours
+            # at a newer revision. Only another member's name means it was taken over.
+            held = await self._holder(part.number)
+            if held is not None and held[0] == self.member:
+                part.revision = held[1]
+                await self._renew(part)
+                return
             log.warning("agent %s: partition %d was taken over", self._spec.name, part.number)
             await self._drop(part)
 
@@ -226,7 +234,11 @@ class PartitionedSubscription(Subscription):
             self._kv = await self._bus._lease_bucket(patience=max(self.tick, 1.0))
         kv = self._kv
         self._joined = await kv.put(f"m.{self._token}.{self.member}", b"1")
-        await asyncio.gather(*(self._renew(p) for p in list(self.owned.values())))
+        renewed = await asyncio.gather(
+            *(self._renew(p) for p in list(self.owned.values())), return_exceptions=True
+        )
+        if failed := [r for r in renewed if isinstance(r, BaseException)]:
+            log.debug("agent %s: %d renewals failed: %s", self._spec.name, len(failed), failed[0])
         members = await self._members()
         if self.member not in members:
             members = sorted([*members, self.member])
@@ -234,9 +246,7 @@ class PartitionedSubscription(Subscription):
         for number, part in list(self.owned.items()):
             if wanted[number] != self.member and not part.releasing and not self._stopping:
                 part.releasing = True  # renewed until its deliveries are settled
-                task = asyncio.create_task(self._release(part))
-                self._releases.add(task)
-                task.add_done_callback(self._releases.discard)
+                self._spawn(self._release(part))
         for number, owner in enumerate(wanted):
             if owner == self.member and number not in self.owned and not self._stopping:
                 if time.monotonic() - began > self.tick:
@@ -248,6 +258,15 @@ class PartitionedSubscription(Subscription):
                         "agent %s: taking partition %d failed: %s", self._spec.name, number, e
                     )
 
+    async def _holder(self, number: int) -> tuple[str, int] | None:
+        """Who holds partition `number`'s lease, at which revision (None: nobody)."""
+        assert self._kv is not None
+        try:
+            entry = await self._kv.get(self._lease_key(number))
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        return (entry.value or b"").decode(), entry.revision or 0
+
     def _lease_key(self, number: int) -> str:
         return f"l.{self._token}.{number}"
 
@@ -258,18 +277,44 @@ class PartitionedSubscription(Subscription):
         try:
             revision = await self._kv.create(self._lease_key(number), self.member.encode())
         except nats.js.errors.KeyWrongLastSequenceError:
-            return  # still held (its owner is giving it up, or its lease has not expired)
+            held = await self._holder(number)
+            if held is None or held[0] != self.member:
+                return  # still held (its owner is giving it up, or its lease has not expired)
+            revision = held[1]  # an earlier create of ours that timed out was stored
         part = _Partition(number, revision, sent)
-        self.owned[number] = part
+        self.owned[number] = part  # renewed from now on, while its consumer is set up
+        self._spawn(self._open(part))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _open(self, part: _Partition) -> None:
+        """Set up and subscribe a partition just leased.
+
+        It runs beside the lease loop: a slow cluster must not hold back the renewals of
+        the other partitions.
+        """
         try:
-            part.sub = await self._subscribe(part)
-        except BaseException:
-            self.owned.pop(number, None)
-            with contextlib.suppress(Exception):
-                await self._kv.delete(self._lease_key(number), last=revision)
-            raise
+            sub = await self._subscribe(part)
+        except Exception as e:  # given back; the next round tries again
+            log.warning("agent %s: taking partition %d failed: %s", self._spec.name,
+                        part.number, e)  # fmt: skip
+            if self.owned.get(part.number) is part:
+                del self.owned[part.number]
+                assert self._kv is not None
+                with contextlib.suppress(Exception):
+                    await self._kv.delete(self._lease_key(part.number), last=part.revision)
+            return
+        if self.owned.get(part.number) is not part or part.releasing or self._stopping:
+            with contextlib.suppress(Exception):  # given up meanwhile
+                await sub.stop()
+            return
+        part.sub = sub
         self.moves += 1
-        log.info("agent %s: worker %s took partition %d", self._spec.name, self.member, number)
+        log.info("agent %s: worker %s took partition %d", self._spec.name, self.member,
+                 part.number)  # fmt: skip
 
     async def _subscribe(self, part: _Partition) -> NatsSubscription:
         """Start the partition's consumer, from its ack floor if a dead owner left work."""
@@ -318,9 +363,7 @@ class PartitionedSubscription(Subscription):
 
         def on_gap() -> None:
             if not part.releasing and self.owned.get(part.number) is part:
-                task = asyncio.create_task(self._restart(part))
-                self._releases.add(task)
-                task.add_done_callback(self._releases.discard)
+                self._spawn(self._restart(part))
 
         sub = NatsSubscription(
             bus, self._spec, config, on_delivery, name=config.durable_name, on_gap=on_gap
