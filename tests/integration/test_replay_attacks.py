@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -195,3 +196,31 @@ async def test_an_applied_run_that_would_park_leaves_no_question_or_timer() -> N
         "it asks (ctx.ask): an applied run cannot park, so it was not applied",
         "it sleeps (ctx.sleep): an applied run cannot park, so it was not applied",
     ]
+
+
+def publishing(version: str) -> App:
+    app = App("publishing")
+
+    @app.agent("c", on="job.*", version=version)
+    async def agent(event: Event, ctx: Context) -> dict[str, Any]:
+        if version == "v2":  # around ctx: its own client onto the app's bus
+            async with app.client() as client:
+                await client.publish("job.sneaked", {})
+        return {}
+
+    return app
+
+
+async def test_a_handler_publishing_with_its_own_app_client_reaches_no_real_bus() -> None:
+    since, until = _window()
+    v2 = publishing("v2")
+    async with harness(publishing("v1")) as t:
+        await t.publish("job.run", {})
+        await t.settle()
+        v2.settings = real = dataclasses.replace(v2.settings, bus=t.worker.bus.url)
+        before = len(t.worker.bus.broker.log)  # type: ignore[attr-defined]
+        report = await replay(v2, "c", since=since, until=until, bus=t.worker.bus,
+                              store=t.store)  # fmt: skip
+        assert len(t.worker.bus.broker.log) == before  # type: ignore[attr-defined]
+    assert [d.verdict for d in report.decisions] == ["same"]
+    assert v2.settings is real  # given back after the replay

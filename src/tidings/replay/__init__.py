@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -79,6 +80,7 @@ QUIET = 1.0  # seconds without a message: the stored history has been read
 FIRST = {True: 2.0, False: 5.0}  # the first message (a Kafka tail looks up offsets first)
 LOOKUP = 400  # event ids per store lookup of recorded decisions
 RUN_LIMIT = 300.0  # seconds one handler run may take in a replay before it is stopped
+SHADOW_BUS = "memory://tidings-replay-shadow"  # app.settings' bus during a replay
 MAX_EVENTS = 1_000_000  # events read from the bus per replay: the window is held in memory
 
 
@@ -405,6 +407,12 @@ async def replay(
                 f"no {' or '.join(spec.patterns)} event was stored in the window: check"
                 " --since and --until, and that TIDINGS_BUS is the bus the agent reads"
             )
-        await Replayer(app, spec, bus, store, options).replay(window, report, keys, limit)
+        # A handler's own `app.client()` publishes onto a throwaway in-memory bus meanwhile.
+        real = app.settings
+        app.settings = dataclasses.replace(real, bus=SHADOW_BUS, store="sqlite:///:memory:")
+        try:
+            await Replayer(app, spec, bus, store, options).replay(window, report, keys, limit)
+        finally:
+            app.settings = real
         report.llm_calls, report.llm_cost = options.llm_calls, round(options.llm_cost, 8)
         return report
