@@ -330,8 +330,20 @@ class PostgresStore(SqlStore):
 
     async def commit(self, commit: Commit) -> None:
         """Marker, state, decision and outbox in one transaction, shared with other commits."""
-        self._require(accepting=True)
+        pool = self._require(accepting=True)
         rows = encode_commit(commit)  # a value that cannot be stored fails before any write
+        if commit.saga is not None:
+            # Not in the batch statement, whose savepoint path would run a batch of them
+            # one after another on one connection: each in its own transaction, side by
+            # side on the pool. A saga's row is its own, so it waits on no agent's commit.
+            try:
+                async with pool.acquire() as conn:
+                    error = await self._commit_one(conn, rows, utc_now())
+            except _DRIVER_ERRORS as e:
+                raise self._failed("commit", e) from e
+            if error is not None:
+                raise error
+            return
         await self._commits.submit(rows)
 
     async def _commit_batch(self, batch: list[EncodedCommit]) -> list[BaseException | None]:
