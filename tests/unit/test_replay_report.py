@@ -126,3 +126,21 @@ def test_the_terminal_table_keeps_each_old_and_new_value_beside_its_field() -> N
     second = next(line for line in lines if "result.queue" in line)
     assert "billing" in first and "refunds" in first
     assert "billing" in second and "refunds" in second
+
+
+def test_a_call_not_made_is_in_the_terminal_and_the_html() -> None:
+    from rich.console import Console
+
+    from tidings.replay.render import terminal, to_html
+
+    old = Outcome(status="ok", result={"queue": "billing"})
+    new = Outcome(status="ok", result={"queue": "refunds"})
+    report = Report("support", "t0", "t1", "v2", None, False)
+    calls = [{"tool": "mail.send", "args": {"to": "c4"}, "stand_in": {"sent": True}}]
+    report.decisions.append(judge("support", "e1", "t", "c4", old, new, would_call=calls))
+    console = Console(width=120, record=True, color_system=None)
+    console.print(terminal(report))
+    row = next(line for line in console.export_text().splitlines() if "would call" in line)
+    assert "mail.send" in row and '{"to":"c4"}' in row and 'stand-in {"sent":true}' in row
+    page = to_html(report)
+    assert "would call mail.send with <code>{\n  &quot;to&quot;: &quot;c4&quot;\n}" in page

@@ -75,6 +75,9 @@ def _cells(d: DecisionDiff) -> list[tuple[str, str, str]]:
              for c in d.changes[:SHOWN]]  # fmt: skip
     if len(d.changes) > SHOWN:
         cells.append((f"{len(d.changes) - SHOWN} more fields in --json / --html", "", ""))
+    for call in d.would_call:  # not made: a tool with side effects
+        answer = f"stand-in {_short(call['stand_in'])}" if "stand_in" in call else "not called"
+        cells.append((f"would call {call['tool']}", _short(call.get("args")), answer))
     if d.blocked:
         cells.append(("blocked", "", d.blocked))
     return cells or [("", "", "")]
@@ -122,6 +125,10 @@ def to_html(report: Report) -> str:
                    f" ({e(d.event_type)}, key {e(str(d.key))})</h2>")  # fmt: skip
         if d.blocked:
             out.append(f"<p>blocked: {e(d.blocked)}</p>")
+        for call in d.would_call:  # not made: a tool with side effects
+            answer = f"stand-in {_dump(call['stand_in'])}" if "stand_in" in call else "not called"
+            out.append(f"<p>would call {e(str(call['tool']))} with <code>"
+                       f"{e(_dump(call.get('args')))}</code>: {e(answer)}</p>")  # fmt: skip
         if d.changes:
             out.append("<table><tr><th>field</th><th>old</th><th>new</th></tr>")
             for c in d.changes:
