@@ -144,3 +144,14 @@ def test_a_call_not_made_is_in_the_terminal_and_the_html() -> None:
     assert "mail.send" in row and '{"to":"c4"}' in row and 'stand-in {"sent":true}' in row
     page = to_html(report)
     assert "would call mail.send with <code>{\n  &quot;to&quot;: &quot;c4&quot;\n}" in page
+
+
+def test_a_bad_until_is_named_as_until() -> None:
+    from typer.testing import CliRunner
+
+    from tidings.cli import cli
+
+    given = ["replay", "a", "--since", "1d", "--until", "bogus", "--code", "x:app"]
+    result = CliRunner().invoke(cli, given)
+    assert result.exit_code == 1
+    assert "--until 'bogus' is neither a span back from now" in result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -33,7 +34,11 @@ def replay(
     ctx: typer.Context,
     agent: Annotated[str, typer.Argument(metavar="AGENT", help="The agent to replay.")],
     since: Annotated[
-        str, typer.Option(help="Window start: a span back from now (30m, 2h, 7d) or a time.")
+        str,
+        typer.Option(
+            help="Window start: a span back from now (30m, 2h, 7d) or a time (UTC unless"
+            " it has an offset)."
+        ),
     ],
     code: Annotated[
         str,
@@ -91,8 +96,8 @@ def replay(
     window is then run again for real.
     """
     now = datetime.now(UTC)
-    start = parse_since(since, now)
-    end = parse_since(until, now) if until is not None else now
+    start = _moment("--since", since, now)
+    end = _moment("--until", until, now) if until is not None else now
     if end < start:
         fail(f"--until {until!r} is before --since {since!r}: swap them")
     if max_changed is not None:
@@ -145,6 +150,17 @@ def replay(
             f" ({report.changed_share:.1%}), above --max-changed {max_changed}"
         )
         raise typer.Exit(GATE_EXIT)
+
+
+def _moment(option: str, text: str, now: datetime) -> datetime:
+    """`parse_since`, with an error that names the option that was given."""
+    try:
+        datetime.fromisoformat(text.strip())
+    except ValueError:
+        if not re.fullmatch(r"\s*\d+(?:\.\d+)?\s*[smhd]\s*", text):
+            fail(f"{option} {text!r} is neither a span back from now (30m, 2h, 7d) nor a"
+                 " time (2026-01-31T12:00, UTC unless it has an offset)")  # fmt: skip
+    return parse_since(text, now)
 
 
 def _show(report: Report, json_file: Path | None, html_file: Path | None) -> None:
