@@ -124,6 +124,9 @@ def looping(version: str) -> App:
 
     @app.agent("l", on="job.*", version=version)
     async def agent(event: Event, ctx: Context) -> dict[str, Any]:
+        if version == "v2" and event.data.get("n") == 1:  # its own timeout: an error
+            async with asyncio.timeout(0.01):
+                await asyncio.sleep(1)
         while version == "v2":  # a bug in the new code
             await asyncio.sleep(0.01)
         return {}
@@ -138,11 +141,14 @@ async def test_a_handler_that_never_returns_is_stopped_and_reported(
     since, until = _window()
     async with harness(looping("v1")) as t:
         await t.publish("job.run", {})
+        await t.publish("job.run", {"n": 1})
         await t.settle()
         report = await replay(looping("v2"), "l", since=since, until=until, bus=t.worker.bus,
                               store=t.store)  # fmt: skip
-    assert [d.verdict for d in report.decisions] == ["blocked"]
+    assert [d.verdict for d in report.decisions] == ["blocked", "changed"]
     assert "ran past 0.2 s in the replay" in (report.decisions[0].blocked or "")
+    assert report.decisions[1].new is not None
+    assert report.decisions[1].new.status == "dead_lettered"  # not stopped by the replay
 
 
 async def test_an_empty_window_and_a_cut_one_say_so(monkeypatch: pytest.MonkeyPatch) -> None:

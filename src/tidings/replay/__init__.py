@@ -241,19 +241,23 @@ class Replayer:
                             load, self.options)  # fmt: skip
         seen = event
         status, result, error = "ok", None, None
+        bound = asyncio.timeout(RUN_LIMIT)
         try:
             if spec.data_model is not None:
                 seen = event.replace(data=spec.data_model.model_validate(event.data))
-            async with asyncio.timeout(RUN_LIMIT):
+            async with bound:
                 result = _json(await spec.handler(seen, ctx))
         except Blocked:
             status = "blocked"
-        except TimeoutError:
-            status = "blocked"
-            ctx.blocked = ctx.blocked or (
-                f"the handler ran past {RUN_LIMIT:g} s in the replay and was stopped"
-                " (a loop, or a call that does not return?)"
-            )
+        except TimeoutError as e:
+            if bound.expired():
+                status = "blocked"
+                ctx.blocked = ctx.blocked or (
+                    f"the handler ran past {RUN_LIMIT:g} s in the replay and was stopped"
+                    " (a loop, or a call that does not return?)"
+                )
+            else:  # the handler's own timeout: as live
+                status, error = "dead_lettered", describe(e)
         except Exception as e:  # live: retried, then dead-lettered with this error
             status, error = "dead_lettered", describe(e)
         if ctx.guard.denials:  # as live: one "denied" decision, none of its effects
