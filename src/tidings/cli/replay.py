@@ -36,8 +36,9 @@ def replay(
     since: Annotated[
         str,
         typer.Option(
+            metavar="SPAN|TIME",
             help="Window start: a span back from now (30m, 2h, 7d) or a time (UTC unless"
-            " it has an offset)."
+            " it has an offset).",
         ),
     ],
     code: Annotated[
@@ -47,11 +48,16 @@ def replay(
         ),
     ],
     until: Annotated[
-        str | None, typer.Option(help="Window end, the same forms as --since; default: now.")
+        str | None,
+        typer.Option(
+            metavar="SPAN|TIME", help="Window end, the same forms as --since; default: now."
+        ),
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option(help="Send every model call to this model of the app, for real."),
+        typer.Option(
+            metavar="NAME", help="Send every model call to this model of the app, for real."
+        ),
     ] = None,
     reuse_llm: Annotated[
         bool,
@@ -60,10 +66,12 @@ def replay(
         ),
     ] = False,
     key: Annotated[
-        list[str] | None, typer.Option("--key", help="Only these entity keys (repeatable).")
+        list[str] | None,
+        typer.Option("--key", metavar="KEY", help="Only this entity key (repeatable)."),
     ] = None,
     limit: Annotated[
-        int | None, typer.Option(min=1, help="Compare at most this many decisions.")
+        int | None,
+        typer.Option(min=1, metavar="N", help="Compare at most this many decisions."),
     ] = None,
     json_file: Annotated[
         Path | None,
