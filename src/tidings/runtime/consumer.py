@@ -57,6 +57,17 @@ class Settled:
     last_error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Later(Ack):
+    """Screened with no I/O but acknowledged only once `done` resolves to the outcome.
+
+    A screen that started a write it must not ack before (an enrichment window's
+    commit) returns it; the delivery is settled off the hot path, without a lane.
+    """
+
+    done: asyncio.Future[Outcome] | None = None
+
+
 class Processor(Protocol):
     """One kind of consumer, as the loop sees it. It never settles a delivery itself."""
 
@@ -187,6 +198,9 @@ class Consumer:
             return
         screened = self.processor.screen(delivery)
         if isinstance(screened, Ack):  # the hot path: filtered out, acked inline
+            if isinstance(screened, Later) and screened.done is not None:
+                self._spawn(self._settle_later(delivery, screened.done))
+                return
             await delivery.ack()
             return
         if not isinstance(screened, Event):  # malformed: settle it off the hot path
@@ -199,6 +213,24 @@ class Consumer:
             self._spawn(self._drain(lane_id))
         else:
             lane.append((delivery, screened))
+
+    async def _settle_later(self, delivery: Delivery, done: asyncio.Future[Outcome]) -> None:
+        self.in_flight.add(delivery)
+        try:
+            try:
+                outcome = await done
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await delivery.nak(0)
+                raise
+            except Exception as exc:
+                processor = self.processor
+                outcome = outcome_for(
+                    exc, delivery.attempt, processor.max_attempts, processor.backoff
+                )
+            await self.settle(delivery, None, outcome)
+        finally:
+            self.in_flight.discard(delivery)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(work)

@@ -155,6 +155,39 @@ class RowKeeper:
         # No await from here to the queueing: the rows change in arrival order.
         if any(row.poisoned for row in rows.values()):
             raise StateConflict(f"{consumer}: a kept row was being reloaded; retried")
+        seen, future = self._apply(consumer, event_id, changes, rows)
+        try:
+            await future  # cancelled alone: the flusher skips a future that is done
+        finally:
+            self._events.pop((consumer, event_id), None)
+        return seen
+
+    def apply_cached(
+        self, consumer: str, event_id: str, changes: Mapping[RowId, Mutate]
+    ) -> tuple[dict[RowId, Any], asyncio.Future[None]] | None:
+        """`change` with no await, when every row is cached (else None: take `change`).
+
+        Returns the rows as changed and the future of their commit.
+        """
+        if (consumer, event_id) in self._events:
+            return None
+        rows: dict[RowId, _Row] = {}
+        for row_id in changes:
+            row = self.rows.get(row_id)
+            if row is None or row.poisoned:
+                return None
+            rows[row_id] = row
+        seen, future = self._apply(consumer, event_id, changes, rows)
+        future.add_done_callback(lambda _: self._events.pop((consumer, event_id), None))
+        return seen, future
+
+    def _apply(
+        self,
+        consumer: str,
+        event_id: str,
+        changes: Mapping[RowId, Mutate],
+        rows: dict[RowId, _Row],
+    ) -> tuple[dict[RowId, Any], asyncio.Future[None]]:
         seen: dict[RowId, Any] = {}
         for row_id, mutate in changes.items():
             rows[row_id].data = mutate(rows[row_id].data)
@@ -166,11 +199,7 @@ class RowKeeper:
         self._events[(consumer, event_id)] = future
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
-        try:
-            await future  # cancelled alone: the flusher skips a future that is done
-        finally:
-            self._events.pop((consumer, event_id), None)
-        return seen
+        return seen, future
 
     def _entry_for(self, consumer: str, rows: dict[RowId, _Row]) -> _Entry:
         """The pending entry these rows join: one entry per row, merged when they overlap."""
@@ -416,19 +445,12 @@ class Windows:
         except Exception:
             return None
 
-    async def feed(self, event: Event, attempt: int = 2) -> Fed:
-        """Update every window `event` feeds (once per event id), and read them for it.
-
-        A first delivery (`attempt` 1) skips the lookup of its marker: the marker's
-        insert in the same transaction refuses a copy that was kept before, and then
-        the event is retried and looks.
-        """
-        at = event_ms(event)
-        keys = {name: self.key_of(w, event) for name, w in self.windows.items()}
+    def _changes(
+        self, event: Event, at: int, keys: dict[str, str], verdicts: list[str]
+    ) -> tuple[dict[RowId, Mutate], int]:
+        """What `event` changes in its rows, as mutations; and how many windows it feeds."""
         fed = [(n, w) for n, w in self.windows.items() if self.feeds(n, w, event)]
         changes: dict[RowId, Mutate] = {}
-        late = 0
-        verdicts: list[str] = []
         for name, window in fed:
             row_id: RowId = ("windows", self.agent, keys[name])
             before = changes.get(row_id)
@@ -447,7 +469,60 @@ class Windows:
                 return data
 
             changes[row_id] = mutate
+        return changes, len(fed)
+
+    def _count(self, fed: int, verdicts: list[str]) -> int:
+        late = verdicts.count("late")
+        self.updates += fed - late
+        self.late += late
+        return late
+
+    def _values(self, at: int, keys: dict[str, str], rows: Mapping[RowId, Any]) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, window in self.windows.items():
+            data = rows[("windows", self.agent, keys[name])]
+            state = (data or {}).get(name) or empty()
+            values[name] = read(window, state, at)
+        return values
+
+    def feed_now(self, event: Event) -> tuple[Fed, asyncio.Future[None]] | None:
+        """`feed` with no await, when every row it reads is cached (else None: `feed`).
+
+        Returns what the event sees and the future of its commit.
+        """
+        if self.closing:
+            return None  # scheduling a close is I/O
+        at = event_ms(event)
+        keys = {name: self.key_of(w, event) for name, w in self.windows.items()}
+        verdicts: list[str] = []
+        changes, fed = self._changes(event, at, keys, verdicts)
+        if not changes:
+            return None
+        cached = self.keeper.rows
+        row_ids: set[RowId] = {("windows", self.agent, key) for key in keys.values()}
+        if any(row_id not in cached for row_id in row_ids):
+            return None
+        applied = self.keeper.apply_cached(self.consumer, event.id, changes)
+        if applied is None:
+            return None
+        seen, done = applied
+        late = self._count(fed, verdicts)
+        rows = {row_id: seen.get(row_id, cached[row_id].data) for row_id in row_ids}
+        return Fed(self._values(at, keys, rows), late, False, True), done
+
+    async def feed(self, event: Event, attempt: int = 2) -> Fed:
+        """Update every window `event` feeds (once per event id), and read them for it.
+
+        A first delivery (`attempt` 1) skips the lookup of its marker: the marker's
+        insert in the same transaction refuses a copy that was kept before, and then
+        the event is retried and looks.
+        """
+        at = event_ms(event)
+        keys = {name: self.key_of(w, event) for name, w in self.windows.items()}
+        verdicts: list[str] = []
+        changes, fed = self._changes(event, at, keys, verdicts)
         duplicate = written = False
+        late = 0
         rows: dict[RowId, Any] = {}
         if changes:
             if attempt > 1 and await self.keeper.store.is_processed(self.consumer, event.id):
@@ -460,18 +535,12 @@ class Windows:
                     duplicate = True
                 if written and self.closing:
                     await self._schedule_closes(event, at)
-                late = verdicts.count("late")
-                self.updates += len(fed) - late
-                self.late += late
-        values: dict[str, Any] = {}
-        for name, window in self.windows.items():
-            row_id = ("windows", self.agent, keys[name])
-            data = rows.get(row_id)
-            if data is None:
-                data = (await self.keeper.row(row_id)).data
-            state = (data or {}).get(name) or empty()
-            values[name] = read(window, state, at)
-        return Fed(values, late, duplicate, written)
+                late = self._count(fed, verdicts)
+        for key in keys.values():
+            row_id: RowId = ("windows", self.agent, key)
+            if row_id not in rows:
+                rows[row_id] = (await self.keeper.row(row_id)).data
+        return Fed(self._values(at, keys, rows), late, duplicate, written)
 
 
 _DROPPED = {"tidings.drop": True}  # how a DROP is journaled (JSON)
@@ -533,6 +602,41 @@ class Enrichment:
             return Fed({})
         return await self.windows.feed(event, attempt)
 
+    def fast(self, event: Event) -> tuple[str | None, Fed, asyncio.Future[None]] | None:
+        """Steps 1 and 3 with no await, for an agent without enrichers (else None).
+
+        Returns why the event stops (None: it passed), what it saw, and the future of
+        its window commit; None when a row must be loaded (the full path).
+        """
+        if self.enrichers or self.windows is None:
+            return None
+        got = self.windows.feed_now(event)
+        if got is None:
+            return None
+        fed, done = got
+        if not self.triggers(event):
+            return "windowed", fed, done
+        return self._judge(event, fed, {}), fed, done
+
+    def _judge(self, event: Event, fed: Fed, enriched: dict[str, Any]) -> str | None:
+        if fed.late and not fed.duplicate:
+            self.dropped_windows += 1
+            return "late"
+        predicate = self.predicate
+        if predicate is None:
+            return None
+        try:
+            if isinstance(predicate, CelFilter):
+                passed = predicate.enriched(event, fed.values, enriched)
+            else:
+                passed = predicate(event)
+        except Exception:
+            passed = False
+        if not passed:
+            self.filtered += 1
+            return "filtered"
+        return None
+
     async def before(self, event: Event, fed: Fed, ctx: Any) -> str | None:
         """Steps 2 and 3 for a trigger event: None to run the handler, else why it stops.
 
@@ -553,20 +657,7 @@ class Enrichment:
                 return f"enrichment:{name}"
             enriched[name] = value
         self.last_enriched = enriched
-        predicate = self.predicate
-        if predicate is None:
-            return None
-        try:
-            if isinstance(predicate, CelFilter):
-                passed = predicate.enriched(event, fed.values, enriched)
-            else:
-                passed = predicate(event)
-        except Exception:
-            passed = False
-        if not passed:
-            self.filtered += 1
-            return "filtered"
-        return None
+        return self._judge(event, fed, enriched)
 
     def seen(self, ctx: Any, fed: Fed) -> None:
         """Give the handler what its filter saw, and the decision record its windows.

@@ -18,6 +18,7 @@ Steps 1-2 are synchronous and cheap because most events stop there.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -33,10 +34,10 @@ from tidings.logs import bind_event, unbind
 from tidings.observability import tracing
 from tidings.observability.metrics import Histogram
 from tidings.runtime.commits import Committer
-from tidings.runtime.consumer import Settled
+from tidings.runtime.consumer import Later, Settled
 from tidings.runtime.context import Context, Services
 from tidings.runtime.durable import AgentParked
-from tidings.runtime.enrich import Enrichment
+from tidings.runtime.enrich import Enrichment, Fed
 from tidings.runtime.filters import CelFilter, FilterErrorReport, FilterMiss
 from tidings.runtime.outcomes import Ack, Backoff, DeadLetter, Outcome, describe
 from tidings.runtime.policing import rules_for
@@ -99,6 +100,8 @@ class Pipeline:
             if spec.windows or spec.enrich else None
         )  # fmt: skip
         patterns = self.enrichment.patterns if self.enrichment is not None else spec.patterns
+        # Events the screen fed and judged (`_fast`), by id, until their lane runs them.
+        self._prefed: dict[str, tuple[Fed, asyncio.Future[None]]] = {}
         self.consumer = ConsumerSpec(
             spec.name, patterns, start=spec.start, keyed=spec.key is not None
         )
@@ -173,6 +176,10 @@ class Pipeline:
                 event = self.schemas.upcast(event, self.reads[event.type]).event
             except (MalformedEvent, ConfigError) as e:  # SchemaViolation: names the pointer
                 return DeadLetter(describe(e), None)
+        if self.enrichment is not None and delivery.attempt == 1:
+            fast = self._fast(delivery, event)
+            if fast is not None:
+                return fast
         predicate = self.spec.predicate
         if predicate is not None and self.enrichment is None:  # else after the windows
             try:
@@ -185,6 +192,41 @@ class Pipeline:
                 self.stats.filtered += 1
                 return Ack("filtered")
         return event
+
+    def _fast(self, delivery: Delivery, event: Event) -> Event | Outcome | None:
+        """Windows and the filter in the screen, when no I/O is needed (enrich.py).
+
+        A dropped event is acked once its window commit is done, without a lane; one
+        that passed goes on to its lane with what it saw. None: the full path.
+        """
+        assert self.enrichment is not None
+        if isinstance(delivery, _Direct):
+            return None
+        got = self.enrichment.fast(event)
+        if got is None:
+            return None
+        why, fed, done = got
+        self.stats.window_updates = self.enrichment.window_updates
+        if why is None:
+            self._prefed[event.id] = (fed, done)
+            return event
+        if why != "windowed":
+            self._count_stop(why)
+        result: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        ack = Ack("windowed" if why == "windowed" else "filtered")
+
+        def settled(commit: asyncio.Future[None]) -> None:
+            if result.done():
+                return
+            if commit.cancelled():
+                result.cancel()
+            elif (error := commit.exception()) is not None:
+                result.set_exception(error)
+            else:
+                result.set_result(ack)
+
+        done.add_done_callback(settled)
+        return Later(ack.reason, done=result)
 
     def _drops(self, parsed: Parsed) -> bool:
         """Whether the filter drops it, judged before an Event is made; else the full path.
@@ -232,7 +274,12 @@ class Pipeline:
         spec, store = self.spec, self.store
         enrichment = self.enrichment
         if enrichment is not None:  # windows first: an event feeds them once (enrich.py)
-            fed = await enrichment.feed(event, delivery.attempt)
+            prefed = self._prefed.pop(event.id, None)
+            if prefed is not None:  # fed and judged in the screen: its commit first
+                fed, done = prefed
+                await done
+            else:
+                fed = await enrichment.feed(event, delivery.attempt)
             self.stats.window_updates = enrichment.window_updates
             if not enrichment.triggers(event):
                 return Ack("windowed")
