@@ -933,7 +933,19 @@ class NatsBus(Bus):
             return partitioned
         config = self._consumer_config(spec)
         await self._ensure_consumer(config)
-        sub = NatsSubscription(self, spec, config, handler)
+        return await self._start_subscription(spec, config, handler)
+
+    async def _start_subscription(
+        self,
+        spec: ConsumerSpec,
+        config: api.ConsumerConfig,
+        handler: DeliveryHandler,
+        *,
+        name: str | None = None,
+        on_gap: Callable[[], None] | None = None,
+    ) -> NatsSubscription:
+        """Subscribe to an existing consumer (an agent's, or one partition's)."""
+        sub = NatsSubscription(self, spec, config, handler, name=name, on_gap=on_gap)
         await sub.start()
         self._subscriptions.add(sub)
         return sub

@@ -318,8 +318,6 @@ class PartitionedSubscription(Subscription):
 
     async def _subscribe(self, part: _Partition) -> NatsSubscription:
         """Start the partition's consumer, from its ack floor if a dead owner left work."""
-        from tidings.bus.nats import NatsSubscription  # the module that imports this one
-
         bus = self._bus
         config = bus._consumer_config(self._spec, part.number)
         # Each owner has a deliver subject of its own: a fenced owner that is still
@@ -365,12 +363,9 @@ class PartitionedSubscription(Subscription):
             if not part.releasing and self.owned.get(part.number) is part:
                 self._spawn(self._restart(part))
 
-        sub = NatsSubscription(
-            bus, self._spec, config, on_delivery, name=config.durable_name, on_gap=on_gap
+        return await bus._start_subscription(
+            self._spec, config, on_delivery, name=config.durable_name, on_gap=on_gap
         )
-        await sub.start()
-        bus._subscriptions.add(sub)
-        return sub
 
     async def _restart(self, part: _Partition) -> None:
         """Deliver the partition again from its ack floor (deliveries were lost on the way).
