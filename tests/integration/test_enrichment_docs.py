@@ -4,12 +4,15 @@ from the command line as the README says."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tidings import App
 from tidings.monitor import Rule
@@ -89,3 +92,23 @@ def test_the_support_triage_example_prints_what_was_dropped_before_inference() -
     assert lines["messages"] == 210
     assert lines["inference calls avoided"] + lines["handled (one model call each)"] == 210
     assert lines["dropped by enrichers"] == 10 and lines["handled (one model call each)"] > 0
+
+
+@pytest.mark.nats
+async def test_tidings_agents_shows_the_windows_and_enrichers_declared(
+    nats_url: str, namespace: str, tmp_path: Path
+) -> None:
+    env = {**os.environ, "TIDINGS_BUS": nats_url, "TIDINGS_NAMESPACE": namespace,
+           "TIDINGS_HOME": str(tmp_path / "home"),
+           "TIDINGS_STORE": f"sqlite:///{tmp_path / 'store.db'}"}  # fmt: skip
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "tidings.cli", "agents", "examples.support_triage:app", "--json"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (triage,) = [row for row in json.loads(result.stdout) if row["name"] == "triage"]
+    assert triage["windows"] == {
+        "help_visits_1h": "count 3600s sliding on page.viewed where data.path.startsWith('/help')"
+    }
+    assert triage["enrich"] == ["known", "open_ticket"]

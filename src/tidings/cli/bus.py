@@ -301,6 +301,9 @@ def agents(
                 max_attempts=spec.max_attempts,
                 concurrency=spec.concurrency,
             )
+            if spec.windows or spec.enrich:  # the enrichment layer (docs/enrichment.md)
+                row["windows"] = {n: describe_window(w) for n, w in spec.windows.items()}
+                row["enrich"] = list(spec.enrich)
         elif app is not None and kind == "agent":
             row["declared"] = False
         rows.append(row)
@@ -308,6 +311,17 @@ def agents(
         print_json(rows)
         return
     _agents_table(rows, target=target)
+
+
+def describe_window(window: Any) -> str:
+    """A window as text: ``count 1h sliding on page.viewed where data.path...``."""
+    size = f"{window.size_ms / 1000:g}s"
+    text = f"{window.kind} {size} {'tumbling' if window.tumbling else 'sliding'}"
+    if window.on:
+        text += f" on {', '.join(window.on)}"
+    if isinstance(window.where, str):
+        text += f" where {window.where}"
+    return text
 
 
 def _errors(count: int) -> str:
