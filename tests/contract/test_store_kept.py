@@ -98,3 +98,21 @@ async def test_a_group_naming_a_row_twice_is_refused_before_any_write(store: Sto
             [RowCommit(KEEPER, (new_id(),), (write("c1", 1, 0), write("c1", 2, 0)))]
         )
     assert (await store.load_row("windows", "triage", "c1")).version == 0
+
+
+async def test_a_batch_of_groups_that_all_fit_is_written_whole(store: Store) -> None:
+    await store.commit_rows([RowCommit(KEEPER, (new_id(),), (write("c1", 1, 0),))])
+    ids = [new_id() for _ in range(4)]
+    results = await store.commit_rows(
+        [
+            RowCommit(KEEPER, (ids[0],), (write("c1", 2, 1),)),  # an update
+            RowCommit(KEEPER, (ids[1], ids[2]), (write("c2", 1, 0),)),  # a first version
+            RowCommit("projection-open", (ids[3],), (write("c9", True, 0, "projections"),)),
+        ]
+    )
+    assert results == [None, None, None]
+    assert (await store.load_row("windows", "triage", "c1")).values["data"] == 2
+    assert (await store.load_row("windows", "triage", "c1")).version == 2
+    assert await store.list_rows("projections", "triage") == [("c9", True)]
+    for consumer, event_id in [(KEEPER, ids[0]), (KEEPER, ids[2]), ("projection-open", ids[3])]:
+        assert await store.is_processed(consumer, event_id)

@@ -156,3 +156,61 @@ def check(commits: Sequence[RowCommit]) -> None:
         rows = [(w.table, w.owner, w.key) for w in commit.writes]
         if len(set(rows)) != len(rows) or len(set(commit.event_ids)) != len(commit.event_ids):
             raise ValueError(f"{commit.consumer}: a row commit names a row or an event twice")
+
+
+# PostgreSQL's fast path: a whole batch in a few statements over arrays (one per kind of
+# write and table), kept only if every one changed exactly the rows it names; otherwise
+# the batch is rolled back and redone group by group (`statements`, one savepoint each).
+BATCH_MARKERS = (
+    "INSERT INTO tidings_inbox (agent, event_id, processed_at)"
+    " SELECT q.c, q.e, $3 FROM unnest($1::text[], $2::text[]) AS q(c, e)"
+    " ON CONFLICT DO NOTHING"
+)
+
+
+def batch_update(table: RowTable) -> str:
+    """Every update of `table` in the batch, each only over the version it was read at."""
+    return (
+        f"UPDATE {TABLE_NAMES[table]} AS w SET data = q.d, version = w.version + 1,"
+        " updated_at = $5 FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])"
+        " AS q(o, k, d, v) WHERE w.owner = q.o AND w.key = q.k AND w.version = q.v"
+    )
+
+
+def batch_insert(table: RowTable) -> str:
+    """Every first version of a row of `table` in the batch."""
+    return (
+        f"INSERT INTO {TABLE_NAMES[table]} (owner, key, data, version, updated_at)"
+        " SELECT q.o, q.k, q.d, 1, $4 FROM unnest($1::text[], $2::text[], $3::text[])"
+        " AS q(o, k, d) ON CONFLICT DO NOTHING"
+    )
+
+
+def batch(commits: Sequence[RowCommit], now: object) -> list[tuple[str, tuple[Any, ...], int]]:
+    """The fast path's statements, with their parameters and the rows each must change.
+
+    Rows are written in (table, owner, key) order, so two workers' batches lock them in
+    one order and cannot deadlock on each other.
+    """
+    writes = sorted((w for c in commits for w in c.writes), key=lambda w: (w.table, w.owner, w.key))
+    out: list[tuple[str, tuple[Any, ...], int]] = []
+    for table in TABLE_NAMES:
+        mine = [w for w in writes if w.table == table]
+        updates = [w for w in mine if w.expected_version]
+        inserts = [w for w in mine if not w.expected_version]
+        if updates:
+            out.append((batch_update(table), (
+                [w.owner for w in updates], [w.key for w in updates],
+                [dumps(w.data, f"{table} row {w.owner}/{w.key}") for w in updates],
+                [w.expected_version for w in updates], now,
+            ), len(updates)))  # fmt: skip
+        if inserts:
+            out.append((batch_insert(table), (
+                [w.owner for w in inserts], [w.key for w in inserts],
+                [dumps(w.data, f"{table} row {w.owner}/{w.key}") for w in inserts], now,
+            ), len(inserts)))  # fmt: skip
+    markers = sorted((c.consumer, e) for c in commits for e in c.event_ids)
+    if markers:
+        out.append((BATCH_MARKERS, ([c for c, _ in markers], [e for _, e in markers], now),
+                    len(markers)))  # fmt: skip
+    return out

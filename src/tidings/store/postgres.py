@@ -309,6 +309,15 @@ class PostgresStore(SqlStore):
         """
         kept.check(commits)
         now = utc_now()
+        if len(commits) > 1:  # the whole batch at once, unless one group fails
+            try:
+                async with self._conn("commit_rows", transaction=True) as conn:
+                    for text, params, want in kept.batch(commits, now):
+                        if _rowcount(await conn.execute(text, *params)) != want:
+                            raise _RowsMoved
+                return [None] * len(commits)
+            except _RowsMoved:
+                pass  # rolled back: find the group that failed, one savepoint each
         groups = [kept.statements(c, now) for c in commits]
         results: list[Exception | None] = []
         sql = POSTGRES.sql
@@ -431,6 +440,10 @@ class PostgresStore(SqlStore):
 
 def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
+
+
+class _RowsMoved(Exception):
+    """A kept-rows batch changed fewer rows than it names: redo it group by group."""
 
 
 def _rowcount(status: str) -> int:
