@@ -17,24 +17,21 @@ CPU µs per event of the contender's process, and the ratio to the faster raw ro
 target is at least 0.3x raw. Afterwards the server's consumer info must show every event
 acked and nothing redelivered, or the row is marked FAILED.
 
-Figures (2-core machine shared with other work, load average 6-9; one rep each):
+Figures (2-core machine shared with other work, load average 5-7; one rep each, at
+849f0c5):
 
     20,000 events             events/s   CPU us/event   x raw   rows/txn
-    raw nats-py, pull            6,217           47.5    1.00          -
-    raw nats-py, push            5,546           37.3    0.89          -
-    window, SQLite                 767          402.2    0.12      233.6
-    window, PostgreSQL             326          890.2    0.05      262.0
+    raw nats-py, pull           20,204           37.2    1.00          -
+    raw nats-py, push           18,935           33.1    0.94          -
+    window, SQLite               2,742          308.9    0.14      236.4
+    window, PostgreSQL           2,096          346.4    0.10      267.7
 
-    5,000 events (another run): raw push 14,908/s, 32.8 us; window SQLite 1,057/s,
-    342.8 us (0.07x); PostgreSQL 320/s, 891.1 us (0.02x).
-
-The target is not met. Grouping works (a transaction carries 100-260 row writes), so
-the cost is per event in the process: about 350-400 us of CPU on SQLite against raw's
-35-50, about what a handled event costs on the exactly-once path (the agent's CEL filter
-with the window values, the row's accept and JSON encoding, the commit's future, the
-settle). PostgreSQL runs each group's statements one by one inside the transaction
-(a savepoint per group: two round trips per event); one statement per batch, as the
-agents' commit does, is the next step there.
+The 0.3x target is not met. Grouping works (a transaction carries 230-270 row writes;
+on PostgreSQL a batch is a few statements over arrays), so the cost is per event in the
+process: about 300-350 us of CPU against raw's 33-37. A first delivery whose row is
+cached is fed and judged in the screen and acked when its commit is done, without a
+lane; what is left is the agent's CEL filter over the window values, the row's accept
+and JSON encoding, the commit's futures and the settle, each per event.
 """
 
 from __future__ import annotations
