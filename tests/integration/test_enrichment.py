@@ -198,3 +198,21 @@ async def test_an_event_kept_before_is_not_counted_again(attempt: int) -> None:
             assert isinstance(outcome, Ack), outcome
         rows = dict(await h.store.list_rows("windows", "tally"))
         assert read(Count("1h"), rows["k"]["n"], int(time.time() * 1000)) == 5
+
+
+def test_tidings_run_shows_what_was_stopped_before_inference_when_an_agent_enriches() -> None:
+    from rich.console import Console
+
+    from tidings.cli.display import stats_view, summary_line
+    from tidings.runtime.pipeline import AgentStats
+
+    stats = {"triage": AgentStats(received=210, filtered=193, inference_avoided=203, handled=7)}
+    console = Console(width=80, record=True, color_system=None)
+    console.print(stats_view(stats))
+    table = console.export_text()
+    assert "inference" in table and "…" not in table
+    row = next(line.split() for line in table.splitlines() if line.startswith("triage"))
+    assert row == ["triage", "210", "193", "0", "203", "7", "0", "0", "0"]
+    assert "avoided=203" in summary_line(stats)
+    plain = {"notifier": AgentStats(received=4, handled=4)}
+    assert "avoided" not in summary_line(plain)  # no column for agents without enrichment

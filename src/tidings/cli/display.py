@@ -34,14 +34,22 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
     # Events whose `where` could not be evaluated (a missing field): filtered as well, but a
     # sign of a broken filter rather than of events it rightly skips.
     ("filter\nerrors", "filter_errors", "filter_errors"),
-    # Stopped by windows, enrichers or where= before the handler (docs/enrichment.md).
-    ("before\ninference", "avoided", "inference_avoided"),
     ("handled", "handled", "handled"),
     ("duplicates", "duplicates", "duplicates"),
     ("retried", "retried", "retried"),
     ("dead\nletters", "dead-lettered", "dead_lettered"),
 )
 ALERTS = frozenset({"filter_errors", "dead_lettered"})  # shown in red when not zero
+# Shown after "filtered" only when an agent has windows or enrichers (docs/enrichment.md):
+# events they and where= stopped before the handler.
+AVOIDED = ("before\ninference", "avoided", "inference_avoided")
+
+
+def _counters(stats: Mapping[str, AgentStats]) -> tuple[tuple[str, str, str], ...]:
+    if not any(s.inference_avoided or s.window_updates for s in stats.values()):
+        return COUNTERS
+    at = [field for _, _, field in COUNTERS].index("filter_errors") + 1
+    return (*COUNTERS[:at], AVOIDED, *COUNTERS[at:])
 
 
 def describe_where(spec: AgentSpec) -> str:
@@ -113,12 +121,13 @@ def stats_view(stats: Mapping[str, AgentStats]) -> Group:
     table.padding = (0, 0)  # one space between columns (the box's), the most room for names
     # The name is the column that gives way (folded onto more lines), never a counter.
     table.add_column("agent", style="cyan", overflow="fold")
-    for title, _, _ in COUNTERS:
+    shown = _counters(stats)
+    for title, _, _ in shown:
         table.add_column(Text(title), justify="right", no_wrap=True)
     errors = []
     for name, counters in stats.items():
         cells: list[Text] = []
-        for _, _, field in COUNTERS:
+        for _, _, field in shown:
             value = getattr(counters, field)
             style = "dim" if not value else "red" if field in ALERTS else ""
             cells.append(Text(str(value), style=style))
@@ -133,8 +142,9 @@ def stats_view(stats: Mapping[str, AgentStats]) -> Group:
 def summary_line(stats: Mapping[str, AgentStats]) -> str:
     """The counters as one plain line, for logs."""
     parts = []
+    shown = _counters(stats)
     for name, counters in stats.items():
-        values = " ".join(f"{key}={getattr(counters, field)}" for _, key, field in COUNTERS)
+        values = " ".join(f"{key}={getattr(counters, field)}" for _, key, field in shown)
         error = f" last_error={counters.last_error!r}" if counters.last_error else ""
         parts.append(f"{name}: {values}{error}")
     return " | ".join(parts) or "no agents"
