@@ -241,6 +241,7 @@ _AFTER_INDEX: Final = (
     "CREATE UNIQUE INDEX tidings_schemas_after ON tidings_schemas (event_type, after_version)"
 )
 
+
 def _timers_migration(t: dict[str, str]) -> Migration:
     """Migration 10 in one dialect (`t`: its type names and JSON builder).
 
