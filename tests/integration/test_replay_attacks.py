@@ -230,3 +230,20 @@ async def test_a_handler_publishing_with_its_own_app_client_reaches_no_real_bus(
         assert len(t.worker.bus.broker.log) == before  # type: ignore[attr-defined]
     assert [d.verdict for d in report.decisions] == ["same"]
     assert v2.settings is real  # given back after the replay
+
+
+async def test_an_agent_with_windows_or_enrichers_is_refused_with_the_reason() -> None:
+    """Replay does not compute windows or enrichers: it says so instead of diffing wrong."""
+    from tidings.errors import ConfigError
+    from tidings.windows import Count
+
+    app = App("enriched")
+
+    @app.agent("a", on="job.*", key="data.k", windows={"n": Count("1h")}, where="w.n > 3")
+    async def agent(event: Event, ctx: Context) -> None:
+        return None
+
+    since, until = _window()
+    async with harness(app) as h:
+        with pytest.raises(ConfigError, match="windows= or enrich="):
+            await replay(app, "a", since=since, until=until, bus=h.worker.bus, store=h.store)

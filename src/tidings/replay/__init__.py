@@ -380,6 +380,12 @@ async def replay(
         raise ConfigError(
             f"app {app.name!r} has no agent {agent!r}; its agents: {sorted(app.agents)}"
         )
+    if spec.windows or spec.enrich:
+        raise ConfigError(
+            f"agent {agent!r} declares windows= or enrich=: a replay does not compute"
+            " windows or enrichers yet, so its verdicts would be wrong; replay an agent"
+            " without them (docs/replay.md, limits)"
+        )
     if model is not None and model not in app.llm:
         raise ConfigError(
             f"--model {model!r} is not registered in app {app.name!r}; register it with"
