@@ -62,6 +62,26 @@ class Budget:
     def __post_init__(self) -> None:
         if self.over not in ("hold", "dead_letter"):
             raise ConfigError(f"Budget(over={self.over!r}): use 'hold' or 'dead_letter'")
+        given = {
+            "llm_tokens_per_hour": self.llm_tokens_per_hour,
+            "llm_cost_per_hour": self.llm_cost_per_hour,
+            "tool_calls_per_minute": self.tool_calls_per_minute,
+        }
+        for metric, value in given.items():
+            whole = metric != "llm_cost_per_hour"  # tokens and calls are counted whole
+            if value is None:
+                continue
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or (whole and not float(value).is_integer())
+            ):
+                unit = metric.rsplit("_per_", 1)[1]
+                raise ConfigError(
+                    f"Budget({metric}={value!r}): give a {'whole ' if whole else ''}number"
+                    f" per {unit}, e.g. {metric}={'30' if whole else '2.5'} (the name"
+                    " carries the unit)"
+                )
         for metric, limit in self.limits().items():
             if limit < 0 or not math.isfinite(limit):
                 raise ConfigError(f"Budget({metric}={limit!r}): use a finite number >= 0")
@@ -273,7 +293,7 @@ class Policy:
         """
         if name in self._entities:
             raise ConfigError(f"policy entity {name!r} is declared twice")
-        if not key.startswith(("data.", "subject")):
+        if not (key == "subject" or (key.startswith("data.") and len(key) > 5)):
             raise ConfigError(
                 f"policy entity {name!r}: key={key!r}; use a dotted path such as"
                 " 'data.order_id' or 'subject'"
@@ -284,7 +304,9 @@ class Policy:
             except ValueError as e:
                 raise ConfigError(f"policy entity {name!r}: {e}") from e
         known = set(states.values())
-        moves = {src: tuple(dst) for src, dst in transitions.items()}
+        moves = {
+            src: (dst,) if isinstance(dst, str) else tuple(dst) for src, dst in transitions.items()
+        }
         for src, dsts in moves.items():
             for state in (src, *dsts):
                 if state not in known:

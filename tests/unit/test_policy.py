@@ -109,3 +109,23 @@ def test_the_table_as_json_and_as_nats_permissions() -> None:
     assert '"shop.events.order.shipped"' not in conf
     free = conf.split('user: "free"')[1]
     assert '"shop.events.>"' in free
+
+
+def test_a_budget_in_the_wrong_unit_names_the_field_and_its_unit() -> None:
+    for bad in ({"tool_calls_per_minute": "30/min"}, {"tool_calls_per_minute": 2.5},
+                {"llm_tokens_per_hour": True}, {"llm_cost_per_hour": "$2"}):  # fmt: skip
+        with pytest.raises(ConfigError, match=r"number per (minute|hour), e\.g\."):
+            Budget(**bad)  # type: ignore[arg-type]
+    assert Budget(llm_cost_per_hour=2.5, tool_calls_per_minute=30.0).limits()
+
+
+def test_an_entity_move_given_as_one_state_and_a_bad_key() -> None:
+    policy = Policy().entity(
+        "order", key="data.order_id", states={"order.placed": "placed", "order.paid": "paid"},
+        transitions={"placed": "paid"},
+    )  # fmt: skip
+    entity = policy.resolve({}).entities[0]
+    assert entity.transitions == {"placed": ("paid",)}
+    for key in ("subjectfoo", "data."):
+        with pytest.raises(ConfigError, match="use a dotted path"):
+            Policy().entity("o", key=key, states={"o.placed": "placed"}, transitions={})
