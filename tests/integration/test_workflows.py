@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 
 from tests.helpers import eventually, running, settings_for
-from tidings import App
+from tidings import App, Context, Event
 from tidings.client import Client
 from tidings.events import decode
 from tidings.runtime.workflows import Mailbox
 from tidings.store import Decision
 from tidings.store.base import Store
+from tidings.testing import harness
 
 pytestmark = pytest.mark.nats
 
@@ -208,3 +209,30 @@ async def test_wait_for_can_raise_on_timeout_and_is_not_retried(
         await eventually(dead, timeout=30, message="the timed-out wait dead-lettered")
         (letter,) = await store.list_dead_letters("strict")
         assert letter.error.startswith("WaitTimeout: ") and letter.attempts == 1
+
+
+# ctx.sleep and ctx.wait_for refuse durations no timer can be due at (NaN, inf, < 0): NaN
+# reached the store as a NULL due time (a StoreError, retried forever as infrastructure
+# trouble), inf as an Infinity PostgreSQL's JSON refuses, and a negative wait_for timeout
+# was taken as already timed out.
+@pytest.mark.parametrize(
+    ("call", "value"),
+    [("sleep", "nan"), ("sleep", "inf"), ("wait", "nan"), ("wait", "inf"), ("wait", "-1")],
+)
+async def test_a_duration_no_timer_can_keep_dead_letters_the_event(call: str, value: str) -> None:
+    app = App("shop")
+
+    @app.agent("waiter", on="go", key="data.k", waits=["paid"], max_attempts=1)
+    async def waiter(event: Event, ctx: Context) -> Any:
+        seconds = float(event.data["s"])
+        if event.data["call"] == "sleep":
+            await ctx.sleep(seconds)
+        else:
+            await ctx.wait_for("paid", timeout=seconds)
+
+    async with harness(app) as t:
+        await t.publish("go", {"k": "a", "s": value, "call": call})
+        await t.settle(timeout=10)
+        (letter,) = await t.dead_letters("waiter")
+        assert letter.error.startswith("ValueError: ") and "finite" in letter.error
+        assert await t.store.list_timers() == []

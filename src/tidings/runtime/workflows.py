@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import functools
 import inspect
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Collection
@@ -133,8 +134,8 @@ def _park(ctx: Context, parked_id: str) -> AgentParked:
 
 async def sleep(ctx: Context, seconds: float) -> None:
     """`ctx.sleep`: park the event until `seconds` from the first run have passed."""
-    if seconds < 0:
-        raise ValueError(f"ctx.sleep takes a duration >= 0 seconds, got {seconds}")
+    if not math.isfinite(seconds) or seconds < 0:  # NaN or inf: no due time to store
+        raise ValueError(f"ctx.sleep takes a finite duration >= 0 seconds, got {seconds}")
     store = ctx.services.store
     digest = args_hash(seconds)
     started = time.perf_counter()
@@ -210,6 +211,10 @@ async def wait_for(
 ) -> Event | None:
     """`ctx.wait_for`: the first event of `pattern` for this key (matching `match`)."""
     check_pattern(pattern)
+    if timeout is not None and (not math.isfinite(timeout) or timeout < 0):
+        raise ValueError(
+            f"ctx.wait_for takes a finite timeout >= 0 seconds (None: wait for good), got {timeout}"
+        )
     _match_filter(match)  # a match= that does not compile fails here, at the first run
     waits = ctx._spec.waits
     if not any(matches(declared, t) for declared in waits for t in _samples(pattern)):
