@@ -18,6 +18,7 @@ import pytest
 from tests.helpers import eventually, running, settings_for, subject_counts
 from tidings import App, Backoff, Context, Event
 from tidings.client import Client
+from tidings.errors import PolicyViolation
 from tidings.llm import Completion
 from tidings.llm.fake import FakeModel
 from tidings.policy import Budget
@@ -318,3 +319,41 @@ async def test_what_a_denied_run_did_is_undone_once(
     assert done == Counter({"charged": 1, "refunded": 42})
     (denied,) = await decisions(settings.store_url, "billing")
     assert (denied.status, denied.rule) == ("denied", "emits:billing")
+
+
+async def test_a_handler_that_catches_its_denial_makes_no_further_call_or_emit(
+    nats_url: str, namespace: str, tmp_path: Path, store_url: str
+) -> None:
+    calls: Counter[str] = Counter()
+    app = App("shop")
+    app.policy.agent("billing", tools=["card.charge"])
+    tried: list[str] = []
+
+    @app.tool("card.charge")
+    async def charge(args: dict[str, int]) -> dict[str, int]:
+        calls["card.charge"] += 1
+        return args
+
+    @app.agent("billing", on="order.placed", emits=["order.paid"], backoff=FAST)
+    async def billing(event: Event, ctx: Context) -> None:
+        for attempt in ("order.refunded", "order.refunded", "order.paid"):
+            try:  # retries the denied emit, then tries an allowed one
+                await ctx.emit(attempt, {})
+            except PolicyViolation as e:
+                tried.append(e.rule)
+        try:
+            await ctx.tool("card.charge", {"n": 1})
+        except PolicyViolation as e:
+            tried.append(e.rule)
+
+    settings = settings_for(nats_url, namespace, tmp_path, store_url)
+    app.settings = settings
+    async with running(app, settings) as worker, Client(settings) as client:
+        await client.publish("order.placed", {"order_id": "o1"})
+        seq = await last_seq(nats_url, namespace)
+        await eventually(lambda: worker.stats()["billing"].denied == 1)
+    assert calls == Counter()  # no call went out after the denial
+    assert tried == ["emits:billing"] * 4
+    assert await last_seq(nats_url, namespace) == seq  # nothing emitted, no tool invoke
+    (denied,) = await decisions(settings.store_url, "billing")
+    assert (denied.status, denied.rule, denied.emitted) == ("denied", "emits:billing", [])

@@ -65,8 +65,19 @@ class Guard:
         self.denials.append(denied)
         return PolicyViolation(str(denied), denied.rule)
 
+    def stopped(self) -> None:
+        """Raise the run's denial again once it has one.
+
+        A handler that catches it and goes on makes no further emit, tool call or model
+        call: the run is denied.
+        """
+        if self.denials:
+            first = self.denials[0]
+            raise PolicyViolation(f"{first}; this run is already denied", first.rule)
+
     def check_emit(self, event_type: str) -> None:
         """Raise (and record) unless the agent may emit `event_type`."""
+        self.stopped()
         denied = self.rules.emit(self.agent, event_type)
         if denied is not None:
             raise self.deny(denied)
@@ -108,6 +119,7 @@ class Guard:
 
     def check_tool(self, tool: str) -> None:
         """Raise (and record) unless the agent may call `tool`."""
+        self.stopped()
         denied = self.rules.tool(self.agent, tool)
         if denied is not None:
             raise self.deny(denied)
@@ -120,6 +132,7 @@ class Guard:
 
     async def check_llm(self) -> None:
         """Raise if an hourly model budget is spent (a call is charged once it is known)."""
+        self.stopped()
         budget = self.rules.budget(self.agent)
         if budget is None:
             return
