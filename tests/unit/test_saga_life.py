@@ -227,6 +227,16 @@ def test_classify_and_key() -> None:
         ({"steps": [Step("a", done="x", compensated="z")]}, "give compensate="),
         ({"timeout": "soon"}, "write a duration"),
         ({"steps": [Step("a", done="x.*")]}, "without wildcards"),
+        # A path on no event: the saga would silently take none of them.
+        ({"key": "order_id"}, "write 'data.order_id'"),
+        ({"key": "data..k"}, "not a path on an event"),
+        # One type for two steps: the second could never complete.
+        ({"steps": [Step("a", done="x"), Step("b", done="x")]}, "needs a type of its own"),
+        ({"timeout": -5}, "finite and >= 0"),
+        ({"timeout": float("nan")}, "finite and >= 0"),
+        ({"failure_grace": "-1"}, "write a duration"),
+        ({"timeout": 0}, "would end it at once"),
+        ({"compensate_within": "0s"}, "would end it at once"),
     ],
 )
 def test_mistakes_name_their_fix(kwargs: dict[str, object], says: str) -> None:

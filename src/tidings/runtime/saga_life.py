@@ -22,6 +22,8 @@ the inboxes' dedupe drop the copy.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -86,13 +88,19 @@ FINAL: Final[tuple[SagaStatus, ...]] = ("completed", "compensated")
 def seconds(value: str | float | timedelta, what: str) -> float:
     """A duration as seconds: ``"5m"``, ``"90s"``, ``"1.5h"``, a number, or a timedelta."""
     if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, int | float):
-        return float(value)
-    match = _DURATION.match(value)
-    if match is None:
-        raise ConfigError(f"{what}={value!r}: write a duration such as '30s', '5m', '2h' or '1d'")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+        result = value.total_seconds()
+    elif isinstance(value, int | float):
+        result = float(value)
+    else:
+        match = _DURATION.match(value)
+        if match is None:
+            raise ConfigError(
+                f"{what}={value!r}: write a duration such as '30s', '5m', '2h' or '1d'"
+            )
+        result = float(match.group(1)) * _UNITS[match.group(2)]
+    if not math.isfinite(result) or result < 0:
+        raise ConfigError(f"{what}={value!r}: a duration is finite and >= 0 ('30s', '5m')")
+    return result
 
 
 def saga_id(saga: str, key: str) -> str:
@@ -162,7 +170,10 @@ class SagaSpec:
             raise ConfigError(f"saga {name!r}: steps= needs at least one Step(name, done=...)")
         if not starts:
             raise ConfigError(f"saga {name!r}: start= needs the type that starts the process")
+        if isinstance(key, str):
+            _check_key(name, key)
         seen: dict[str, Step] = {}
+        by_type: dict[str, str] = {}
         for step in steps:
             if not isinstance(step, Step):
                 raise ConfigError(f"saga {name!r}: steps= holds Step(...) values, not {step!r}")
@@ -174,6 +185,14 @@ class SagaSpec:
                     " give compensate= too"
                 )
             seen[step.name] = step
+            for kind in (step.done, step.compensated):
+                if kind is not None and kind in by_type:
+                    raise ConfigError(
+                        f"saga {name!r}: {kind!r} is what step {by_type[kind]!r} waits for;"
+                        f" step {step.name!r} needs a type of its own"
+                    )
+                if kind is not None:
+                    by_type[kind] = step.name
             for kind in (step.done, step.compensate, step.compensated):
                 if kind is not None and ("*" in kind or ">" in kind):
                     raise ConfigError(
@@ -189,6 +208,14 @@ class SagaSpec:
                 raise ConfigError(f"saga {name!r}: {e}") from e
         if max_attempts < 1:
             raise ConfigError(f"saga {name!r}: max_attempts must be >= 1")
+        bounds = [("timeout", timeout), ("compensate_within", compensate_within),
+                  *((f"step {s.name!r}: within", s.within) for s in steps)]  # fmt: skip
+        for what, bound in bounds:
+            if bound is not None and seconds(bound, f"saga {name!r}: {what}") == 0:
+                raise ConfigError(
+                    f"saga {name!r}: {what}={bound!r} would end it at once: give a duration"
+                    " > 0 (timeout=None: no limit)"
+                )
         return cls(
             name=name, start=starts, key=key, steps=tuple(steps), fails_on=fails,
             timeout=None if timeout is None else seconds(timeout, f"saga {name!r}: timeout"),
@@ -222,6 +249,18 @@ class SagaSpec:
         """The saga key an event carries, or None when it carries none."""
         value = self.key(event) if callable(self.key) else lookup(event, self.key)
         return None if value is None or value == "" else str(value)
+
+
+def _check_key(saga: str, key: str) -> None:
+    """A dotted key path starts at a field of the event; else no event would carry it."""
+    fields = {f.name for f in dataclasses.fields(Event)}
+    head, *rest = key.split(".")
+    if head not in fields or "" in rest:
+        hint = f": write 'data.{key}'" if head not in fields and key else ""
+        raise ConfigError(
+            f"saga {saga!r}: key={key!r} is not a path on an event (it starts with a field"
+            f" such as data, subject or type){hint}"
+        )
 
 
 # -- signals: what the driver makes of an event -------------------------------------------
