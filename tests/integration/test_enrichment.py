@@ -216,3 +216,44 @@ def test_tidings_run_shows_what_was_stopped_before_inference_when_an_agent_enric
     assert "avoided=203" in summary_line(stats)
     plain = {"notifier": AgentStats(received=4, handled=4)}
     assert "avoided" not in summary_line(plain)  # no column for agents without enrichment
+
+
+async def test_an_event_stamped_years_ahead_does_not_make_every_later_event_late() -> None:
+    app = App("skew")
+
+    @app.agent("a", on="x", key="data.k", windows={"c": Count("1h")}, where="true")
+    async def a(event: Event, ctx: Context) -> dict[str, Any]:
+        return {"c": ctx.windows["c"]}
+
+    now = datetime.now(UTC)
+    async with harness(app) as h:
+        await h.publish("x", {"k": "k1"}, time=(now + timedelta(days=3650)).isoformat())
+        for _ in range(3):
+            await h.publish("x", {"k": "k1"}, time=now.isoformat())
+        await h.settle()
+        seen = sorted(d.result["c"] for d in await h.decisions("a"))
+    # The wrong clock's event counts at now; the three real ones are not dropped as late.
+    assert seen == [1, 2, 3, 4]
+
+
+async def test_a_time_without_an_offset_is_utc(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a worker whose local zone is 5 h behind UTC, read as local time the second event
+    # (10 min after the first, in UTC) would be 5 h 10 min after it, in another hour.
+    monkeypatch.setenv("TZ", "EST+05")
+    time.tzset()
+    app = App("naive")
+
+    @app.agent("a", on="x", key="data.k", windows={"c": Count("1h")}, where="true")
+    async def a(event: Event, ctx: Context) -> dict[str, Any]:
+        return {"c": ctx.windows["c"]}
+
+    then = datetime.now(UTC) - timedelta(hours=6)
+    async with harness(app) as h:
+        await h.publish("x", {"k": "k1"}, time=(then - timedelta(minutes=10)).isoformat())
+        naive = then.replace(tzinfo=None)
+        await h.publish("x", {"k": "k1"}, time=naive.isoformat())
+        await h.settle()
+        seen = sorted(d.result["c"] for d in await h.decisions("a"))
+    monkeypatch.undo()
+    time.tzset()
+    assert seen == [1, 2]

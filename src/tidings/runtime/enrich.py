@@ -51,13 +51,25 @@ from tidings.windows import DROP, Window, accept, bucket_of, closing, empty, rea
 RowId = tuple[RowTable, str, str]  # table, owner, key
 WINDOW_CLOSE = "window.close"  # the timer kind that closes a tumbling window on time
 Mutate = Callable[[Any], Any]
+FUTURE_SKEW_MS = 5 * 60_000  # an event stamped further ahead than this is placed at now
 
 
 def event_ms(event: Event) -> int:
-    """The event's CloudEvents time, as epoch milliseconds (now when it has none)."""
+    """The event's CloudEvents time, as epoch milliseconds (now when it has none).
+
+    A time without an offset is UTC. A time more than `FUTURE_SKEW_MS` ahead of this
+    worker's clock is taken as now, like a missing one: a producer with a wrong clock
+    must not move a key's watermark years ahead, which would drop every real event of
+    that key as late from then on.
+    """
+    now_ms = int(time.time() * 1000)
     if event.time is None:
-        return int(time.time() * 1000)
-    return int(datetime.fromisoformat(event.time).timestamp() * 1000)
+        return now_ms
+    stamped = datetime.fromisoformat(event.time)
+    if stamped.tzinfo is None:
+        stamped = stamped.replace(tzinfo=UTC)
+    t_ms = int(stamped.timestamp() * 1000)
+    return now_ms if t_ms > now_ms + FUTURE_SKEW_MS else t_ms
 
 
 def _iso(ms: int) -> str:
