@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -72,3 +73,28 @@ def test_the_example_prints_the_compensation_in_reverse_order() -> None:
     ]
     assert sum("saga fulfilment: completed" in line for line in lines) == 2
     assert "sagas: {'compensated': 1, 'completed': 2}" in done.stdout
+
+
+async def test_saga_ls_at_80_columns_shows_each_status_and_its_steps(
+    shop: types.ModuleType, tmp_path: Path
+) -> None:
+    # Before, six no-wrap columns (the whole id, the time) cut the status to "compen…"
+    # and left no room for the steps done or the reason.
+    from tidings.testing import harness
+
+    url = f"sqlite:///{tmp_path / 'tidings.db'}"
+    async with harness(shop.app, store=url) as t:
+        await t.publish("order.placed", {"order_id": "o1"})
+        await t.settle()
+        (saga,) = await t.store.list_sagas("fulfilment")
+    runner = CliRunner()
+    out = await asyncio.to_thread(
+        runner.invoke, cli, ["--store", url, "saga", "ls"], env={"COLUMNS": "80"}
+    )
+    assert out.exit_code == 0, out.output
+    assert "compensated" in out.output and "(undone)" in out.output, out.output
+    assert "shipment.failed" in out.output and saga.id[:13] in out.output
+    shown = await asyncio.to_thread(
+        runner.invoke, cli, ["--store", url, "saga", "show", saga.id[:13]]
+    )
+    assert shown.exit_code == 0 and saga.id in shown.output

@@ -41,6 +41,7 @@ StatusOption = Annotated[
     typer.Option(metavar="<status>", help="running, compensating, stuck, completed, "
                  "compensated, or all."),
 ]  # fmt: skip
+SHORT_ID = 13  # characters of a saga's id in `saga ls` (12 hex digits)
 NameOption = Annotated[str | None, typer.Option("--saga", "-s", help="Only this saga.")]
 LimitOption = Annotated[int, typer.Option(min=1, help="At most this many, last changed first.")]
 
@@ -80,13 +81,14 @@ def saga_ls(
         return
     total = counts.get(status) if status != "all" else sum(counts.values())
     table = list_table(counted("sagas", len(records), limit, "last changed", total))
-    for column in ("id", "saga", "key", "status", "changed"):
+    # 80 columns: the id's first 13 characters (a prefix `show` takes), no time (--json
+    # and `show` have it); the steps and the reason wrap.
+    for column in ("id", "saga", "key", "status"):
         table.add_column(column, no_wrap=True)
-    table.add_column("steps done", overflow="fold")
+    table.add_column("steps done", overflow="fold", min_width=12)
     table.add_column("reason", overflow="fold")
     for r in records:
-        table.add_row(r.id, r.saga, r.key, r.status, local_time(r.updated_at), _steps(r),
-                      r.reason or "")  # fmt: skip
+        table.add_row(r.id[:SHORT_ID], r.saga, r.key, r.status, _steps(r), r.reason or "")
     console.print(table)
     console.print(" ".join(f"{k}: {v}" for k, v in sorted(counts.items())), markup=False)
 
