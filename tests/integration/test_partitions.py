@@ -20,6 +20,7 @@ from tests.helpers import eventually, settings_for
 from tidings import Event, Settings
 from tidings.bus.nats import NatsBus
 from tidings.bus.nats_partitions import owners
+from tidings.errors import BusError
 from tidings.store import open_store
 from tidings.worker import Worker
 
@@ -158,3 +159,12 @@ async def test_a_partitioned_stream_keeps_its_layout_for_every_process(
         await other.close()
         await made.close()
     await asyncio.sleep(0)
+
+
+async def test_replicas_on_a_single_server_name_the_fix(nats_url: str, namespace: str) -> None:
+    bus = NatsBus(nats_url, namespace=namespace, replicas=3)
+    try:
+        with pytest.raises(BusError, match=r"not clustered.*set replicas = 1.*--cluster 3"):
+            await bus.connect()
+    finally:
+        await bus.close()

@@ -80,6 +80,7 @@ _LOG_EVERY = 30.0  # seconds between repeats of one connection warning
 MAX_CONTROL_LINE = 4096
 MAX_SUBJECT_BYTES = MAX_CONTROL_LINE - 256
 _STREAM_EXISTS = 10058  # "stream name already in use with a different configuration"
+_NOT_CLUSTERED = 10074  # "replicas > 1 not supported in non-clustered mode"
 _PARTITIONS_KEY = "tidings_partitions"  # stream metadata: how the stream is laid out
 MAX_PARTITIONS = 1024
 _ACK, _WPI, _TERM, _NAK = b"+ACK", b"+WPI", b"+TERM", b"-NAK"
@@ -662,6 +663,13 @@ class NatsBus(Bus):
             current.num_replicas = self.replicas
             return (await js.update_stream(current)).config
         except nats.js.errors.APIError as e:
+            if e.err_code == _NOT_CLUSTERED:
+                raise BusError(
+                    f"cannot set up stream {name} with replicas={self.replicas}: the"
+                    f" nats-server at {self._safe_url} is not clustered, so it keeps one"
+                    " copy; set replicas = 1 (TIDINGS_REPLICAS=1), or point bus at a"
+                    " cluster of at least that many nodes (`tidings dev --cluster 3`)"
+                ) from e
             raise BusError(f"cannot set up stream {name} on {self._safe_url}: {e}") from e
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
             raise BusUnavailable(
