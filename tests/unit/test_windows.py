@@ -175,3 +175,34 @@ def test_declarations_name_their_fix() -> None:
     with pytest.raises(ConfigError, match="divide"):
         Count("1h", bucket="7m")
     assert bucket_of(Count("1h"), 61 * MINUTE + 5) == 61 * MINUTE
+
+
+class _Counted:
+    """A value that counts how often it is compared."""
+
+    compared = 0
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __eq__(self, other: object) -> bool:
+        _Counted.compared += 1
+        return isinstance(other, _Counted) and other.n == self.n
+
+    def __hash__(self) -> int:
+        return hash(self.n)
+
+
+def test_distinct_reads_its_buckets_without_comparing_every_value_with_every_other() -> None:
+    # 30 buckets of 100 values, 3,000 in all: compared pairwise that was 4.5 million
+    # comparisons on every read (60 buckets of 900 values took 90 s).
+    window = Distinct("1h", field="data.v", exact_up_to=5000)
+    state = empty()
+    for n in range(3000):
+        state, _ = accept(window, state, (n // 100) * window.bucket_ms, _Counted(n), f"e{n}")
+    state, _ = accept(window, state, 0, _Counted(0), "again")  # the same value again
+    state, _ = accept(window, state, 0, {"b": 1, "a": [1]}, "d1")  # unhashable values
+    state, _ = accept(window, state, window.bucket_ms, {"a": [1], "b": 1}, "d2")
+    _Counted.compared = 0
+    assert read(window, state, 29 * window.bucket_ms) == 3001
+    assert _Counted.compared < 3000
