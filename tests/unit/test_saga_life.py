@@ -217,6 +217,11 @@ def test_classify_and_key() -> None:
     notice = event("saga.dead_lettered", {"saga": "fulfilment", "event_type": "payment.refund",
                                           "data": {"order_id": "o3"}})  # fmt: skip
     assert key_of(SPEC, notice) == "o3"
+    # A key function reads the dead-lettered event's data too (it got nothing before).
+    by_function = SagaSpec.declare("fulfilment", start="order.placed",
+                                   key=lambda e: e.data["order_id"],
+                                   steps=[Step("a", done="x")])  # fmt: skip
+    assert key_of(by_function, notice) == "o3"
 
 
 @pytest.mark.parametrize(

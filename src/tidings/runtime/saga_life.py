@@ -333,11 +333,17 @@ def _epoch(stamp: str | None) -> float | None:
 def key_of(spec: SagaSpec, event: Event) -> str | None:
     """The saga key of `event`; a dead-letter notice carries it in its copy of the data."""
     if event.type == DEAD_LETTERED and isinstance(event.data, Mapping):
+        if event.data.get("key") is not None:
+            return str(event.data["key"])
+        # The dead-lettered event, as far as the notice carries it (its data and type):
+        # a key function reads it like the event itself (before, it was given nothing, and
+        # the saga only learnt of the dead letter when the confirmation's bound ran out).
         inner = event.data.get("data")
-        key = spec.key
-        if callable(key) or not key.startswith("data."):
-            return None if event.data.get("key") is None else str(event.data["key"])
-        return spec.key_of(event.replace(data=inner, type=str(event.data.get("event_type"))))
+        original = event.replace(data=inner, type=str(event.data.get("event_type")))
+        try:
+            return spec.key_of(original)
+        except Exception:  # a key function that cannot read the copy: no key, as before
+            return None
     if event.type in (CANCEL, RETRY) and isinstance(event.data, Mapping):
         value = event.data.get("key")
         return None if value is None else str(value)
