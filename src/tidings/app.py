@@ -449,6 +449,27 @@ def _check_enrichment(
             f"agent {name!r}: where={predicate.source!r} reads w. or e., but the agent declares"
             " no windows= or enrich=; declare them, or drop w./e. from the expression"
         )
+    if isinstance(predicate, CelFilter):
+        _check_names_read(name, predicate.source, windows, enrich)
+
+
+def _check_names_read(
+    name: str, source: str, windows: Mapping[str, Any], enrich: Mapping[str, Any]
+) -> None:
+    """A where= reading ``w.x`` or ``e.y`` that the agent does not declare: name the fix."""
+    text = re.sub(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"", "''", source)  # no literals
+    declared = {"w": (windows, "windows"), "e": (enrich, "enrich")}
+    for var in ("w", "e"):
+        if re.search(rf"\(\s*{var}\s*,", text):  # a macro's variable: exists(e, e.x > 1)
+            continue
+        names, option = declared[var]
+        for read_name in re.findall(rf"(?<![\w.]){var}\s*\.\s*([A-Za-z_]\w*)", text):
+            if read_name not in names:
+                have = ", ".join(sorted(names)) or "none"
+                raise ConfigError(
+                    f"agent {name!r}: where= reads {var}.{read_name}, but {option}= declares"
+                    f" no {read_name!r} (declared: {have}); declare it or fix the name"
+                )
 
 
 def _warn_if_it_feeds_itself(

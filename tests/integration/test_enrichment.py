@@ -257,3 +257,19 @@ async def test_a_time_without_an_offset_is_utc(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.undo()
     time.tzset()
     assert seen == [1, 2]
+
+
+def test_a_where_reading_an_undeclared_window_or_enricher_is_refused_at_declaration() -> None:
+    app = App("typo")
+    with pytest.raises(ConfigError, match=r"w\.help_visit.*declared: help_visits_1h"):
+        app.agent(
+            "a", on="x", key="data.k", windows={"help_visits_1h": Count("1h")},
+            where="w.help_visit > 3",
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"e\.nope.*declared: none"):
+        app.agent("b", on="x", key="data.k", windows={"n": Count("1h")}, where="e.nope")
+    # A macro's own variable named e, and a literal that looks like a read, are not reads.
+    app.agent(
+        "c", on="x", key="data.k", windows={"n": Count("1h")},
+        where="w.n > 1 && data.items.exists(e, e.price > 3) && data.s != 'w.z'",
+    )  # fmt: skip
