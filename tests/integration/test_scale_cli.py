@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tidings.bus.nats import NatsBus
-from tidings.cli.doctor import cluster_result
+from tidings.cli.doctor import catching_up, cluster_result
 
 pytestmark = pytest.mark.nats
 
@@ -128,3 +128,14 @@ def test_a_sync_interval_nats_server_cannot_read_is_refused_with_the_fix() -> No
     assert check_sync_interval("10s") == "10s"
     with pytest.raises(ConfigError, match="'always' or a duration"):
         check_sync_interval("fast")
+
+
+def test_doctor_waits_for_a_new_streams_copies_but_not_for_an_offline_one() -> None:
+    def info(peer: dict[str, object], leader: str | None = "n1") -> dict[str, Any]:
+        return {"streams": {"T_DLQ": {"replicas": 3, "leader": leader,
+                                      "peers": [{"name": "n3", **peer}]}}}  # fmt: skip
+
+    assert catching_up(info({"current": False, "offline": False}))  # read again
+    assert not catching_up(info({"current": False, "offline": True}))  # a real fault
+    assert not catching_up(info({"current": True, "offline": False}))
+    assert not catching_up(info({"current": False, "offline": False}, leader=None))

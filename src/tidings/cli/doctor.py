@@ -203,6 +203,13 @@ async def _cluster(settings: Settings) -> Result | None:
         return None  # the bus check said why
     try:
         info = await bus.server_info()
+        # A stream just created (by this very check, on a new namespace) has copies that
+        # are online but not yet current for a moment: read again before calling it behind.
+        for _ in range(CATCH_UP_READS):
+            if not catching_up(info):
+                break
+            await asyncio.sleep(CATCH_UP_S)
+            info = await bus.server_info()
     except TidingsError:
         return None
     finally:
@@ -210,6 +217,18 @@ async def _cluster(settings: Settings) -> Result | None:
     if info.get("backend") != "nats":
         return None
     return cluster_result(info, settings.replicas)
+
+
+CATCH_UP_READS, CATCH_UP_S = 15, 0.2  # at most 3 s for a new stream's copies to catch up
+
+
+def catching_up(info: dict[str, Any]) -> bool:
+    """Whether a stream has a leader and a copy that is online but not current yet."""
+    return any(
+        state.get("leader") and not p.get("offline") and not p.get("current")
+        for state in (info.get("streams") or {}).values()
+        for p in state.get("peers") or []
+    )
 
 
 def cluster_result(info: dict[str, Any], replicas: int) -> Result:
