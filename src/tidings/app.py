@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import structlog
 
 from tidings.config import Settings
-from tidings.errors import ConfigError
+from tidings.errors import ConfigError, FilterError
 from tidings.events import Event, check_pattern, matches
 from tidings.monitor import Rule, check_rules
 from tidings.policy import AgentRules, Policy, Rules
@@ -438,6 +438,10 @@ def _check_enrichment(
                 f"agent {name!r}: window name {window_name!r}: use letters, digits and '_'"
                 " (it is read as w.<name> in where=)"
             )
+        try:
+            compile_filter(window.where)  # else it would fail only when a worker starts
+        except FilterError as e:
+            raise ConfigError(f"agent {name!r}: window {window_name!r}: {e}") from e
     for enricher, fn in enrich.items():
         if not callable(fn) or "-" in enricher or not _NAME_RE.match(enricher):
             raise ConfigError(

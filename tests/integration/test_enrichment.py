@@ -273,3 +273,12 @@ def test_a_where_reading_an_undeclared_window_or_enricher_is_refused_at_declarat
         "c", on="x", key="data.k", windows={"n": Count("1h")},
         where="w.n > 1 && data.items.exists(e, e.price > 3) && data.s != 'w.z'",
     )  # fmt: skip
+
+
+def test_a_window_whose_own_where_is_not_cel_is_refused_at_declaration() -> None:
+    app = App("bad-window-where")
+    with pytest.raises(ConfigError, match=r"agent 'a': window 'c': where=.* is not valid CEL"):
+        app.agent(
+            "a", on="x", key="data.k",
+            windows={"c": Count("1h", where="data.path.startsWith(")}, where="true",
+        )  # fmt: skip
