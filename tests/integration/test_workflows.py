@@ -236,3 +236,20 @@ async def test_a_duration_no_timer_can_keep_dead_letters_the_event(call: str, va
         (letter,) = await t.dead_letters("waiter")
         assert letter.error.startswith("ValueError: ") and "finite" in letter.error
         assert await t.store.list_timers() == []
+
+
+async def test_a_wait_wider_than_its_declared_waits_is_refused() -> None:
+    # `pay.>` is not within waits=["pay.*"]: the mailbox would never keep pay.card.ok, so
+    # the wait could not see it (before, it was let through on the sample "pay.x").
+    app = App("shop")
+
+    @app.agent("waiter", on="go", key="data.k", waits=["pay.*"], max_attempts=1)
+    async def waiter(event: Event, ctx: Context) -> Any:
+        await ctx.wait_for(event.data["p"], timeout=0)
+
+    async with harness(app) as t:
+        wide = await t.publish("go", {"k": "wide", "p": "pay.>"})
+        await t.publish("go", {"k": "fine", "p": "pay.*"})
+        await t.settle(timeout=10)
+        (letter,) = await t.dead_letters("waiter")
+        assert letter.event_id == wide.id and "add the pattern to waits=" in letter.error

@@ -217,7 +217,7 @@ async def wait_for(
         )
     _match_filter(match)  # a match= that does not compile fails here, at the first run
     waits = ctx._spec.waits
-    if not any(matches(declared, t) for declared in waits for t in _samples(pattern)):
+    if not all(any(matches(declared, t) for declared in waits) for t in _samples(pattern)):
         raise ValueError(
             f"agent {ctx.agent!r} waits for {pattern!r} but declares waits={list(waits)}:"
             f" add the pattern to waits= in @app.agent({ctx.agent!r}, ...), so its events"
@@ -266,8 +266,13 @@ def _outcome(result: Any, wait_id: str, raise_on_timeout: bool) -> Event | None:
 
 
 def _samples(pattern: str) -> list[str]:
-    """Types that `pattern` matches, to check it lies within a declared `waits=` pattern."""
-    return [pattern.replace("*", "x").replace(">", "x")]
+    """Types that `pattern` matches, to check it lies within a declared `waits=` pattern.
+
+    ``>`` matches one token or more, so it is tried as one and as two: ``pay.>`` is not
+    within ``pay.*`` (whose mailbox never keeps ``pay.card.charged``).
+    """
+    one = pattern.replace("*", "x")
+    return [one.replace(">", "x"), one.replace(">", "x.x")]
 
 
 class Mailbox(SimpleProcessor):
