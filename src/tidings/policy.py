@@ -391,6 +391,8 @@ def to_nats(
     consumes: Mapping[str, Sequence[str]],
     *,
     passwords: Mapping[str, str] | None = None,
+    partitioned: bool = False,
+    app: str | None = None,
 ) -> str:
     """A nats-server ``authorization`` block: one user per agent, allow lists per subject.
 
@@ -399,20 +401,31 @@ def to_nats(
     subscribe to its own deliveries; an agent with no emit rule may publish any event.
     `consumes` names each agent's patterns (kept as a comment, since deliveries come
     through its durable consumer). `passwords` maps agent to password; a placeholder
-    otherwise, to be replaced before use.
+    otherwise, to be replaced before use. `partitioned` (``partitions`` > 0): the event
+    and retry subjects carry a partition token, each partition has its deliver subject,
+    and the workers keep leases in the ``<NS>_LEASES`` key-value bucket. Each user may
+    also read its agent's own runtime consumers (tool replies, a workflow's mailbox) and,
+    given `app`, the app's approvals consumer that every worker runs.
     """
+    events = f"{namespace}.events.*." if partitioned else f"{namespace}.events."
     users = []
     for agent in sorted(consumes):
         row = rules.agents.get(agent, AgentRules(agent))
         token = agent_token(agent)
         emits = (">",) if row.emits is None else row.emits
-        publish = [f"{namespace}.events.{p}" for p in emits]
+        publish = [f"{events}{p}" for p in emits]
         if row.emits is not None:  # tool calls are events too: the allowed ones
             tools = (">",) if row.tools is None else row.tools
-            publish += [f"{namespace}.events.tool.invoke.{t}" for t in tools]
-        publish += ["$JS.API.>", "$JS.ACK.>", "_INBOX.>", f"{namespace}.retry.{token}",
-                    f"{namespace}.dlq.{token}"]  # fmt: skip
-        subscribe = [f"_tidings.{namespace}.deliver.{token}", "_INBOX.>"]
+            publish += [f"{events}tool.invoke.{t}" for t in tools]
+        retry = f"{namespace}.retry.{token}" + (".*" if partitioned else "")
+        publish += ["$JS.API.>", "$JS.ACK.>", "_INBOX.>", retry, f"{namespace}.dlq.{token}"]
+        deliver = f"_tidings.{namespace}.deliver.{token}"
+        own = [f"{agent}:replies", f"{agent}:mailbox", *([f"{app}:approvals"] if app else [])]
+        subscribe = [deliver, *(f"_tidings.{namespace}.deliver.{agent_token(c)}" for c in own),
+                     "_INBOX.>"]  # fmt: skip
+        if partitioned:  # one deliver subject per partition and owner; the lease bucket
+            publish.append(f"$KV.{namespace.upper()}_LEASES.>")
+            subscribe.insert(1, f"{deliver}.>")
         password = (passwords or {}).get(agent, f"CHANGE-ME-{agent}")
         lines = [
             f"    # agent {agent}: consumes {', '.join(consumes[agent]) or '-'}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tidings.bus.names import agent_token
 from tidings.errors import ConfigError
 from tidings.policy import Budget, Denied, Policy, Rules, to_nats, window
 
@@ -129,3 +130,20 @@ def test_an_entity_move_given_as_one_state_and_a_bad_key() -> None:
     for key in ("subjectfoo", "data."):
         with pytest.raises(ConfigError, match="use a dotted path"):
             Policy().entity("o", key=key, states={"o.placed": "placed"}, transitions={})
+
+
+def test_the_nats_permissions_of_a_partitioned_stream() -> None:
+    rules = orders()
+    plain = to_nats(rules, "shop", {"billing": ["order.placed"]})
+    assert "shop.events.*." not in plain and "LEASES" not in plain
+    conf = to_nats(rules, "shop", {"billing": ["order.placed"]}, partitioned=True)
+    # <ns>.events.<p>.<type>, <ns>.retry.<agent>.<p>, deliver.<agent>.p<N>.<member>
+    assert '"shop.events.*.payment.>"' in conf and '"shop.events.*.order.paid"' in conf
+    assert '"shop.events.*.tool.invoke.card.*"' in conf
+    assert '"shop.events.payment.>"' not in conf
+    assert '"shop.retry.billing.*"' in conf and '"$KV.SHOP_LEASES.>"' in conf
+    assert '"_tidings.shop.deliver.billing.>"' in conf
+    # The worker's own runtime consumers: tool replies, a workflow's mailbox, approvals.
+    conf = to_nats(rules, "shop", {"billing": ["order.placed"]}, app="shop")
+    for consumer in ("billing:replies", "billing:mailbox", "shop:approvals"):
+        assert f'"_tidings.shop.deliver.{agent_token(consumer)}"' in conf

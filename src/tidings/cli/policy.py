@@ -103,9 +103,10 @@ def policy_export(
     with guarded():
         app = load_app(target)
         rules = app.rules()
-        ns = namespace or options_of(ctx).settings().namespace
+        settings = options_of(ctx).settings()
+        ns = namespace or settings.namespace
     consumes = {name: list(spec.patterns) for name, spec in app.agents.items()}
-    text = to_nats(rules, ns, consumes)
+    text = to_nats(rules, ns, consumes, partitioned=settings.partitions > 0, app=app.name)
     if out is None:
         typer.echo(text, nl=False)
     else:
