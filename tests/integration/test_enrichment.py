@@ -228,12 +228,14 @@ async def test_an_event_stamped_years_ahead_does_not_make_every_later_event_late
     now = datetime.now(UTC)
     async with harness(app) as h:
         await h.publish("x", {"k": "k1"}, time=(now + timedelta(days=3650)).isoformat())
+        await h.publish("x", {"k": "k1"}, time="yesterday")  # not a time: now, not a failure
         for _ in range(3):
             await h.publish("x", {"k": "k1"}, time=now.isoformat())
         await h.settle()
         seen = sorted(d.result["c"] for d in await h.decisions("a"))
-    # The wrong clock's event counts at now; the three real ones are not dropped as late.
-    assert seen == [1, 2, 3, 4]
+        assert await h.dead_letters() == []
+    # The wrong clocks' events count at now; the three real ones are not dropped as late.
+    assert seen == [1, 2, 3, 4, 5]
 
 
 async def test_a_time_without_an_offset_is_utc(monkeypatch: pytest.MonkeyPatch) -> None:

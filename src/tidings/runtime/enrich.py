@@ -57,15 +57,19 @@ FUTURE_SKEW_MS = 5 * 60_000  # an event stamped further ahead than this is place
 def event_ms(event: Event) -> int:
     """The event's CloudEvents time, as epoch milliseconds (now when it has none).
 
-    A time without an offset is UTC. A time more than `FUTURE_SKEW_MS` ahead of this
-    worker's clock is taken as now, like a missing one: a producer with a wrong clock
-    must not move a key's watermark years ahead, which would drop every real event of
-    that key as late from then on.
+    A time without an offset is UTC. A time that is not RFC 3339, or more than
+    `FUTURE_SKEW_MS` ahead of this worker's clock, is taken as now, like a missing one:
+    a producer with a wrong clock must not move a key's watermark years ahead, which
+    would drop every real event of that key as late from then on, nor make its event
+    fail in the screen on every delivery until it is dead-lettered.
     """
     now_ms = int(time.time() * 1000)
     if event.time is None:
         return now_ms
-    stamped = datetime.fromisoformat(event.time)
+    try:
+        stamped = datetime.fromisoformat(event.time)
+    except (TypeError, ValueError):
+        return now_ms
     if stamped.tzinfo is None:
         stamped = stamped.replace(tzinfo=UTC)
     t_ms = int(stamped.timestamp() * 1000)
