@@ -217,7 +217,15 @@ async def test_wait_for_can_raise_on_timeout_and_is_not_retried(
 # was taken as already timed out.
 @pytest.mark.parametrize(
     ("call", "value"),
-    [("sleep", "nan"), ("sleep", "inf"), ("wait", "nan"), ("wait", "inf"), ("wait", "-1")],
+    [
+        ("sleep", "nan"),
+        ("sleep", "inf"),
+        ("wait", "nan"),
+        ("wait", "inf"),
+        ("wait", "-1"),
+        ("ask", "nan"),
+        ("ask", "-1"),
+    ],
 )
 async def test_a_duration_no_timer_can_keep_dead_letters_the_event(call: str, value: str) -> None:
     app = App("shop")
@@ -227,6 +235,8 @@ async def test_a_duration_no_timer_can_keep_dead_letters_the_event(call: str, va
         seconds = float(event.data["s"])
         if event.data["call"] == "sleep":
             await ctx.sleep(seconds)
+        elif event.data["call"] == "ask":
+            await ctx.ask("ship it?", timeout=seconds)
         else:
             await ctx.wait_for("paid", timeout=seconds)
 

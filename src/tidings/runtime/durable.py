@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -249,6 +250,11 @@ async def complete(
 
 async def ask(ctx: Context, question: Any, timeout: float | None) -> Any:  # noqa: ASYNC109
     """`ctx.ask`: park the event on a question, or return the answer it got."""
+    if timeout is not None and (not math.isfinite(timeout) or timeout < 0):
+        # NaN would reach the store as a NULL due time (a StoreError, retried forever).
+        raise ValueError(
+            f"ctx.ask takes a finite timeout >= 0 seconds (None: no limit), got {timeout}"
+        )
     store = ctx.services.store
     digest = args_hash(question)
     started = time.perf_counter()
