@@ -109,3 +109,19 @@ async def test_the_broker_refuses_what_the_policy_denies(tmp_path: Path) -> None
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_policy_show_names_every_type_that_moves_to_a_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "paying.py").write_text(
+        "from tidings import App\n"
+        "app = App('shop')\n"
+        "app.policy.entity('order', key='data.order_id',\n"
+        "    states={'order.placed': 'placed', 'order.paid': 'paid', 'card.captured': 'paid'},\n"
+        "    transitions={'placed': ['paid']})\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    shown = CliRunner().invoke(cli, ["policy", "show", "paying:app"], env={"COLUMNS": "120"})
+    assert shown.exit_code == 0, shown.output
+    assert "order.paid, card.captured" in shown.output

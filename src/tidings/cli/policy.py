@@ -43,7 +43,7 @@ def _budget(budget: dict[str, Any] | None) -> Text:
         return Text("-", style="dim")
     over = budget.pop("over")
     parts = [f"{k.replace('_per_', '/').replace('_', ' ')} {v:g}" for k, v in budget.items()]
-    return Text(f"{', '.join(parts)}; over: {over}")
+    return Text(f"{', '.join(parts)}; {over.replace('_', ' ')}")
 
 
 @policy.command("show")
@@ -65,15 +65,17 @@ def policy_show(target: AppArgument, as_json: JsonOption = False) -> None:
         moves = list_table(f"Entity {entity['entity']} (key {entity['key']})")
         for title in ("from", "may move to", "by"):
             moves.add_column(title)
-        by = {state: t for t, state in entity["states"].items()}
+        by: dict[str, list[str]] = {}  # state -> the types that move to it (one or more)
+        for t, state in entity["states"].items():
+            by.setdefault(state, []).append(t)
         moves.add_row(Text("new", style="dim"), ", ".join(entity["start"]),
-                      ", ".join(by[s] for s in entity["start"]))  # fmt: skip
+                      ", ".join(t for s in entity["start"] for t in by[s]))  # fmt: skip
         for src, dsts in entity["transitions"].items():
-            moves.add_row(src, ", ".join(dsts) or "-", ", ".join(by[s] for s in dsts))
+            moves.add_row(src, ", ".join(dsts) or "-", ", ".join(t for s in dsts for t in by[s]))
         console.print(moves)
     if table["publishers"]:
         console.print()
-        publishers = list_table("Publishers (token scopes)")
+        publishers = list_table("Publishers")
         publishers.add_column("scope")
         publishers.add_column("may publish")
         for scope, patterns in table["publishers"].items():
