@@ -116,6 +116,8 @@ def _window(
             raise ConfigError(
                 f"{kind} window of {size!r}: bucket={bucket!r} must divide the size evenly"
             )
+    if duration_ms(grace, "grace") < 0:
+        raise ConfigError(f"{kind} window of {size!r}: grace={grace!r} must be 0 or longer")
     if late not in ("drop", "current"):
         raise ConfigError(f"{kind} window: late={late!r}; use 'drop' or 'current'")
     if on_close is not None and not tumbling:

@@ -174,6 +174,9 @@ def test_declarations_name_their_fix() -> None:
         Count("1h", on_close="x.closed")
     with pytest.raises(ConfigError, match="divide"):
         Count("1h", bucket="7m")
+    # A negative grace would close a tumbling window (and fire on_close) before its end.
+    with pytest.raises(ConfigError, match="grace=-60 must be 0 or longer"):
+        Count("1h", tumbling=True, grace=-60, on_close="x.closed")
     assert bucket_of(Count("1h"), 61 * MINUTE + 5) == 61 * MINUTE
 
 
