@@ -20,7 +20,7 @@ from tests.helpers import eventually, settings_for
 from tidings import Event, Settings
 from tidings.bus.nats import NatsBus
 from tidings.bus.nats_partitions import owners
-from tidings.errors import BusError
+from tidings.errors import BusError, ConfigError
 from tidings.store import open_store
 from tidings.worker import Worker
 
@@ -168,3 +168,10 @@ async def test_replicas_on_a_single_server_name_the_fix(nats_url: str, namespace
             await bus.connect()
     finally:
         await bus.close()
+
+
+def test_a_lease_ttl_that_would_never_expire_or_spin_is_refused() -> None:
+    for ttl in (0, -1, 0.2, float("nan")):  # 0: a bucket without expiry (keys never move)
+        with pytest.raises(ConfigError, match=r"lease_ttl=.*use seconds from 1"):
+            NatsBus("nats://127.0.0.1:4222", partitions=4, lease_ttl=ttl)
+    assert NatsBus("nats://127.0.0.1:4222", partitions=4, lease_ttl=4).lease_ttl == 4

@@ -390,6 +390,11 @@ class NatsBus(Bus):
             )
         if not 1 <= replicas <= 5:
             raise ConfigError(f"replicas={replicas}: JetStream keeps 1 to 5 copies (use 1 or 3)")
+        if not (isinstance(lease_ttl, int | float) and 1 <= lease_ttl <= 3600):
+            raise ConfigError(
+                f"lease_ttl={lease_ttl!r}: use seconds from 1 to 3600, e.g. 6 (a dead"
+                " worker's keys move within lease_ttl + lease_ttl / 4)"
+            )
         if not 0 <= partitions <= MAX_PARTITIONS:
             raise ConfigError(
                 f"partitions={partitions}: use 0 (off) up to {MAX_PARTITIONS}, e.g. 16"
