@@ -284,3 +284,20 @@ def test_a_window_whose_own_where_is_not_cel_is_refused_at_declaration() -> None
             "a", on="x", key="data.k",
             windows={"c": Count("1h", where="data.path.startsWith(")}, where="true",
         )  # fmt: skip
+
+
+async def test_an_event_without_the_projection_key_is_not_folded_under_an_empty_key() -> None:
+    app = App("unkeyed")
+
+    @app.projection("open_tickets", on="ticket.opened", key="data.customer")
+    def open_tickets(value: Any, event: Event) -> Any:
+        return True
+
+    async with harness(app) as h:
+        await h.publish("ticket.opened", {"title": "no customer"})
+        await h.publish("ticket.opened", {"customer": "c1"})
+        await h.settle()
+        assert (await h.store.load_row("projections", "open_tickets", "c1")).values["data"]
+        # Else a message of a customer-less event would read "has an open ticket".
+        empty_key = await h.store.load_row("projections", "open_tickets", "")
+        assert empty_key.values["data"] is None

@@ -721,6 +721,7 @@ class ProjectionKeeper(SimpleProcessor):
         self.store = store
         self.keeper = RowKeeper(store)
         self.folded = 0
+        self.unkeyed = 0  # events without the key: acked, not folded (as a saga does)
 
     def lane(self, event: Event) -> str:
         """One key's events in order: a fold may depend on it (opened, then closed)."""
@@ -729,9 +730,13 @@ class ProjectionKeeper(SimpleProcessor):
     async def process(self, delivery: Delivery, event: Event) -> Outcome:
         """Fold the event into its key's value with its marker, unless it was folded."""
         consumer = self.consumer.name
+        key = self.spec.key_of(event)
+        if key == "":  # no key: folded under "" it would answer for every keyless read
+            self.unkeyed += 1
+            return Ack("no key")
         if await self.store.is_processed(consumer, event.id):
             return Ack("duplicate")
-        row: RowId = ("projections", self.spec.name, self.spec.key_of(event))
+        row: RowId = ("projections", self.spec.name, key)
         fold = self.spec.fold
 
         def mutate(value: Any) -> Any:
