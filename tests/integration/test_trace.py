@@ -90,7 +90,7 @@ async def settled(store: Store | None, event_id: str) -> None:
     """Wait until the four agents on the payment and the one on its output have decided."""
     assert store is not None
     wanted = {("scorer", "ok"), ("ledger", "dead_lettered"), ("approver", "parked"),
-              ("notifier", "dead_lettered")}  # fmt: skip
+              ("notifier", "denied")}  # fmt: skip
 
     async def done() -> bool:
         found = await store.records_about([], correlation_id=event_id)
@@ -197,7 +197,7 @@ async def test_trace_shows_every_verdict_of_a_correlation(
     assert lines["approver"].startswith("parked: waiting for an answer to")
     assert lines["shipping"] == "not subscribed: on=order.placed does not match payment.created"
     assert denied["line"].startswith("denied by policy: agent 'notifier' emitted")
-    assert denied["agent"]["decision"]["status"] == "dead_lettered"
+    assert denied["agent"]["decision"]["status"] == "denied"  # a denial is final, not retried
 
     # Without the app: the stored verdicts, and what the filter verdicts need.
     flat = " ".join(stored_only.split())
