@@ -206,9 +206,14 @@ async def test_sigterm_under_load_acks_nothing_unfinished(
     committed = await committed_total(settings)
     acked = await acked_on_broker(settings, total)
     assert acked <= committed, f"{acked} acked but only {committed} committed"
-    # Every finished delivery's ack reached the broker; only handlers cut off at the end of
-    # the grace may have committed without an ack (they run again, deduplicated).
-    assert committed - acked <= HANDLERS, f"{committed} committed but only {acked} acked"
+    if broker_url.startswith("nats"):
+        # Every finished delivery's ack reached the broker; only handlers cut off at the end
+        # of the grace may have committed without an ack (they run again, deduplicated).
+        assert committed - acked <= HANDLERS, f"{committed} committed but only {acked} acked"
+    # On Kafka an ack is a partition's offset: a worker leaving its group leaves the
+    # deliveries it had not started uncommitted (so the next owner reads them in order),
+    # and the offset cannot pass them, so events of other keys finished after them in the
+    # same partition are read again and deduplicated: assert_exactly_once checks that.
     assert committed < total, "the worker should have been stopped mid-stream"
 
     worker = start_worker(settings)
