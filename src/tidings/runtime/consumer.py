@@ -217,20 +217,21 @@ class Consumer:
     async def _settle_later(self, delivery: Delivery, done: asyncio.Future[Outcome]) -> None:
         self.in_flight.add(delivery)
         try:
-            try:
-                outcome = await done
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await delivery.nak(0)
-                raise
-            except Exception as exc:
-                processor = self.processor
-                outcome = outcome_for(
-                    exc, delivery.attempt, processor.max_attempts, processor.backoff
-                )
-            await self.settle(delivery, None, outcome)
+            await self.settle(delivery, None, await self._outcome(delivery, done))
         finally:
             self.in_flight.discard(delivery)
+
+    async def _outcome(self, delivery: Delivery, work: Awaitable[Outcome]) -> Outcome:
+        """What `work` came to: its outcome, or its error's; a cancel hands it back."""
+        try:
+            return await work
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await delivery.nak(0)
+            raise
+        except Exception as exc:
+            processor = self.processor
+            return outcome_for(exc, delivery.attempt, processor.max_attempts, processor.backoff)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(work)
@@ -259,17 +260,7 @@ class Consumer:
         self.in_flight.add(delivery)
         bound = bind_event(self.name, event)  # every log line until settled names the event
         try:
-            try:
-                outcome = await self.processor.process(delivery, event)
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await delivery.nak(0)
-                raise
-            except Exception as exc:
-                processor = self.processor
-                outcome = outcome_for(
-                    exc, delivery.attempt, processor.max_attempts, processor.backoff
-                )
+            outcome = await self._outcome(delivery, self.processor.process(delivery, event))
             await self.settle(delivery, event, outcome)
         finally:
             self.in_flight.discard(delivery)
